@@ -1,0 +1,251 @@
+"""Faust wiring: intake agents -> by-buyer topic -> state agent -> result sink.
+
+Data flow (one way):
+
+    orders, refunds --intake agents--> <app_id>-payments-by-buyer (keyed by buyer partition)
+        --state agent--> `buyers` table (RocksDB + changelog) --> ResultSink (MySQL/SQLite)
+
+The intake agents validate, dead-letter bad messages, and group valid records by the
+partition that owns their buyer, sending one message per partition and batch. The state
+agent therefore sees each event hold records of one partition only, which is what Faust's
+table needs: a table write goes to the changelog partition of the event being processed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+from faust.types import EventT
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from coupon_stream import metrics
+from coupon_stream.records import (
+    BadRecord,
+    Contribution,
+    Source,
+    contribution_of,
+    parse_record,
+    partition_for_buyer,
+)
+from coupon_stream.settings import Settings
+from coupon_stream.sink import ResultSink
+from coupon_stream.state import (
+    BuyerState,
+    apply_batch,
+    buyer_key,
+    decode_batch,
+    encode_batch,
+)
+
+log = logging.getLogger(__name__)
+
+TABLE_NAME = "buyers"
+HEADER_TOPIC = "coupon.source.topic"
+HEADER_PARTITION = "coupon.source.partition"
+HEADER_OFFSET = "coupon.source.offset"
+HEADER_REASON = "coupon.error.reason"
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A bad message with where it came from and why it cannot count."""
+
+    key: bytes | None
+    value: bytes | None
+    topic: str
+    partition: int
+    offset: int
+    reason: str
+    kind: str
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [
+            (HEADER_TOPIC, self.topic.encode()),
+            (HEADER_PARTITION, str(self.partition).encode()),
+            (HEADER_OFFSET, str(self.offset).encode()),
+            (HEADER_REASON, self.reason.encode()),
+        ]
+
+
+@dataclass(slots=True)
+class Routed:
+    """One intake batch split into per-partition records and dead letters."""
+
+    by_partition: dict[int, list[tuple[int, Contribution]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    dead: list[DeadLetter] = field(default_factory=list)
+
+
+def route(events: Iterable[EventT], source: Source, partitions: int) -> Routed:
+    routed = Routed()
+    for event in events:
+        msg = event.message
+        try:
+            record = parse_record(msg.value, source)
+        except BadRecord as bad:
+            routed.dead.append(
+                DeadLetter(
+                    msg.key, msg.value, msg.topic, msg.partition, msg.offset, bad.reason, bad.kind
+                )
+            )
+            continue
+        part = partition_for_buyer(record.buyer_id, partitions)
+        routed.by_partition[part].append((record.buyer_id, contribution_of(record)))
+    return routed
+
+
+class CouponStream:
+    """The Faust app with its topics, table and agents, built from one Settings."""
+
+    def __init__(
+        self, settings: Settings, *, store: str = "rocksdb://", sink: ResultSink | None = None
+    ) -> None:
+        s = self.settings = settings
+        self.app = faust.App(
+            s.app_id,
+            broker=s.broker,
+            store=store,
+            datadir=str(s.data_dir),
+            topic_partitions=s.partitions,
+            processing_guarantee=s.processing_guarantee.value,
+            web_port=s.web_port,
+            web_host="0.0.0.0",
+            table_standby_replicas=s.standby_replicas,
+            consumer_auto_offset_reset="earliest",
+            key_serializer="raw",
+            value_serializer="raw",
+        )
+        self.sink = sink or ResultSink(
+            s.db_url.get_secret_value(), s.result_table, safe_url=s.db_url_safe
+        )
+        self._sink_started = False
+        raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
+        self.orders = self.app.topic(s.orders_topic, **raw)
+        self.refunds = self.app.topic(s.refunds_topic, **raw)
+        self.by_buyer = self.app.topic(
+            s.by_buyer_topic, partitions=s.partitions, internal=True, **raw
+        )
+        self.dead_letters = self.app.topic(s.dlq_topic, **raw)
+        options = {"driver": "rocksdict"} if store.startswith("rocksdb") else None
+        self.buyers = self.app.Table(
+            TABLE_NAME,
+            partitions=s.partitions,
+            options=options,
+            help="kept record of each (biz_order_id, pay_status), per buyer",
+            **raw,
+        )
+        self.orders_agent = self.app.agent(self.orders, name="intake-orders")(
+            self._intake(Source.ORDERS)
+        )
+        self.refunds_agent = self.app.agent(self.refunds, name="intake-refunds")(
+            self._intake(Source.REFUNDS)
+        )
+        self.state_agent = self.app.agent(self.by_buyer, name="state")(self._apply)
+        self._register_pages()
+
+    # -- intake ---------------------------------------------------------------------------
+
+    def _intake(self, source: Source):  # noqa: ANN202 - a Faust agent function
+        async def intake(stream: faust.StreamT) -> None:
+            s = self.settings
+            async for events in stream.take_events(s.intake_batch, within=s.flush_interval):
+                await self.forward(events, source)
+
+        intake.__name__ = f"intake_{source.value}"
+        return intake
+
+    async def forward(self, events: list[EventT], source: Source) -> None:
+        """Send one intake batch on: one message per owning partition, dead letters aside.
+
+        The sends are acknowledged before the source offsets are committed (Faust flushes the
+        producer before every commit), so a crash replays the batch: harmless, since a copy
+        that arrives twice is a duplicate to the state agent.
+        """
+        if not events:
+            return
+        topic = events[0].message.topic
+        metrics.MESSAGES_CONSUMED.labels(topic).inc(len(events))
+        routed = route(events, source, self.settings.partitions)
+        for part, items in routed.by_partition.items():
+            await self.by_buyer.send(
+                key=str(part).encode(), value=encode_batch(items), partition=part
+            )
+        for dead in routed.dead:
+            metrics.DEAD_LETTERS.labels(dead.kind).inc()
+            log.warning(
+                "dead letter: %s[%d]@%d: %s", dead.topic, dead.partition, dead.offset, dead.reason
+            )
+            await self.dead_letters.send(key=dead.key, value=dead.value, headers=dead.headers())
+
+    # -- dedup + aggregate + sink -----------------------------------------------------------
+
+    def _load(self, buyer_id: int) -> BuyerState:
+        return BuyerState.decode(buyer_id, self.buyers.get(buyer_key(buyer_id)))
+
+    async def _apply(self, stream: faust.StreamT) -> None:
+        await self.start_sink()
+        async for raw in stream:
+            await self.apply(raw)
+
+    async def apply(self, raw: bytes) -> None:
+        """Apply one by-buyer message to the table and send the changed rows to the sink.
+
+        The event is acknowledged only after `sink.write` returns (it retries until the
+        database commits), so its offset is never committed ahead of the result table.
+        """
+        result = apply_batch(decode_batch(raw), self._load)
+        for buyer_id, state in result.states.items():
+            key = buyer_key(buyer_id)
+            if state.kept:
+                self.buyers[key] = state.encode()
+            elif key in self.buyers:
+                del self.buyers[key]
+        metrics.STATE_BUYERS_WRITTEN.inc(len(result.states))
+        for outcome, n in result.outcomes.items():
+            metrics.RECORDS.labels(outcome.value).inc(n)
+        await self.sink.write(result.rows)
+
+    async def start_sink(self) -> None:
+        if not self._sink_started:
+            await self.sink.start()
+            self._sink_started = True
+            log.info("result table %s ready at %s", self.settings.result_table,
+                     self.settings.db_url_safe)
+
+    # -- web: metrics and health ------------------------------------------------------------
+
+    def _register_pages(self) -> None:
+        app = self.app
+
+        @app.page("/metrics")
+        async def metrics_page(web: Any, request: Any) -> Any:
+            return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+
+        @app.page("/health/live")
+        async def live(web: Any, request: Any) -> Any:
+            return web.json({"status": "alive", "time": time.time()})
+
+        @app.page("/health/ready")
+        async def ready(web: Any, request: Any) -> Any:
+            status = await self.readiness()
+            return web.json(status, status=200 if status["ready"] else 503)
+
+    async def readiness(self) -> dict[str, Any]:
+        """Ready when not rebalancing, tables recovered, and the database answers."""
+        app = self.app
+        recovered = bool(app.tables.recovery.completed.is_set()) if app.tables else False
+        database = await self.sink.ping()
+        rebalancing = bool(app.rebalancing)
+        return {
+            "ready": recovered and database and not rebalancing,
+            "tables_recovered": recovered,
+            "database": database,
+            "rebalancing": rebalancing,
+        }

@@ -1,0 +1,106 @@
+"""`coupon-stream` command line: worker, produce, generate, show."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from coupon_stream.settings import Settings
+
+
+def _worker(extra: list[str]) -> None:
+    from coupon_stream.app import CouponStream
+
+    settings = Settings()
+    stream = CouponStream(settings)
+    if not any(a in ("-l", "--loglevel") or a.startswith("--loglevel=") for a in extra):
+        extra = ["--loglevel", settings.log_level, *extra]
+    sys.argv = ["coupon-stream", "worker", *extra]
+    stream.app.main()
+
+
+def _produce(args: argparse.Namespace) -> None:
+    from coupon_stream.producer import read_lines, send_all
+
+    settings = Settings()
+    batches = []
+    if args.orders:
+        batches.append((settings.orders_topic, read_lines(args.orders)))
+    if args.refunds:
+        batches.append((settings.refunds_topic, read_lines(args.refunds)))
+    if not batches:
+        raise SystemExit("produce: give --orders FILE and/or --refunds FILE")
+    sent = asyncio.run(send_all(settings.bootstrap_servers, batches, progress=not args.quiet))
+    print(f"produced {sent} messages to {settings.broker}", file=sys.stderr)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from coupon_stream.dataset import generate, write
+
+    dataset = generate(args.orders, seed=args.seed)
+    orders, refunds = write(dataset, args.out)
+    print(f"{len(dataset.orders)} order messages -> {orders}")
+    print(f"{len(dataset.refunds)} refund messages -> {refunds}")
+
+
+def _show(args: argparse.Namespace) -> None:
+    from coupon_stream.sink import ResultSink
+
+    settings = Settings()
+
+    async def fetch() -> list[tuple]:
+        sink = ResultSink(
+            settings.db_url.get_secret_value(), settings.result_table, settings.db_url_safe
+        )
+        await sink.start()
+        try:
+            return await sink.fetch_all()
+        finally:
+            await sink.stop()
+
+    rows = asyncio.run(fetch())
+    header = ("buyer_id", "effect_time", "cumulate_amount", "gmt_create", "gmt_modified")
+    shown = rows if args.limit <= 0 else rows[: args.limit]
+    table = [header] + [
+        (str(b), str(e), str(a), str(c), str(m)) for c, m, b, a, e in shown
+    ]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    for i, row in enumerate(table):
+        print("  ".join(cell.rjust(w) if j < 3 else cell.ljust(w)
+                        for j, (cell, w) in enumerate(zip(row, widths, strict=True))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    total = sum(r[3] for r in rows)
+    print(f"{len(rows)} rows in {settings.result_table} ({settings.db_url_safe}); "
+          f"sum of cumulate_amount {total}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:
+        _worker(argv[1:])
+        return
+    parser = argparse.ArgumentParser(prog="coupon-stream", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("worker", help="run a Faust worker (extra arguments go to Faust)")
+    p = sub.add_parser("produce", help="send JSONL files to the orders and refunds topics")
+    p.add_argument("--orders", type=Path)
+    p.add_argument("--refunds", type=Path)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_produce)
+    p = sub.add_parser("generate", help="write a deterministic demo dataset")
+    p.add_argument("--orders", type=int, required=True, help="number of distinct orders")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(func=_generate)
+    p = sub.add_parser("show", help="print the result table")
+    p.add_argument("--limit", type=int, default=50, help="rows to print (0 = all)")
+    p.set_defaults(func=_show)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Prometheus metrics: what the on-call engineer reads to see what the worker is doing."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+MESSAGES_CONSUMED = Counter(
+    "coupon_messages_consumed_total", "Source messages consumed", ["topic"]
+)
+RECORDS = Counter(
+    "coupon_records_total",
+    "Valid records applied to state, by dedup outcome (new, replaced, duplicate)",
+    ["outcome"],
+)
+DEAD_LETTERS = Counter(
+    "coupon_dead_letters_total", "Messages sent to the dead-letter topic", ["reason"]
+)
+ROWS_UPSERTED = Counter("coupon_rows_upserted_total", "Result rows upserted")
+ROWS_DELETED = Counter("coupon_rows_deleted_total", "Result row keys deleted (total <= 0)")
+SINK_STATEMENTS = Counter("coupon_sink_statements_total", "SQL statements sent by the sink")
+SINK_RETRIES = Counter("coupon_sink_retries_total", "Failed database attempts that were retried")
+SINK_PENDING = Gauge("coupon_sink_pending_rows", "Result rows waiting to be committed")
+SINK_AVAILABLE = Gauge("coupon_sink_available", "1 if the last database attempt succeeded")
+SINK_FLUSH_SECONDS = Histogram(
+    "coupon_sink_flush_seconds",
+    "Time to commit one batch of result rows, retries included",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+SINK_BATCH_ROWS = Histogram(
+    "coupon_sink_batch_rows",
+    "Result rows per committed batch",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
+)
+STATE_BUYERS_WRITTEN = Counter(
+    "coupon_state_writes_total", "Buyer state values written (one changelog message each)"
+)
+STATE_EXPIRED = Counter(
+    "coupon_state_expired_records_total", "Dedup entries dropped by state retention"
+)
+CONSUMER_LAG = Gauge(
+    "coupon_consumer_lag", "Messages behind the end of each assigned partition", ["topic", "partition"]
+)

@@ -1,0 +1,56 @@
+"""Send JSONL files (or raw message values) to the input topics; done when all are acked."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from pathlib import Path
+
+from aiokafka import AIOKafkaProducer
+from tqdm import tqdm
+
+WINDOW = 20_000  # sends in flight before we wait for acknowledgements
+
+
+def read_lines(path: Path) -> list[bytes]:
+    with path.open("rb") as f:
+        return [line.rstrip(b"\r\n") for line in f if line.strip()]
+
+
+async def send_all(
+    bootstrap: str,
+    batches: Iterable[tuple[str, list[bytes]]],
+    *,
+    progress: bool = True,
+    partition: int | None = None,
+) -> int:
+    """Send every value to its topic with no key; raises if any send fails."""
+    batches = list(batches)
+    total = sum(len(values) for _, values in batches)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=10,
+        max_batch_size=512 * 1024,
+        max_request_size=8 * 1024 * 1024,
+    )
+    await producer.start()
+    sent = 0
+    try:
+        with tqdm(total=total, unit="msg", disable=not progress, desc="produce") as bar:
+            for topic, values in batches:
+                pending: list[asyncio.Future] = []
+                for value in values:
+                    pending.append(await producer.send(topic, value=value, partition=partition))
+                    if len(pending) >= WINDOW:
+                        await asyncio.gather(*pending)
+                        bar.update(len(pending))
+                        sent += len(pending)
+                        pending.clear()
+                await asyncio.gather(*pending)
+                bar.update(len(pending))
+                sent += len(pending)
+    finally:
+        await producer.stop()
+    return sent

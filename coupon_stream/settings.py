@@ -1,0 +1,65 @@
+"""All configuration, read once from `COUPON_*` environment variables."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+
+
+class Guarantee(StrEnum):
+    AT_LEAST_ONCE = "at_least_once"
+    EXACTLY_ONCE = "exactly_once"
+
+
+class Settings(BaseSettings):
+    """Service configuration; every field maps to `COUPON_<NAME>` (see README)."""
+
+    model_config = SettingsConfigDict(env_prefix="COUPON_", extra="ignore")
+
+    broker: str = Field("kafka://127.0.0.1:9092", description="Kafka bootstrap URL(s)")
+    db_url: SecretStr = Field(
+        SecretStr("sqlite+aiosqlite:///coupon-stream.db"),
+        description="SQLAlchemy async URL of the result database",
+    )
+    orders_topic: str = "dwd_tb_trd_pay_ri"
+    refunds_topic: str = "dwd_tb_trd_rfd_ri"
+    dlq_topic: str = "coupon_stream_dead_letters"
+    result_table: str = "tddl_output"
+    app_id: str = Field("coupon-stream", description="Faust app id and consumer group")
+    partitions: int = Field(8, ge=1, description="partitions of the by-buyer topic and tables")
+    data_dir: Path = Path("coupon-stream-data")
+    processing_guarantee: Guarantee = Guarantee.AT_LEAST_ONCE
+    flush_interval: float = Field(
+        0.05, gt=0, description="seconds an intake batch may wait to fill before it is processed"
+    )
+    intake_batch: int = Field(2000, ge=1, description="max source messages per intake batch")
+    web_port: int = 6066
+    standby_replicas: int = Field(0, ge=0)
+    state_retention_days: int = Field(
+        0, ge=0, description="drop state of days older than this many days (0 = keep forever)"
+    )
+    log_level: str = "info"
+    log_format: str = Field("text", pattern="^(text|json)$")
+
+    @field_validator("broker")
+    @classmethod
+    def _broker_scheme(cls, value: str) -> str:
+        return value if "://" in value else f"kafka://{value}"
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """Broker list in the host:port form aiokafka wants."""
+        return ",".join(part.split("://", 1)[-1] for part in self.broker.split(";"))
+
+    @property
+    def by_buyer_topic(self) -> str:
+        return f"{self.app_id}-payments-by-buyer"
+
+    @property
+    def db_url_safe(self) -> str:
+        """The database URL with its password masked, for logs."""
+        return make_url(self.db_url.get_secret_value()).render_as_string(hide_password=True)

@@ -1,0 +1,216 @@
+"""The result table writer: coalesced multi-row upserts and deletes, retried until they land."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    delete,
+    select,
+    tuple_,
+)
+from sqlalchemy.dialects import mysql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from coupon_stream import metrics
+from coupon_stream.records import MAX_TIMESTAMP_CHARS
+from coupon_stream.state import ResultRow
+
+log = logging.getLogger(__name__)
+
+RowKey = tuple[int, int]  # (buyer_id, effect_time)
+CHUNK = 1000
+
+
+def result_table(name: str, metadata: MetaData | None = None) -> Table:
+    """The seed's `tddl_output` (SPEC step 4)."""
+    return Table(
+        name,
+        metadata or MetaData(),
+        Column("gmt_create", String(MAX_TIMESTAMP_CHARS)),
+        Column("gmt_modified", String(MAX_TIMESTAMP_CHARS)),
+        Column("buyer_id", BigInteger, nullable=False, autoincrement=False),
+        Column("cumulate_amount", BigInteger, nullable=False),
+        Column("effect_time", BigInteger, nullable=False, autoincrement=False),
+        PrimaryKeyConstraint("buyer_id", "effect_time"),
+        mysql_charset="utf8mb4",
+    )
+
+
+def _engine(url: str) -> AsyncEngine:
+    connect_args = {"connect_timeout": 5} if url.startswith("mysql") else {}
+    return create_async_engine(
+        url, pool_pre_ping=True, pool_recycle=1800, connect_args=connect_args
+    )
+
+
+class ResultSink:
+    """Writes the latest state of each (buyer_id, effect_time): a row, or its absence.
+
+    `write` returns only once the database has committed, retrying with backoff for as long
+    as it takes: the caller acknowledges its Kafka messages after that, so an offset is never
+    committed ahead of the table.
+    """
+
+    def __init__(self, url: str, table_name: str, safe_url: str = "") -> None:
+        self._url = url
+        self._safe_url = safe_url or "<database>"
+        self.table = result_table(table_name)
+        self._engine: AsyncEngine | None = None
+        self._upsert = self._make_upsert(url)
+        self.available = False
+        self.max_backoff = 5.0
+
+    @staticmethod
+    def _make_upsert(url: str):  # noqa: ANN205 - returns a dialect-specific statement builder
+        if url.startswith("mysql"):
+
+            def build(table: Table, rows: list[dict]) -> object:
+                stmt = mysql.insert(table).values(rows)
+                return stmt.on_duplicate_key_update(
+                    gmt_create=stmt.inserted.gmt_create,
+                    gmt_modified=stmt.inserted.gmt_modified,
+                    cumulate_amount=stmt.inserted.cumulate_amount,
+                )
+
+        elif url.startswith("sqlite"):
+
+            def build(table: Table, rows: list[dict]) -> object:
+                stmt = sqlite.insert(table).values(rows)
+                return stmt.on_conflict_do_update(
+                    index_elements=["buyer_id", "effect_time"],
+                    set_={
+                        "gmt_create": stmt.excluded.gmt_create,
+                        "gmt_modified": stmt.excluded.gmt_modified,
+                        "cumulate_amount": stmt.excluded.cumulate_amount,
+                    },
+                )
+
+        else:
+            raise ValueError("COUPON_DB_URL must be a mysql+asyncmy:// or sqlite+aiosqlite:// URL")
+        return build
+
+    async def start(self) -> None:
+        self._engine = _engine(self._url)
+        await self._retry("create table", self._create_table)
+
+    async def stop(self) -> None:
+        if self._engine is not None:
+            await self._engine.dispose()
+            self._engine = None
+
+    async def _create_table(self) -> None:
+        assert self._engine is not None
+        async with self._engine.begin() as conn:
+            await conn.run_sync(self.table.metadata.create_all, checkfirst=True)
+
+    async def ping(self) -> bool:
+        """True if the database answers now (for readiness)."""
+        if self._engine is None:
+            return False
+        try:
+            async with self._engine.connect() as conn:
+                await conn.execute(select(1))
+        except (SQLAlchemyError, OSError):
+            self.available = False
+            return False
+        return True
+
+    async def write(self, rows: Mapping[RowKey, ResultRow | None]) -> None:
+        """Upsert the rows that are present, delete the keys mapped to None, in one commit."""
+        if not rows:
+            return
+        upserts = [
+            {
+                "gmt_create": r.gmt_create,
+                "gmt_modified": r.gmt_modified,
+                "buyer_id": r.buyer_id,
+                "cumulate_amount": r.cumulate_amount,
+                "effect_time": r.effect_time,
+            }
+            for r in rows.values()
+            if r is not None
+        ]
+        deletes = [k for k, r in rows.items() if r is None]
+        metrics.SINK_PENDING.inc(len(rows))
+        started = time.perf_counter()
+        try:
+            await self._retry("write", self._write_once, upserts, deletes)
+        finally:
+            metrics.SINK_PENDING.dec(len(rows))
+        metrics.SINK_FLUSH_SECONDS.observe(time.perf_counter() - started)
+        metrics.SINK_BATCH_ROWS.observe(len(rows))
+        metrics.ROWS_UPSERTED.inc(len(upserts))
+        metrics.ROWS_DELETED.inc(len(deletes))
+
+    async def _write_once(self, upserts: list[dict], deletes: Sequence[RowKey]) -> None:
+        assert self._engine is not None
+        t = self.table
+        async with self._engine.begin() as conn:
+            for i in range(0, len(upserts), CHUNK):
+                await conn.execute(self._upsert(t, upserts[i : i + CHUNK]))
+                metrics.SINK_STATEMENTS.inc()
+            for i in range(0, len(deletes), CHUNK):
+                keys = deletes[i : i + CHUNK]
+                await conn.execute(
+                    delete(t).where(tuple_(t.c.buyer_id, t.c.effect_time).in_(keys))
+                )
+                metrics.SINK_STATEMENTS.inc()
+
+    async def _retry(self, what: str, fn, *args: object) -> None:  # noqa: ANN001
+        delay = 0.1
+        failures = 0
+        while True:
+            try:
+                await fn(*args)
+            except (SQLAlchemyError, OSError) as exc:
+                failures += 1
+                metrics.SINK_RETRIES.inc()
+                if self.available or failures == 1:
+                    log.error(
+                        "database %s failed, retrying with backoff until it works: %s: %s",
+                        self._safe_url,
+                        type(exc).__name__,
+                        str(exc).splitlines()[0][:300],
+                    )
+                self.available = False
+                metrics.SINK_AVAILABLE.set(0)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_backoff)
+                if what == "write" and failures % 5 == 0:
+                    # The table may have been dropped under us; recreating it is harmless.
+                    try:
+                        await self._create_table()
+                    except (SQLAlchemyError, OSError):
+                        pass
+                continue
+            if failures:
+                log.warning(
+                    "database %s is back after %d failed attempts", self._safe_url, failures
+                )
+            self.available = True
+            metrics.SINK_AVAILABLE.set(1)
+            return
+
+    async def fetch_all(self) -> list[tuple]:
+        """All rows, ordered by key (for `coupon-stream show` and tests)."""
+        assert self._engine is not None
+        t = self.table
+        async with self._engine.connect() as conn:
+            result = await conn.execute(
+                select(
+                    t.c.gmt_create, t.c.gmt_modified, t.c.buyer_id, t.c.cumulate_amount,
+                    t.c.effect_time,
+                ).order_by(t.c.buyer_id, t.c.effect_time)
+            )
+            return [tuple(r) for r in result]
