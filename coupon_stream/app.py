@@ -22,7 +22,7 @@ from typing import Any
 
 import faust
 from faust.types import EventT
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import generate_latest
 
 from coupon_stream import metrics
 from coupon_stream.records import (
@@ -46,6 +46,8 @@ from coupon_stream.state import (
 log = logging.getLogger(__name__)
 
 TABLE_NAME = "buyers"
+# aiohttp wants the charset apart from the content type; the exposition format is UTF-8.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4"
 HEADER_TOPIC = "coupon.source.topic"
 HEADER_PARTITION = "coupon.source.partition"
 HEADER_OFFSET = "coupon.source.offset"
@@ -139,7 +141,8 @@ class CouponStream:
             partitions=s.partitions,
             options=options,
             help="kept record of each (biz_order_id, pay_status), per buyer",
-            **raw,
+            key_type=bytes,
+            value_type=bytes,
         )
         self.orders_agent = self.app.agent(self.orders, name="intake-orders")(
             self._intake(Source.ORDERS)
@@ -226,7 +229,7 @@ class CouponStream:
 
         @app.page("/metrics")
         async def metrics_page(web: Any, request: Any) -> Any:
-            return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+            return web.bytes(generate_latest(), content_type=METRICS_CONTENT_TYPE)
 
         @app.page("/health/live")
         async def live(web: Any, request: Any) -> Any:

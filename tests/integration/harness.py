@@ -1,0 +1,260 @@
+"""Drives real worker processes against the real Kafka and MariaDB started by `make up`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+BOOTSTRAP = os.environ.get("COUPON_TEST_BOOTSTRAP", "127.0.0.1:9092")
+MYSQL_URL = os.environ.get(
+    "COUPON_TEST_DB_URL", "mysql+asyncmy://coupons:coupons@127.0.0.1:3306/coupons"
+)
+WORKER = [str(Path(sys.executable).with_name("coupon-stream")), "worker"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen
+    log: Path
+    port: int
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "<no log>"
+
+
+@dataclass
+class Pipeline:
+    """One isolated deployment: its own topics, consumer group and result table."""
+
+    tmp: Path
+    partitions: int = 6
+    name: str = field(default_factory=lambda: "t" + uuid.uuid4().hex[:10])
+    workers: list[Worker] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def orders_topic(self) -> str:
+        return f"{self.name}-orders"
+
+    @property
+    def refunds_topic(self) -> str:
+        return f"{self.name}-refunds"
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.name}-dlq"
+
+    @property
+    def table(self) -> str:
+        return f"out_{self.name}"
+
+    @property
+    def by_buyer_topic(self) -> str:
+        return f"{self.name}-payments-by-buyer"
+
+    def env(self, index: int, port: int) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            COUPON_BROKER=f"kafka://{BOOTSTRAP}",
+            COUPON_DB_URL=MYSQL_URL,
+            COUPON_APP_ID=self.name,
+            COUPON_ORDERS_TOPIC=self.orders_topic,
+            COUPON_REFUNDS_TOPIC=self.refunds_topic,
+            COUPON_DLQ_TOPIC=self.dlq_topic,
+            COUPON_RESULT_TABLE=self.table,
+            COUPON_PARTITIONS=str(self.partitions),
+            COUPON_DATA_DIR=str(self.tmp / f"worker{index}"),
+            COUPON_WEB_PORT=str(port),
+            PYTHONUNBUFFERED="1",
+        )
+        env.update(self.extra_env)
+        return env
+
+    # -- topics ----------------------------------------------------------------------------
+
+    async def create_topics(self, orders: int = 3, refunds: int = 2) -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+        await admin.start()
+        try:
+            await admin.create_topics(
+                [
+                    NewTopic(self.orders_topic, orders, 1),
+                    NewTopic(self.refunds_topic, refunds, 1),
+                ]
+            )
+        finally:
+            await admin.close()
+
+    async def produce(self, messages: list[tuple[str, int | None, bytes]]) -> None:
+        """Send (topic, partition or None, value) in order; wait for every ack."""
+        producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", linger_ms=5)
+        await producer.start()
+        try:
+            futures = [await producer.send(t, value=v, partition=p) for t, p, v in messages]
+            await asyncio.gather(*futures)
+        finally:
+            await producer.stop()
+
+    # -- workers ---------------------------------------------------------------------------
+
+    def start_worker(self, index: int | None = None) -> Worker:
+        index = len(self.workers) if index is None else index
+        port = free_port()
+        log = self.tmp / f"worker{index}-{len(self.workers)}.log"
+        proc = subprocess.Popen(
+            [*WORKER, "--loglevel", "info", "--web-port", str(port)],
+            env=self.env(index, port),
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        worker = Worker(proc, log, port)
+        self.workers.append(worker)
+        return worker
+
+    def kill(self, worker: Worker, sig: int = signal.SIGKILL) -> None:
+        if worker.proc.poll() is None:
+            os.killpg(worker.proc.pid, sig)
+            try:
+                worker.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.proc.pid, signal.SIGKILL)
+                worker.proc.wait()
+
+    def stop_all(self) -> None:
+        for w in self.workers:
+            self.kill(w, signal.SIGTERM)
+
+    def assert_workers_alive(self) -> None:
+        for w in self.workers:
+            if w.proc.poll() is not None and w.proc.returncode not in (-9, -15, 0):
+                raise AssertionError(f"worker exited with {w.proc.returncode}:\n{w.tail()}")
+
+    # -- observation -----------------------------------------------------------------------
+
+    async def lag(self) -> dict[TopicPartition, int]:
+        """Messages not yet committed by the service's consumer group, per partition."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+        consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP)
+        await admin.start()
+        await consumer.start()
+        try:
+            tps = []
+            for topic in (self.orders_topic, self.refunds_topic, self.by_buyer_topic):
+                parts = consumer.partitions_for_topic(topic)
+                if parts is None:
+                    await consumer._client.force_metadata_update()
+                    parts = consumer.partitions_for_topic(topic) or set()
+                tps += [TopicPartition(topic, p) for p in parts]
+            ends = await consumer.end_offsets(tps)
+            committed = await admin.list_consumer_group_offsets(self.name)
+            return {
+                tp: ends[tp] - (committed[tp].offset if tp in committed else 0) for tp in tps
+            }
+        finally:
+            await consumer.stop()
+            await admin.close()
+
+    async def wait_quiescent(self, timeout: float = 240.0) -> None:
+        """Until every input and by-buyer partition is fully committed, twice in a row.
+
+        The state agent acknowledges a message only after its rows are committed to MySQL,
+        so zero lag everywhere means the table reflects all input produced so far.
+        """
+        deadline = time.monotonic() + timeout
+        zero_streak = 0
+        last: dict = {}
+        while time.monotonic() < deadline:
+            self.assert_workers_alive()
+            last = await self.lag()
+            by_buyer = [tp for tp in last if tp.topic == self.by_buyer_topic]
+            if by_buyer and all(v == 0 for v in last.values()):
+                zero_streak += 1
+                if zero_streak >= 2:
+                    return
+            else:
+                zero_streak = 0
+            await asyncio.sleep(1.0)
+        tails = "\n\n".join(w.tail() for w in self.workers)
+        raise AssertionError(f"not quiescent after {timeout}s; lag {last}\n{tails}")
+
+    async def table_rows(self) -> set[tuple]:
+        engine = create_async_engine(MYSQL_URL)
+        try:
+            async with engine.connect() as conn:
+                result = await conn.execute(
+                    text(
+                        "SELECT gmt_create, gmt_modified, buyer_id, cumulate_amount, effect_time"
+                        f" FROM `{self.table}`"
+                    )
+                )
+                return {tuple(r) for r in result}
+        finally:
+            await engine.dispose()
+
+    async def drop_table(self) -> None:
+        engine = create_async_engine(MYSQL_URL)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(text(f"DROP TABLE IF EXISTS `{self.table}`"))
+        finally:
+            await engine.dispose()
+
+    async def dead_letters(self) -> list[tuple[bytes | None, dict[str, bytes]]]:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=BOOTSTRAP, auto_offset_reset="earliest", enable_auto_commit=False
+        )
+        await consumer.start()
+        try:
+            parts = consumer.partitions_for_topic(self.dlq_topic)
+            if not parts:
+                await consumer._client.force_metadata_update()
+                parts = consumer.partitions_for_topic(self.dlq_topic) or set()
+            tps = [TopicPartition(self.dlq_topic, p) for p in parts]
+            if not tps:
+                return []
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            out = []
+            while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+                batch = await consumer.getmany(timeout_ms=1000)
+                for records in batch.values():
+                    out += [(r.value, dict(r.headers)) for r in records]
+            return out
+        finally:
+            await consumer.stop()
+
+    async def metric(self, worker: Worker, name: str) -> float:
+        """Sum of a Prometheus metric's samples on one worker's /metrics."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", worker.port)
+        writer.write(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        body = (await reader.read()).decode()
+        writer.close()
+        total = 0.0
+        for line in body.splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                total += float(line.rsplit(" ", 1)[1])
+        return total

@@ -1,0 +1,143 @@
+"""End to end: real workers, real Kafka, real MariaDB, compared with the seed SQL in SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import orjson
+import pytest
+
+from coupon_stream.dataset import generate
+from tests import reference
+
+pytestmark = pytest.mark.integration
+
+BAD_ORDERS = [
+    b"not json at all",
+    b"\xff\xfe\x00garbage",
+    b"[1, 2, 3]",
+    b'{"biz_order_id": "bad-1", "pay_status": "2", "pay_time": "2026-11-11 10:00:00",'
+    b' "div_idx_actual_total_fee": 100}',
+    b'{"biz_order_id": "bad-2", "pay_status": "2", "buyer_id": "12x", '
+    b'"pay_time": "2026-11-11 10:00:00", "div_idx_actual_total_fee": 100}',
+    b'{"biz_order_id": "bad-3", "pay_status": "2", "buyer_id": "5", '
+    b'"pay_time": "2026-02-30 10:00:00", "div_idx_actual_total_fee": 100}',
+    b'{"biz_order_id": "bad-4", "pay_status": "2", "buyer_id": "5", '
+    b'"pay_time": "2026-11-11 10:00:00", "div_idx_actual_total_fee": "100"}',
+]
+BAD_REFUNDS = [
+    b'{"biz_order_id": "bad-5", "pay_status": "4", "buyer_id": "5", '
+    b'"pay_time": "2026-11-11 10:00:00", "div_idx_actual_total_fee": -100}',
+    b'{"biz_order_id": "bad-6", "pay_status": "4", "buyer_id": "99999999999999999999", '
+    b'"pay_time": "2026-11-11 10:00:00", "refund_fee": -100}',
+]
+
+
+def rec(order: str, buyer: str, fee: float, gm: str, status: str = "2", **extra) -> dict:
+    field = "div_idx_actual_total_fee" if status == "2" else "refund_fee"
+    return {
+        "biz_order_id": order, "pay_status": status, "buyer_id": buyer,
+        "pay_time": "2026-11-12 08:00:00", "gmt_create": "2026-11-12 07:59:00",
+        "gmt_modified": gm, "auction_title": 'x,"y"\tz\n双', field: fee, **extra,
+    }
+
+
+async def test_end_to_end_equals_reference_sql_through_deletes_and_returns(pipeline):
+    p = pipeline
+    await p.create_topics(orders=3, refunds=2)
+    p.start_worker()
+    rng = random.Random(11)
+    data = generate(3000, seed=5)
+    orders, refunds = list(data.orders), []
+
+    # Copies of one record on different partitions, the later-generated copy first.
+    late = rec("dup-1", "777", 12399, "2026-11-12 09:00:00")
+    early = rec("dup-1", "777", 12399, "2026-11-12 08:00:01")
+    phase1 = [(p.orders_topic, 0, orjson.dumps(late))]
+    phase1 += [(p.orders_topic, None, orjson.dumps(o)) for o in orders]
+    phase1 += [(p.refunds_topic, None, orjson.dumps(r)) for r in data.refunds]
+    phase1 += [(p.orders_topic, 2, orjson.dumps(early))]
+    bad = [(p.orders_topic, None, b) for b in BAD_ORDERS]
+    bad += [(p.refunds_topic, None, b) for b in BAD_REFUNDS]
+    for item in bad:
+        phase1.insert(rng.randrange(len(phase1)), item)
+    orders += [late, early]
+    refunds += data.refunds
+    await p.produce(phase1)
+    await p.wait_quiescent()
+    expected = reference.evaluate(orders, refunds)
+    assert (None, None, 777, 123, 20261112) not in expected
+    assert ("2026-11-12 07:59:00", "2026-11-12 08:00:01", 777, 123, 20261112) in expected
+    assert await p.table_rows() == expected
+
+    # Phase 2: refunds bring buyer 777 to exactly zero (truncated) -> the row is deleted.
+    refund = rec("dup-1", "777", -12300.5, "2026-11-12 10:00:00", status="4")
+    refunds.append(refund)
+    await p.produce([(p.refunds_topic, 1, orjson.dumps(refund))])
+    await p.wait_quiescent()
+    expected = reference.evaluate(orders, refunds)
+    assert not any(row[2] == 777 for row in expected)
+    assert await p.table_rows() == expected
+
+    # Phase 3: a new order brings it above zero again -> the row comes back.
+    again = rec("dup-2", "777", 500, "2026-11-12 11:00:00")
+    orders.append(again)
+    await p.produce([(p.orders_topic, 1, orjson.dumps(again))])
+    await p.wait_quiescent()
+    expected = reference.evaluate(orders, refunds)
+    assert ("2026-11-12 07:59:00", "2026-11-12 11:00:00", 777, 5, 20261112) in expected
+    assert await p.table_rows() == expected
+
+    # Every bad message is on the dead-letter topic with its bytes, origin and a reason.
+    letters = await p.dead_letters()
+    assert sorted(v for v, _ in letters) == sorted(b for _, _, b in bad)
+    for value, headers in letters:
+        assert headers["coupon.source.topic"].decode() in (p.orders_topic, p.refunds_topic)
+        assert int(headers["coupon.source.offset"]) >= 0
+        assert headers["coupon.error.reason"]
+    reasons = {v: h["coupon.error.reason"].decode() for v, h in letters}
+    assert "refund_fee" in reasons[BAD_REFUNDS[0]]
+    assert "64-bit" in reasons[BAD_REFUNDS[1]]
+
+    # Messages in = records applied (new, replaced or duplicate) + dead letters.
+    worker = p.workers[0]
+    consumed = await p.metric(worker, "coupon_messages_consumed_total")
+    applied = await p.metric(worker, "coupon_records_total")
+    dead = await p.metric(worker, "coupon_dead_letters_total")
+    produced = len(phase1) + 2
+    assert consumed == produced
+    assert applied + dead == produced
+    assert dead == len(bad)
+
+
+async def test_kill_9_mid_stream_neither_loses_nor_double_counts(pipeline):
+    p = pipeline
+    await p.create_topics(orders=4, refunds=3)
+    data = generate(40_000, seed=21)
+    messages = [(p.orders_topic, None, orjson.dumps(o)) for o in data.orders]
+    messages += [(p.refunds_topic, None, orjson.dumps(r)) for r in data.refunds]
+    random.Random(3).shuffle(messages)
+    await p.produce(messages)
+    rng = random.Random(5)
+    worker = p.start_worker(0)
+    for _ in range(3):
+        # Kill once the worker has made some progress, at a different point each time.
+        await _wait_for_progress(p)
+        await asyncio.sleep(rng.uniform(0.5, 3.0))
+        p.kill(worker)
+        worker = p.start_worker(0)  # same data dir: resumes from local RocksDB
+    await p.wait_quiescent()
+    assert await p.table_rows() == reference.evaluate(data.orders, data.refunds)
+
+
+async def _wait_for_progress(p, timeout: float = 120.0) -> None:
+    start = sum((await p.lag()).values())
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        p.assert_workers_alive()
+        if sum((await p.lag()).values()) < start:
+            return
+        await asyncio.sleep(0.5)
+    raise AssertionError("worker made no progress:\n" + p.workers[-1].tail())
