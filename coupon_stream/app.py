@@ -25,6 +25,7 @@ from faust.types import EventT
 from prometheus_client import generate_latest
 
 from coupon_stream import metrics
+from coupon_stream.logs import logging_config
 from coupon_stream.records import (
     BadRecord,
     Contribution,
@@ -120,6 +121,10 @@ class CouponStream:
             web_port=s.web_port,
             web_host="0.0.0.0",
             table_standby_replicas=s.standby_replicas,
+            topic_replication_factor=s.replication_factor,
+            broker_session_timeout=s.session_timeout,
+            broker_heartbeat_interval=max(0.5, s.session_timeout / 10),
+            logging_config=logging_config(s.log_format, s.log_level),
             consumer_auto_offset_reset="earliest",
             key_serializer="raw",
             value_serializer="raw",
@@ -219,8 +224,9 @@ class CouponStream:
         if not self._sink_started:
             await self.sink.start()
             self._sink_started = True
-            log.info("result table %s ready at %s", self.settings.result_table,
-                     self.settings.db_url_safe)
+            log.info(
+                "result table %s ready at %s", self.settings.result_table, self.settings.db_url_safe
+            )
 
     # -- web: metrics and health ------------------------------------------------------------
 

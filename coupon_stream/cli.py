@@ -1,4 +1,4 @@
-"""`coupon-stream` command line: worker, produce, generate, show."""
+"""`coupon-stream` command line: worker, produce, generate, show, status, topics."""
 
 from __future__ import annotations
 
@@ -63,18 +63,40 @@ def _show(args: argparse.Namespace) -> None:
     rows = asyncio.run(fetch())
     header = ("buyer_id", "effect_time", "cumulate_amount", "gmt_create", "gmt_modified")
     shown = rows if args.limit <= 0 else rows[: args.limit]
-    table = [header] + [
-        (str(b), str(e), str(a), str(c), str(m)) for c, m, b, a, e in shown
-    ]
+    table = [header] + [(str(b), str(e), str(a), str(c), str(m)) for c, m, b, a, e in shown]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     for i, row in enumerate(table):
-        print("  ".join(cell.rjust(w) if j < 3 else cell.ljust(w)
-                        for j, (cell, w) in enumerate(zip(row, widths, strict=True))))
+        print(
+            "  ".join(
+                cell.rjust(w) if j < 3 else cell.ljust(w)
+                for j, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
         if i == 0:
             print("  ".join("-" * w for w in widths))
     total = sum(r[3] for r in rows)
-    print(f"{len(rows)} rows in {settings.result_table} ({settings.db_url_safe}); "
-          f"sum of cumulate_amount {total}")
+    print(
+        f"{len(rows)} rows in {settings.result_table} ({settings.db_url_safe}); "
+        f"sum of cumulate_amount {total}"
+    )
+
+
+def _status(args: argparse.Namespace) -> None:
+    from coupon_stream import status
+
+    settings = Settings()
+    if args.until_idle:
+        if not asyncio.run(status.wait_idle(settings, args.until_idle)):
+            raise SystemExit(f"status: still lagging after {args.until_idle}s")
+    print(status.render(settings, asyncio.run(status.collect(settings))))
+
+
+def _topics(args: argparse.Namespace) -> None:
+    from coupon_stream.status import create_input_topics
+
+    settings = Settings()
+    created = asyncio.run(create_input_topics(settings, args.partitions))
+    print(f"created: {', '.join(created) or 'none (both exist)'}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,6 +120,18 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("show", help="print the result table")
     p.add_argument("--limit", type=int, default=50, help="rows to print (0 = all)")
     p.set_defaults(func=_show)
+    p = sub.add_parser("status", help="lag per partition, pending writes, rows, dead letters")
+    p.add_argument(
+        "--until-idle",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="first wait (up to SECONDS) until the group has no lag",
+    )
+    p.set_defaults(func=_status)
+    p = sub.add_parser("topics", help="create the input topics if they do not exist")
+    p.add_argument("--partitions", type=int, default=8)
+    p.set_defaults(func=_topics)
     args = parser.parse_args(argv)
     args.func(args)
 

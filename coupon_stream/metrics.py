@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-MESSAGES_CONSUMED = Counter(
-    "coupon_messages_consumed_total", "Source messages consumed", ["topic"]
-)
+MESSAGES_CONSUMED = Counter("coupon_messages_consumed_total", "Source messages consumed", ["topic"])
 RECORDS = Counter(
     "coupon_records_total",
     "Valid records applied to state, by dedup outcome (new, replaced, duplicate)",
@@ -38,5 +36,7 @@ STATE_EXPIRED = Counter(
     "coupon_state_expired_records_total", "Dedup entries dropped by state retention"
 )
 CONSUMER_LAG = Gauge(
-    "coupon_consumer_lag", "Messages behind the end of each assigned partition", ["topic", "partition"]
+    "coupon_consumer_lag",
+    "Messages behind the end of each assigned partition",
+    ["topic", "partition"],
 )

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     intake_batch: int = Field(2000, ge=1, description="max source messages per intake batch")
     web_port: int = 6066
     standby_replicas: int = Field(0, ge=0)
+    session_timeout: float = Field(
+        10.0, gt=0, description="seconds before the group drops a worker that stopped heartbeating"
+    )
+    replication_factor: int = Field(1, ge=1, description="for the topics the service creates")
     state_retention_days: int = Field(
         0, ge=0, description="drop state of days older than this many days (0 = keep forever)"
     )

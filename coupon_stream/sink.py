@@ -162,9 +162,7 @@ class ResultSink:
                 metrics.SINK_STATEMENTS.inc()
             for i in range(0, len(deletes), CHUNK):
                 keys = deletes[i : i + CHUNK]
-                await conn.execute(
-                    delete(t).where(tuple_(t.c.buyer_id, t.c.effect_time).in_(keys))
-                )
+                await conn.execute(delete(t).where(tuple_(t.c.buyer_id, t.c.effect_time).in_(keys)))
                 metrics.SINK_STATEMENTS.inc()
 
     async def _retry(self, what: str, fn, *args: object) -> None:  # noqa: ANN001
@@ -209,7 +207,10 @@ class ResultSink:
         async with self._engine.connect() as conn:
             result = await conn.execute(
                 select(
-                    t.c.gmt_create, t.c.gmt_modified, t.c.buyer_id, t.c.cumulate_amount,
+                    t.c.gmt_create,
+                    t.c.gmt_modified,
+                    t.c.buyer_id,
+                    t.c.cumulate_amount,
                     t.c.effect_time,
                 ).order_by(t.c.buyer_id, t.c.effect_time)
             )

@@ -12,8 +12,18 @@ from collections.abc import Iterable
 from datetime import datetime
 
 COLUMNS = (
-    "biz_order_id", "auction_id", "auction_title", "buyer_id", "buyer_nick", "pay_time",
-    "gmt_create", "gmt_modified", "biz_type", "pay_status", "attributes", "from_group",
+    "biz_order_id",
+    "auction_id",
+    "auction_title",
+    "buyer_id",
+    "buyer_nick",
+    "pay_time",
+    "gmt_create",
+    "gmt_modified",
+    "biz_type",
+    "pay_status",
+    "attributes",
+    "from_group",
 )
 
 SEED_SQL = """
@@ -120,10 +130,7 @@ def evaluate(orders: Iterable[dict], refunds: Iterable[dict]) -> set[Row]:
         db.executemany(
             f"INSERT INTO {table} ({', '.join(f'`{n}`' for n in names)}) "
             f"VALUES ({', '.join('?' * len(names))})",
-            [
-                (*(_text(r.get(c)) for c in COLUMNS), float(r[amount]))
-                for r in records
-            ],
+            [(*(_text(r.get(c)) for c in COLUMNS), float(r[amount])) for r in records],
         )
     return {tuple(row) for row in db.execute(INSERT_INTO_TDDL_OUTPUT)}
 

@@ -170,9 +170,7 @@ class Pipeline:
                 tps += [TopicPartition(topic, p) for p in parts]
             ends = await consumer.end_offsets(tps)
             committed = await admin.list_consumer_group_offsets(self.name)
-            return {
-                tp: ends[tp] - (committed[tp].offset if tp in committed else 0) for tp in tps
-            }
+            return {tp: ends[tp] - (committed[tp].offset if tp in committed else 0) for tp in tps}
         finally:
             await consumer.stop()
             await admin.close()

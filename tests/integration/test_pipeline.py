@@ -37,9 +37,15 @@ BAD_REFUNDS = [
 def rec(order: str, buyer: str, fee: float, gm: str, status: str = "2", **extra) -> dict:
     field = "div_idx_actual_total_fee" if status == "2" else "refund_fee"
     return {
-        "biz_order_id": order, "pay_status": status, "buyer_id": buyer,
-        "pay_time": "2026-11-12 08:00:00", "gmt_create": "2026-11-12 07:59:00",
-        "gmt_modified": gm, "auction_title": 'x,"y"\tz\n双', field: fee, **extra,
+        "biz_order_id": order,
+        "pay_status": status,
+        "buyer_id": buyer,
+        "pay_time": "2026-11-12 08:00:00",
+        "gmt_create": "2026-11-12 07:59:00",
+        "gmt_modified": gm,
+        "auction_title": 'x,"y"\tz\n双',
+        field: fee,
+        **extra,
     }
 
 
@@ -92,7 +98,7 @@ async def test_end_to_end_equals_reference_sql_through_deletes_and_returns(pipel
     # Every bad message is on the dead-letter topic with its bytes, origin and a reason.
     letters = await p.dead_letters()
     assert sorted(v for v, _ in letters) == sorted(b for _, _, b in bad)
-    for value, headers in letters:
+    for _, headers in letters:
         assert headers["coupon.source.topic"].decode() in (p.orders_topic, p.refunds_topic)
         assert int(headers["coupon.source.offset"]) >= 0
         assert headers["coupon.error.reason"]

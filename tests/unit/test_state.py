@@ -17,7 +17,14 @@ from coupon_stream.state import (
 from tests import reference
 
 
-def c(order="o1", status="2", day=20261111, yuan=10, gc="2026-11-11 00:00:00", gm="2026-11-11 00:00:05"):
+def c(
+    order="o1",
+    status="2",
+    day=20261111,
+    yuan=10,
+    gc="2026-11-11 00:00:00",
+    gm="2026-11-11 00:00:05",
+):
     return Contribution(order, status, day, yuan, gc, gm)
 
 
@@ -27,7 +34,9 @@ def test_first_generated_copy_wins_whatever_the_arrival_order():
     assert s.apply(late) is Outcome.NEW
     assert s.apply(early) is Outcome.REPLACED
     assert s.apply(late) is Outcome.DUPLICATE
-    assert s.row(20261111) == ResultRow("2026-11-11 00:00:00", "2026-11-11 00:00:05", 7, 10, 20261111)
+    assert s.row(20261111) == ResultRow(
+        "2026-11-11 00:00:00", "2026-11-11 00:00:05", 7, 10, 20261111
+    )
 
 
 def test_day_sum_min_create_max_modified_and_delete_at_zero():
@@ -35,7 +44,9 @@ def test_day_sum_min_create_max_modified_and_delete_at_zero():
     s.apply(c("o1", yuan=123, gc="2026-11-11 00:00:09", gm="2026-11-11 00:00:10"))
     s.apply(c("o2", yuan=50, gc=None, gm="2026-11-11 00:00:20"))
     s.apply(c("o3", day=20261112, yuan=99))
-    assert s.row(20261111) == ResultRow("2026-11-11 00:00:09", "2026-11-11 00:00:20", 7, 173, 20261111)
+    assert s.row(20261111) == ResultRow(
+        "2026-11-11 00:00:09", "2026-11-11 00:00:20", 7, 173, 20261111
+    )
     s.apply(c("o1", status="4", yuan=-123, gc="2026-11-11 01:00:00", gm="2026-11-11 01:00:00"))
     assert s.row(20261111).cumulate_amount == 50
     s.apply(c("o2", status="4", yuan=-50, gm="2026-11-11 02:00:00"))
@@ -59,7 +70,10 @@ def test_apply_batch_touches_duplicates_and_both_days_of_a_moved_record():
     first = apply_batch([(1, c(day=20261112, gm="2026-11-11 00:09:00"))], lambda b: BuyerState(b))
     store.update(first.states)
     second = apply_batch(
-        [(1, c(day=20261111, gm="2026-11-11 00:01:00")), (1, c(day=20261111, gm="2026-11-11 00:05:00"))],
+        [
+            (1, c(day=20261111, gm="2026-11-11 00:01:00")),
+            (1, c(day=20261111, gm="2026-11-11 00:05:00")),
+        ],
         lambda b: BuyerState.decode(b, store[b].encode()),
     )
     assert set(second.rows) == {(1, 20261111), (1, 20261112)}
@@ -86,11 +100,18 @@ def run_pure(messages, batch_sizes):
             else:
                 table[key] = row
         i += n
-    return {(r.gmt_create, r.gmt_modified, r.buyer_id, r.cumulate_amount, r.effect_time) for r in table.values()}
+    return {
+        (r.gmt_create, r.gmt_modified, r.buyer_id, r.cumulate_amount, r.effect_time)
+        for r in table.values()
+    }
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 10_000), shuffle=st.randoms(), sizes=st.lists(st.integers(1, 40), max_size=30))
+@given(
+    seed=st.integers(0, 10_000),
+    shuffle=st.randoms(),
+    sizes=st.lists(st.integers(1, 40), max_size=30),
+)
 def test_any_arrival_order_and_batching_equals_the_reference_sql(seed, shuffle, sizes):
     data = generate(60, seed=seed, buyers=12)
     messages = [(Source.ORDERS, m) for m in jsonl(data.orders)] + [
@@ -114,9 +135,24 @@ def test_generated_dataset_has_the_interesting_cases():
 
 
 def test_reference_truncates_per_record_before_summing():
-    base = {"biz_order_id": "o1", "pay_status": "2", "buyer_id": "1", "pay_time": "2026-11-11 10:00:00"}
-    orders = [{**base, "div_idx_actual_total_fee": 199.0}, {**base, "biz_order_id": "o2", "div_idx_actual_total_fee": 199.0}]
-    refunds = [{**base, "pay_status": "4", "refund_fee": -12399.0}, {**base, "biz_order_id": "o9", "pay_status": "4", "refund_fee": 12500.0}]
+    base = {
+        "biz_order_id": "o1",
+        "pay_status": "2",
+        "buyer_id": "1",
+        "pay_time": "2026-11-11 10:00:00",
+    }
+    orders = [
+        {**base, "div_idx_actual_total_fee": 199.0},
+        {**base, "biz_order_id": "o2", "div_idx_actual_total_fee": 199.0},
+    ]
+    refunds = [
+        {**base, "pay_status": "4", "refund_fee": -12399.0},
+        {**base, "biz_order_id": "o9", "pay_status": "4", "refund_fee": 12500.0},
+    ]
     assert reference.evaluate(orders, refunds) == {(None, None, 1, 1 + 1 - 123 + 125, 20261111)}
     rnd = random.Random(1)
-    assert run_pure([(Source.ORDERS, orjson.dumps(o)) for o in orders] + [(Source.REFUNDS, orjson.dumps(r)) for r in refunds], [rnd.randint(1, 3)]) == reference.evaluate(orders, refunds)
+    assert run_pure(
+        [(Source.ORDERS, orjson.dumps(o)) for o in orders]
+        + [(Source.REFUNDS, orjson.dumps(r)) for r in refunds],
+        [rnd.randint(1, 3)],
+    ) == reference.evaluate(orders, refunds)

@@ -1,0 +1,130 @@
+"""Operator views from outside the worker: consumer lag, dead letters, table size, topics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from coupon_stream.settings import Settings
+from coupon_stream.sink import ResultSink
+
+
+@dataclass
+class Status:
+    lag: dict[TopicPartition, int]
+    dead_letters: int
+    rows: int | None
+    pending_sink_rows: float | None
+
+    @property
+    def total_lag(self) -> int:
+        return sum(self.lag.values())
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topics: list[str]) -> list[TopicPartition]:
+    await consumer._client.force_metadata_update()
+    return [
+        TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())
+    ]
+
+
+async def lag(settings: Settings) -> tuple[dict[TopicPartition, int], int]:
+    """Uncommitted messages per partition of the group's topics, and dead letters so far."""
+    bootstrap = settings.bootstrap_servers
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await consumer.start()
+    await admin.start()
+    try:
+        topics = [settings.orders_topic, settings.refunds_topic, settings.by_buyer_topic]
+        tps = await _partitions(consumer, topics)
+        dlq = await _partitions(consumer, [settings.dlq_topic])
+        ends = await consumer.end_offsets(tps + dlq) if tps or dlq else {}
+        committed = await admin.list_consumer_group_offsets(settings.app_id)
+        lags = {tp: ends[tp] - (committed[tp].offset if tp in committed else 0) for tp in tps}
+        return lags, sum(ends[tp] for tp in dlq)
+    finally:
+        await admin.close()
+        await consumer.stop()
+
+
+def _pending_from_metrics(port: int) -> float | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            body = resp.read().decode()
+    except OSError:
+        return None
+    for line in body.splitlines():
+        if line.startswith("coupon_sink_pending_rows "):
+            return float(line.split()[1])
+    return None
+
+
+async def collect(settings: Settings) -> Status:
+    lags, dead = await lag(settings)
+    sink = ResultSink(settings.db_url.get_secret_value(), settings.result_table)
+    sink.max_backoff = 0.5
+    rows: int | None
+    try:
+        await asyncio.wait_for(sink.start(), 10)
+        rows = len(await sink.fetch_all())
+    except (TimeoutError, OSError):
+        rows = None
+    finally:
+        await sink.stop()
+    return Status(lags, dead, rows, _pending_from_metrics(settings.web_port))
+
+
+def render(settings: Settings, status: Status) -> str:
+    lines = [f"{'topic':<48} {'partition':>9} {'lag':>10}"]
+    lines += [f"{tp.topic:<48} {tp.partition:>9} {n:>10}" for tp, n in sorted(status.lag.items())]
+    lines.append(f"{'total lag':<48} {'':>9} {status.total_lag:>10}")
+    pending = "n/a (worker web port not reachable)"
+    if status.pending_sink_rows is not None:
+        pending = f"{status.pending_sink_rows:.0f}"
+    rows = "n/a (database not reachable)" if status.rows is None else str(status.rows)
+    lines += [
+        f"pending sink writes (worker on :{settings.web_port}): {pending}",
+        f"rows in {settings.result_table}: {rows}",
+        f"dead letters in {settings.dlq_topic}: {status.dead_letters}",
+    ]
+    return "\n".join(lines)
+
+
+async def wait_idle(settings: Settings, timeout: float) -> bool:
+    """True once the group has no lag on two checks in a row (all input applied and written)."""
+    deadline = time.monotonic() + timeout
+    streak = 0
+    while time.monotonic() < deadline:
+        lags, _ = await lag(settings)
+        has_state = any(tp.topic == settings.by_buyer_topic for tp in lags)
+        streak = streak + 1 if has_state and not any(lags.values()) else 0
+        if streak >= 2:
+            return True
+        await asyncio.sleep(1.0)
+    return False
+
+
+async def create_input_topics(settings: Settings, partitions: int) -> list[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    await admin.start()
+    created = []
+    try:
+        topics = (settings.orders_topic, settings.refunds_topic)
+        response = await admin.create_topics(
+            [NewTopic(t, partitions, settings.replication_factor) for t in topics]
+        )
+        for topic, code, *message in response.topic_errors:
+            if code == 0:
+                created.append(topic)
+            elif code != TopicAlreadyExistsError.errno:
+                raise RuntimeError(f"creating topic {topic} failed: error {code} {message}")
+    finally:
+        await admin.close()
+    return created
