@@ -13,6 +13,7 @@ table needs: a table write goes to the changelog partition of the event being pr
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import defaultdict
@@ -35,9 +36,10 @@ from coupon_stream.records import (
     partition_for_buyer,
 )
 from coupon_stream.settings import Settings
-from coupon_stream.sink import ResultSink
+from coupon_stream.sink import PendingWrites, ResultSink, RowKey
 from coupon_stream.state import (
     BuyerState,
+    ResultRow,
     apply_batch,
     buyer_key,
     decode_batch,
@@ -133,6 +135,9 @@ class CouponStream:
             s.db_url.get_secret_value(), s.result_table, safe_url=s.db_url_safe
         )
         self._sink_started = False
+        self.pending = PendingWrites()
+        self._flush_lock = asyncio.Lock()
+        self._acker: faust.StreamT | None = None
         raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
         self.orders = self.app.topic(s.orders_topic, **raw)
         self.refunds = self.app.topic(s.refunds_topic, **raw)
@@ -163,7 +168,7 @@ class CouponStream:
     def _intake(self, source: Source):  # noqa: ANN202 - a Faust agent function
         async def intake(stream: faust.StreamT) -> None:
             s = self.settings
-            async for events in stream.take_events(s.intake_batch, within=s.flush_interval):
+            async for events in stream.take_events(s.intake_batch, within=s.intake_window):
                 await self.forward(events, source)
 
         intake.__name__ = f"intake_{source.value}"
@@ -199,14 +204,21 @@ class CouponStream:
 
     async def _apply(self, stream: faust.StreamT) -> None:
         await self.start_sink()
-        async for raw in stream:
-            await self.apply(raw)
+        self._acker = manual = stream.noack()
+        flusher = asyncio.ensure_future(self._flush_periodically())
+        try:
+            async for event in manual.events():
+                self.pending.add(self.apply(event.value), event)
+                if len(self.pending.rows) >= self.settings.max_pending_rows:
+                    await self.flush()  # backpressure: stop consuming until the sink catches up
+        finally:
+            flusher.cancel()
 
-    async def apply(self, raw: bytes) -> None:
-        """Apply one by-buyer message to the table and send the changed rows to the sink.
+    def apply(self, raw: bytes) -> dict[RowKey, ResultRow | None]:
+        """Apply one by-buyer message to the table; return the result rows it touched.
 
-        The event is acknowledged only after `sink.write` returns (it retries until the
-        database commits), so its offset is never committed ahead of the result table.
+        Every buyer in the message is written back once (one changelog message each), even
+        if only duplicates arrived: see `state.apply_batch` for why.
         """
         result = apply_batch(decode_batch(raw), self._load)
         for buyer_id, state in result.states.items():
@@ -218,7 +230,28 @@ class CouponStream:
         metrics.STATE_BUYERS_WRITTEN.inc(len(result.states))
         for outcome, n in result.outcomes.items():
             metrics.RECORDS.labels(outcome.value).inc(n)
-        await self.sink.write(result.rows)
+        return result.rows
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.flush_interval)
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write the coalesced rows, then acknowledge the events that produced them.
+
+        Only acknowledged events have their offsets committed, so an offset is never
+        committed ahead of the result table; on a crash the unacknowledged events replay.
+        One flush at a time keeps the writes of a key in order.
+        """
+        async with self._flush_lock:
+            rows, events = self.pending.take()
+            if not events:
+                return
+            await self.sink.write(rows)
+            self.pending.written()
+            for event in events:
+                await self._acker.ack(event)
 
     async def start_sink(self) -> None:
         if not self._sink_started:

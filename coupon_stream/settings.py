@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     data_dir: Path = Path("coupon-stream-data")
     processing_guarantee: Guarantee = Guarantee.AT_LEAST_ONCE
     flush_interval: float = Field(
+        0.2, gt=0, description="seconds between flushes of coalesced rows to the database"
+    )
+    max_pending_rows: int = Field(
+        20_000, ge=1, description="rows waiting for the database before consumption pauses"
+    )
+    intake_window: float = Field(
         0.05, gt=0, description="seconds an intake batch may wait to fill before it is processed"
     )
     intake_batch: int = Field(2000, ge=1, description="max source messages per intake batch")

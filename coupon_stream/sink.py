@@ -54,6 +54,35 @@ def _engine(url: str) -> AsyncEngine:
     )
 
 
+class PendingWrites:
+    """Rows waiting for the database, coalesced per key, with the events they came from.
+
+    Only the latest state of a key is kept (a delete included), so one flush writes each key
+    once however many records touched it.
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[RowKey, ResultRow | None] = {}
+        self.events: list[object] = []
+        self.in_flight = 0
+
+    def add(self, rows: Mapping[RowKey, ResultRow | None], event: object) -> None:
+        self.rows.update(rows)
+        self.events.append(event)
+        metrics.SINK_PENDING.set(len(self.rows) + self.in_flight)
+
+    def take(self) -> tuple[dict[RowKey, ResultRow | None], list[object]]:
+        """Hand the current rows to a flush; they count as pending until `written`."""
+        rows, events = self.rows, self.events
+        self.rows, self.events = {}, []
+        self.in_flight = len(rows)
+        return rows, events
+
+    def written(self) -> None:
+        self.in_flight = 0
+        metrics.SINK_PENDING.set(len(self.rows))
+
+
 class ResultSink:
     """Writes the latest state of each (buyer_id, effect_time): a row, or its absence.
 
@@ -142,12 +171,8 @@ class ResultSink:
             if r is not None
         ]
         deletes = [k for k, r in rows.items() if r is None]
-        metrics.SINK_PENDING.inc(len(rows))
         started = time.perf_counter()
-        try:
-            await self._retry("write", self._write_once, upserts, deletes)
-        finally:
-            metrics.SINK_PENDING.dec(len(rows))
+        await self._retry("write", self._write_once, upserts, deletes)
         metrics.SINK_FLUSH_SECONDS.observe(time.perf_counter() - started)
         metrics.SINK_BATCH_ROWS.observe(len(rows))
         metrics.ROWS_UPSERTED.inc(len(upserts))

@@ -45,6 +45,11 @@ def stream(tmp_path):
     return cs
 
 
+async def put(stream, agent, value):
+    await agent.put(value)
+    await stream.flush()
+
+
 def contribution(order, yuan, gm, status="2", day=20261111):
     return Contribution(order, status, day, yuan, "2026-11-11 00:00:00", gm)
 
@@ -52,14 +57,16 @@ def contribution(order, yuan, gm, status="2", day=20261111):
 async def test_state_agent_dedups_aggregates_and_deletes(stream):
     sink = stream.sink
     async with stream.state_agent.test_context() as agent:
-        await agent.put(
+        await put(
+            stream,
+            agent,
             encode_batch(
                 [
                     (5, contribution("o1", 100, "2026-11-11 00:00:09")),
                     (5, contribution("o1", 100, "2026-11-11 00:00:01")),  # earlier copy replaces
                     (6, contribution("o2", 7, "2026-11-11 00:00:02")),
                 ]
-            )
+            ),
         )
         assert sink.table == {
             (5, 20261111): ResultRow(
@@ -69,11 +76,13 @@ async def test_state_agent_dedups_aggregates_and_deletes(stream):
         }
         stored = BuyerState.decode(5, stream.buyers[buyer_key(5)])
         assert [c.gmt_modified for c in stored.kept.values()] == ["2026-11-11 00:00:01"]
-        await agent.put(encode_batch([(5, contribution("o1", -100, "2026-11-11 01:00:00", "4"))]))
+        await put(
+            stream, agent, encode_batch([(5, contribution("o1", -100, "2026-11-11 01:00:00", "4"))])
+        )
         assert (5, 20261111) not in sink.table
         writes = sink.writes
         # a replayed duplicate re-sends its key's current state
-        await agent.put(encode_batch([(6, contribution("o2", 7, "2026-11-11 00:00:02"))]))
+        await put(stream, agent, encode_batch([(6, contribution("o2", 7, "2026-11-11 00:00:02"))]))
         assert sink.writes == writes + 1
         assert sink.table[(6, 20261111)].cumulate_amount == 7
 

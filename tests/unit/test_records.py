@@ -39,15 +39,29 @@ def test_valid_order_fields():
     [(12399, 123), (-12399, -123), (99, 0), (-99, 0), (-100, -1), (12399.99, 123), (0, 0)],
 )
 def test_truncation_toward_zero(amount, yuan):
-    raw = orjson.dumps({"biz_order_id": "o", "pay_status": "4", "buyer_id": 1,
-                        "pay_time": "2026-11-11 00:00:00", "refund_fee": amount})
+    raw = orjson.dumps(
+        {
+            "biz_order_id": "o",
+            "pay_status": "4",
+            "buyer_id": 1,
+            "pay_time": "2026-11-11 00:00:00",
+            "refund_fee": amount,
+        }
+    )
     assert parse_record(raw, Source.REFUNDS).yuan == yuan
     assert yuan == math.trunc(amount / 100)
 
 
 def test_refund_uses_refund_fee_not_order_field():
-    raw = orjson.dumps({"biz_order_id": "o", "pay_status": "4", "buyer_id": "1",
-                        "pay_time": "2026-11-11 00:00:00", "div_idx_actual_total_fee": 5})
+    raw = orjson.dumps(
+        {
+            "biz_order_id": "o",
+            "pay_status": "4",
+            "buyer_id": "1",
+            "pay_time": "2026-11-11 00:00:00",
+            "div_idx_actual_total_fee": 5,
+        }
+    )
     with pytest.raises(BadRecord, match="refund_fee"):
         parse_record(raw, Source.REFUNDS)
 
