@@ -23,7 +23,7 @@ down:
 	bash scripts/services.sh down
 
 lint: install
-	$(BIN)/ruff check coupon_stream tests
+	$(BIN)/ruff check coupon_stream tests bench
 
 unit: install
 	$(BIN)/pytest -q tests/unit

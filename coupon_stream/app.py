@@ -44,11 +44,14 @@ from coupon_stream.state import (
     buyer_key,
     decode_batch,
     encode_batch,
+    retention_cutoff,
 )
 
 log = logging.getLogger(__name__)
 
 TABLE_NAME = "buyers"
+PRODUCER_BUFFER_MESSAGES = 20_000
+WATERMARK_KEY = b"~watermark"  # not a decimal buyer id, so it never collides with one
 # aiohttp wants the charset apart from the content type; the exposition format is UTF-8.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4"
 HEADER_TOPIC = "coupon.source.topic"
@@ -191,11 +194,14 @@ class CouponStream:
                 key=str(part).encode(), value=encode_batch(items), partition=part
             )
         for dead in routed.dead:
-            metrics.DEAD_LETTERS.labels(dead.kind).inc()
-            log.warning(
-                "dead letter: %s[%d]@%d: %s", dead.topic, dead.partition, dead.offset, dead.reason
-            )
-            await self.dead_letters.send(key=dead.key, value=dead.value, headers=dead.headers())
+            await self._dead_letter(dead)
+
+    async def _dead_letter(self, dead: DeadLetter) -> None:
+        metrics.DEAD_LETTERS.labels(dead.kind).inc()
+        log.warning(
+            "dead letter: %s[%d]@%d: %s", dead.topic, dead.partition, dead.offset, dead.reason
+        )
+        await self.dead_letters.send(key=dead.key, value=dead.value, headers=dead.headers())
 
     # -- dedup + aggregate + sink -----------------------------------------------------------
 
@@ -204,23 +210,29 @@ class CouponStream:
 
     async def _apply(self, stream: faust.StreamT) -> None:
         await self.start_sink()
+        # Faust pauses every stream to drain its send buffer once it holds 100 messages, and
+        # logs a warning each time; one by-buyer message alone writes hundreds of buyers.
+        self.app.producer.buffer.max_messages = PRODUCER_BUFFER_MESSAGES
         self._acker = manual = stream.noack()
         flusher = asyncio.ensure_future(self._flush_periodically())
         try:
             async for event in manual.events():
-                self.pending.add(self.apply(event.value), event)
+                self.pending.add(await self.apply(event.value, event.message.partition), event)
                 if len(self.pending.rows) >= self.settings.max_pending_rows:
                     await self.flush()  # backpressure: stop consuming until the sink catches up
         finally:
             flusher.cancel()
 
-    def apply(self, raw: bytes) -> dict[RowKey, ResultRow | None]:
+    async def apply(self, raw: bytes, partition: int) -> dict[RowKey, ResultRow | None]:
         """Apply one by-buyer message to the table; return the result rows it touched.
 
         Every buyer in the message is written back once (one changelog message each), even
         if only duplicates arrived: see `state.apply_batch` for why.
         """
-        result = apply_batch(decode_batch(raw), self._load)
+        batch = decode_batch(raw)
+        if self.settings.state_retention_days:
+            batch = await self._retain(batch, partition)
+        result = apply_batch(batch, self._load)
         for buyer_id, state in result.states.items():
             key = buyer_key(buyer_id)
             if state.kept:
@@ -231,6 +243,72 @@ class CouponStream:
         for outcome, n in result.outcomes.items():
             metrics.RECORDS.labels(outcome.value).inc(n)
         return result.rows
+
+    # -- bounded state ----------------------------------------------------------------------
+
+    async def _retain(
+        self, batch: list[tuple[int, Contribution]], partition: int
+    ) -> list[tuple[int, Contribution]]:
+        """Advance this partition's watermark, expire old days, dead-letter late records.
+
+        The watermark (newest effect_time seen) lives in the table itself, so it survives
+        restarts and moves with the partition. A record older than the retention cutoff
+        cannot be matched against dropped state, so it is dead-lettered instead of counted:
+        the closed day's row stays as it was.
+        """
+        if not batch:
+            return batch
+        days = self.settings.state_retention_days
+        old_mark = int(self.buyers.get(WATERMARK_KEY) or 0)
+        mark = max(old_mark, max(c.effect_time for _, c in batch))
+        cutoff = retention_cutoff(mark, days)
+        if mark != old_mark:
+            self.buyers[WATERMARK_KEY] = str(mark).encode()
+            if not old_mark or retention_cutoff(old_mark, days) < cutoff:
+                self._expire(cutoff, partition)
+        kept = [(b, c) for b, c in batch if c.effect_time >= cutoff]
+        for buyer_id, c in batch:
+            if c.effect_time < cutoff:
+                reason = (
+                    f"effect_time {c.effect_time} is older than the retention cutoff {cutoff} "
+                    f"(COUPON_STATE_RETENTION_DAYS={days}); the day is closed"
+                )
+                record = encode_batch([(buyer_id, c)])
+                await self._dead_letter(
+                    DeadLetter(
+                        None, record, self.settings.by_buyer_topic, partition, -1, reason, "late"
+                    )
+                )
+        return kept
+
+    def _expire(self, cutoff: int, partition: int) -> None:
+        """Drop every kept record of this partition's buyers whose day is before `cutoff`."""
+        partitions = self.settings.partitions
+        owned = [
+            k
+            for k in list(self.buyers.keys())
+            if k != WATERMARK_KEY and partition_for_buyer(int(k), partitions) == partition
+        ]
+        dropped = entries = 0
+        for key in owned:
+            state = BuyerState.decode(int(key), self.buyers[key])
+            n = state.drop_days_before(cutoff)
+            entries += len(state.kept)
+            if n:
+                dropped += n
+                if state.kept:
+                    self.buyers[key] = state.encode()
+                else:
+                    del self.buyers[key]
+        metrics.STATE_EXPIRED.inc(dropped)
+        metrics.STATE_ENTRIES.labels(str(partition)).set(entries)
+        log.info(
+            "partition %d: expired %d records of days before %d; %d records kept",
+            partition,
+            dropped,
+            cutoff,
+            entries,
+        )
 
     async def _flush_periodically(self) -> None:
         while True:

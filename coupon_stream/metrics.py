@@ -40,3 +40,8 @@ CONSUMER_LAG = Gauge(
     "Messages behind the end of each assigned partition",
     ["topic", "partition"],
 )
+STATE_ENTRIES = Gauge(
+    "coupon_state_entries",
+    "Kept records in the state table per partition, counted at the last retention sweep",
+    ["partition"],
+)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import date, timedelta
 from enum import StrEnum
 
 import orjson
@@ -92,6 +93,13 @@ class BuyerState:
                 c = Contribution(*item)
                 state.kept[c.dedup_key] = c
         return state
+
+
+def retention_cutoff(watermark: int, days: int) -> int:
+    """The first effect_time still kept when the newest day seen is `watermark` (yyyyMMdd)."""
+    newest = date(watermark // 10000, watermark // 100 % 100, watermark % 100)
+    first = newest - timedelta(days=days)
+    return first.year * 10000 + first.month * 100 + first.day
 
 
 def buyer_key(buyer_id: int) -> bytes:

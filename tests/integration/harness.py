@@ -23,6 +23,12 @@ MYSQL_URL = os.environ.get(
     "COUPON_TEST_DB_URL", "mysql+asyncmy://coupons:coupons@127.0.0.1:3306/coupons"
 )
 WORKER = [str(Path(sys.executable).with_name("coupon-stream")), "worker"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def service(script: str, action: str) -> None:
+    """Stop/start/restart the local Kafka or MariaDB with the project's own scripts."""
+    subprocess.run(["bash", str(REPO / "scripts" / script), action], check=True, timeout=180)
 
 
 def free_port() -> int:
@@ -244,6 +250,25 @@ class Pipeline:
             return out
         finally:
             await consumer.stop()
+
+    async def http_get(self, worker: Worker, path: str) -> tuple[int, bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", worker.port)
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+        raw = await reader.read()
+        writer.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        return int(head.split()[1]), body
+
+    async def wait_for_progress(self, timeout: float = 120.0) -> None:
+        """Until the group's lag has shrunk: the workers are busy mid-stream."""
+        start = sum((await self.lag()).values())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.assert_workers_alive()
+            if sum((await self.lag()).values()) < start:
+                return
+            await asyncio.sleep(0.5)
+        raise AssertionError("no progress:\n" + "\n\n".join(w.tail() for w in self.workers))
 
     async def metric(self, worker: Worker, name: str) -> float:
         """Sum of a Prometheus metric's samples on one worker's /metrics."""

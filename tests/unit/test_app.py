@@ -132,3 +132,37 @@ async def test_intake_routes_by_buyer_partition_and_dead_letters(stream):
     headers = dict(dead["headers"])
     assert headers["coupon.source.offset"] == b"5"
     assert b"not valid UTF-8 JSON" in headers["coupon.error.reason"]
+
+
+async def test_retention_expires_old_days_and_dead_letters_late_records(tmp_path):
+    cs = CouponStream(
+        Settings(app_id="unit-ret", data_dir=tmp_path, partitions=1, state_retention_days=2),
+        store="memory://",
+        sink=RecordingSink(),
+    )
+    cs.app.finalize()
+    cs.app.flow_control.resume()
+    dead = []
+
+    async def dlq_send(**kw):
+        dead.append(kw)
+
+    cs.dead_letters.send = dlq_send
+    async with cs.state_agent.test_context() as agent:
+        for day in (20261101, 20261102, 20261103):
+            await put(cs, agent, encode_batch([(1, contribution(f"o{day}", 5, "x", day=day))]))
+        stored = BuyerState.decode(1, cs.buyers[buyer_key(1)])
+        assert sorted(c.effect_time for c in stored.kept.values()) == [20261101, 20261102, 20261103]
+        await put(cs, agent, encode_batch([(2, contribution("n", 5, "x", day=20261104))]))
+        # watermark 20261104, 2 days kept -> cutoff 20261102: day 1 dropped from state
+        stored = BuyerState.decode(1, cs.buyers[buyer_key(1)])
+        assert sorted(c.effect_time for c in stored.kept.values()) == [20261102, 20261103]
+        assert cs.sink.table[(1, 20261101)].cumulate_amount == 5  # the closed day's row stays
+        await put(cs, agent, encode_batch([(1, contribution("late", -5, "y", "4", 20261101))]))
+        assert cs.sink.table[(1, 20261101)].cumulate_amount == 5
+        assert len(dead) == 1
+        assert (
+            b"older than the retention cutoff 20261102"
+            in dict(dead[0]["headers"])["coupon.error.reason"]
+        )
+        assert decode_batch(dead[0]["value"])[0][1].biz_order_id == "late"

@@ -156,3 +156,12 @@ def test_reference_truncates_per_record_before_summing():
         + [(Source.REFUNDS, orjson.dumps(r)) for r in refunds],
         [rnd.randint(1, 3)],
     ) == reference.evaluate(orders, refunds)
+
+
+def test_retention_cutoff_crosses_months_and_leap_days():
+    from coupon_stream.state import retention_cutoff
+
+    assert retention_cutoff(20261104, 2) == 20261102
+    assert retention_cutoff(20261201, 1) == 20261130
+    assert retention_cutoff(20240301, 1) == 20240229
+    assert retention_cutoff(20260101, 7) == 20251225

@@ -1,0 +1,388 @@
+"""`make bench`: end-to-end throughput, raw floor, cost, latency and restore speed.
+
+Runs against the local Kafka and MariaDB of `make up`. Every run uses fresh topics and
+consumer groups, loads the whole dataset before timing, and writes bench/results/<ts>.json
+and .md. Usage: python -m bench.run [--orders N] [--partitions P] [--latency-rate R].
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from importlib.metadata import version
+from pathlib import Path
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from coupon_stream import status
+from coupon_stream.dataset import generate, jsonl
+from coupon_stream.producer import send_all
+from coupon_stream.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+BOOTSTRAP = "127.0.0.1:9092"
+DB_URL = os.environ.get(
+    "COUPON_BENCH_DB_URL", "mysql+asyncmy://coupons:coupons@127.0.0.1:3306/coupons"
+)
+WORKER = [str(Path(sys.executable).with_name("coupon-stream")), "worker", "--loglevel", "warning"]
+
+
+def machine() -> dict:
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cores": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "faust-streaming": version("faust-streaming"),
+        "aiokafka": version("aiokafka"),
+        "sqlalchemy": version("sqlalchemy"),
+        "rocksdict": version("rocksdict"),
+        "kafka": "3.9.1",
+    }
+
+
+def settings_for(run: str, topics: str, partitions: int, data_dir: Path, port: int) -> Settings:
+    return Settings(
+        broker=f"kafka://{BOOTSTRAP}",
+        db_url=DB_URL,
+        app_id=run,
+        orders_topic=f"{topics}-orders",
+        refunds_topic=f"{topics}-refunds",
+        dlq_topic=f"{topics}-dlq",
+        result_table=f"bench_{run.replace('-', '_')}",
+        partitions=partitions,
+        data_dir=data_dir,
+        web_port=port,
+    )
+
+
+def env_of(s: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    for name, value in s.model_dump().items():
+        raw = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+        env[f"COUPON_{name.upper()}"] = str(raw.value if hasattr(raw, "value") else raw)
+    return env
+
+
+class Proc:
+    def __init__(self, s: Settings, log: Path) -> None:
+        self.settings = s
+        self.proc = subprocess.Popen(
+            [*WORKER, "--web-port", str(s.web_port)],
+            env=env_of(s),
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def metric(self, name: str) -> float:
+        url = f"http://127.0.0.1:{self.settings.web_port}/metrics"
+        body = urllib.request.urlopen(url, timeout=5).read().decode()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in body.splitlines()
+            if line.startswith(name + " ") or line.startswith(name + "{")
+        )
+
+    def ready(self) -> bool:
+        try:
+            url = f"http://127.0.0.1:{self.settings.web_port}/health/ready"
+            return urllib.request.urlopen(url, timeout=2).status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+async def load(topics: str, partitions: int, orders: int) -> int:
+    s = settings_for("load", topics, partitions, Path("/nonexistent"), 0)
+    await status.create_input_topics(s, partitions)
+    data = generate(orders, seed=1)
+    return await send_all(
+        BOOTSTRAP,
+        [(s.orders_topic, list(jsonl(data.orders))), (s.refunds_topic, list(jsonl(data.refunds)))],
+    )
+
+
+async def raw_floor(topics: str, total: int) -> float:
+    """The most a Python consumer does here: read both topics and JSON-decode every value."""
+    consumer = AIOKafkaConsumer(
+        f"{topics}-orders",
+        f"{topics}-refunds",
+        bootstrap_servers=BOOTSTRAP,
+        group_id=f"floor-{time.time_ns()}",
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
+    await consumer.start()
+    seen, start = 0, time.perf_counter()
+    try:
+        while seen < total:
+            batch = await consumer.getmany(timeout_ms=1000, max_records=10_000)
+            for records in batch.values():
+                for r in records:
+                    orjson.loads(r.value)
+                seen += len(records)
+    finally:
+        await consumer.stop()
+    return total / (time.perf_counter() - start)
+
+
+async def run_workers(
+    run: str, topics: str, partitions: int, n: int, total: int, tmp: Path
+) -> dict:
+    procs = [
+        Proc(
+            settings_for(run, topics, partitions, tmp / f"{run}-{i}", 6100 + i),
+            tmp / f"{run}-{i}.log",
+        )
+        for i in range(n)
+    ]
+    start = time.perf_counter()
+    try:
+        if not await status.wait_idle(procs[0].settings, 3600):
+            raise RuntimeError(f"{run} did not drain")
+        elapsed = time.perf_counter() - start
+        cpu = sum(p.cpu_seconds() for p in procs)
+        statements = sum(p.metric("coupon_sink_statements_total") for p in procs)
+        rows = sum(
+            p.metric("coupon_rows_upserted_total") + p.metric("coupon_rows_deleted_total")
+            for p in procs
+        )
+        return {
+            "workers": n,
+            "seconds": round(elapsed, 2),
+            "events_per_s": round(total / elapsed),
+            "cpu_s_per_million": round(cpu / total * 1e6, 1),
+            "peak_rss_mb": round(max(p.peak_rss_mb() for p in procs), 1),
+            "sql_statements_per_event": round(statements / total, 5),
+            "rows_written_per_event": round(rows / total, 4),
+        }
+    finally:
+        for p in procs:
+            p.stop()
+
+
+async def latency(run: str, partitions: int, rate: int, seconds: float, tmp: Path) -> dict:
+    """Produce at a fixed rate; time from send to the row being visible in MySQL."""
+    topics = f"{run}-lat"
+    s = settings_for(run, topics, partitions, tmp / run, 6150)
+    await status.create_input_topics(s, partitions)
+    proc = Proc(s, tmp / f"{run}.log")
+    engine = create_async_engine(DB_URL)
+    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, linger_ms=1)
+    await producer.start()
+    sent: dict[int, float] = {}
+    seen: dict[int, float] = {}
+    try:
+        while not proc.ready():
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(2)
+
+        async def poll() -> None:
+            while True:
+                async with engine.connect() as conn:
+                    try:
+                        rows = await conn.execute(text(f"SELECT buyer_id FROM `{s.result_table}`"))
+                    except Exception:  # noqa: BLE001 - table not created yet
+                        rows = []
+                    now = time.perf_counter()
+                    for (buyer,) in rows:
+                        seen.setdefault(buyer, now)
+                await asyncio.sleep(0.02)
+
+        poller = asyncio.ensure_future(poll())
+        total = int(rate * seconds)
+        start = time.perf_counter()
+        for i in range(total):
+            due = start + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            buyer = 900_000_000 + i
+            value = orjson.dumps(
+                {
+                    "biz_order_id": f"lat-{i}",
+                    "pay_status": "2",
+                    "buyer_id": str(buyer),
+                    "pay_time": "2026-11-11 12:00:00",
+                    "div_idx_actual_total_fee": 10_000,
+                }
+            )
+            await producer.send(s.orders_topic, value=value)
+            sent[buyer] = time.perf_counter()
+        await producer.flush()
+        deadline = time.perf_counter() + 120
+        while len(seen) < total and time.perf_counter() < deadline:
+            await asyncio.sleep(0.2)
+        poller.cancel()
+        lat = sorted(seen[b] - sent[b] for b in sent if b in seen)
+        if not lat:
+            return {"rate": rate, "error": "no rows seen"}
+        return {
+            "rate": rate,
+            "messages": total,
+            "seen": len(lat),
+            "p50_ms": round(lat[len(lat) // 2] * 1000, 1),
+            "p99_ms": round(lat[int(len(lat) * 0.99) - 1] * 1000, 1),
+        }
+    finally:
+        await producer.stop()
+        await engine.dispose()
+        proc.stop()
+
+
+async def restore(run: str, topics: str, partitions: int, tmp: Path) -> dict:
+    """A worker with empty local state for an app whose changelog is full."""
+    s = settings_for(run, topics, partitions, tmp / f"{run}-restore", 6160)
+    consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP)
+    await consumer.start()
+    try:
+        changelog = f"{run}-buyers-changelog"
+        await consumer._client.force_metadata_update()
+        tps = [TopicPartition(changelog, p) for p in consumer.partitions_for_topic(changelog) or ()]
+        records = sum((await consumer.end_offsets(tps)).values())
+    finally:
+        await consumer.stop()
+    proc = Proc(s, tmp / f"{run}-restore.log")
+    start = time.perf_counter()
+    try:
+        while not proc.ready():
+            await asyncio.sleep(0.1)
+        elapsed = time.perf_counter() - start
+    finally:
+        proc.stop()
+    return {
+        "changelog_records": records,
+        "seconds_to_ready": round(elapsed, 2),
+        "records_per_s": round(records / elapsed),
+    }
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        f"Machine: {m['cores']} cores, {m['cpu']}; Python {m['python']}, faust-streaming "
+        f"{m['faust-streaming']}, aiokafka {m['aiokafka']}, Kafka {m['kafka']}, "
+        f"SQLAlchemy {m['sqlalchemy']}, rocksdict {m['rocksdict']}.",
+        f"Input: {result['messages']} messages ({result['orders']} orders + copies + refunds), "
+        f"{result['partitions']} partitions. Command: `{result['command']}`",
+        "",
+        "| run | events/s | raw floor events/s | ratio | CPU s per 1M events | peak RSS MB "
+        "| SQL statements per event | rows written per event |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    floor = result["raw_floor_events_per_s"]
+    for r in result["runs"]:
+        cells = [
+            f"{r['workers']} worker(s)",
+            r["events_per_s"],
+            floor,
+            f"{r['events_per_s'] / floor:.3f}",
+            r["cpu_s_per_million"],
+            r["peak_rss_mb"],
+            r["sql_statements_per_event"],
+            r["rows_written_per_event"],
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    if len(result["runs"]) > 1:
+        lines.append(f"\nScaling 2 workers / 1 worker: {result['scaling_ratio']:.2f}")
+    lat = result.get("latency")
+    if lat:
+        lines.append(
+            f"\nLatency produce -> visible in MySQL at {lat['rate']} events/s: "
+            f"p50 {lat.get('p50_ms')} ms, p99 {lat.get('p99_ms')} ms "
+            f"({lat.get('seen')}/{lat.get('messages')} seen)"
+        )
+    rs = result.get("restore")
+    if rs:
+        lines.append(
+            f"\nChangelog restore, empty local state: {rs['changelog_records']} records "
+            f"in {rs['seconds_to_ready']} s to ready = {rs['records_per_s']} records/s"
+        )
+    return "\n".join(lines)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--orders", type=int, default=1_000_000)
+    parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument("--latency-rate", type=int, default=10_000)
+    parser.add_argument("--latency-seconds", type=float, default=10)
+    parser.add_argument("--skip-two", action="store_true", help="only the one-worker run")
+    args = parser.parse_args()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    tmp = ROOT / ".local" / "bench" / stamp
+    tmp.mkdir(parents=True, exist_ok=True)
+    topics = f"bench-{stamp}"
+    print(f"loading {args.orders} orders into {topics}-* ...", flush=True)
+    total = await load(topics, args.partitions, args.orders)
+    print(f"{total} messages loaded; raw floor ...", flush=True)
+    floor = await raw_floor(topics, total)
+    runs = []
+    for n in (1,) if args.skip_two else (1, 2):
+        print(f"{n} worker(s) ...", flush=True)
+        runs.append(await run_workers(f"{topics}-w{n}", topics, args.partitions, n, total, tmp))
+    print("restore ...", flush=True)
+    rs = await restore(f"{topics}-w1", topics, args.partitions, tmp)
+    print("latency ...", flush=True)
+    lat = await latency(
+        f"{topics}-lat", args.partitions, args.latency_rate, args.latency_seconds, tmp
+    )
+    result = {
+        "machine": machine(),
+        "orders": args.orders,
+        "messages": total,
+        "partitions": args.partitions,
+        "command": "make bench BENCH_ARGS='" + " ".join(sys.argv[1:]) + "'",
+        "raw_floor_events_per_s": round(floor),
+        "runs": runs,
+        "restore": rs,
+        "latency": lat,
+    }
+    if len(runs) > 1:
+        result["scaling_ratio"] = runs[1]["events_per_s"] / runs[0]["events_per_s"]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stamp}.json").write_text(json.dumps(result, indent=2))
+    md = markdown(result)
+    (RESULTS / f"{stamp}.md").write_text(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
