@@ -130,6 +130,9 @@ class CouponStream:
             broker_session_timeout=s.session_timeout,
             broker_heartbeat_interval=max(0.5, s.session_timeout / 10),
             logging_config=logging_config(s.log_format, s.log_level),
+            # Batch changelog and by-buyer sends into fewer, larger produce requests.
+            producer_linger=0.005,
+            producer_max_batch_size=256 * 1024,
             consumer_auto_offset_reset="earliest",
             key_serializer="raw",
             value_serializer="raw",
