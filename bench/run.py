@@ -36,7 +36,7 @@ BOOTSTRAP = "127.0.0.1:9092"
 DB_URL = os.environ.get(
     "COUPON_BENCH_DB_URL", "mysql+asyncmy://coupons:coupons@127.0.0.1:3306/coupons"
 )
-WORKER = [str(Path(sys.executable).with_name("coupon-stream")), "worker", "--loglevel", "warning"]
+WORKER = [str(Path(sys.executable).with_name("coupon-stream")), "worker", "--loglevel", "warn"]
 
 
 def machine() -> dict:
@@ -114,6 +114,8 @@ class Proc:
         )
 
     def ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {self.proc.returncode}")
         try:
             url = f"http://127.0.0.1:{self.settings.web_port}/health/ready"
             return urllib.request.urlopen(url, timeout=2).status == 200
@@ -175,7 +177,14 @@ async def run_workers(
     ]
     start = time.perf_counter()
     try:
-        if not await status.wait_idle(procs[0].settings, 3600):
+        idle = asyncio.ensure_future(status.wait_idle(procs[0].settings, 3600))
+        while not idle.done():
+            dead = [p for p in procs if p.proc.poll() is not None]
+            if dead:
+                idle.cancel()
+                raise RuntimeError(f"{run}: a worker exited, see {tmp}")
+            await asyncio.sleep(0.5)
+        if not idle.result():
             raise RuntimeError(f"{run} did not drain")
         elapsed = time.perf_counter() - start
         cpu = sum(p.cpu_seconds() for p in procs)

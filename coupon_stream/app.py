@@ -346,6 +346,38 @@ class CouponStream:
 
     def _register_pages(self) -> None:
         app = self.app
+        watched = {
+            self.settings.orders_topic,
+            self.settings.refunds_topic,
+            self.by_buyer.get_topic_name(),
+        }
+
+        @app.timer(interval=5.0)
+        async def export_lag() -> None:
+            """Messages between each assigned partition's end and its committed offset."""
+            consumer = app.consumer
+            for tp in consumer.assignment():
+                if tp.topic not in watched:
+                    continue
+                try:
+                    end = consumer.highwater(tp)
+                except Exception:  # noqa: BLE001 - not known yet right after assignment
+                    continue
+                committed = consumer._committed_offset.get(tp) or 0
+                if end is not None:
+                    metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(
+                        max(0, end - committed)
+                    )
+
+        @app.on_partitions_assigned.connect
+        async def assigned(app: faust.App, assigned: set, **kwargs: Any) -> None:
+            mine = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned if tp.topic in watched)
+            log.info("assigned %d partitions: %s", len(mine), ", ".join(mine))
+
+        @app.on_partitions_revoked.connect
+        async def revoked(app: faust.App, revoked: set, **kwargs: Any) -> None:
+            metrics.CONSUMER_LAG.clear()
+            log.info("revoked %d partitions", len(revoked))
 
         @app.page("/metrics")
         async def metrics_page(web: Any, request: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -24,6 +25,15 @@ MYSQL_URL = os.environ.get(
 )
 WORKER = [str(Path(sys.executable).with_name("coupon-stream")), "worker"]
 REPO = Path(__file__).resolve().parents[2]
+
+
+def record(test: str, **fields: object) -> None:
+    """Append a measurement to .local/reliability.jsonl (docs/reliability.md cites them)."""
+    path = REPO / ".local" / "reliability.jsonl"
+    path.parent.mkdir(exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps({"test": test, "at": time.strftime("%Y-%m-%d %H:%M:%S"), **fields}))
+        f.write("\n")
 
 
 def service(script: str, action: str) -> None:
@@ -259,14 +269,15 @@ class Pipeline:
         head, _, body = raw.partition(b"\r\n\r\n")
         return int(head.split()[1]), body
 
-    async def wait_for_progress(self, timeout: float = 120.0) -> None:
-        """Until the group's lag has shrunk: the workers are busy mid-stream."""
+    async def wait_for_progress(self, timeout: float = 120.0) -> float:
+        """Until the group's lag has shrunk (the workers are busy); returns seconds waited."""
+        began = time.monotonic()
         start = sum((await self.lag()).values())
-        deadline = time.monotonic() + timeout
+        deadline = began + timeout
         while time.monotonic() < deadline:
             self.assert_workers_alive()
             if sum((await self.lag()).values()) < start:
-                return
+                return time.monotonic() - began
             await asyncio.sleep(0.5)
         raise AssertionError("no progress:\n" + "\n\n".join(w.tail() for w in self.workers))
 

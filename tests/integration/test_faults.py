@@ -10,6 +10,7 @@ import asyncio
 import random
 import re
 import signal
+import time
 
 import orjson
 import pytest
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 
 from coupon_stream.dataset import generate
 from tests import reference
-from tests.integration.harness import service
+from tests.integration.harness import record, service
 from tests.integration.test_pipeline import BAD_ORDERS, BAD_REFUNDS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -39,9 +40,18 @@ async def load(p, orders=65_000, seed=1, in_parts=(3, 2)):
     return data, sorted(b for _, _, b in bad)
 
 
-async def check(p, data, bad):
+async def check(p, data, bad, test, **measured):
+    began = time.monotonic()
     await p.wait_quiescent(timeout=420)
-    assert await p.table_rows() == reference.evaluate(data.orders, data.refunds)
+    equal = await p.table_rows() == reference.evaluate(data.orders, data.refunds)
+    record(
+        test,
+        messages=len(data.orders) + len(data.refunds) + len(bad),
+        equal=equal,
+        drain_after_fault_s=round(time.monotonic() - began, 1),
+        **measured,
+    )
+    assert equal
     # at-least-once may dead-letter a replayed bad message twice; each must be there
     assert sorted(set(v for v, _ in await p.dead_letters())) == sorted(set(bad))
 
@@ -58,7 +68,14 @@ async def test_rebalance_add_and_remove_workers_mid_stream(pipeline):
     p.kill(workers[0], signal.SIGTERM)  # graceful leave
     await asyncio.sleep(6)
     p.kill(workers[1])  # crash
-    await check(p, data, bad)
+    resumed = await p.wait_for_progress()
+    await check(
+        p,
+        data,
+        bad,
+        "rebalance: 3 workers, +1, -1 SIGTERM, -1 kill -9",
+        resumed_after_kill_s=round(resumed, 1),
+    )
 
 
 async def test_database_outage_is_retried_and_reported(pipeline):
@@ -77,7 +94,14 @@ async def test_database_outage_is_retried_and_reported(pipeline):
         assert (await p.http_get(worker, "/health/live"))[0] == 200
     finally:
         service("mariadb.sh", "start")
-    await check(p, data, bad)
+    resumed = await p.wait_for_progress()
+    await check(
+        p,
+        data,
+        bad,
+        "database outage: MariaDB stopped 20 s",
+        resumed_after_restart_s=round(resumed, 1),
+    )
     assert await p.metric(worker, "coupon_sink_retries_total") > 0
     code, _ = await p.http_get(worker, "/health/ready")
     assert code == 200
@@ -89,7 +113,8 @@ async def test_broker_restart_mid_stream(pipeline):
     p.start_worker()
     await p.wait_for_progress()
     service("kafka.sh", "restart")
-    await check(p, data, bad)
+    resumed = await p.wait_for_progress()
+    await check(p, data, bad, "broker restart", resumed_after_restart_s=round(resumed, 1))
 
 
 valid_or_bad = st.one_of(

@@ -10,6 +10,7 @@ import pytest
 
 from coupon_stream.dataset import generate
 from tests import reference
+from tests.integration.harness import record
 
 pytestmark = pytest.mark.integration
 
@@ -127,11 +128,20 @@ async def test_kill_9_mid_stream_neither_loses_nor_double_counts(pipeline):
     await p.produce(messages)
     rng = random.Random(5)
     worker = p.start_worker(0)
+    resumed = []
     for _ in range(3):
         # Kill once the worker has made some progress, at a different point each time.
         await p.wait_for_progress()
         await asyncio.sleep(rng.uniform(0.5, 3.0))
         p.kill(worker)
         worker = p.start_worker(0)  # same data dir: resumes from local RocksDB
+        resumed.append(round(await p.wait_for_progress(), 1))
     await p.wait_quiescent()
-    assert await p.table_rows() == reference.evaluate(data.orders, data.refunds)
+    equal = await p.table_rows() == reference.evaluate(data.orders, data.refunds)
+    record(
+        "crash: kill -9 x3, restart on same data dir",
+        messages=len(messages),
+        equal=equal,
+        resumed_after_restart_s=resumed,
+    )
+    assert equal
