@@ -159,6 +159,7 @@ class CouponStream:
             help="kept record of each (biz_order_id, pay_status), per buyer",
             key_type=bytes,
             value_type=bytes,
+            on_changelog_event=self._on_restored,
         )
         self.orders_agent = self.app.agent(self.orders, name="intake-orders")(
             self._intake(Source.ORDERS)
@@ -168,6 +169,10 @@ class CouponStream:
         )
         self.state_agent = self.app.agent(self.by_buyer, name="state")(self._apply)
         self._register_pages()
+
+    async def _on_restored(self, event: EventT) -> None:
+        """Counts changelog records read back into local state (recovery and standbys)."""
+        metrics.STATE_RESTORED.inc()
 
     # -- intake ---------------------------------------------------------------------------
 

@@ -45,3 +45,7 @@ STATE_ENTRIES = Gauge(
     "Kept records in the state table per partition, counted at the last retention sweep",
     ["partition"],
 )
+STATE_RESTORED = Counter(
+    "coupon_state_restored_records_total",
+    "Changelog records read into local state (recovery after assignment, standby replicas)",
+)

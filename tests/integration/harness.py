@@ -281,6 +281,31 @@ class Pipeline:
             await asyncio.sleep(0.5)
         raise AssertionError("no progress:\n" + "\n\n".join(w.tail() for w in self.workers))
 
+    async def wait_ready(self, worker: Worker, timeout: float = 120.0) -> float:
+        """Until /health/ready answers 200 (tables recovered, database up); seconds taken."""
+        began = time.monotonic()
+        while time.monotonic() < began + timeout:
+            self.assert_workers_alive()
+            try:
+                if (await self.http_get(worker, "/health/ready"))[0] == 200:
+                    return time.monotonic() - began
+            except OSError:
+                pass
+            await asyncio.sleep(0.2)
+        raise AssertionError("worker never ready:\n" + worker.tail())
+
+    async def changelog_size(self) -> int:
+        """Records in the state table's changelog topic (end offsets summed)."""
+        consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP)
+        await consumer.start()
+        try:
+            topic = f"{self.name}-buyers-changelog"
+            await consumer._client.force_metadata_update()
+            tps = [TopicPartition(topic, q) for q in consumer.partitions_for_topic(topic) or ()]
+            return sum((await consumer.end_offsets(tps)).values())
+        finally:
+            await consumer.stop()
+
     async def metric(self, worker: Worker, name: str) -> float:
         """Sum of a Prometheus metric's samples on one worker's /metrics."""
         reader, writer = await asyncio.open_connection("127.0.0.1", worker.port)

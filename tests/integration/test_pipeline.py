@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 
 import orjson
 import pytest
@@ -145,3 +146,28 @@ async def test_kill_9_mid_stream_neither_loses_nor_double_counts(pipeline):
         resumed_after_restart_s=resumed,
     )
     assert equal
+
+
+async def test_restart_on_same_data_dir_resumes_from_local_rocksdb(pipeline):
+    p = pipeline
+    await p.create_topics(orders=2, refunds=2)
+    data = generate(3000, seed=8)
+    await p.produce(
+        [(p.orders_topic, None, orjson.dumps(o)) for o in data.orders]
+        + [(p.refunds_topic, None, orjson.dumps(r)) for r in data.refunds]
+    )
+    first = p.start_worker(0)
+    await p.wait_quiescent()
+    p.kill(first, signal.SIGTERM)
+    changelog = await p.changelog_size()
+    assert changelog > 3000
+
+    again = p.start_worker(0)  # same data dir
+    await p.wait_ready(again)
+    assert await p.metric(again, "coupon_state_restored_records_total") == 0
+    p.kill(again, signal.SIGTERM)
+
+    fresh = p.start_worker(1)  # empty data dir: the whole changelog is read
+    await p.wait_ready(fresh)
+    assert await p.metric(fresh, "coupon_state_restored_records_total") == changelog
+    assert await p.table_rows() == reference.evaluate(data.orders, data.refunds)
