@@ -1,0 +1,195 @@
+"""How long partitions stay unprocessed when a worker dies, with and without standbys.
+
+`python -m bench.takeover [--entries 1000000]`: writes a state of N dedup entries straight
+into the state table's changelog, starts two workers (COUPON_STANDBY_REPLICAS 0 or 1),
+waits until they have restored it (and, with standbys, mirrored it), kills one with
+SIGKILL, and measures the time from the kill until a probe record for every partition is
+visible in MySQL again. Results go to bench/results/takeover-<ts>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from bench.run import BOOTSTRAP, DB_URL, RESULTS, ROOT, Proc, machine, settings_for
+from coupon_stream import status
+from coupon_stream.records import Contribution, partition_for_buyer
+from coupon_stream.state import BuyerState
+
+ENTRIES_PER_BUYER = 4
+PROBE_BASE = 7_000_000_000
+
+
+async def synthesize_state(changelog: str, partitions: int, entries: int) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(changelog, partitions, 1, topic_configs={"cleanup.policy": "compact"})]
+        )
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(
+        bootstrap_servers=BOOTSTRAP, linger_ms=20, max_batch_size=1024 * 1024
+    )
+    await producer.start()
+    buyers = entries // ENTRIES_PER_BUYER
+    try:
+        pending = []
+        for b in range(1, buyers + 1):
+            state = BuyerState(b)
+            for k in range(ENTRIES_PER_BUYER):
+                c = Contribution(f"s{b}-{k}", "2", 20261111, 1, "2026-11-11 00:00:00", None)
+                state.kept[c.dedup_key] = c
+            pending.append(
+                await producer.send(
+                    changelog,
+                    key=str(b).encode(),
+                    value=state.encode(),
+                    partition=partition_for_buyer(b, partitions),
+                )
+            )
+            if len(pending) >= 20_000:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return buyers
+
+
+def probe_buyers(partitions: int, round_: int) -> dict[int, int]:
+    """One new buyer id per partition for this probe round."""
+    found: dict[int, int] = {}
+    b = PROBE_BASE + round_ * 10_000
+    while len(found) < partitions:
+        found.setdefault(partition_for_buyer(b, partitions), b)
+        b += 1
+    return found
+
+
+async def scenario(standbys: int, entries: int, partitions: int, stamp: str) -> dict:
+    run = f"takeover-{stamp}-s{standbys}"
+    tmp = ROOT / ".local" / "bench" / run
+    tmp.mkdir(parents=True, exist_ok=True)
+    base = settings_for(run, run, partitions, tmp, 0)
+    await status.create_input_topics(base, partitions)
+    changelog_records = await synthesize_state(f"{run}-buyers-changelog", partitions, entries)
+    procs = []
+    for i in range(2):
+        s = settings_for(run, run, partitions, tmp / f"w{i}", 6170 + i + 2 * standbys)
+        s.standby_replicas = standbys
+        procs.append(Proc(s, tmp / f"w{i}.log"))
+    engine = create_async_engine(DB_URL)
+    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, linger_ms=1)
+    await producer.start()
+    try:
+        started = time.perf_counter()
+        for p in procs:
+            while not p.ready():
+                await asyncio.sleep(0.2)
+        ready_s = time.perf_counter() - started
+        wanted = changelog_records * (1 + standbys)
+        while sum(p.metric("coupon_state_restored_records_total") for p in procs) < wanted:
+            if time.perf_counter() - started > 900:
+                raise RuntimeError("state never fully restored")
+            await asyncio.sleep(0.5)
+        restored_s = time.perf_counter() - started
+        await asyncio.sleep(3)
+        victim = procs[0]
+        victim.proc.kill()
+        killed = time.perf_counter()
+        seen: dict[int, float] = {}
+        round_ = 0
+        while len(seen) < partitions and time.perf_counter() - killed < 600:
+            probes = probe_buyers(partitions, round_)
+            for q, b in probes.items():
+                if q in seen:
+                    continue
+                value = json.dumps(
+                    {
+                        "biz_order_id": f"probe-{round_}-{q}",
+                        "pay_status": "2",
+                        "buyer_id": str(b),
+                        "pay_time": "2026-11-11 12:00:00",
+                        "div_idx_actual_total_fee": 10_000,
+                    }
+                ).encode()
+                await producer.send(base.orders_topic, value=value)
+            await producer.flush()
+            await asyncio.sleep(0.5)
+            async with engine.connect() as conn:
+                try:
+                    rows = await conn.execute(
+                        text(
+                            f"SELECT buyer_id FROM `{base.result_table}` "
+                            f"WHERE buyer_id >= {PROBE_BASE}"
+                        )
+                    )
+                except Exception:  # noqa: BLE001 - table not created yet
+                    rows = []
+                now = time.perf_counter()
+                for (b,) in rows:
+                    q = partition_for_buyer(b, partitions)
+                    seen.setdefault(q, now - killed)
+            round_ += 1
+        return {
+            "standby_replicas": standbys,
+            "dedup_entries": changelog_records * ENTRIES_PER_BUYER,
+            "changelog_records": changelog_records,
+            "both_workers_ready_s": round(ready_s, 1),
+            "state_and_standbys_restored_s": round(restored_s, 1),
+            "all_partitions_processing_again_after_kill_s": round(max(seen.values()), 1)
+            if len(seen) == partitions
+            else None,
+            "per_partition_s": {q: round(t, 1) for q, t in sorted(seen.items())},
+        }
+    finally:
+        await producer.stop()
+        await engine.dispose()
+        for p in procs:
+            p.stop()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--entries", type=int, default=1_000_000)
+    parser.add_argument("--partitions", type=int, default=8)
+    args = parser.parse_args()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    results = [await scenario(s, args.entries, args.partitions, stamp) for s in (0, 1)]
+    out = {
+        "machine": machine(),
+        "command": f"python -m bench.takeover --entries "
+        f"{args.entries} --partitions {args.partitions}",
+        "scenarios": results,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"takeover-{stamp}.json").write_text(json.dumps(out, indent=2))
+    lines = [
+        f"Command: `{out['command']}` (2 workers, session timeout 10 s)",
+        "",
+        "| standby replicas | dedup entries | both workers ready s | state (+standbys) restored s "
+        "| all partitions processing again after kill -9 s |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['standby_replicas']} | {r['dedup_entries']} | {r['both_workers_ready_s']} "
+            f"| {r['state_and_standbys_restored_s']} "
+            f"| {r['all_partitions_processing_again_after_kill_s']} |"
+        )
+    (RESULTS / f"takeover-{stamp}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
