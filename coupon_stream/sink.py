@@ -98,7 +98,7 @@ class ResultSink:
         self._engine: AsyncEngine | None = None
         self._upsert = self._make_upsert(url)
         self.available = False
-        self.max_backoff = 5.0
+        self.max_backoff = 2.0
 
     @staticmethod
     def _make_upsert(url: str):  # noqa: ANN205 - returns a dialect-specific statement builder
