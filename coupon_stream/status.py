@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from coupon_stream.settings import Settings
 from coupon_stream.sink import ResultSink
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -25,6 +29,18 @@ class Status:
     @property
     def total_lag(self) -> int:
         return sum(self.lag.values())
+
+
+async def retry_transient(call: Callable[[], Awaitable[T]], timeout: float = 60.0) -> T:
+    """Retry Kafka's retriable errors, e.g. no group coordinator yet on a fresh cluster."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await call()
+        except KafkaError as exc:
+            if not exc.retriable or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topics: list[str]) -> list[TopicPartition]:
@@ -46,7 +62,9 @@ async def lag(settings: Settings) -> tuple[dict[TopicPartition, int], int]:
         tps = await _partitions(consumer, topics)
         dlq = await _partitions(consumer, [settings.dlq_topic])
         ends = await consumer.end_offsets(tps + dlq) if tps or dlq else {}
-        committed = await admin.list_consumer_group_offsets(settings.app_id)
+        committed = await retry_transient(
+            lambda: admin.list_consumer_group_offsets(settings.app_id)
+        )
         lags = {tp: ends[tp] - (committed[tp].offset if tp in committed else 0) for tp in tps}
         return lags, sum(ends[tp] for tp in dlq)
     finally:

@@ -19,6 +19,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from coupon_stream.status import retry_transient
+
 BOOTSTRAP = os.environ.get("COUPON_TEST_BOOTSTRAP", "127.0.0.1:9092")
 MYSQL_URL = os.environ.get(
     "COUPON_TEST_DB_URL", "mysql+asyncmy://coupons:coupons@127.0.0.1:3306/coupons"
@@ -185,7 +187,8 @@ class Pipeline:
                     parts = consumer.partitions_for_topic(topic) or set()
                 tps += [TopicPartition(topic, p) for p in parts]
             ends = await consumer.end_offsets(tps)
-            committed = await admin.list_consumer_group_offsets(self.name)
+            # a fresh cluster has no group coordinator until __consumer_offsets exists
+            committed = await retry_transient(lambda: admin.list_consumer_group_offsets(self.name))
             return {tp: ends[tp] - (committed[tp].offset if tp in committed else 0) for tp in tps}
         finally:
             await consumer.stop()

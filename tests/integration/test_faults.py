@@ -162,7 +162,7 @@ async def test_property_bad_input_never_stops_the_worker(pipeline, data):
     """Hypothesis draws a corpus of broken messages mixed into valid ones, in one run."""
     p = pipeline
     await p.create_topics(2, 2)
-    valid = generate(800, seed=data.draw(st.integers(0, 1000), label="seed"))
+    valid = generate(65_000, seed=data.draw(st.integers(0, 1000), label="seed"))  # ~100k msgs
     template = valid.orders[0]
     bad: list[bytes] = []
     for item in data.draw(st.lists(valid_or_bad, min_size=150, max_size=150), label="bad"):
