@@ -374,6 +374,16 @@ class CouponStream:
                         max(0, end - committed)
                     )
 
+        @app.timer(interval=10.0)
+        async def export_state_size() -> None:
+            """Buyers held in local RocksDB per partition (active and standby copies)."""
+            for partition, db in getattr(self.buyers.data, "_dbs", {}).items():
+                try:
+                    keys = db.property_int_value("rocksdb.estimate-num-keys")
+                except Exception:  # noqa: BLE001 - not a rocksdict store
+                    continue
+                metrics.STATE_KEYS.labels(str(partition)).set(keys or 0)
+
         @app.on_partitions_assigned.connect
         async def assigned(app: faust.App, assigned: set, **kwargs: Any) -> None:
             mine = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned if tp.topic in watched)

@@ -49,3 +49,8 @@ STATE_RESTORED = Counter(
     "coupon_state_restored_records_total",
     "Changelog records read into local state (recovery after assignment, standby replicas)",
 )
+STATE_KEYS = Gauge(
+    "coupon_state_keys",
+    "Buyers in the local RocksDB state per partition (RocksDB's estimate, every 10 s)",
+    ["partition"],
+)
