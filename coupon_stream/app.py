@@ -384,6 +384,18 @@ class CouponStream:
                     continue
                 metrics.STATE_KEYS.labels(str(partition)).set(keys or 0)
 
+        @app.task
+        async def warn_missing_inputs() -> None:
+            """Faust skips an input topic that is missing at start: say so, loudly."""
+            await asyncio.sleep(5)
+            for topic in (self.settings.orders_topic, self.settings.refunds_topic):
+                if not app.consumer.topic_partitions(topic):
+                    log.error(
+                        "input topic %s does not exist: this worker is not reading it. Create "
+                        "it (coupon-stream topics) and restart the worker",
+                        topic,
+                    )
+
         @app.on_partitions_assigned.connect
         async def assigned(app: faust.App, assigned: set, **kwargs: Any) -> None:
             mine = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned if tp.topic in watched)

@@ -45,3 +45,5 @@ if ! $BIN/coupon-stream status --until-idle 180; then
 fi
 echo "== the coupon table (tddl_output): buyers whose daily net spend is positive"
 $BIN/coupon-stream show --limit 15
+echo "== check against the seed SQL (tests/reference.py, independent of the service)"
+$BIN/python -m tests.reference "$demo_dir/orders.jsonl" "$demo_dir/refunds.jsonl" "$demo_dir/coupons.db"

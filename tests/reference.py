@@ -137,3 +137,38 @@ def evaluate(orders: Iterable[dict], refunds: Iterable[dict]) -> set[Row]:
 
 def _text(value: object) -> str | None:
     return None if value is None else str(value)
+
+
+def main() -> None:
+    """`python -m tests.reference ORDERS.jsonl REFUNDS.jsonl RESULT.db [TABLE]`: compare.
+
+    Used by `make demo` to show that the table it printed is the seed SQL's answer.
+    """
+    import json
+    import sys
+
+    orders_path, refunds_path, db_path, *rest = sys.argv[1:]
+    table = rest[0] if rest else "tddl_output"
+
+    def load(path: str) -> list[dict]:
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    expected = evaluate(load(orders_path), load(refunds_path))
+    with sqlite3.connect(db_path) as db:
+        actual = set(
+            db.execute(
+                "SELECT gmt_create, gmt_modified, buyer_id, cumulate_amount, effect_time "
+                f"FROM {table}"
+            )
+        )
+    same = actual == expected
+    print(
+        f"seed SQL evaluated independently in SQLite: {len(expected)} rows; "
+        f"service table: {len(actual)} rows; identical: {'yes' if same else 'NO'}"
+    )
+    sys.exit(0 if same else 1)
+
+
+if __name__ == "__main__":
+    main()
