@@ -311,12 +311,9 @@ class Pipeline:
 
     async def metric(self, worker: Worker, name: str) -> float:
         """Sum of a Prometheus metric's samples on one worker's /metrics."""
-        reader, writer = await asyncio.open_connection("127.0.0.1", worker.port)
-        writer.write(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        body = (await reader.read()).decode()
-        writer.close()
+        _, body = await self.http_get(worker, "/metrics")
         total = 0.0
-        for line in body.splitlines():
+        for line in body.decode().splitlines():
             if line.startswith(name + "{") or line.startswith(name + " "):
                 total += float(line.rsplit(" ", 1)[1])
         return total
