@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
-
-
-class Guarantee(StrEnum):
-    AT_LEAST_ONCE = "at_least_once"
-    EXACTLY_ONCE = "exactly_once"
 
 
 class Settings(BaseSettings):
@@ -29,20 +23,18 @@ class Settings(BaseSettings):
     refunds_topic: str = "dwd_tb_trd_rfd_ri"
     dlq_topic: str = "coupon_stream_dead_letters"
     result_table: str = "tddl_output"
-    app_id: str = Field("coupon-stream", description="Faust app id and consumer group")
+    app_id: str = Field(
+        "coupon-stream", description="Faust app id; names the consumer groups and topics"
+    )
     partitions: int = Field(8, ge=1, description="partitions of the by-buyer topic and tables")
     data_dir: Path = Path("coupon-stream-data")
-    processing_guarantee: Guarantee = Guarantee.AT_LEAST_ONCE
     flush_interval: float = Field(
         0.2, gt=0, description="seconds between flushes of coalesced rows to the database"
     )
     max_pending_rows: int = Field(
         20_000, ge=1, description="rows waiting for the database before consumption pauses"
     )
-    intake_window: float = Field(
-        0.05, gt=0, description="seconds an intake batch may wait to fill before it is processed"
-    )
-    intake_batch: int = Field(2000, ge=1, description="max source messages per intake batch")
+    intake_batch: int = Field(5000, ge=1, description="max source messages per intake batch")
     web_port: int = 6066
     standby_replicas: int = Field(0, ge=0)
     session_timeout: float = Field(
@@ -64,6 +56,11 @@ class Settings(BaseSettings):
     def bootstrap_servers(self) -> str:
         """Broker list in the host:port form aiokafka wants."""
         return ",".join(part.split("://", 1)[-1] for part in self.broker.split(";"))
+
+    @property
+    def intake_group(self) -> str:
+        """Consumer group of the intake; the state stage's group is `app_id` itself."""
+        return f"{self.app_id}-intake"
 
     @property
     def by_buyer_topic(self) -> str:

@@ -51,22 +51,31 @@ async def _partitions(consumer: AIOKafkaConsumer, topics: list[str]) -> list[Top
 
 
 async def lag(settings: Settings) -> tuple[dict[TopicPartition, int], int]:
-    """Uncommitted messages per partition of the group's topics, and dead letters so far."""
+    """Uncommitted messages per partition (intake and state groups), and dead letters so far."""
     bootstrap = settings.bootstrap_servers
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await consumer.start()
     await admin.start()
     try:
-        topics = [settings.orders_topic, settings.refunds_topic, settings.by_buyer_topic]
-        tps = await _partitions(consumer, topics)
+        groups = {
+            settings.intake_group: [settings.orders_topic, settings.refunds_topic],
+            settings.app_id: [settings.by_buyer_topic],
+        }
         dlq = await _partitions(consumer, [settings.dlq_topic])
-        ends = await consumer.end_offsets(tps + dlq) if tps or dlq else {}
-        committed = await retry_transient(
-            lambda: admin.list_consumer_group_offsets(settings.app_id)
-        )
-        lags = {tp: ends[tp] - (committed[tp].offset if tp in committed else 0) for tp in tps}
-        return lags, sum(ends[tp] for tp in dlq)
+        lags: dict[TopicPartition, int] = {}
+        for group, topics in groups.items():
+            tps = await _partitions(consumer, topics)
+            if not tps:
+                continue
+            ends = await consumer.end_offsets(tps)
+            committed = await retry_transient(
+                lambda group=group: admin.list_consumer_group_offsets(group)
+            )
+            for tp in tps:
+                lags[tp] = ends[tp] - (committed[tp].offset if tp in committed else 0)
+        dead = sum((await consumer.end_offsets(dlq)).values()) if dlq else 0
+        return lags, dead
     finally:
         await admin.close()
         await consumer.stop()

@@ -19,7 +19,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from coupon_stream.status import retry_transient
+from coupon_stream import status
+from coupon_stream.settings import Settings
 
 BOOTSTRAP = os.environ.get("COUPON_TEST_BOOTSTRAP", "127.0.0.1:9092")
 MYSQL_URL = os.environ.get(
@@ -173,26 +174,14 @@ class Pipeline:
     # -- observation -----------------------------------------------------------------------
 
     async def lag(self) -> dict[TopicPartition, int]:
-        """Messages not yet committed by the service's consumer group, per partition."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
-        consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP)
-        await admin.start()
-        await consumer.start()
-        try:
-            tps = []
-            for topic in (self.orders_topic, self.refunds_topic, self.by_buyer_topic):
-                parts = consumer.partitions_for_topic(topic)
-                if parts is None:
-                    await consumer._client.force_metadata_update()
-                    parts = consumer.partitions_for_topic(topic) or set()
-                tps += [TopicPartition(topic, p) for p in parts]
-            ends = await consumer.end_offsets(tps)
-            # a fresh cluster has no group coordinator until __consumer_offsets exists
-            committed = await retry_transient(lambda: admin.list_consumer_group_offsets(self.name))
-            return {tp: ends[tp] - (committed[tp].offset if tp in committed else 0) for tp in tps}
-        finally:
-            await consumer.stop()
-            await admin.close()
+        """Messages not yet committed by the service's consumer groups, per partition."""
+        return (await status.lag(self.settings))[0]
+
+    @property
+    def settings(self) -> Settings:
+        """The Settings a worker of this pipeline reads from its environment."""
+        env = self.env(0, 0)
+        return Settings(**{k[7:].lower(): v for k, v in env.items() if k.startswith("COUPON_")})
 
     async def wait_quiescent(self, timeout: float = 240.0) -> None:
         """Until every input and by-buyer partition is fully committed, twice in a row.

@@ -1,19 +1,26 @@
-"""The Faust agents in Faust's in-memory test context (no broker): wiring around pure logic."""
+"""The state agent in Faust's in-memory test context (no broker), and intake routing.
+
+Kafka output is recorded by `RecordingOut` and the database by `RecordingSink`: these stand
+in for the real parts in unit tests only; the integration tests run them for real.
+"""
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 import pytest
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaTimeoutError
 
 from coupon_stream.app import CouponStream
+from coupon_stream.intake import Intake, encode_rows, route
 from coupon_stream.records import Contribution, Source, partition_for_buyer
 from coupon_stream.settings import Settings
 from coupon_stream.state import BuyerState, ResultRow, buyer_key, decode_batch, encode_batch
 
 
 class RecordingSink:
-    """Stands in for the database in these unit tests only; integration tests use MariaDB."""
-
     def __init__(self):
         self.table: dict[tuple[int, int], ResultRow] = {}
         self.writes = 0
@@ -33,21 +40,68 @@ class RecordingSink:
                 self.table[key] = row
 
 
-@pytest.fixture
-def stream(tmp_path):
+class Meta:
+    def __init__(self, offset):
+        self.offset = offset
+
+
+class RecordingOut:
+    """Records what would go to Kafka; `fail_next` makes the next changelog batch fail once."""
+
+    def __init__(self):
+        self.sent: list[tuple[str, dict]] = []
+        self.changelog: dict[int, list[tuple[bytes, bytes | None]]] = {}
+        self.fail_next = False
+
+    def _done(self, value=None, exc=None):
+        fut = asyncio.get_running_loop().create_future()
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(value)
+        return fut
+
+    async def send(self, topic, value, **kw):
+        self.sent.append((topic, {"value": value, **kw}))
+        return self._done(Meta(len(self.sent)))
+
+    async def dead_letter(self, dead):
+        return await self.send("dlq", dead.value, key=dead.key, headers=dead.headers())
+
+    async def send_records(self, topic, partition, records):
+        if self.fail_next:
+            self.fail_next = False
+            return [self._done(exc=KafkaTimeoutError())]
+        log = self.changelog.setdefault(partition, [])
+        log.extend(records)
+        return [self._done(Meta(len(log) - 1))]
+
+
+def make_stream(tmp_path, **settings):
     cs = CouponStream(
-        Settings(app_id="unit", data_dir=tmp_path, partitions=4),
+        Settings(app_id="unit", data_dir=tmp_path, **settings),
         store="memory://",
         sink=RecordingSink(),
+        out=RecordingOut(),
     )
     cs.app.finalize()
     cs.app.flow_control.resume()
     return cs
 
 
-async def put(stream, agent, value):
-    await agent.put(value)
+@pytest.fixture
+def stream(tmp_path):
+    return make_stream(tmp_path, partitions=4)
+
+
+async def put(stream, agent, value, partition=0):
+    await agent.put(value, partition=partition)
     await stream.flush()
+
+
+def stored(stream, buyer, partition=0):
+    (raw,) = stream.stage.store.get_many(partition, [buyer_key(buyer)])
+    return BuyerState.decode(buyer, raw)
 
 
 def contribution(order, yuan, gm, status="2", day=20261111):
@@ -74,8 +128,12 @@ async def test_state_agent_dedups_aggregates_and_deletes(stream):
             ),
             (6, 20261111): ResultRow("2026-11-11 00:00:00", "2026-11-11 00:00:02", 6, 7, 20261111),
         }
-        stored = BuyerState.decode(5, stream.buyers[buyer_key(5)])
-        assert [c.gmt_modified for c in stored.kept.values()] == ["2026-11-11 00:00:01"]
+        kept = stored(stream, 5).kept.values()
+        assert [Contribution(*c).gmt_modified for c in kept] == ["2026-11-11 00:00:01"]
+        # the changelog carries exactly what RocksDB holds, once per buyer per message
+        log = stream.out.changelog[0]
+        assert sorted(k for k, _ in log) == [buyer_key(5), buyer_key(6)]
+        assert dict(log)[buyer_key(5)] == stored(stream, 5).encode()
         await put(
             stream, agent, encode_batch([(5, contribution("o1", -100, "2026-11-11 01:00:00", "4"))])
         )
@@ -87,82 +145,90 @@ async def test_state_agent_dedups_aggregates_and_deletes(stream):
         assert sink.table[(6, 20261111)].cumulate_amount == 7
 
 
-class FakeEvent:
-    def __init__(self, value, offset, topic="orders"):
-        self.message = type(
-            "M", (), {"value": value, "key": b"k", "topic": topic, "partition": 0, "offset": offset}
-        )()
+async def test_retention_expires_old_days_and_dead_letters_late_records(tmp_path):
+    cs = make_stream(tmp_path, partitions=1, state_retention_days=2)
+    async with cs.state_agent.test_context() as agent:
+        for day in (20261101, 20261102, 20261103):
+            await put(cs, agent, encode_batch([(1, contribution(f"o{day}", 5, "x", day=day))]))
+        days = sorted(c[2] for c in stored(cs, 1).kept.values())
+        assert days == [20261101, 20261102, 20261103]
+        await put(cs, agent, encode_batch([(2, contribution("n", 5, "x", day=20261104))]))
+        # watermark 20261104, 2 days kept -> cutoff 20261102: day 1 dropped from state
+        assert sorted(c[2] for c in stored(cs, 1).kept.values()) == [20261102, 20261103]
+        assert cs.sink.table[(1, 20261101)].cumulate_amount == 5  # the closed day's row stays
+        await put(cs, agent, encode_batch([(1, contribution("late", -5, "y", "4", 20261101))]))
+        assert cs.sink.table[(1, 20261101)].cumulate_amount == 5
+        dead = [kw for topic, kw in cs.out.sent if topic == "dlq"]
+        assert len(dead) == 1
+        reason = dict(dead[0]["headers"])["coupon.error.reason"]
+        assert b"older than the retention cutoff 20261102" in reason
+        assert decode_batch(dead[0]["value"])[0][1].biz_order_id == "late"
 
 
-async def test_intake_routes_by_buyer_partition_and_dead_letters(stream):
-    sent = []
+async def test_failed_changelog_send_is_resent_with_current_values_before_ack(stream):
+    async with stream.state_agent.test_context() as agent:
+        stream.out.fail_next = True
+        await agent.put(encode_batch([(5, contribution("o1", 100, "2026-11-11 00:00:09"))]))
+        # a newer value of the same buyer is written before the failure is seen
+        await agent.put(encode_batch([(5, contribution("o2", 1, "2026-11-11 00:00:10"))]))
+        await stream.flush()
+    log = stream.out.changelog[0]
+    assert log[-1] == (buyer_key(5), stored(stream, 5).encode())
+    assert len(stored(stream, 5).kept) == 2
+    assert stream.sink.table[(5, 20261111)].cumulate_amount == 101
+    assert stream.stage.store.offsets[0] == len(log) - 1
 
-    async def by_buyer_send(**kw):
-        sent.append(("by_buyer", kw))
 
-    async def dlq_send(**kw):
-        sent.append(("dlq", kw))
+class Record:
+    def __init__(self, topic, offset, value, partition=0):
+        self.topic, self.partition, self.offset = topic, partition, offset
+        self.key, self.value = b"k", value
 
-    stream.by_buyer.send = by_buyer_send
-    stream.dead_letters.send = dlq_send
-    good = [
-        orjson.dumps(
-            {
-                "biz_order_id": f"o{i}",
-                "pay_status": "2",
-                "buyer_id": str(b),
-                "pay_time": "2026-11-11 10:00:00",
-                "div_idx_actual_total_fee": 12399,
-            }
-        )
-        for i, b in enumerate([1, 2, 3, 1, 99])
-    ]
-    events = [FakeEvent(v, i) for i, v in enumerate(good)] + [FakeEvent(b"{oops", 5)]
-    await stream.forward(events, Source.ORDERS)
-    batches = [kw for kind, kw in sent if kind == "by_buyer"]
+
+def order(i, buyer):
+    return orjson.dumps(
+        {
+            "biz_order_id": f"o{i}",
+            "pay_status": "2",
+            "buyer_id": str(buyer),
+            "pay_time": "2026-11-11 10:00:00",
+            "div_idx_actual_total_fee": 12399,
+        }
+    )
+
+
+async def test_intake_routes_by_buyer_partition_and_dead_letters():
+    s = Settings(app_id="unit", partitions=4, orders_topic="orders")
+    out = RecordingOut()
+    intake = Intake(s, out)
+    tp = TopicPartition("orders", 0)
+    batch = [Record("orders", i, order(i, b)) for i, b in enumerate([1, 2, 3, 1, 99])]
+    await intake.forward({tp: [*batch, Record("orders", 5, b"{oops")]})
     routed = {}
-    for kw in batches:
+    for topic, kw in out.sent:
+        if topic != s.by_buyer_topic:
+            continue
         for buyer, c in decode_batch(kw["value"]):
             assert partition_for_buyer(buyer, 4) == kw["partition"]
             routed.setdefault(buyer, []).append(c.biz_order_id)
             assert c.yuan == 123 and c.effect_time == 20261111
     assert routed == {1: ["o0", "o3"], 2: ["o1"], 3: ["o2"], 99: ["o4"]}
-    (dead,) = [kw for kind, kw in sent if kind == "dlq"]
+    (dead,) = [kw for topic, kw in out.sent if topic == "dlq"]
     assert dead["value"] == b"{oops"
     headers = dict(dead["headers"])
     assert headers["coupon.source.offset"] == b"5"
     assert b"not valid UTF-8 JSON" in headers["coupon.error.reason"]
 
 
-async def test_retention_expires_old_days_and_dead_letters_late_records(tmp_path):
-    cs = CouponStream(
-        Settings(app_id="unit-ret", data_dir=tmp_path, partitions=1, state_retention_days=2),
-        store="memory://",
-        sink=RecordingSink(),
-    )
-    cs.app.finalize()
-    cs.app.flow_control.resume()
-    dead = []
+def test_route_keeps_arrival_order_within_a_partition():
+    msgs = [Record("r", i, order(i, 7)) for i in range(5)]
+    routed = route(msgs, {"r": Source.ORDERS}, 3)
+    (rows,) = routed.by_partition.values()
+    assert [r[1] for r in rows] == ["o0", "o1", "o2", "o3", "o4"]
 
-    async def dlq_send(**kw):
-        dead.append(kw)
 
-    cs.dead_letters.send = dlq_send
-    async with cs.state_agent.test_context() as agent:
-        for day in (20261101, 20261102, 20261103):
-            await put(cs, agent, encode_batch([(1, contribution(f"o{day}", 5, "x", day=day))]))
-        stored = BuyerState.decode(1, cs.buyers[buyer_key(1)])
-        assert sorted(c.effect_time for c in stored.kept.values()) == [20261101, 20261102, 20261103]
-        await put(cs, agent, encode_batch([(2, contribution("n", 5, "x", day=20261104))]))
-        # watermark 20261104, 2 days kept -> cutoff 20261102: day 1 dropped from state
-        stored = BuyerState.decode(1, cs.buyers[buyer_key(1)])
-        assert sorted(c.effect_time for c in stored.kept.values()) == [20261102, 20261103]
-        assert cs.sink.table[(1, 20261101)].cumulate_amount == 5  # the closed day's row stays
-        await put(cs, agent, encode_batch([(1, contribution("late", -5, "y", "4", 20261101))]))
-        assert cs.sink.table[(1, 20261101)].cumulate_amount == 5
-        assert len(dead) == 1
-        assert (
-            b"older than the retention cutoff 20261102"
-            in dict(dead[0]["headers"])["coupon.error.reason"]
-        )
-        assert decode_batch(dead[0]["value"])[0][1].biz_order_id == "late"
+def test_encode_rows_splits_messages_that_would_be_too_large():
+    rows = [(i, "x" * 100, "2", 20261111, 1, None, None) for i in range(1000)]
+    values = encode_rows(rows, limit=10_000)
+    assert all(len(v) <= 10_000 for v in values) and len(values) > 1
+    assert [tuple(r) for v in values for r in orjson.loads(v)] == rows

@@ -10,7 +10,8 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coupon_stream.records import BadRecord, Source, parse_record
+from coupon_stream import records as records_module
+from coupon_stream.records import BadRecord, Source, parse_record, read_row, row_of
 
 FIELDS = (
     "biz_order_id",
@@ -89,3 +90,76 @@ def test_pay_time_accepted_exactly_when_the_date_exists(y, m, d, h):
         assert exists
     except BadRecord:
         assert not exists
+
+
+def authority(raw: bytes, source: Source) -> tuple | str:
+    try:
+        return row_of(parse_record(raw, source))
+    except BadRecord as bad:
+        return bad.reason
+
+
+def hot_path(raw: bytes, source: Source) -> tuple | str:
+    try:
+        return read_row(raw, source)
+    except BadRecord as bad:
+        return bad.reason
+
+
+plausible = st.fixed_dictionaries(
+    {
+        "biz_order_id": st.text(max_size=8) | st.integers(),
+        "pay_status": st.sampled_from(["2", "4", ""]) | st.none(),
+        "buyer_id": st.integers(-(2**64), 2**64)
+        | st.from_regex(r"[+-]?[0-9٣]{1,21}", fullmatch=True)
+        | st.booleans(),
+        "pay_time": st.from_regex(
+            r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}", fullmatch=True
+        )
+        | st.sampled_from(["2024-02-29 23:59:59", "2026-02-29 10:00:00", "2026-11-11 24:00:00"]),
+        "div_idx_actual_total_fee": st.integers(-(2**64), 2**64)
+        | st.floats()
+        | st.sampled_from([-199.99, 10**15, -(10**15), 1e300]),
+        "refund_fee": st.floats(-1e6, 1e6) | st.text(max_size=3),
+        "gmt_create": st.none() | st.text(max_size=3) | st.text(min_size=254, max_size=257),
+        "gmt_modified": st.none() | st.integers() | st.text(max_size=3),
+    }
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(plausible | records, st.sampled_from(Source))
+def test_hot_path_agrees_with_pydantic(data, source):
+    """`read_row` checks common records by hand; it must give pydantic's answer every time."""
+    try:
+        raw = json.dumps(data, allow_nan=False).encode()
+    except ValueError:
+        raw = json.dumps(data).encode()  # NaN and Infinity: not JSON, both paths must refuse
+    assert hot_path(raw, source) == authority(raw, source)
+
+
+def test_hot_path_skips_pydantic_for_a_plain_record(monkeypatch):
+    def refuse(data, source):
+        raise AssertionError("pydantic was asked")
+
+    monkeypatch.setattr(records_module, "_validate", refuse)
+    raw = orjson.dumps(
+        {
+            "biz_order_id": "o1",
+            "pay_status": "2",
+            "buyer_id": "42",
+            "pay_time": "2026-11-11 10:00:00",
+            "gmt_create": None,
+            "gmt_modified": "2026-11-11 10:00:01",
+            "refund_fee": -12399.5,
+        }
+    )
+    assert read_row(raw, Source.REFUNDS) == (
+        42,
+        "o1",
+        "2",
+        20261111,
+        -123,
+        None,
+        "2026-11-11 10:00:01",
+    )

@@ -5,7 +5,6 @@ import pytest
 
 from coupon_stream.records import (
     BadRecord,
-    Contribution,
     Source,
     parse_record,
     partition_for_buyer,
@@ -112,18 +111,6 @@ def test_non_finite_json_literals_are_rejected(text):
 def test_int64_edges_accepted():
     assert parse_record(order(buyer_id="-9223372036854775808"), Source.ORDERS).buyer_id == -(2**63)
     assert parse_record(order(buyer_id=2**63 - 1), Source.ORDERS).buyer_id == 2**63 - 1
-
-
-def test_generated_before_prefers_earlier_and_non_null():
-    def c(gm):
-        return Contribution("o", "2", 20261111, 1, None, gm)
-
-    assert c("2026-01-01 00:00:00").generated_before(c("2026-01-01 00:00:01"))
-    assert not c("2026-01-01 00:00:01").generated_before(c("2026-01-01 00:00:00"))
-    assert not c("2026-01-01 00:00:00").generated_before(c("2026-01-01 00:00:00"))  # tie: first
-    assert c("2026-01-01 00:00:00").generated_before(c(None))
-    assert not c(None).generated_before(c("2026-01-01 00:00:00"))
-    assert not c(None).generated_before(c(None))
 
 
 def test_partition_for_buyer_is_stable_and_in_range():

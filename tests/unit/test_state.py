@@ -13,6 +13,7 @@ from coupon_stream.state import (
     apply_batch,
     decode_batch,
     encode_batch,
+    generated_before,
 )
 from tests import reference
 
@@ -60,7 +61,8 @@ def test_state_and_batch_round_trip():
     s = BuyerState(-5)
     s.apply(c("o1", gc=None, gm=None))
     s.apply(c("o2", yuan=-3))
-    assert BuyerState.decode(-5, s.encode()) == s
+    decoded = BuyerState.decode(-5, s.encode())
+    assert {k: Contribution(*v) for k, v in decoded.kept.items()} == s.kept
     items = [(1, c()), (2**63 - 1, c("x", gm=None))]
     assert decode_batch(encode_batch(items)) == items
 
@@ -165,3 +167,15 @@ def test_retention_cutoff_crosses_months_and_leap_days():
     assert retention_cutoff(20261201, 1) == 20261130
     assert retention_cutoff(20240301, 1) == 20240229
     assert retention_cutoff(20260101, 7) == 20251225
+
+
+def test_generated_before_prefers_earlier_and_non_null():
+    def e(gm):
+        return ["o", "2", 20261111, 1, None, gm]
+
+    assert generated_before(e("2026-01-01 00:00:00"), e("2026-01-01 00:00:01"))
+    assert not generated_before(e("2026-01-01 00:00:01"), e("2026-01-01 00:00:00"))
+    assert not generated_before(e("2026-01-01 00:00:00"), e("2026-01-01 00:00:00"))  # tie
+    assert generated_before(e("2026-01-01 00:00:00"), e(None))
+    assert not generated_before(e(None), e("2026-01-01 00:00:00"))
+    assert not generated_before(e(None), e(None))

@@ -1,0 +1,115 @@
+"""What a worker writes to Kafka: by-buyer batches, state changelog batches, dead letters.
+
+One aiokafka producer per worker, shared by intake and the state stage. Sends return the
+delivery future; callers wait for it before committing or acknowledging what caused it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaProducer
+
+from coupon_stream import metrics
+from coupon_stream.settings import Settings
+
+log = logging.getLogger(__name__)
+
+HEADER_TOPIC = "coupon.source.topic"
+HEADER_PARTITION = "coupon.source.partition"
+HEADER_OFFSET = "coupon.source.offset"
+HEADER_REASON = "coupon.error.reason"
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A bad message with where it came from and why it cannot count."""
+
+    key: bytes | None
+    value: bytes | None
+    topic: str
+    partition: int
+    offset: int
+    reason: str
+    kind: str
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [
+            (HEADER_TOPIC, self.topic.encode()),
+            (HEADER_PARTITION, str(self.partition).encode()),
+            (HEADER_OFFSET, str(self.offset).encode()),
+            (HEADER_REASON, self.reason.encode()),
+        ]
+
+
+class KafkaOut:
+    """The worker's producer: started once, stopped after everything in flight is delivered."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._producer: AIOKafkaProducer | None = None
+        self._starting = asyncio.Lock()
+
+    async def producer(self) -> AIOKafkaProducer:
+        async with self._starting:
+            if self._producer is None:
+                producer = AIOKafkaProducer(
+                    bootstrap_servers=self.settings.bootstrap_servers,
+                    acks="all",
+                    linger_ms=5,
+                    max_batch_size=256 * 1024,
+                    client_id=f"{self.settings.app_id}-out",
+                )
+                await producer.start()
+                self._producer = producer
+            return self._producer
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.flush()
+            await self._producer.stop()
+            self._producer = None
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        *,
+        key: bytes | None = None,
+        partition: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> asyncio.Future:
+        producer = await self.producer()
+        return await producer.send(topic, value, key=key, partition=partition, headers=headers)
+
+    async def dead_letter(self, dead: DeadLetter) -> asyncio.Future:
+        metrics.DEAD_LETTERS.labels(dead.kind).inc()
+        log.warning(
+            "dead letter: %s[%d]@%d: %s", dead.topic, dead.partition, dead.offset, dead.reason
+        )
+        return await self.send(
+            self.settings.dlq_topic, dead.value, key=dead.key, headers=dead.headers()
+        )
+
+    async def send_records(
+        self, topic: str, partition: int, records: Iterable[tuple[bytes, bytes | None]]
+    ) -> list[asyncio.Future]:
+        """Send keyed records to one partition as few record batches (one append each).
+
+        Per-message `send` costs ~15 us of Python; a changelog write per buyer per event
+        made that a third of the worker's CPU.
+        """
+        producer = await self.producer()
+        futures = []
+        batch = producer.create_batch()
+        for key, value in records:
+            if batch.append(key=key, value=value, timestamp=None) is None:
+                futures.append(await producer.send_batch(batch, topic, partition=partition))
+                batch = producer.create_batch()
+                batch.append(key=key, value=value, timestamp=None)
+        if batch.record_count():
+            futures.append(await producer.send_batch(batch, topic, partition=partition))
+        return futures

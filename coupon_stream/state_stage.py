@@ -1,0 +1,204 @@
+"""The state stage: by-buyer batches -> buyers table (dedup) -> result rows (aggregate) -> sink.
+
+One by-buyer message holds records of one partition. It is applied with one multi-get, one
+RocksDB WriteBatch and one changelog record batch; the rows it touched are coalesced until the
+next flush. A flush waits for the changelog, commits the rows, and only then hands back the
+messages that may be acknowledged: no offset is committed ahead of the changelog or the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from aiokafka.errors import KafkaError
+
+from coupon_stream import metrics
+from coupon_stream.kafka import DeadLetter, KafkaOut
+from coupon_stream.records import Contribution
+from coupon_stream.settings import Settings
+from coupon_stream.sink import PendingWrites, ResultSink, RowKey
+from coupon_stream.state import (
+    BuyerState,
+    ResultRow,
+    apply_batch,
+    buyer_key,
+    decode_batch,
+    encode_batch,
+    retention_cutoff,
+)
+from coupon_stream.store import PartitionStore
+
+log = logging.getLogger(__name__)
+
+WATERMARK_KEY = b"~watermark"  # not a decimal buyer id, so it never collides with one
+MAX_CHANGELOG_BACKOFF = 2.0
+
+
+class StateStage:
+    def __init__(
+        self,
+        settings: Settings,
+        store: PartitionStore,
+        out: KafkaOut,
+        sink: ResultSink,
+        changelog_topic: str,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.out = out
+        self.sink = sink
+        self.changelog_topic = changelog_topic
+        self.pending = PendingWrites()
+        # Changelog sends not yet known delivered: (partition, keys, delivery futures).
+        self._unconfirmed: list[tuple[int, list[bytes], list[asyncio.Future]]] = []
+        self._flush_lock = asyncio.Lock()
+
+    async def add(self, raw: bytes, partition: int, token: object) -> None:
+        """Apply one by-buyer message; `token` comes back from `flush` once it is safe."""
+        self.pending.add(await self.apply(raw, partition), token)
+
+    async def apply(self, raw: bytes, partition: int) -> dict[RowKey, ResultRow | None]:
+        """Apply one by-buyer message to the table; return the result rows it touched.
+
+        Every buyer in the message is written back (and sent to the changelog) even if only
+        duplicates arrived: see `state.apply_batch` for why.
+        """
+        batch = decode_batch(raw)
+        if self.settings.state_retention_days:
+            batch = await self._retain(batch, partition)
+        buyers = list(dict.fromkeys(b for b, _ in batch))
+        values = self.store.get_many(partition, [buyer_key(b) for b in buyers])
+        stored = dict(zip(buyers, values, strict=True))
+        result = apply_batch(batch, lambda b: BuyerState.decode(b, stored[b]))
+        states = result.states.items()
+        await self._write(
+            partition, {buyer_key(b): s.encode() if s.kept else None for b, s in states}
+        )
+        metrics.STATE_BUYERS_WRITTEN.inc(len(result.states))
+        for outcome, n in result.outcomes.items():
+            metrics.RECORDS.labels(outcome.value).inc(n)
+        return result.rows
+
+    async def _write(self, partition: int, writes: dict[bytes, bytes | None]) -> None:
+        if not writes:
+            return
+        self.store.write(partition, writes)
+        futures = await self.out.send_records(self.changelog_topic, partition, writes.items())
+        self._unconfirmed.append((partition, list(writes), futures))
+
+    # -- flush ------------------------------------------------------------------------------
+
+    async def flush(self) -> list[object]:
+        """Confirm the changelog, commit the rows; return the tokens now safe to acknowledge.
+
+        One flush at a time keeps the writes of a key in order.
+        """
+        async with self._flush_lock:
+            rows, tokens = self.pending.take()
+            unconfirmed, self._unconfirmed = self._unconfirmed, []
+            if not tokens:
+                return []
+            offsets = await self._confirm_changelog(unconfirmed)
+            await self.sink.write(rows)
+            for partition, offset in offsets.items():
+                self.store.persist_offset(partition, offset)
+            self.pending.written()
+            return tokens
+
+    async def _confirm_changelog(
+        self, sent: Sequence[tuple[int, list[bytes], list[asyncio.Future]]]
+    ) -> dict[int, int]:
+        """Wait for every changelog send; re-send what failed until Kafka takes it.
+
+        A re-send reads the keys' current values, never the failed ones: a newer value of the
+        key may already be in the changelog, and the older one must not land after it.
+        """
+        offsets: dict[int, int] = {}
+        delay = 0.1
+        for partition, keys, futures in sent:
+            while True:
+                try:
+                    for meta in await asyncio.gather(*futures):
+                        offsets[partition] = max(offsets.get(partition, -1), meta.offset)
+                    break
+                except KafkaError as exc:
+                    log.error(
+                        "changelog %s[%d] send failed, re-sending %d keys: %s",
+                        self.changelog_topic,
+                        partition,
+                        len(keys),
+                        exc,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, MAX_CHANGELOG_BACKOFF)
+                    current = zip(keys, self.store.get_many(partition, keys), strict=True)
+                    futures = await self.out.send_records(self.changelog_topic, partition, current)
+        return offsets
+
+    # -- bounded state ----------------------------------------------------------------------
+
+    async def _retain(
+        self, batch: list[tuple[int, Contribution]], partition: int
+    ) -> list[tuple[int, Contribution]]:
+        """Advance this partition's watermark, expire old days, dead-letter late records.
+
+        The watermark (newest effect_time seen) lives in the table itself, so it survives
+        restarts and moves with the partition. A record older than the retention cutoff
+        cannot be matched against dropped state, so it is dead-lettered instead of counted:
+        the closed day's row stays as it was.
+        """
+        if not batch:
+            return batch
+        days = self.settings.state_retention_days
+        (stored,) = self.store.get_many(partition, [WATERMARK_KEY])
+        old_mark = int(stored or 0)
+        mark = max(old_mark, max(c.effect_time for _, c in batch))
+        cutoff = retention_cutoff(mark, days)
+        if mark != old_mark:
+            # Written before the batch is applied, so the batch loads already-expired buyers.
+            writes: dict[bytes, bytes | None] = {WATERMARK_KEY: str(mark).encode()}
+            if not old_mark or retention_cutoff(old_mark, days) < cutoff:
+                writes.update(self._expire(cutoff, partition))
+            await self._write(partition, writes)
+        kept = [(b, c) for b, c in batch if c.effect_time >= cutoff]
+        late: list[Any] = []
+        for buyer_id, c in batch:
+            if c.effect_time < cutoff:
+                reason = (
+                    f"effect_time {c.effect_time} is older than the retention cutoff {cutoff} "
+                    f"(COUPON_STATE_RETENTION_DAYS={days}); the day is closed"
+                )
+                record = encode_batch([(buyer_id, c)])
+                dead = DeadLetter(
+                    None, record, self.settings.by_buyer_topic, partition, -1, reason, "late"
+                )
+                late.append(await self.out.dead_letter(dead))
+        await asyncio.gather(*late)
+        return kept
+
+    def _expire(self, cutoff: int, partition: int) -> dict[bytes, bytes | None]:
+        """New values of this partition's buyers that held records of days before `cutoff`."""
+        writes: dict[bytes, bytes | None] = {}
+        dropped = entries = 0
+        for key, value in self.store.items(partition):
+            if key == WATERMARK_KEY:
+                continue
+            state = BuyerState.decode(int(key), value)
+            n = state.drop_days_before(cutoff)
+            entries += len(state.kept)
+            if n:
+                dropped += n
+                writes[key] = state.encode() if state.kept else None
+        metrics.STATE_EXPIRED.inc(dropped)
+        metrics.STATE_ENTRIES.labels(str(partition)).set(entries)
+        log.info(
+            "partition %d: expired %d records of days before %d; %d records kept",
+            partition,
+            dropped,
+            cutoff,
+            entries,
+        )
+        return writes
