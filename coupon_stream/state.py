@@ -21,7 +21,7 @@ from coupon_stream.records import Contribution
 # Contribution for every kept entry of every buyer a batch touches was a fifth of the CPU.
 # Positions are Contribution's fields.
 Entry = Contribution | list
-_ORDER, _STATUS, _DAY, _YUAN, _CREATED, _MODIFIED = range(6)
+ORDER, STATUS, DAY, YUAN, CREATED, MODIFIED = range(6)
 
 
 class Outcome(StrEnum):
@@ -49,7 +49,7 @@ class BuyerState:
     kept: dict[tuple[str, str], Entry] = field(default_factory=dict)
 
     def apply(self, new: Entry) -> Outcome:
-        key = (new[_ORDER], new[_STATUS])
+        key = (new[ORDER], new[STATUS])
         old = self.kept.get(key)
         if old is None:
             self.kept[key] = new
@@ -65,10 +65,10 @@ class BuyerState:
         created: str | None = None
         modified: str | None = None
         for c in self.kept.values():
-            if c[_DAY] != effect_time:
+            if c[DAY] != effect_time:
                 continue
-            total += c[_YUAN]
-            gc, gm = c[_CREATED], c[_MODIFIED]
+            total += c[YUAN]
+            gc, gm = c[CREATED], c[MODIFIED]
             if gc is not None and (created is None or gc < created):
                 created = gc
             if gm is not None and (modified is None or gm > modified):
@@ -79,7 +79,7 @@ class BuyerState:
 
     def drop_days_before(self, effect_time: int) -> int:
         """Forget records of days before `effect_time` (state retention); returns how many."""
-        old = [k for k, c in self.kept.items() if c[_DAY] < effect_time]
+        old = [k for k, c in self.kept.items() if c[DAY] < effect_time]
         for k in old:
             del self.kept[k]
         return len(old)
@@ -91,7 +91,7 @@ class BuyerState:
     def decode(cls, buyer_id: int, raw: bytes | None) -> BuyerState:
         if not raw:
             return cls(buyer_id)
-        return cls(buyer_id, {(e[_ORDER], e[_STATUS]): e for e in orjson.loads(raw)})
+        return cls(buyer_id, {(e[ORDER], e[STATUS]): e for e in orjson.loads(raw)})
 
 
 def generated_before(new: Entry, old: Entry) -> bool:
@@ -100,7 +100,7 @@ def generated_before(new: Entry, old: Entry) -> bool:
     A null gmt_modified sorts after every timestamp, so the copy SQL's MIN picks wins;
     ties keep the copy that arrived first.
     """
-    new_gm, old_gm = new[_MODIFIED], old[_MODIFIED]
+    new_gm, old_gm = new[MODIFIED], old[MODIFIED]
     if new_gm is None:
         return False
     return old_gm is None or new_gm < old_gm
@@ -122,8 +122,8 @@ def encode_batch(items: Iterable[tuple[int, Contribution]]) -> bytes:
     return orjson.dumps([[b, *c] for b, c in items])
 
 
-def decode_batch(raw: bytes) -> list[tuple[int, Contribution]]:
-    return [(item[0], Contribution(*item[1:])) for item in orjson.loads(raw)]
+def decode_batch(raw: bytes) -> list[tuple[int, Entry]]:
+    return [(item[0], item[1:]) for item in orjson.loads(raw)]
 
 
 @dataclass(slots=True)
@@ -151,11 +151,11 @@ def apply_batch(
         state = states.get(buyer_id)
         if state is None:
             state = states[buyer_id] = load(buyer_id)
-        old = state.kept.get((contribution[_ORDER], contribution[_STATUS]))
+        old = state.kept.get((contribution[ORDER], contribution[STATUS]))
         outcome = state.apply(contribution)
         outcomes[outcome] += 1
-        touched.add((buyer_id, contribution[_DAY]))
+        touched.add((buyer_id, contribution[DAY]))
         if old is not None and outcome is Outcome.REPLACED:
-            touched.add((buyer_id, old[_DAY]))
+            touched.add((buyer_id, old[DAY]))
     rows = {(b, day): states[b].row(day) for b, day in touched}
     return BatchResult(states, rows, outcomes)

@@ -17,11 +17,12 @@ from aiokafka.errors import KafkaError
 
 from coupon_stream import metrics
 from coupon_stream.kafka import DeadLetter, KafkaOut
-from coupon_stream.records import Contribution
 from coupon_stream.settings import Settings
 from coupon_stream.sink import PendingWrites, ResultSink, RowKey
 from coupon_stream.state import (
+    DAY,
     BuyerState,
+    Entry,
     ResultRow,
     apply_batch,
     buyer_key,
@@ -141,8 +142,8 @@ class StateStage:
     # -- bounded state ----------------------------------------------------------------------
 
     async def _retain(
-        self, batch: list[tuple[int, Contribution]], partition: int
-    ) -> list[tuple[int, Contribution]]:
+        self, batch: list[tuple[int, Entry]], partition: int
+    ) -> list[tuple[int, Entry]]:
         """Advance this partition's watermark, expire old days, dead-letter late records.
 
         The watermark (newest effect_time seen) lives in the table itself, so it survives
@@ -155,7 +156,7 @@ class StateStage:
         days = self.settings.state_retention_days
         (stored,) = self.store.get_many(partition, [WATERMARK_KEY])
         old_mark = int(stored or 0)
-        mark = max(old_mark, max(c.effect_time for _, c in batch))
+        mark = max(old_mark, max(c[DAY] for _, c in batch))
         cutoff = retention_cutoff(mark, days)
         if mark != old_mark:
             # Written before the batch is applied, so the batch loads already-expired buyers.
@@ -163,12 +164,12 @@ class StateStage:
             if not old_mark or retention_cutoff(old_mark, days) < cutoff:
                 writes.update(self._expire(cutoff, partition))
             await self._write(partition, writes)
-        kept = [(b, c) for b, c in batch if c.effect_time >= cutoff]
+        kept = [(b, c) for b, c in batch if c[DAY] >= cutoff]
         late: list[Any] = []
         for buyer_id, c in batch:
-            if c.effect_time < cutoff:
+            if c[DAY] < cutoff:
                 reason = (
-                    f"effect_time {c.effect_time} is older than the retention cutoff {cutoff} "
+                    f"effect_time {c[DAY]} is older than the retention cutoff {cutoff} "
                     f"(COUPON_STATE_RETENTION_DAYS={days}); the day is closed"
                 )
                 record = encode_batch([(buyer_id, c)])

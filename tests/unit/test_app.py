@@ -162,7 +162,7 @@ async def test_retention_expires_old_days_and_dead_letters_late_records(tmp_path
         assert len(dead) == 1
         reason = dict(dead[0]["headers"])["coupon.error.reason"]
         assert b"older than the retention cutoff 20261102" in reason
-        assert decode_batch(dead[0]["value"])[0][1].biz_order_id == "late"
+        assert decode_batch(dead[0]["value"])[0][1][0] == "late"
 
 
 async def test_failed_changelog_send_is_resent_with_current_values_before_ack(stream):
@@ -208,7 +208,8 @@ async def test_intake_routes_by_buyer_partition_and_dead_letters():
     for topic, kw in out.sent:
         if topic != s.by_buyer_topic:
             continue
-        for buyer, c in decode_batch(kw["value"]):
+        for buyer, entry in decode_batch(kw["value"]):
+            c = Contribution(*entry)
             assert partition_for_buyer(buyer, 4) == kw["partition"]
             routed.setdefault(buyer, []).append(c.biz_order_id)
             assert c.yuan == 123 and c.effect_time == 20261111

@@ -64,7 +64,7 @@ def test_state_and_batch_round_trip():
     decoded = BuyerState.decode(-5, s.encode())
     assert {k: Contribution(*v) for k, v in decoded.kept.items()} == s.kept
     items = [(1, c()), (2**63 - 1, c("x", gm=None))]
-    assert decode_batch(encode_batch(items)) == items
+    assert [(b, Contribution(*e)) for b, e in decode_batch(encode_batch(items))] == items
 
 
 def test_apply_batch_touches_duplicates_and_both_days_of_a_moved_record():
