@@ -25,7 +25,7 @@ from prometheus_client import generate_latest
 
 from coupon_stream import metrics
 from coupon_stream.intake import Intake
-from coupon_stream.kafka import KafkaOut
+from coupon_stream.kafka import KafkaOut, PartitionReader
 from coupon_stream.logs import logging_config
 from coupon_stream.settings import Settings
 from coupon_stream.sink import ResultSink
@@ -49,6 +49,7 @@ class CouponStream:
         store: str = "rocksdb://",
         sink: ResultSink | None = None,
         out: KafkaOut | None = None,
+        reader: PartitionReader | None = None,
     ) -> None:
         s = self.settings = settings
         self.app = faust.App(
@@ -92,7 +93,8 @@ class CouponStream:
         partitions: PartitionStore = (
             RocksStore(self.buyers.data, changelog) if rocks else MemoryStore()
         )
-        self.stage = StateStage(s, partitions, self.out, self.sink, changelog)
+        self.reader = reader or PartitionReader(s)
+        self.stage = StateStage(s, partitions, self.out, self.sink, changelog, self.reader)
         self.intake = Intake(s, self.out)
         self.state_agent = self.app.agent(self.by_buyer, name="state")(self._apply)
         self.app.task(self._run_intake)
@@ -109,6 +111,7 @@ class CouponStream:
     async def _stop_out(self, app: faust.App, **kwargs: Any) -> None:
         """After the consumers stopped: deliver what is still in flight, then close."""
         await self.out.stop()
+        await self.reader.stop()
 
     # -- state stage --------------------------------------------------------------------------
 
@@ -118,7 +121,8 @@ class CouponStream:
         flusher = asyncio.ensure_future(self._flush_periodically())
         try:
             async for event in manual.events():
-                await self.stage.add(event.value, event.message.partition, event)
+                msg = event.message
+                await self.stage.add(event.value, msg.partition, msg.offset, event)
                 if len(self.stage.pending.rows) >= self.settings.max_pending_rows:
                     await self.flush()  # backpressure: stop consuming until the sink catches up
         finally:

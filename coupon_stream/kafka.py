@@ -11,7 +11,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from coupon_stream import metrics
 from coupon_stream.settings import Settings
@@ -113,3 +113,36 @@ class KafkaOut:
         if batch.record_count():
             futures.append(await producer.send_batch(batch, topic, partition=partition))
         return futures
+
+
+class PartitionReader:
+    """Reads an offset range of one partition directly, outside any consumer group."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def read(
+        self, topic: str, partition: int, start: int, end: int
+    ) -> list[tuple[int, bytes]]:
+        """(offset, value) of every record in [start, end) that the log still holds."""
+        if self._consumer is None:
+            self._consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.settings.bootstrap_servers, enable_auto_commit=False
+            )
+            await self._consumer.start()
+        consumer = self._consumer
+        tp = TopicPartition(topic, partition)
+        consumer.assign([tp])
+        first = (await consumer.beginning_offsets([tp]))[tp]
+        consumer.seek(tp, max(start, first))
+        records: list[tuple[int, bytes]] = []
+        while await consumer.position(tp) < end:
+            batch = await consumer.getmany(tp, timeout_ms=1000)
+            records += [(r.offset, r.value) for r in batch.get(tp, ()) if r.offset < end]
+        return records
+
+    async def stop(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None

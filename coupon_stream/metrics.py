@@ -54,3 +54,8 @@ STATE_KEYS = Gauge(
     "Buyers in the local RocksDB state per partition (RocksDB's estimate, every 10 s)",
     ["partition"],
 )
+SKIPPED_REAPPLIED = Counter(
+    "coupon_state_skipped_messages_reapplied_total",
+    "By-buyer messages the consumer skipped (past the table's next-offset mark), read back "
+    "from Kafka and applied",
+)

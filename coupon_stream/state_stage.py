@@ -16,7 +16,7 @@ from typing import Any
 from aiokafka.errors import KafkaError
 
 from coupon_stream import metrics
-from coupon_stream.kafka import DeadLetter, KafkaOut
+from coupon_stream.kafka import DeadLetter, KafkaOut, PartitionReader
 from coupon_stream.settings import Settings
 from coupon_stream.sink import PendingWrites, ResultSink, RowKey
 from coupon_stream.state import (
@@ -34,7 +34,9 @@ from coupon_stream.store import PartitionStore
 
 log = logging.getLogger(__name__)
 
-WATERMARK_KEY = b"~watermark"  # not a decimal buyer id, so it never collides with one
+# Not decimal buyer ids, so they never collide with one.
+WATERMARK_KEY = b"~watermark"
+NEXT_OFFSET_KEY = b"~next-offset"  # the by-buyer offset after the last one applied
 MAX_CHANGELOG_BACKOFF = 2.0
 
 
@@ -46,22 +48,53 @@ class StateStage:
         out: KafkaOut,
         sink: ResultSink,
         changelog_topic: str,
+        reader: PartitionReader,
     ) -> None:
         self.settings = settings
         self.store = store
         self.out = out
         self.sink = sink
         self.changelog_topic = changelog_topic
+        self.reader = reader
         self.pending = PendingWrites()
         # Changelog sends not yet known delivered: (partition, keys, delivery futures).
         self._unconfirmed: list[tuple[int, list[bytes], list[asyncio.Future]]] = []
         self._flush_lock = asyncio.Lock()
 
-    async def add(self, raw: bytes, partition: int, token: object) -> None:
-        """Apply one by-buyer message; `token` comes back from `flush` once it is safe."""
-        self.pending.add(await self.apply(raw, partition), token)
+    async def add(self, raw: bytes, partition: int, offset: int, token: object) -> None:
+        """Apply by-buyer message `offset`; `token` comes back from `flush` once it is safe.
 
-    async def apply(self, raw: bytes, partition: int) -> dict[RowKey, ResultRow | None]:
+        The table remembers the next offset it expects per partition. Around a rebalance,
+        Faust's consumer has been seen to commit past a message that no worker applied (and
+        to skip one after re-assignment), so a message that arrives past that mark first
+        reads the messages in between directly from Kafka and applies them.
+        """
+        rows: dict[RowKey, ResultRow | None] = {}
+        (mark,) = self.store.get_many(partition, [NEXT_OFFSET_KEY])
+        expected = int(mark or 0)
+        if offset > expected:
+            skipped = await self.reader.read(
+                self.settings.by_buyer_topic, partition, expected, offset
+            )
+            if skipped:
+                metrics.SKIPPED_REAPPLIED.inc(len(skipped))
+                log.warning(
+                    "%s[%d]: offsets %d..%d arrived without %d message(s) before them; read "
+                    "back and applied directly",
+                    self.settings.by_buyer_topic,
+                    partition,
+                    expected,
+                    offset - 1,
+                    len(skipped),
+                )
+            for skipped_offset, value in skipped:
+                rows.update(await self.apply(value, partition, skipped_offset))
+        rows.update(await self.apply(raw, partition, offset))
+        self.pending.add(rows, token)
+
+    async def apply(
+        self, raw: bytes, partition: int, offset: int
+    ) -> dict[RowKey, ResultRow | None]:
         """Apply one by-buyer message to the table; return the result rows it touched.
 
         Every buyer in the message is written back (and sent to the changelog) even if only
@@ -74,10 +107,10 @@ class StateStage:
         values = self.store.get_many(partition, [buyer_key(b) for b in buyers])
         stored = dict(zip(buyers, values, strict=True))
         result = apply_batch(batch, lambda b: BuyerState.decode(b, stored[b]))
-        states = result.states.items()
-        await self._write(
-            partition, {buyer_key(b): s.encode() if s.kept else None for b, s in states}
-        )
+        writes = {buyer_key(b): s.encode() if s.kept else None for b, s in result.states.items()}
+        (mark,) = self.store.get_many(partition, [NEXT_OFFSET_KEY])
+        writes[NEXT_OFFSET_KEY] = str(max(offset + 1, int(mark or 0))).encode()
+        await self._write(partition, writes)
         metrics.STATE_BUYERS_WRITTEN.inc(len(result.states))
         for outcome, n in result.outcomes.items():
             metrics.RECORDS.labels(outcome.value).inc(n)
@@ -185,7 +218,7 @@ class StateStage:
         writes: dict[bytes, bytes | None] = {}
         dropped = entries = 0
         for key, value in self.store.items(partition):
-            if key == WATERMARK_KEY:
+            if key in (WATERMARK_KEY, NEXT_OFFSET_KEY):
                 continue
             state = BuyerState.decode(int(key), value)
             n = state.drop_days_before(cutoff)
