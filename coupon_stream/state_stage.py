@@ -79,8 +79,8 @@ class StateStage:
             if skipped:
                 metrics.SKIPPED_REAPPLIED.inc(len(skipped))
                 log.warning(
-                    "%s[%d]: offsets %d..%d arrived without %d message(s) before them; read "
-                    "back and applied directly",
+                    "%s[%d]: the consumer skipped offsets %d..%d (%d message(s)); read back "
+                    "from Kafka and applied",
                     self.settings.by_buyer_topic,
                     partition,
                     expected,
