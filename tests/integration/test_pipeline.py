@@ -160,7 +160,7 @@ async def test_restart_on_same_data_dir_resumes_from_local_rocksdb(pipeline):
     await p.wait_quiescent()
     p.kill(first, signal.SIGTERM)
     changelog = await p.changelog_size()
-    assert changelog > 3000
+    assert changelog >= len({o["buyer_id"] for o in data.orders})  # every buyer at least once
 
     again = p.start_worker(0)  # same data dir
     await p.wait_ready(again)
