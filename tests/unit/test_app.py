@@ -266,3 +266,7 @@ async def test_a_message_skipped_by_the_consumer_is_read_back_and_applied(stream
     assert sorted(k[0] for k in stored(stream, 9, partition=2).kept) == ["o0", "o1", "o2", "o3"]
     assert stream.sink.table[(9, 20261111)].cumulate_amount == 40
     assert stream.stage.store.get_many(2, [b"~next-offset"]) == [b"4"]
+
+
+def test_the_changelog_topic_the_worker_precreates_is_the_tables(stream):
+    assert stream.buyers.changelog_topic.get_topic_name() == stream.settings.changelog_topic
