@@ -57,8 +57,8 @@ class StateStage:
         self.changelog_topic = changelog_topic
         self.reader = reader
         self.pending = PendingWrites()
-        # Changelog sends not yet known delivered: (partition, keys, delivery futures).
-        self._unconfirmed: list[tuple[int, list[bytes], list[asyncio.Future]]] = []
+        # Changelog sends not yet known delivered: (partition, keys, [(future, records)]).
+        self._unconfirmed: list[tuple[int, list[bytes], list[tuple[asyncio.Future, int]]]] = []
         self._flush_lock = asyncio.Lock()
 
     async def add(self, raw: bytes, partition: int, offset: int, token: object) -> None:
@@ -73,6 +73,13 @@ class StateStage:
         (mark,) = self.store.get_many(partition, [NEXT_OFFSET_KEY])
         expected = int(mark or 0)
         if offset > expected:
+            log.info(
+                "%s[%d]: offset %d arrived, expected %d: reading the gap back",
+                self.settings.by_buyer_topic,
+                partition,
+                offset,
+                expected,
+            )
             skipped = await self.reader.read(
                 self.settings.by_buyer_topic, partition, expected, offset
             )
@@ -120,8 +127,8 @@ class StateStage:
         if not writes:
             return
         self.store.write(partition, writes)
-        futures = await self.out.send_records(self.changelog_topic, partition, writes.items())
-        self._unconfirmed.append((partition, list(writes), futures))
+        sent = await self.out.send_records(self.changelog_topic, partition, writes.items())
+        self._unconfirmed.append((partition, list(writes), sent))
 
     # -- flush ------------------------------------------------------------------------------
 
@@ -143,7 +150,7 @@ class StateStage:
             return tokens
 
     async def _confirm_changelog(
-        self, sent: Sequence[tuple[int, list[bytes], list[asyncio.Future]]]
+        self, unconfirmed: Sequence[tuple[int, list[bytes], list[tuple[asyncio.Future, int]]]]
     ) -> dict[int, int]:
         """Wait for every changelog send; re-send what failed until Kafka takes it.
 
@@ -152,11 +159,16 @@ class StateStage:
         """
         offsets: dict[int, int] = {}
         delay = 0.1
-        for partition, keys, futures in sent:
+        for partition, keys, sent in unconfirmed:
             while True:
                 try:
-                    for meta in await asyncio.gather(*futures):
-                        offsets[partition] = max(offsets.get(partition, -1), meta.offset)
+                    for meta, n in zip(
+                        await asyncio.gather(*(f for f, _ in sent)),
+                        (n for _, n in sent),
+                        strict=True,
+                    ):
+                        last = meta.offset + n - 1  # a batch's metadata has its first offset
+                        offsets[partition] = max(offsets.get(partition, -1), last)
                     break
                 except KafkaError as exc:
                     log.error(
@@ -169,7 +181,7 @@ class StateStage:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, MAX_CHANGELOG_BACKOFF)
                     current = zip(keys, self.store.get_many(partition, keys), strict=True)
-                    futures = await self.out.send_records(self.changelog_topic, partition, current)
+                    sent = await self.out.send_records(self.changelog_topic, partition, current)
         return offsets
 
     # -- bounded state ----------------------------------------------------------------------

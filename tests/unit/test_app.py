@@ -69,12 +69,14 @@ class RecordingOut:
         return await self.send("dlq", dead.value, key=dead.key, headers=dead.headers())
 
     async def send_records(self, topic, partition, records):
+        records = list(records)
         if self.fail_next:
             self.fail_next = False
-            return [self._done(exc=KafkaTimeoutError())]
+            return [(self._done(exc=KafkaTimeoutError()), len(records))]
         log = self.changelog.setdefault(partition, [])
+        first = len(log)
         log.extend(records)
-        return [self._done(Meta(len(log) - 1))]
+        return [(self._done(Meta(first)), len(records))]
 
 
 class LogReader:
