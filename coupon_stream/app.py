@@ -120,9 +120,12 @@ class CouponStream:
         self._acker = manual = stream.noack()
         flusher = asyncio.ensure_future(self._flush_periodically())
         try:
+            committed = self.app.consumer._committed_offset  # Faust's view after its seek
             async for event in manual.events():
                 msg = event.message
-                await self.stage.add(event.value, msg.partition, msg.offset, event)
+                await self.stage.add(
+                    event.value, msg.partition, msg.offset, event, committed.get(msg.tp)
+                )
                 if len(self.stage.pending.rows) >= self.settings.max_pending_rows:
                     await self.flush()  # backpressure: stop consuming until the sink catches up
         finally:
@@ -134,13 +137,26 @@ class CouponStream:
             await self.flush()
 
     async def flush(self) -> None:
-        """Flush the state stage, then acknowledge the events it has made safe.
+        """Flush the state stage, then commit the offsets it has made safe.
 
-        Only acknowledged events have their offsets committed, so an offset is never
-        committed ahead of the changelog or the result table; on a crash the rest replays.
+        The stage applies every offset of a partition in order, so after a flush everything
+        below the highest flushed offset is in the changelog and the result table: that is
+        what we commit, ourselves. Faust's own ack-based commit can skip a message it never
+        delivered, or stall behind it for good; the events are still acknowledged so that
+        Faust's rebalance (which waits for acks) goes on.
         """
-        for event in await self.stage.flush():
+        events = await self.stage.flush()
+        offsets: dict[Any, int] = {}
+        for event in events:
+            tp = event.message.tp
+            offsets[tp] = max(offsets.get(tp, 0), event.message.offset + 1)
             await self._acker.ack(event)
+        if offsets:
+            await self.commit(offsets)
+
+    async def commit(self, offsets: dict[Any, int]) -> None:
+        # Faust's commit of explicit offsets: only partitions still assigned are committed.
+        await self.app.consumer._commit_offsets(offsets)
 
     async def start_sink(self) -> None:
         if not self._sink_started:
@@ -192,6 +208,7 @@ class CouponStream:
 
         @app.on_partitions_revoked.connect
         async def revoked(app: faust.App, revoked: set, **kwargs: Any) -> None:
+            self.stage.forget_deliveries()
             metrics.CONSUMER_LAG.clear()
             log.info("revoked %d partitions", len(revoked))
 

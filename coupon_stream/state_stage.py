@@ -60,34 +60,40 @@ class StateStage:
         # Changelog sends not yet known delivered: (partition, keys, [(future, records)]).
         self._unconfirmed: list[tuple[int, list[bytes], list[tuple[asyncio.Future, int]]]] = []
         self._flush_lock = asyncio.Lock()
+        self._delivered: dict[int, int] = {}  # next offset to apply, per partition
 
-    async def add(self, raw: bytes, partition: int, offset: int, token: object) -> None:
+    async def add(
+        self,
+        raw: bytes,
+        partition: int,
+        offset: int,
+        token: object,
+        committed: int | None = None,
+    ) -> None:
         """Apply by-buyer message `offset`; `token` comes back from `flush` once it is safe.
 
-        The table remembers the next offset it expects per partition. Around a rebalance,
-        Faust's consumer has been seen to commit past a message that no worker applied (and
-        to skip one after re-assignment), so a message that arrives past that mark first
-        reads the messages in between directly from Kafka and applies them.
+        Every offset of a partition is applied in order, whatever the consumer delivers.
+        Faust's consumer abandons a message when flow is suspended (rebalance, recovery)
+        yet moves its read offset past it, and can commit past such a hole. So the first
+        message after an assignment must be the lower of the table's next-offset mark and
+        the group's `committed` offset, and each later one the next offset; a message that
+        arrives past that first reads the ones in between back from Kafka and applies them.
         """
         rows: dict[RowKey, ResultRow | None] = {}
-        (mark,) = self.store.get_many(partition, [NEXT_OFFSET_KEY])
-        expected = int(mark or 0)
+        expected = self._delivered.get(partition)
+        if expected is None:
+            # Nothing committed means the group starts at the log's beginning.
+            (mark,) = self.store.get_many(partition, [NEXT_OFFSET_KEY])
+            expected = min(int(mark or 0), committed or 0)
         if offset > expected:
-            log.info(
-                "%s[%d]: offset %d arrived, expected %d: reading the gap back",
-                self.settings.by_buyer_topic,
-                partition,
-                offset,
-                expected,
-            )
             skipped = await self.reader.read(
                 self.settings.by_buyer_topic, partition, expected, offset
             )
             if skipped:
                 metrics.SKIPPED_REAPPLIED.inc(len(skipped))
                 log.warning(
-                    "%s[%d]: the consumer skipped offsets %d..%d (%d message(s)); read back "
-                    "from Kafka and applied",
+                    "%s[%d]: offsets %d..%d were not delivered by the consumer (%d "
+                    "message(s)); read back from Kafka and applied",
                     self.settings.by_buyer_topic,
                     partition,
                     expected,
@@ -97,7 +103,12 @@ class StateStage:
             for skipped_offset, value in skipped:
                 rows.update(await self.apply(value, partition, skipped_offset))
         rows.update(await self.apply(raw, partition, offset))
+        self._delivered[partition] = max(expected, offset + 1)
         self.pending.add(rows, token)
+
+    def forget_deliveries(self) -> None:
+        """After a rebalance, positions restart from the committed offsets."""
+        self._delivered.clear()
 
     async def apply(
         self, raw: bytes, partition: int, offset: int

@@ -25,7 +25,8 @@ from tests.integration.test_pipeline import BAD_ORDERS, BAD_REFUNDS
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-async def load(p, orders=65_000, seed=1, in_parts=(3, 2)):
+async def load(p, orders=65_000, seed=1, in_parts=(3, 2), parts=1):
+    """Create topics and make the input; produce it now, or return `parts` slices to send."""
     await p.create_topics(*in_parts)
     data = generate(orders, seed=seed)
     messages = [(p.orders_topic, None, orjson.dumps(o)) for o in data.orders]
@@ -36,8 +37,10 @@ async def load(p, orders=65_000, seed=1, in_parts=(3, 2)):
     rng.shuffle(messages)
     for item in bad:
         messages.insert(rng.randrange(len(messages)), item)
-    await p.produce(messages)
-    return data, sorted(b for _, _, b in bad)
+    if parts == 1:
+        await p.produce(messages)
+        return data, sorted(b for _, _, b in bad)
+    return data, sorted(b for _, _, b in bad), [messages[i::parts] for i in range(parts)]
 
 
 async def check(p, data, bad, test, **measured):
@@ -59,15 +62,19 @@ async def check(p, data, bad, test, **measured):
 async def test_rebalance_add_and_remove_workers_mid_stream(pipeline):
     p = pipeline
     p.partitions = 6
-    data, bad = await load(p, in_parts=(6, 6))
+    # A worker drains a slice in seconds: each membership change gets fresh work in flight.
+    data, bad, slices = await load(p, in_parts=(6, 6), parts=4)
     workers = [p.start_worker(i) for i in range(3)]
+    await p.produce(slices[0])
     await p.wait_for_progress()
-    await asyncio.sleep(2)
     p.start_worker(3)  # join
-    await asyncio.sleep(8)
+    await p.produce(slices[1])
+    await asyncio.sleep(4)
     p.kill(workers[0], signal.SIGTERM)  # graceful leave
-    await asyncio.sleep(6)
+    await p.produce(slices[2])
+    await asyncio.sleep(2)
     p.kill(workers[1])  # crash
+    await p.produce(slices[3])
     resumed = await p.wait_for_progress()
     await check(
         p,
