@@ -14,6 +14,7 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     String,
     Table,
+    bindparam,
     delete,
     select,
     tuple_,
@@ -96,7 +97,13 @@ class ResultSink:
         self._safe_url = safe_url or "<database>"
         self.table = result_table(table_name)
         self._engine: AsyncEngine | None = None
-        self._upsert = self._make_upsert(url)
+        # Built once, executed with many parameter sets: SQLAlchemy compiles it once (a
+        # multi-VALUES statement is compiled per call, ~40% of the worker's CPU when we did).
+        self._upsert = self._make_upsert(url)(self.table)
+        t = self.table
+        self._delete = delete(t).where(
+            tuple_(t.c.buyer_id, t.c.effect_time).in_(bindparam("keys", expanding=True))
+        )
         self.available = False
         self.max_backoff = 2.0
 
@@ -104,8 +111,8 @@ class ResultSink:
     def _make_upsert(url: str):  # noqa: ANN205 - returns a dialect-specific statement builder
         if url.startswith("mysql"):
 
-            def build(table: Table, rows: list[dict]) -> object:
-                stmt = mysql.insert(table).values(rows)
+            def build(table: Table) -> object:
+                stmt = mysql.insert(table)
                 return stmt.on_duplicate_key_update(
                     gmt_create=stmt.inserted.gmt_create,
                     gmt_modified=stmt.inserted.gmt_modified,
@@ -114,8 +121,8 @@ class ResultSink:
 
         elif url.startswith("sqlite"):
 
-            def build(table: Table, rows: list[dict]) -> object:
-                stmt = sqlite.insert(table).values(rows)
+            def build(table: Table) -> object:
+                stmt = sqlite.insert(table)
                 return stmt.on_conflict_do_update(
                     index_elements=["buyer_id", "effect_time"],
                     set_={
@@ -180,14 +187,12 @@ class ResultSink:
 
     async def _write_once(self, upserts: list[dict], deletes: Sequence[RowKey]) -> None:
         assert self._engine is not None
-        t = self.table
         async with self._engine.begin() as conn:
             for i in range(0, len(upserts), CHUNK):
-                await conn.execute(self._upsert(t, upserts[i : i + CHUNK]))
+                await conn.execute(self._upsert, upserts[i : i + CHUNK])
                 metrics.SINK_STATEMENTS.inc()
             for i in range(0, len(deletes), CHUNK):
-                keys = deletes[i : i + CHUNK]
-                await conn.execute(delete(t).where(tuple_(t.c.buyer_id, t.c.effect_time).in_(keys)))
+                await conn.execute(self._delete, {"keys": deletes[i : i + CHUNK]})
                 metrics.SINK_STATEMENTS.inc()
 
     async def _retry(self, what: str, fn, *args: object) -> None:  # noqa: ANN001
