@@ -7,13 +7,21 @@ import asyncio
 import sys
 from pathlib import Path
 
+from aiokafka.errors import KafkaError
+
 from coupon_stream.settings import Settings
 
 
 def _worker(extra: list[str]) -> None:
     from coupon_stream.app import CouponStream
+    from coupon_stream.status import create_internal_topics
 
     settings = Settings()
+    try:
+        asyncio.run(asyncio.wait_for(create_internal_topics(settings), 60))
+    except (TimeoutError, OSError, RuntimeError, KafkaError) as exc:
+        # Faust creates them itself when it can reach the broker.
+        print(f"could not create the internal topics before start: {exc!r}", file=sys.stderr)
     stream = CouponStream(settings)
     if not any(a in ("-l", "--loglevel") or a.startswith("--loglevel=") for a in extra):
         extra = ["--loglevel", settings.log_level, *extra]

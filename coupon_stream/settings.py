@@ -70,6 +70,11 @@ class Settings(BaseSettings):
         return f"{self.app_id}-payments-by-buyer"
 
     @property
+    def changelog_topic(self) -> str:
+        """Changelog of the `buyers` table, named as Faust names it."""
+        return f"{self.app_id}-buyers-changelog"
+
+    @property
     def db_url_safe(self) -> str:
         """The database URL with its password masked, for logs."""
         return make_url(self.db_url.get_secret_value()).render_as_string(hide_password=True)

@@ -130,14 +130,35 @@ async def wait_idle(settings: Settings, timeout: float) -> bool:
 
 
 async def create_input_topics(settings: Settings, partitions: int) -> list[str]:
+    topics = (settings.orders_topic, settings.refunds_topic)
+    return await _create_topics(
+        settings, [NewTopic(t, partitions, settings.replication_factor) for t in topics]
+    )
+
+
+async def create_internal_topics(settings: Settings) -> list[str]:
+    """The by-buyer topic and the table's changelog, as Faust would create them.
+
+    Created before Faust starts: when Faust creates them itself, its first partition
+    assignment can run before the new topic is in the metadata ("Ignoring missing topic"),
+    and partitions assigned by the next rebalance were seen never to be processed.
+    """
+    p, rf = settings.partitions, settings.replication_factor
+    return await _create_topics(
+        settings,
+        [
+            NewTopic(settings.by_buyer_topic, p, rf),
+            NewTopic(settings.changelog_topic, p, rf, topic_configs={"cleanup.policy": "compact"}),
+        ],
+    )
+
+
+async def _create_topics(settings: Settings, topics: list[NewTopic]) -> list[str]:
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
     await admin.start()
     created = []
     try:
-        topics = (settings.orders_topic, settings.refunds_topic)
-        response = await admin.create_topics(
-            [NewTopic(t, partitions, settings.replication_factor) for t in topics]
-        )
+        response = await retry_transient(lambda: admin.create_topics(topics))
         for topic, code, *message in response.topic_errors:
             if code == 0:
                 created.append(topic)

@@ -166,3 +166,7 @@ async def test_retention_expires_old_days_and_dead_letters_late_records(tmp_path
             in dict(dead[0]["headers"])["coupon.error.reason"]
         )
         assert decode_batch(dead[0]["value"])[0][1].biz_order_id == "late"
+
+
+def test_the_changelog_topic_the_worker_precreates_is_the_tables(stream):
+    assert stream.buyers.changelog_topic.get_topic_name() == stream.settings.changelog_topic
