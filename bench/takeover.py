@@ -48,7 +48,7 @@ async def synthesize_state(changelog: str, partitions: int, entries: int) -> int
             state = BuyerState(b)
             for k in range(ENTRIES_PER_BUYER):
                 c = Contribution(f"s{b}-{k}", "2", 20261111, 1, "2026-11-11 00:00:00", None)
-                state.kept[c.dedup_key] = c
+                state.kept[(c.biz_order_id, c.pay_status)] = c
             pending.append(
                 await producer.send(
                     changelog,

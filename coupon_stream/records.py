@@ -173,17 +173,6 @@ class Contribution(NamedTuple):
     gmt_modified: str | None
 
 
-def contribution_of(record: PaymentRecord) -> Contribution:
-    return Contribution(
-        record.biz_order_id,
-        record.pay_status,
-        record.effect_time,
-        record.yuan,
-        record.gmt_create,
-        record.gmt_modified,
-    )
-
-
 def partition_for_buyer(buyer_id: int, partitions: int) -> int:
     """Stable buyer -> partition map, so a buyer's state always lives in one partition."""
     return zlib.crc32(str(buyer_id).encode()) % partitions

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coupon_stream.dataset import generate, jsonl
-from coupon_stream.records import Contribution, Source, contribution_of, parse_record
+from coupon_stream.records import Contribution, Source, read_row
 from coupon_stream.state import (
     BuyerState,
     Outcome,
@@ -88,7 +88,7 @@ def run_pure(messages, batch_sizes):
     """The service's logic without Kafka: parse, route per buyer, apply in batches."""
     store: dict[int, bytes] = {}
     table: dict[tuple[int, int], ResultRow] = {}
-    items = [(r.buyer_id, contribution_of(r)) for r in (parse_record(m, s) for s, m in messages)]
+    items = [(r[0], Contribution(*r[1:])) for r in (read_row(m, s) for s, m in messages)]
     i = 0
     sizes = iter(batch_sizes)
     while i < len(items):
