@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 # Kafka's default message.max.bytes is 1 MiB; by-buyer messages stay well under it.
 MAX_MESSAGE_BYTES = 512 * 1024
+MAX_RETRY_DELAY = 2.0
 
 
 class Message(Protocol):
@@ -108,10 +109,27 @@ class Intake:
                 batches = await consumer.getmany(timeout_ms=500, max_records=s.intake_batch)
                 if batches:
                     async with self._lock:
-                        await self.forward(batches)
+                        await self.forward_until_sent(batches)
                         await self._commit(consumer, batches)
         finally:
             await consumer.stop()
+
+    async def forward_until_sent(self, batches: Mapping[TopicPartition, list[Any]]) -> None:
+        """Forward a batch, again and again if Kafka refuses it: nothing is committed before.
+
+        A re-sent batch is harmless (the state stage counts each copy once), and an intake
+        that gave up would leave the worker up but reading nothing.
+        """
+        delay = 0.1
+        while True:
+            try:
+                await self.forward(batches)
+                return
+            except KafkaError as exc:
+                metrics.INTAKE_RETRIES.inc()
+                log.error("intake could not forward a batch, retrying in %.1f s: %r", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY_DELAY)
 
     async def forward(self, batches: Mapping[TopicPartition, list[Any]]) -> None:
         """Send one fetched batch on and wait until Kafka has acknowledged all of it."""

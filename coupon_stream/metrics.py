@@ -56,6 +56,8 @@ STATE_KEYS = Gauge(
 )
 SKIPPED_REAPPLIED = Counter(
     "coupon_state_skipped_messages_reapplied_total",
-    "By-buyer messages the consumer skipped (past the table's next-offset mark), read back "
-    "from Kafka and applied",
+    "By-buyer messages the consumer did not deliver in order, read back from Kafka and applied",
+)
+INTAKE_RETRIES = Counter(
+    "coupon_intake_retries_total", "Intake batches Kafka refused and that were sent again"
 )

@@ -301,3 +301,25 @@ async def test_the_state_agent_commits_what_it_flushed(stream):
         await put(stream, agent, encode_batch([(5, contribution("o2", 1, "x"))]), partition=3)
     (((topic, partition), offset),) = stream.committed.items()
     assert partition == 3 and offset == 2
+
+
+async def test_intake_sends_a_refused_batch_again_before_it_commits():
+    s = Settings(app_id="unit", partitions=2, orders_topic="orders")
+    out = RecordingOut()
+    real_send = out.send
+    refusals = []
+
+    async def send(topic, value, **kw):
+        if not refusals:
+            refusals.append(topic)
+            return out._done(exc=KafkaTimeoutError())
+        return await real_send(topic, value, **kw)
+
+    out.send = send
+    intake = Intake(s, out)
+    await intake.forward_until_sent(
+        {TopicPartition("orders", 0): [Record("orders", 0, order(0, 7))]}
+    )
+    assert refusals == [s.by_buyer_topic]
+    (sent,) = [kw for topic, kw in out.sent if topic == s.by_buyer_topic]
+    assert decode_batch(sent["value"])[0][0] == 7

@@ -33,3 +33,17 @@ def test_invalid_values_are_clear_errors(monkeypatch):
     monkeypatch.setenv("COUPON_PARTITIONS", "0")
     with pytest.raises(ValidationError, match="partitions"):
         Settings()
+
+
+def test_every_metric_is_documented_in_the_readme():
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from coupon_stream import metrics
+
+    exported = {
+        m._name + ("_total" if m._type == "counter" else "")
+        for m in vars(metrics).values()
+        if isinstance(m, MetricWrapperBase)
+    }
+    documented = set(re.findall(r"^\| `(coupon_[a-z_]+)` \|", README.read_text(), re.M))
+    assert exported == documented
