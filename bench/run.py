@@ -21,7 +21,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -279,15 +279,7 @@ async def latency(run: str, partitions: int, rate: int, seconds: float, tmp: Pat
 async def restore(run: str, topics: str, partitions: int, tmp: Path) -> dict:
     """A worker with empty local state for an app whose changelog is full."""
     s = settings_for(run, topics, partitions, tmp / f"{run}-restore", 6160)
-    consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP)
-    await consumer.start()
-    try:
-        changelog = f"{run}-buyers-changelog"
-        await consumer._client.force_metadata_update()
-        tps = [TopicPartition(changelog, p) for p in consumer.partitions_for_topic(changelog) or ()]
-        records = sum((await consumer.end_offsets(tps)).values())
-    finally:
-        await consumer.stop()
+    records = await status.records_in(BOOTSTRAP, s.changelog_topic)
     proc = Proc(s, tmp / f"{run}-restore.log")
     start = time.perf_counter()
     try:

@@ -81,6 +81,17 @@ async def lag(settings: Settings) -> tuple[dict[TopicPartition, int], int]:
         await consumer.stop()
 
 
+async def records_in(bootstrap: str, topic: str) -> int:
+    """Records a topic holds (end offsets summed): e.g. the changelog a restore reads."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        tps = await _partitions(consumer, [topic])
+        return sum((await consumer.end_offsets(tps)).values()) if tps else 0
+    finally:
+        await consumer.stop()
+
+
 def _pending_from_metrics(port: int) -> float | None:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:

@@ -288,15 +288,7 @@ class Pipeline:
 
     async def changelog_size(self) -> int:
         """Records in the state table's changelog topic (end offsets summed)."""
-        consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP)
-        await consumer.start()
-        try:
-            topic = f"{self.name}-buyers-changelog"
-            await consumer._client.force_metadata_update()
-            tps = [TopicPartition(topic, q) for q in consumer.partitions_for_topic(topic) or ()]
-            return sum((await consumer.end_offsets(tps)).values())
-        finally:
-            await consumer.stop()
+        return await status.records_in(BOOTSTRAP, self.settings.changelog_topic)
 
     async def metric(self, worker: Worker, name: str) -> float:
         """Sum of a Prometheus metric's samples on one worker's /metrics."""
