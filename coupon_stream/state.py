@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from enum import StrEnum
+from typing import NamedTuple
 
 import orjson
 
@@ -30,9 +31,11 @@ class Outcome(StrEnum):
     DUPLICATE = "duplicate"  # a later or equal copy: changes nothing
 
 
-@dataclass(frozen=True, slots=True)
-class ResultRow:
-    """One row of the result table: the seed's `ads_tb_trd_and_rfd_pay_ri` for one key."""
+class ResultRow(NamedTuple):
+    """One row of the result table: the seed's `ads_tb_trd_and_rfd_pay_ri` for one key.
+
+    A tuple in the table's column order, so the sink hands it to the driver as it is.
+    """
 
     gmt_create: str | None
     gmt_modified: str | None
