@@ -159,6 +159,22 @@ class Intake:
             # state stage counts each copy once.
             log.warning("intake commit failed, the batch will be replayed: %s", exc)
 
+    async def load_committed(self, partitions: Iterable[TopicPartition]) -> None:
+        """Start the lag gauge from the group's committed offsets, not from zero.
+
+        Only the gauge depends on it, so a slow or failed lookup is logged and skipped.
+        """
+        consumer = self.consumer
+        if consumer is None:
+            return
+        try:
+            for tp in partitions:
+                offset = await asyncio.wait_for(consumer.committed(tp), 5)
+                if offset is not None:
+                    self.committed[tp] = offset
+        except (TimeoutError, KafkaError) as exc:
+            log.warning("intake could not read its committed offsets for the lag gauge: %r", exc)
+
     def lag(self) -> dict[TopicPartition, int]:
         """Messages between each assigned partition's end and the committed offset."""
         consumer = self.consumer
@@ -196,3 +212,4 @@ class _CommitFirst(ConsumerRebalanceListener):
     async def on_partitions_assigned(self, assigned: Any) -> None:
         mine = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned)
         log.info("intake assigned %d partitions: %s", len(mine), ", ".join(mine))
+        await self.intake.load_committed(assigned)

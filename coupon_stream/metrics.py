@@ -61,3 +61,7 @@ SKIPPED_REAPPLIED = Counter(
 INTAKE_RETRIES = Counter(
     "coupon_intake_retries_total", "Intake batches Kafka refused and that were sent again"
 )
+CHANGELOG_RETRIES = Counter(
+    "coupon_changelog_retries_total",
+    "State changelog batches Kafka refused and that were sent again with the keys' current values",
+)

@@ -39,6 +39,10 @@ WATERMARK_KEY = b"~watermark"
 NEXT_OFFSET_KEY = b"~next-offset"  # the by-buyer offset after the last one applied
 MAX_CHANGELOG_BACKOFF = 2.0
 
+# A changelog append not yet known delivered: (partition, keys, [(future, records)]), with
+# None for the sends when Kafka refused the append outright.
+_Unconfirmed = tuple[int, list[bytes], list[tuple[asyncio.Future, int]] | None]
+
 
 class StateStage:
     def __init__(
@@ -57,8 +61,7 @@ class StateStage:
         self.changelog_topic = changelog_topic
         self.reader = reader
         self.pending = PendingWrites()
-        # Changelog sends not yet known delivered: (partition, keys, [(future, records)]).
-        self._unconfirmed: list[tuple[int, list[bytes], list[tuple[asyncio.Future, int]]]] = []
+        self._unconfirmed: list[_Unconfirmed] = []
         self._flush_lock = asyncio.Lock()
         self._delivered: dict[int, int] = {}  # next offset to apply, per partition
 
@@ -138,7 +141,19 @@ class StateStage:
         if not writes:
             return
         self.store.write(partition, writes)
-        sent = await self.out.send_records(self.changelog_topic, partition, writes.items())
+        try:
+            sent = await self.out.send_records(self.changelog_topic, partition, writes.items())
+        except KafkaError as exc:
+            # Not appended (e.g. no leader for longer than the request timeout); the flush
+            # sends the keys' current values before anything is acknowledged.
+            metrics.CHANGELOG_RETRIES.inc()
+            log.error(
+                "changelog %s[%d] append refused, sending it again at the next flush: %r",
+                self.changelog_topic,
+                partition,
+                exc,
+            )
+            sent = None
         self._unconfirmed.append((partition, list(writes), sent))
 
     # -- flush ------------------------------------------------------------------------------
@@ -160,9 +175,7 @@ class StateStage:
             self.pending.written()
             return tokens
 
-    async def _confirm_changelog(
-        self, unconfirmed: Sequence[tuple[int, list[bytes], list[tuple[asyncio.Future, int]]]]
-    ) -> dict[int, int]:
+    async def _confirm_changelog(self, unconfirmed: Sequence[_Unconfirmed]) -> dict[int, int]:
         """Wait for every changelog send; re-send what failed until Kafka takes it.
 
         A re-send reads the keys' current values, never the failed ones: a newer value of the
@@ -173,6 +186,9 @@ class StateStage:
         for partition, keys, sent in unconfirmed:
             while True:
                 try:
+                    if sent is None:
+                        current = zip(keys, self.store.get_many(partition, keys), strict=True)
+                        sent = await self.out.send_records(self.changelog_topic, partition, current)
                     for meta, n in zip(
                         await asyncio.gather(*(f for f, _ in sent)),
                         (n for _, n in sent),
@@ -182,17 +198,18 @@ class StateStage:
                         offsets[partition] = max(offsets.get(partition, -1), last)
                     break
                 except KafkaError as exc:
+                    metrics.CHANGELOG_RETRIES.inc()
                     log.error(
-                        "changelog %s[%d] send failed, re-sending %d keys: %s",
+                        "changelog %s[%d] send failed, re-sending %d keys in %.1f s: %r",
                         self.changelog_topic,
                         partition,
                         len(keys),
+                        delay,
                         exc,
                     )
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, MAX_CHANGELOG_BACKOFF)
-                    current = zip(keys, self.store.get_many(partition, keys), strict=True)
-                    sent = await self.out.send_records(self.changelog_topic, partition, current)
+                    sent = None
         return offsets
 
     # -- bounded state ----------------------------------------------------------------------

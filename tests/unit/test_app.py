@@ -13,6 +13,7 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 
+from coupon_stream import metrics
 from coupon_stream.app import CouponStream
 from coupon_stream.intake import Intake, encode_rows, route
 from coupon_stream.records import Contribution, Source, partition_for_buyer
@@ -46,12 +47,17 @@ class Meta:
 
 
 class RecordingOut:
-    """Records what would go to Kafka; `fail_next` makes the next changelog batch fail once."""
+    """Records what would go to Kafka.
+
+    `fail_next` makes the next changelog batch fail once after it was sent; `refuse_next`
+    makes the next append raise, as aiokafka does when it cannot queue a batch in time.
+    """
 
     def __init__(self):
         self.sent: list[tuple[str, dict]] = []
         self.changelog: dict[int, list[tuple[bytes, bytes | None]]] = {}
         self.fail_next = False
+        self.refuse_next = False
 
     def _done(self, value=None, exc=None):
         fut = asyncio.get_running_loop().create_future()
@@ -70,6 +76,9 @@ class RecordingOut:
 
     async def send_records(self, topic, partition, records):
         records = list(records)
+        if self.refuse_next:
+            self.refuse_next = False
+            raise KafkaTimeoutError()
         if self.fail_next:
             self.fail_next = False
             return [(self._done(exc=KafkaTimeoutError()), len(records))]
@@ -206,6 +215,21 @@ async def test_failed_changelog_send_is_resent_with_current_values_before_ack(st
     assert stream.stage.store.offsets[0] == len(stream.out.changelog[0]) - 1
 
 
+async def test_refused_changelog_append_is_sent_at_flush_and_the_agent_lives_on(stream):
+    retries = metrics.CHANGELOG_RETRIES._value.get()
+    async with stream.state_agent.test_context() as agent:
+        stream.out.refuse_next = True
+        for order, yuan, second in (("o1", 100, 9), ("o2", 1, 10)):
+            gm = f"2026-11-11 00:00:{second:02d}"
+            await put(stream, agent, encode_batch([(5, contribution(order, yuan, gm))]))
+    assert metrics.CHANGELOG_RETRIES._value.get() == retries + 1
+    log = stream.out.changelog[0]
+    assert dict(log)[buyer_key(5)] == stored(stream, 5).encode()
+    assert len(stored(stream, 5).kept) == 2
+    assert stream.sink.table[(5, 20261111)].cumulate_amount == 101
+    assert stream.committed == {(stream.settings.by_buyer_topic, 0): 2}
+
+
 class Record:
     def __init__(self, topic, offset, value, partition=0):
         self.topic, self.partition, self.offset = topic, partition, offset
@@ -323,3 +347,21 @@ async def test_intake_sends_a_refused_batch_again_before_it_commits():
     assert refusals == [s.by_buyer_topic]
     (sent,) = [kw for topic, kw in out.sent if topic == s.by_buyer_topic]
     assert decode_batch(sent["value"])[0][0] == 7
+
+
+async def test_intake_lag_counts_from_the_committed_offset_after_an_assignment():
+    class Consumer:
+        async def committed(self, tp):
+            return {0: 40, 1: None}[tp.partition]
+
+        def assignment(self):
+            return {TopicPartition("orders", 0), TopicPartition("orders", 1)}
+
+        def highwater(self, tp):
+            return 100
+
+    intake = Intake(Settings(app_id="unit", orders_topic="orders"), RecordingOut())
+    intake.consumer = Consumer()
+    await intake.load_committed(intake.consumer.assignment())
+    # partition 1 has no commit yet: the group starts it at the beginning of the log
+    assert intake.lag() == {TopicPartition("orders", 0): 60, TopicPartition("orders", 1): 100}
