@@ -43,7 +43,7 @@ async def retry_transient(call: Callable[[], Awaitable[T]], timeout: float = 60.
             await asyncio.sleep(0.5)
 
 
-async def _partitions(consumer: AIOKafkaConsumer, topics: list[str]) -> list[TopicPartition]:
+async def partitions_of(consumer: AIOKafkaConsumer, topics: list[str]) -> list[TopicPartition]:
     await consumer._client.force_metadata_update()
     return [
         TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())
@@ -62,10 +62,10 @@ async def lag(settings: Settings) -> tuple[dict[TopicPartition, int], int]:
             settings.intake_group: [settings.orders_topic, settings.refunds_topic],
             settings.app_id: [settings.by_buyer_topic],
         }
-        dlq = await _partitions(consumer, [settings.dlq_topic])
+        dlq = await partitions_of(consumer, [settings.dlq_topic])
         lags: dict[TopicPartition, int] = {}
         for group, topics in groups.items():
-            tps = await _partitions(consumer, topics)
+            tps = await partitions_of(consumer, topics)
             if not tps:
                 continue
             ends = await consumer.end_offsets(tps)
@@ -82,11 +82,11 @@ async def lag(settings: Settings) -> tuple[dict[TopicPartition, int], int]:
 
 
 async def records_in(bootstrap: str, topic: str) -> int:
-    """Records a topic holds (end offsets summed): e.g. the changelog a restore reads."""
+    """Records ever written to a topic (end offsets summed); compaction may have removed some."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     await consumer.start()
     try:
-        tps = await _partitions(consumer, [topic])
+        tps = await partitions_of(consumer, [topic])
         return sum((await consumer.end_offsets(tps)).values()) if tps else 0
     finally:
         await consumer.stop()
@@ -168,9 +168,20 @@ async def create_internal_topics(settings: Settings) -> list[str]:
         settings,
         [
             NewTopic(settings.by_buyer_topic, p, rf),
-            NewTopic(settings.changelog_topic, p, rf, topic_configs={"cleanup.policy": "compact"}),
+            NewTopic(settings.changelog_topic, p, rf, topic_configs=CHANGELOG_CONFIG),
         ],
     )
+
+
+# A restore reads the whole changelog partition record by record (Faust's recovery loop,
+# ~5k records/s here), and Kafka compacts only closed segments. Every batch rewrites each
+# buyer it touches, so with the broker's default segments (1 GiB) a partition held several
+# copies of most keys; small segments let the cleaner keep it near one record per buyer.
+CHANGELOG_CONFIG = {
+    "cleanup.policy": "compact",
+    "segment.bytes": str(16 * 1024 * 1024),
+    "segment.ms": str(60 * 60 * 1000),
+}
 
 
 async def _create_topics(settings: Settings, topics: list[NewTopic]) -> list[str]:
