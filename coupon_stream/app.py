@@ -83,7 +83,7 @@ class CouponStream:
         self.buyers = self.app.Table(
             TABLE_NAME,
             partitions=s.partitions,
-            options={"driver": "rocksdict"} if rocks else None,
+            options=_rocksdb_options(s) if rocks else None,
             help="kept record of each (biz_order_id, pay_status), per buyer",
             key_type=bytes,
             value_type=bytes,
@@ -237,3 +237,17 @@ class CouponStream:
             "database": database,
             "rebalancing": rebalancing,
         }
+
+
+def _rocksdb_options(s: Settings) -> dict[str, Any]:
+    """RocksDB sizes per table partition.
+
+    Faust's defaults (a 2 GiB block cache and up to 3 x 64 MiB memtables) are per partition,
+    so a worker holding 8 partitions could grow past 17 GiB; these settings bound it.
+    """
+    mib = 1024 * 1024
+    return {
+        "driver": "rocksdict",
+        "write_buffer_size": s.rocksdb_write_buffer_mb * mib,
+        "block_cache_size": s.rocksdb_block_cache_mb * mib,
+    }

@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     state_retention_days: int = Field(
         0, ge=0, description="drop state of days older than this many days (0 = keep forever)"
     )
+    rocksdb_write_buffer_mb: int = Field(
+        16, ge=1, description="RocksDB memtable per table partition, MiB (up to 3 are kept)"
+    )
+    rocksdb_block_cache_mb: int = Field(
+        64, ge=1, description="RocksDB block cache per table partition, MiB"
+    )
     log_level: str = "info"
     log_format: str = Field("text", pattern="^(text|json)$")
 
