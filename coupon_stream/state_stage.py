@@ -124,12 +124,11 @@ class StateStage:
         batch = decode_batch(raw)
         if self.settings.state_retention_days:
             batch = await self._retain(batch, partition)
-        buyers = list(dict.fromkeys(b for b, _ in batch))
-        values = self.store.get_many(partition, [buyer_key(b) for b in buyers])
-        stored = dict(zip(buyers, values, strict=True))
+        keys = {b: buyer_key(b) for b, _ in batch}
+        *values, mark = self.store.get_many(partition, [*keys.values(), NEXT_OFFSET_KEY])
+        stored = dict(zip(keys, values, strict=True))
         result = apply_batch(batch, lambda b: BuyerState.decode(b, stored[b]))
-        writes = {buyer_key(b): s.encode() if s.kept else None for b, s in result.states.items()}
-        (mark,) = self.store.get_many(partition, [NEXT_OFFSET_KEY])
+        writes = {keys[b]: s.encode() if s.kept else None for b, s in result.states.items()}
         writes[NEXT_OFFSET_KEY] = str(max(offset + 1, int(mark or 0))).encode()
         await self._write(partition, writes)
         metrics.STATE_BUYERS_WRITTEN.inc(len(result.states))
