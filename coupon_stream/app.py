@@ -26,7 +26,7 @@ from prometheus_client import generate_latest
 from coupon_stream import metrics
 from coupon_stream.intake import Intake
 from coupon_stream.kafka import KafkaOut, PartitionReader
-from coupon_stream.logs import logging_config
+from coupon_stream.logs import Worker, logging_config
 from coupon_stream.settings import Settings
 from coupon_stream.sink import ResultSink
 from coupon_stream.state_stage import StateStage
@@ -65,6 +65,7 @@ class CouponStream:
             broker_session_timeout=s.session_timeout,
             broker_heartbeat_interval=max(0.5, s.session_timeout / 10),
             logging_config=logging_config(s.log_format, s.log_level),
+            Worker=Worker,
             consumer_auto_offset_reset="earliest",
             key_serializer="raw",
             value_serializer="raw",
