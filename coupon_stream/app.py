@@ -17,16 +17,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
-from faust.types import EventT
+from aiokafka.errors import KafkaError
+from faust.types import TP, EventT
 from prometheus_client import generate_latest
 
-from coupon_stream import metrics
+from coupon_stream import metrics, restore
 from coupon_stream.intake import Intake
 from coupon_stream.kafka import KafkaOut, PartitionReader
 from coupon_stream.logs import Worker, logging_config
+from coupon_stream.restore import ChangelogReader
 from coupon_stream.settings import Settings
 from coupon_stream.sink import ResultSink
 from coupon_stream.state_stage import StateStage
@@ -50,6 +53,7 @@ class CouponStream:
         sink: ResultSink | None = None,
         out: KafkaOut | None = None,
         reader: PartitionReader | None = None,
+        restore_reader: ChangelogReader | None = None,
     ) -> None:
         s = self.settings = settings
         self.app = faust.App(
@@ -66,6 +70,7 @@ class CouponStream:
             broker_heartbeat_interval=max(0.5, s.session_timeout / 10),
             logging_config=logging_config(s.log_format, s.log_level),
             Worker=Worker,
+            Table=BuyersTable,
             consumer_auto_offset_reset="earliest",
             key_serializer="raw",
             value_serializer="raw",
@@ -91,11 +96,13 @@ class CouponStream:
             on_changelog_event=self._on_restored,
         )
         changelog = self.buyers.changelog_topic.get_topic_name()
-        partitions: PartitionStore = (
+        self.partitions: PartitionStore = (
             RocksStore(self.buyers.data, changelog) if rocks else MemoryStore()
         )
         self.reader = reader or PartitionReader(s)
-        self.stage = StateStage(s, partitions, self.out, self.sink, changelog, self.reader)
+        self.restore_reader = restore_reader or PartitionReader(s)
+        self.buyers.before_recovery = self._bulk_restore
+        self.stage = StateStage(s, self.partitions, self.out, self.sink, changelog, self.reader)
         self.intake = Intake(s, self.out)
         self.state_agent = self.app.agent(self.by_buyer, name="state")(self._apply)
         self.app.task(self._run_intake)
@@ -106,6 +113,32 @@ class CouponStream:
         """Counts changelog records read back into local state (recovery and standbys)."""
         metrics.STATE_RESTORED.inc()
 
+    async def _bulk_restore(self, newly_assigned: set[TP], generation_id: int) -> None:
+        """Catch newly assigned active partitions up in bulk (see `restore`).
+
+        Only a speed-up: on any Kafka error Faust's own recovery reads what is left.
+        """
+        changelog = self.stage.changelog_topic
+        actives = self.app.assignor.assigned_actives()
+        partitions = sorted(
+            tp.partition
+            for tp in newly_assigned
+            if tp.topic == changelog and tp in actives and self.partitions.is_open(tp.partition)
+        )
+        if not partitions or not self.settings.bulk_restore_seconds:
+            return
+        try:
+            await restore.catch_up(
+                self.restore_reader,
+                self.partitions,
+                changelog,
+                partitions,
+                budget=self.settings.bulk_restore_seconds,
+                still_current=lambda: self.app.consumer_generation_id == generation_id,
+            )
+        except (KafkaError, OSError) as exc:
+            log.warning("bulk restore stopped, Faust's recovery reads the rest: %r", exc)
+
     async def _run_intake(self) -> None:
         await self.intake.run()
 
@@ -113,6 +146,7 @@ class CouponStream:
         """After the consumers stopped: deliver what is still in flight, then close."""
         await self.out.stop()
         await self.reader.stop()
+        await self.restore_reader.stop()
 
     # -- state stage --------------------------------------------------------------------------
 
@@ -238,6 +272,19 @@ class CouponStream:
             "database": database,
             "rebalancing": rebalancing,
         }
+
+
+class BuyersTable(faust.Table):
+    """Faust's table, with a hook that runs after local partitions open, before recovery."""
+
+    before_recovery: Callable[[set[TP], int], Awaitable[None]] | None = None
+
+    async def on_rebalance(
+        self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP], generation_id: int = 0
+    ) -> None:
+        await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
+        if self.before_recovery is not None:
+            await self.before_recovery(newly_assigned, generation_id)
 
 
 def _rocksdb_options(s: Settings) -> dict[str, Any]:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -119,30 +120,63 @@ class KafkaOut:
 
 
 class PartitionReader:
-    """Reads an offset range of one partition directly, outside any consumer group."""
+    """Reads offset ranges of partitions directly, outside any consumer group."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._consumer: AIOKafkaConsumer | None = None
 
+    async def _started(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            self._consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.settings.bootstrap_servers,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",  # a start the log no longer holds: its first
+                max_partition_fetch_bytes=4 * 1024 * 1024,
+                fetch_max_bytes=16 * 1024 * 1024,
+            )
+            await self._consumer.start()
+        return self._consumer
+
+    async def ends(self, topic: str, partitions: Iterable[int]) -> dict[int, tuple[int, int]]:
+        """(first offset the log holds, end offset) of each partition."""
+        consumer = await self._started()
+        tps = [TopicPartition(topic, p) for p in partitions]
+        first = await consumer.beginning_offsets(tps)
+        end = await consumer.end_offsets(tps)
+        return {tp.partition: (first[tp], end[tp]) for tp in tps}
+
+    async def batches(
+        self, topic: str, ranges: Mapping[int, tuple[int, int]]
+    ) -> AsyncIterator[tuple[int, list[Any], int]]:
+        """Yield (partition, records, next offset) until each [start, end) range is read.
+
+        Records at or past a range's end are left out; offsets the log no longer holds
+        (compacted or deleted) are skipped.
+        """
+        consumer = await self._started()
+        left = {TopicPartition(topic, p): end for p, (start, end) in ranges.items() if start < end}
+        consumer.assign(list(left))
+        for tp in left:
+            consumer.seek(tp, ranges[tp.partition][0])
+        while left:
+            fetched = await consumer.getmany(*left, timeout_ms=1000)
+            for tp in list(left):
+                end = left[tp]
+                records = [r for r in fetched.get(tp, ()) if r.offset < end]
+                position = min(await consumer.position(tp), end)
+                if position >= end:
+                    del left[tp]
+                if records or position >= end:
+                    yield tp.partition, records, position
+
     async def read(
         self, topic: str, partition: int, start: int, end: int
     ) -> list[tuple[int, bytes]]:
         """(offset, value) of every record in [start, end) that the log still holds."""
-        if self._consumer is None:
-            self._consumer = AIOKafkaConsumer(
-                bootstrap_servers=self.settings.bootstrap_servers, enable_auto_commit=False
-            )
-            await self._consumer.start()
-        consumer = self._consumer
-        tp = TopicPartition(topic, partition)
-        consumer.assign([tp])
-        first = (await consumer.beginning_offsets([tp]))[tp]
-        consumer.seek(tp, max(start, first))
         records: list[tuple[int, bytes]] = []
-        while await consumer.position(tp) < end:
-            batch = await consumer.getmany(tp, timeout_ms=1000)
-            records += [(r.offset, r.value) for r in batch.get(tp, ()) if r.offset < end]
+        async for _, batch, _ in self.batches(topic, {partition: (start, end)}):
+            records += [(r.offset, r.value) for r in batch]
         return records
 
     async def stop(self) -> None:

@@ -49,6 +49,10 @@ STATE_RESTORED = Counter(
     "coupon_state_restored_records_total",
     "Changelog records read into local state (recovery after assignment, standby replicas)",
 )
+STATE_BULK_RESTORED = Counter(
+    "coupon_state_bulk_restored_records_total",
+    "Of those, records read in bulk on assignment, before Faust's record-by-record recovery",
+)
 STATE_KEYS = Gauge(
     "coupon_state_keys",
     "Buyers in the local RocksDB state per partition (RocksDB's estimate, every 10 s)",

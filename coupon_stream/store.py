@@ -25,6 +25,10 @@ class PartitionStore(Protocol):
 
     def persist_offset(self, partition: int, offset: int) -> None: ...
 
+    def persisted_offset(self, partition: int) -> int | None: ...
+
+    def is_open(self, partition: int) -> bool: ...
+
 
 class RocksStore:
     """The partitions of a Faust `rocksdb://` table store (rocksdict driver)."""
@@ -59,8 +63,15 @@ class RocksStore:
 
         Skipped once the partition has moved away (Faust closed its database).
         """
-        if partition in self._store._dbs:
+        if self.is_open(partition):
             self._store.set_persisted_offset(TP(self._changelog_topic, partition), offset)
+
+    def persisted_offset(self, partition: int) -> int | None:
+        return self._store.persisted_offset(TP(self._changelog_topic, partition))
+
+    def is_open(self, partition: int) -> bool:
+        """Whether Faust opened this partition's database for this worker (active copies)."""
+        return partition in self._store._dbs
 
 
 class MemoryStore:
@@ -87,3 +98,9 @@ class MemoryStore:
 
     def persist_offset(self, partition: int, offset: int) -> None:
         self.offsets[partition] = max(offset, self.offsets.get(partition, -1))
+
+    def persisted_offset(self, partition: int) -> int | None:
+        return self.offsets.get(partition)
+
+    def is_open(self, partition: int) -> bool:
+        return True

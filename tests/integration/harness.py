@@ -290,11 +290,14 @@ class Pipeline:
         """Records in the state table's changelog topic (end offsets summed)."""
         return await status.records_in(BOOTSTRAP, self.settings.changelog_topic)
 
-    async def metric(self, worker: Worker, name: str) -> float:
-        """Sum of a Prometheus metric's samples on one worker's /metrics."""
+    async def metric(self, worker: Worker, name: str, **labels: str) -> float:
+        """Sum of a Prometheus metric's samples on one worker's /metrics, matching `labels`."""
         _, body = await self.http_get(worker, "/metrics")
+        wanted = [f'{k}="{v}"' for k, v in labels.items()]
         total = 0.0
         for line in body.decode().splitlines():
             if line.startswith(name + "{") or line.startswith(name + " "):
-                total += float(line.rsplit(" ", 1)[1])
+                sample, value = line.rsplit(" ", 1)
+                if all(w in sample for w in wanted):
+                    total += float(value)
         return total

@@ -171,3 +171,40 @@ async def test_restart_on_same_data_dir_resumes_from_local_rocksdb(pipeline):
     await p.wait_ready(fresh)
     assert await p.metric(fresh, "coupon_state_restored_records_total") == changelog
     assert await p.table_rows() == reference.evaluate(data.orders, data.refunds)
+
+
+async def test_empty_data_dir_restores_in_bulk_and_a_replay_counts_nothing_twice(pipeline):
+    p = pipeline
+    p.partitions = 2  # two large partitions, each far past the bulk restore threshold
+    await p.create_topics(orders=2, refunds=2)
+    data = generate(10_000, seed=9)
+    messages = [(p.orders_topic, None, orjson.dumps(o)) for o in data.orders]
+    messages += [(p.refunds_topic, None, orjson.dumps(r)) for r in data.refunds]
+    await p.produce(messages)
+    first = p.start_worker(0)
+    await p.wait_quiescent()
+    p.kill(first, signal.SIGTERM)
+    changelog = await p.changelog_size()
+
+    fresh = p.start_worker(1)  # empty data dir
+    ready_s = await p.wait_ready(fresh)
+    restored = await p.metric(fresh, "coupon_state_restored_records_total")
+    bulk = await p.metric(fresh, "coupon_state_bulk_restored_records_total")
+    assert restored == bulk == changelog
+
+    # Every record again: with the state restored right, each is a duplicate.
+    await p.produce(messages)
+    await p.wait_quiescent()
+    duplicates = await p.metric(fresh, "coupon_records_total", outcome="duplicate")
+    equal = await p.table_rows() == reference.evaluate(data.orders, data.refunds)
+    record(
+        "restore: empty data dir, bulk, then a full replay",
+        changelog_records=changelog,
+        bulk_restored=bulk,
+        ready_s=round(ready_s, 1),
+        replayed=len(messages),
+        duplicates=duplicates,
+        equal=equal,
+    )
+    assert duplicates == len(messages)
+    assert equal
