@@ -209,20 +209,25 @@ class CouponStream:
 
         @app.timer(interval=5.0)
         async def export_lag() -> None:
-            """Messages between each assigned partition's end and its committed offset."""
+            """Messages behind each assigned partition's end: by-buyer, intake and standby."""
             consumer = app.consumer
-            for tp in consumer.assignment():
-                if tp.topic not in watched:
-                    continue
+
+            def behind(tp: TP, done: int) -> None:
                 try:
                     end = consumer.highwater(tp)
                 except Exception:  # noqa: BLE001 - not known yet right after assignment
-                    continue
-                committed = consumer._committed_offset.get(tp) or 0
+                    return
                 if end is not None:
-                    metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(
-                        max(0, end - committed)
-                    )
+                    metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, end - done))
+
+            for tp in consumer.assignment():
+                if tp.topic in watched:
+                    behind(tp, consumer._committed_offset.get(tp) or 0)
+            # A standby copy is as current as the last changelog offset Faust applied to it.
+            recovery = app.tables.recovery
+            for tp in recovery.standby_tps:
+                applied = recovery.standby_offsets.get(tp)
+                behind(tp, 0 if applied is None else applied + 1)
             for tp, n in self.intake.lag().items():
                 metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(n)
 

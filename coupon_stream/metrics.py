@@ -37,7 +37,8 @@ STATE_EXPIRED = Counter(
 )
 CONSUMER_LAG = Gauge(
     "coupon_consumer_lag",
-    "Messages behind the end of each assigned partition",
+    "Messages behind the end of each assigned partition (standby copies: changelog records "
+    "not yet mirrored)",
     ["topic", "partition"],
 )
 STATE_ENTRIES = Gauge(
