@@ -85,6 +85,51 @@ async def test_rebalance_add_and_remove_workers_mid_stream(pipeline):
     )
 
 
+async def standby_lags(p, worker) -> dict[str, float]:
+    """This worker's `coupon_consumer_lag` samples of changelog partitions (standby copies)."""
+    _, body = await p.http_get(worker, "/metrics")
+    changelog = f'topic="{p.settings.changelog_topic}"'
+    return {
+        sample: float(value)
+        for sample, value in (line.rsplit(" ", 1) for line in body.decode().splitlines())
+        if sample.startswith("coupon_consumer_lag{") and changelog in sample
+    }
+
+
+async def test_kill_9_with_standby_replicas(pipeline):
+    p = pipeline
+    p.partitions = 4
+    p.extra_env["COUPON_STANDBY_REPLICAS"] = "1"
+    data, bad, slices = await load(p, in_parts=(4, 4), parts=2)
+    workers = [p.start_worker(i) for i in range(2)]
+    await p.produce(slices[0])
+    await p.wait_quiescent(timeout=420)
+    # Each partition has one standby copy, on the worker that does not own it; the lag
+    # gauge shows each copy catching up to the changelog's end.
+    began = time.monotonic()
+    while True:
+        lags = [await standby_lags(p, w) for w in workers]
+        if sum(len(w) for w in lags) == p.partitions and not any(
+            v for w in lags for v in w.values()
+        ):
+            break
+        assert time.monotonic() - began < 120, f"standbys never current: {lags}"
+        await asyncio.sleep(1)
+    standby_current_s = round(time.monotonic() - began, 1)
+    await p.produce(slices[1])
+    await p.wait_for_progress()
+    p.kill(workers[0])
+    resumed = await p.wait_for_progress()
+    await check(
+        p,
+        data,
+        bad,
+        "standby: 2 workers, 1 standby replica, kill -9 mid-stream",
+        standby_current_after_drain_s=standby_current_s,
+        resumed_after_kill_s=round(resumed, 1),
+    )
+
+
 async def test_database_outage_is_retried_and_reported(pipeline):
     p = pipeline
     data, bad = await load(p)
