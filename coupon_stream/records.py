@@ -13,6 +13,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, NamedTuple
 
+import msgspec
 import orjson
 from pydantic import (
     BaseModel,
@@ -180,15 +181,38 @@ def partition_for_buyer(buyer_id: int, partitions: int) -> int:
 
 # -- the hot path ---------------------------------------------------------------------------
 #
-# pydantic costs ~9 us per record, about the whole per-event budget at 100k events/s. Almost
-# every message is plainly valid, so `read_row` checks the common shapes by hand and lets
-# `parse_record` (the authority, with its readable reasons) decide everything else. The fast
-# check only ever accepts: a record it is unsure of goes to pydantic. A property test holds
-# the two to the same answers.
+# pydantic costs ~9 us per record, about the whole per-event budget at 100k events/s, and
+# decoding the whole object with orjson then checking it by hand still cost ~3.8 us. Almost
+# every message is plainly valid, so `read_row` decodes only the fields it needs, with their
+# JSON types checked in C by msgspec (~1 us; other fields are skipped unread), checks the
+# rest by hand, and lets `parse_record` (the authority, with its readable reasons) decide
+# everything else. The fast check only ever accepts: a record it is unsure of goes to
+# pydantic. A property test holds the two to the same answers.
 
 Row = tuple[int, str, str, int, int, str | None, str | None]
 """(buyer_id, biz_order_id, pay_status, effect_time, yuan, gmt_create, gmt_modified)."""
 
+
+class _PlainOrder(msgspec.Struct, gc=False):
+    """The fields a row needs, with the JSON types a plainly valid record has."""
+
+    biz_order_id: str
+    pay_status: str
+    buyer_id: str | int
+    pay_time: str
+    amount: float = msgspec.field(name="div_idx_actual_total_fee")
+    gmt_create: str | None = None
+    gmt_modified: str | None = None
+
+
+class _PlainRefund(_PlainOrder, gc=False):
+    amount: float = msgspec.field(name="refund_fee")
+
+
+_PLAIN = {
+    Source.ORDERS: msgspec.json.Decoder(_PlainOrder),
+    Source.REFUNDS: msgspec.json.Decoder(_PlainRefund),
+}
 _MAX_EXACT = 10**15  # |amount| below this converts to float exactly, and /100 fits a BIGINT
 _TIME_OF_DAY = re.compile(r" (?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]")
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
@@ -210,47 +234,44 @@ def _day(text: str) -> int | None:
     return day
 
 
-def _fast_row(data: dict, amount_field: str) -> Row | None:
+def _fast_row(plain: _PlainOrder) -> Row | None:
     """The row of a plainly valid record, or None if pydantic must look at it."""
-    order = data.get("biz_order_id")
-    status = data.get("pay_status")
-    pay_time = data.get("pay_time")
-    if type(order) is not str or type(status) is not str or type(pay_time) is not str:
-        return None
-    buyer = data.get("buyer_id")
+    buyer = plain.buyer_id
     if type(buyer) is str:
         if not (len(buyer) <= 18 and buyer.isascii() and buyer.isdigit()):
             return None
         buyer = int(buyer)
-    elif type(buyer) is not int or not 0 <= buyer <= INT64_MAX:
+    elif not 0 <= buyer <= INT64_MAX:
         return None
-    amount = data.get(amount_field)
-    if (type(amount) is not float and type(amount) is not int) or not (
-        -_MAX_EXACT < amount < _MAX_EXACT
-    ):
-        return None  # NaN fails the comparison too
-    created = data.get("gmt_create")
-    modified = data.get("gmt_modified")
-    if created is not None and (type(created) is not str or len(created) > MAX_TIMESTAMP_CHARS):
+    amount = plain.amount
+    if not -_MAX_EXACT < amount < _MAX_EXACT:
         return None
-    if modified is not None and (type(modified) is not str or len(modified) > MAX_TIMESTAMP_CHARS):
+    created = plain.gmt_create
+    modified = plain.gmt_modified
+    if created is not None and len(created) > MAX_TIMESTAMP_CHARS:
         return None
+    if modified is not None and len(modified) > MAX_TIMESTAMP_CHARS:
+        return None
+    pay_time = plain.pay_time
     if len(pay_time) != 19 or not _TIME_OF_DAY.fullmatch(pay_time, 10):
         return None
     day = _day(pay_time[:10])
     if day is None:
         return None
-    return (buyer, order, status, day, math.trunc(float(amount) / 100), created, modified)
+    order = plain.biz_order_id
+    return (buyer, order, plain.pay_status, day, math.trunc(amount / 100), created, modified)
 
 
 def read_row(raw: bytes | None, source: Source) -> Row:
     """Validate one message into the row the state stage keeps; `BadRecord` if it cannot count."""
-    data = _decode(raw)
-    if type(data) is dict:
-        row = _fast_row(data, AMOUNT_FIELD[source])
+    if raw is not None:
+        try:
+            row = _fast_row(_PLAIN[source].decode(raw))
+        except msgspec.DecodeError:
+            row = None
         if row is not None:
             return row
-    return row_of(_validate(data, source))
+    return row_of(_validate(_decode(raw), source))
 
 
 def row_of(record: PaymentRecord) -> Row:
