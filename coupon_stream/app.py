@@ -102,7 +102,15 @@ class CouponStream:
         self.reader = reader or PartitionReader(s)
         self.restore_reader = restore_reader or PartitionReader(s)
         self.buyers.before_recovery = self._bulk_restore
-        self.stage = StateStage(s, self.partitions, self.out, self.sink, changelog, self.reader)
+        self.stage = StateStage(
+            s,
+            self.partitions,
+            self.out,
+            self.sink,
+            changelog,
+            self.reader,
+            assignment=lambda: None if self.app.rebalancing else self.app.rebalancing_count,
+        )
         self.intake = Intake(s, self.out)
         self.state_agent = self.app.agent(self.by_buyer, name="state")(self._apply)
         self.app.task(self._run_intake)
@@ -180,7 +188,13 @@ class CouponStream:
         delivered, or stall behind it for good; the events are still acknowledged so that
         Faust's rebalance (which waits for acks) goes on.
         """
-        events = await self.stage.flush()
+        events, written = await self.stage.flush()
+        if not written:
+            # Given up during a rebalance: acknowledged, Faust would commit them as it hands
+            # the partitions over. Released instead, so its wait for acks is not held either.
+            for event in events:
+                self.app.consumer._unacked_messages.discard(event.message)
+            return
         offsets: dict[Any, int] = {}
         for event in events:
             tp = event.message.tp

@@ -66,6 +66,11 @@ SKIPPED_REAPPLIED = Counter(
 INTAKE_RETRIES = Counter(
     "coupon_intake_retries_total", "Intake batches Kafka refused and that were sent again"
 )
+SINK_ABANDONED = Counter(
+    "coupon_sink_abandoned_rows_total",
+    "Rows given up because the database was down during a rebalance; the partitions' next "
+    "owner replays their messages and writes them",
+)
 CHANGELOG_RETRIES = Counter(
     "coupon_changelog_retries_total",
     "State changelog batches Kafka refused and that were sent again with the keys' current values",

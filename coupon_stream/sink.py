@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import (
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 RowKey = tuple[int, int]  # (buyer_id, effect_time)
 CHUNK = 1000
+READ_TIMEOUT = 30.0  # seconds
 
 
 def result_table(name: str, metadata: MetaData | None = None) -> Table:
@@ -48,7 +49,11 @@ def result_table(name: str, metadata: MetaData | None = None) -> Table:
 
 
 def _engine(url: str) -> AsyncEngine:
-    connect_args = {"connect_timeout": 5} if url.startswith("mysql") else {}
+    # A statement that hangs (a server gone silent) fails after READ_TIMEOUT and is retried,
+    # well before Faust's 60 s rebalance timeout could hand its partitions to another worker.
+    connect_args = (
+        {"connect_timeout": 5, "read_timeout": READ_TIMEOUT} if url.startswith("mysql") else {}
+    )
     return create_async_engine(
         url, pool_pre_ping=True, pool_recycle=1800, connect_args=connect_args
     )
@@ -168,18 +173,29 @@ class ResultSink:
             return False
         return True
 
-    async def write(self, rows: Mapping[RowKey, ResultRow | None]) -> None:
-        """Upsert the rows that are present, delete the keys mapped to None, in one commit."""
+    async def write(
+        self,
+        rows: Mapping[RowKey, ResultRow | None],
+        still_wanted: Callable[[], bool] | None = None,
+    ) -> bool:
+        """Upsert the rows that are present, delete the keys mapped to None, in one commit.
+
+        Returns False, having written nothing, if `still_wanted()` turns false between two
+        attempts (the database is down during a rebalance).
+        """
         if not rows:
-            return
+            return True
         upserts = [r for r in rows.values() if r is not None]
         deletes = [k for k, r in rows.items() if r is None]
         started = time.perf_counter()
-        await self._retry("write", self._write_once, upserts, deletes)
+        if not await self._retry("write", self._write_once, upserts, deletes, wanted=still_wanted):
+            metrics.SINK_ABANDONED.inc(len(rows))
+            return False
         metrics.SINK_FLUSH_SECONDS.observe(time.perf_counter() - started)
         metrics.SINK_BATCH_ROWS.observe(len(rows))
         metrics.ROWS_UPSERTED.inc(len(upserts))
         metrics.ROWS_DELETED.inc(len(deletes))
+        return True
 
     async def _write_once(self, upserts: list[ResultRow], deletes: Sequence[RowKey]) -> None:
         assert self._engine is not None
@@ -209,10 +225,25 @@ class ResultSink:
         self._sql = _DriverSql(str(compiled), table, mark)
         return self._sql
 
-    async def _retry(self, what: str, fn, *args: object) -> None:  # noqa: ANN001
+    async def _retry(
+        self,
+        what: str,
+        fn: Callable[..., Awaitable[None]],
+        *args: object,
+        wanted: Callable[[], bool] | None = None,
+    ) -> bool:
+        """Run `fn` until it works (True), or until `wanted()` is false before a retry."""
         delay = 0.1
         failures = 0
         while True:
+            if failures and wanted is not None and not wanted():
+                log.warning(
+                    "database %s: gave up a %s after %d failed attempts, it is no longer wanted",
+                    self._safe_url,
+                    what,
+                    failures,
+                )
+                return False
             try:
                 await fn(*args)
             except (SQLAlchemyError, OSError) as exc:
@@ -242,7 +273,7 @@ class ResultSink:
                 )
             self.available = True
             metrics.SINK_AVAILABLE.set(1)
-            return
+            return True
 
     async def fetch_all(self) -> list[tuple]:
         """All rows, ordered by key (for `coupon-stream show` and tests)."""

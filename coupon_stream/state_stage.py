@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiokafka.errors import KafkaError
@@ -53,6 +53,7 @@ class StateStage:
         sink: ResultSink,
         changelog_topic: str,
         reader: PartitionReader,
+        assignment: Callable[[], int | None] = lambda: 0,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -60,6 +61,8 @@ class StateStage:
         self.sink = sink
         self.changelog_topic = changelog_topic
         self.reader = reader
+        # Which assignment the worker is in; None while a rebalance is in progress.
+        self.assignment = assignment
         self.pending = PendingWrites()
         self._unconfirmed: list[_Unconfirmed] = []
         self._flush_lock = asyncio.Lock()
@@ -157,22 +160,38 @@ class StateStage:
 
     # -- flush ------------------------------------------------------------------------------
 
-    async def flush(self) -> list[object]:
-        """Confirm the changelog, commit the rows; return the tokens now safe to acknowledge.
+    async def flush(self) -> tuple[list[object], bool]:
+        """Confirm the changelog, commit the rows; return the tokens to acknowledge, and
+        whether their offsets may be committed.
 
-        One flush at a time keeps the writes of a key in order.
+        One flush at a time keeps the writes of a key in order. If the database is down
+        during a rebalance, the write is given up rather than retried: the partitions may
+        move, and a write landing after their next owner's would put older values back.
+        Its messages are neither acknowledged nor committed, so the next owner (maybe this
+        worker again) replays them, and a replay re-sends each touched key's current values.
         """
         async with self._flush_lock:
             rows, tokens = self.pending.take()
             unconfirmed, self._unconfirmed = self._unconfirmed, []
             if not tokens:
-                return []
+                return [], True
+            assignment = self.assignment()
             offsets = await self._confirm_changelog(unconfirmed)
-            await self.sink.write(rows)
+            written = await self.sink.write(
+                rows,
+                still_wanted=lambda: assignment is not None and self.assignment() == assignment,
+            )
+            if not written:
+                log.warning(
+                    "the database was down during a rebalance: %d rows of %d messages left "
+                    "to their partitions' next owner, which replays the messages",
+                    len(rows),
+                    len(tokens),
+                )
             for partition, offset in offsets.items():
-                self.store.persist_offset(partition, offset)
+                self.store.persist_offset(partition, offset)  # the local state holds them
             self.pending.written()
-            return tokens
+            return tokens, written
 
     async def _confirm_changelog(self, unconfirmed: Sequence[_Unconfirmed]) -> dict[int, int]:
         """Wait for every changelog send; re-send what failed until Kafka takes it.

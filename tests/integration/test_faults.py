@@ -159,6 +159,38 @@ async def test_database_outage_is_retried_and_reported(pipeline):
     assert code == 200
 
 
+async def test_a_worker_joins_while_the_database_is_down(pipeline):
+    """The first worker's write is retrying when the group rebalances: it gives the write up
+    (committing nothing) instead of holding the rebalance, and whoever owns each partition
+    next replays and writes it."""
+    p = pipeline
+    data, bad, slices = await load(p, parts=2)
+    first = p.start_worker(0)
+    await p.produce(slices[0])
+    await p.wait_quiescent(timeout=420)
+    service("mariadb.sh", "stop")
+    try:
+        await p.produce(slices[1])  # work that cannot be written yet
+        await asyncio.sleep(3)
+        p.start_worker(1)
+        began = time.monotonic()
+        while not (abandoned := await p.metric(first, "coupon_sink_abandoned_rows_total")):
+            assert time.monotonic() - began < 90, first.tail()
+            await asyncio.sleep(0.5)
+        given_up_s = time.monotonic() - began
+        p.assert_workers_alive()
+    finally:
+        service("mariadb.sh", "start")
+    await check(
+        p,
+        data,
+        bad,
+        "database down, then a worker joins: the retrying write is given up and replayed",
+        abandoned_rows=abandoned,
+        given_up_after_join_s=round(given_up_s, 1),
+    )
+
+
 async def test_broker_restart_mid_stream(pipeline):
     p = pipeline
     data, bad = await load(p)

@@ -32,13 +32,30 @@ class RecordingSink:
     async def ping(self):
         return True
 
-    async def write(self, rows):
+    async def write(self, rows, still_wanted=None):
         self.writes += 1
         for key, row in rows.items():
             if row is None:
                 self.table.pop(key, None)
             else:
                 self.table[key] = row
+        return True
+
+
+class DownSink(RecordingSink):
+    """A database that is down: every attempt fails until the write is no longer wanted."""
+
+    def __init__(self):
+        super().__init__()
+        self.attempts = 0
+        self.attempting = asyncio.Event()
+
+    async def write(self, rows, still_wanted=None):
+        while still_wanted is None or still_wanted():
+            self.attempts += 1
+            self.attempting.set()
+            await asyncio.sleep(0.01)
+        return False
 
 
 class Meta:
@@ -296,7 +313,7 @@ async def test_a_message_skipped_by_the_consumer_is_read_back_and_applied(stream
     assert stream.reader.reads == [(2, 1, 3)]
     await stream.stage.add(log[(2, 1)], 2, 1, "t1")  # a late replay changes nothing
     assert stream.reader.reads == [(2, 1, 3)]
-    assert await stream.stage.flush() == ["t0", "t3", "t1"]
+    assert await stream.stage.flush() == (["t0", "t3", "t1"], True)
     assert sorted(k[0] for k in stored(stream, 9, partition=2).kept) == ["o0", "o1", "o2", "o3"]
     assert stream.sink.table[(9, 20261111)].cumulate_amount == 40
     assert stream.stage.store.get_many(2, [b"~next-offset"]) == [b"4"]
@@ -325,6 +342,20 @@ async def test_the_state_agent_commits_what_it_flushed(stream):
         await put(stream, agent, encode_batch([(5, contribution("o2", 1, "x"))]), partition=3)
     (((topic, partition), offset),) = stream.committed.items()
     assert partition == 3 and offset == 2
+
+
+async def test_a_write_retrying_when_a_rebalance_starts_is_given_up_uncommitted(tmp_path):
+    """A late write could land after the partitions' next owner's; it replays instead."""
+    cs = make_stream(tmp_path, partitions=1)
+    cs.sink = cs.stage.sink = DownSink()
+    await cs.stage.add(encode_batch([(5, contribution("o1", 100, "x"))]), 0, 0, "t0")
+    flush = asyncio.ensure_future(cs.stage.flush())
+    await cs.sink.attempting.wait()
+    cs.app.on_rebalance_start()
+    assert await asyncio.wait_for(flush, 5) == (["t0"], False)
+    assert cs.sink.table == {}
+    assert stored(cs, 5).kept  # the state and its changelog keep the record
+    assert cs.stage.store.offsets[0] == len(cs.out.changelog[0]) - 1
 
 
 async def test_intake_sends_a_refused_batch_again_before_it_commits():

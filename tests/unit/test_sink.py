@@ -3,6 +3,7 @@ tests/integration)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,25 @@ async def test_upserts_overwrite_and_deletes_remove(tmp_path: Path) -> None:
     assert rows == [("c2", None, 1, 7, 20261111)] + [
         ("c", "m", b, b * 10, 20261111) for b in range(2400, 2500)
     ]
+
+
+@pytest.mark.asyncio
+async def test_a_failing_write_no_longer_wanted_is_given_up(tmp_path: Path) -> None:
+    sink = ResultSink(f"sqlite+aiosqlite:///{tmp_path / 'r.db'}", "result")
+    await sink.start()
+    attempts = 0
+
+    async def down(upserts: object, deletes: object) -> None:
+        nonlocal attempts
+        attempts += 1
+        raise OSError("database down")
+
+    sink._write_once = down  # type: ignore[method-assign]
+    try:
+        row = {(1, 20261111): ResultRow("c", "m", 1, 10, 20261111)}
+        wanted = iter([True, False])
+        assert not await asyncio.wait_for(sink.write(row, still_wanted=lambda: next(wanted)), 10)
+        assert attempts == 2  # the first attempt, one retry, then it was no longer wanted
+        assert await sink.fetch_all() == []
+    finally:
+        await sink.stop()
