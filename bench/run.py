@@ -287,11 +287,15 @@ async def restore(run: str, topics: str, partitions: int, tmp: Path) -> dict:
         while not proc.ready():
             await asyncio.sleep(0.1)
         elapsed = time.perf_counter() - start
+        read = proc.metric("coupon_state_restored_records_total")
+        bulk = proc.metric("coupon_state_bulk_restored_records_total")
     finally:
         proc.stop()
     return {
         "changelog_records_written": written,
         "changelog_records_read": present,
+        "records_read_in_bulk": int(bulk),
+        "records_read_by_faust_recovery": int(read - bulk),
         "seconds_to_ready": round(elapsed, 2),
         "records_per_s": round(present / elapsed),
     }
@@ -355,7 +359,9 @@ def markdown(result: dict) -> str:
         lines.append(
             f"\nChangelog restore, empty local state: {rs['changelog_records_read']} records "
             f"(of {rs['changelog_records_written']} written; the rest compacted away) "
-            f"in {rs['seconds_to_ready']} s to ready = {rs['records_per_s']} records/s"
+            f"in {rs['seconds_to_ready']} s to ready = {rs['records_per_s']} records/s, "
+            f"worker start included ({rs['records_read_in_bulk']} read in bulk, "
+            f"{rs['records_read_by_faust_recovery']} by Faust's recovery)"
         )
     return "\n".join(lines)
 
