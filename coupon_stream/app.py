@@ -54,6 +54,7 @@ class CouponStream:
         out: KafkaOut | None = None,
         reader: PartitionReader | None = None,
         restore_reader: ChangelogReader | None = None,
+        changelog_ends: dict[int, int] | None = None,
     ) -> None:
         s = self.settings = settings
         self.app = faust.App(
@@ -101,6 +102,8 @@ class CouponStream:
         )
         self.reader = reader or PartitionReader(s)
         self.restore_reader = restore_reader or PartitionReader(s)
+        # Read before the app starts: the first assignment trusts them (see `_bulk_restore`).
+        self._changelog_ends_at_start = changelog_ends
         self.buyers.before_recovery = self._bulk_restore
         self.stage = StateStage(
             s,
@@ -133,6 +136,9 @@ class CouponStream:
             for tp in newly_assigned
             if tp.topic == changelog and tp in actives and self.partitions.is_open(tp.partition)
         )
+        # Only the first assignment may trust them: the ends only grow, so a stale hint can
+        # only make it leave a restore to Faust's recovery, never skip a record.
+        hint, self._changelog_ends_at_start = self._changelog_ends_at_start, None
         if not partitions or not self.settings.bulk_restore_seconds:
             return
         try:
@@ -143,6 +149,7 @@ class CouponStream:
                 partitions,
                 budget=self.settings.bulk_restore_seconds,
                 still_current=lambda: self.app.consumer_generation_id == generation_id,
+                ends_hint=hint,
             )
         except (KafkaError, OSError) as exc:
             log.warning("bulk restore stopped, Faust's recovery reads the rest: %r", exc)

@@ -15,15 +15,21 @@ from coupon_stream.settings import Settings
 
 def _worker(extra: list[str]) -> None:
     from coupon_stream.app import CouponStream
-    from coupon_stream.status import create_internal_topics
+    from coupon_stream.status import create_internal_topics, end_offsets
 
     settings = Settings()
+
+    async def prepare() -> dict[int, int]:
+        await create_internal_topics(settings)
+        return await end_offsets(settings.bootstrap_servers, settings.changelog_topic)
+
     try:
-        asyncio.run(asyncio.wait_for(create_internal_topics(settings), 60))
+        changelog_ends = asyncio.run(asyncio.wait_for(prepare(), 60))
     except (TimeoutError, OSError, RuntimeError, KafkaError) as exc:
         # Faust creates them itself when it can reach the broker.
         print(f"could not create the internal topics before start: {exc!r}", file=sys.stderr)
-    stream = CouponStream(settings)
+        changelog_ends = None
+    stream = CouponStream(settings, changelog_ends=changelog_ends)
     if not any(a in ("-l", "--loglevel") or a.startswith("--loglevel=") for a in extra):
         extra = ["--loglevel", settings.log_level, *extra]
     sys.argv = ["coupon-stream", "worker", *extra]

@@ -126,7 +126,8 @@ class PartitionReader:
         self.settings = settings
         self._consumer: AIOKafkaConsumer | None = None
 
-    async def _started(self) -> AIOKafkaConsumer:
+    async def start(self) -> AIOKafkaConsumer:
+        """Connect now (idempotent), so a later read does not pay for the bootstrap."""
         if self._consumer is None:
             self._consumer = AIOKafkaConsumer(
                 bootstrap_servers=self.settings.bootstrap_servers,
@@ -138,13 +139,10 @@ class PartitionReader:
             await self._consumer.start()
         return self._consumer
 
-    async def ends(self, topic: str, partitions: Iterable[int]) -> dict[int, tuple[int, int]]:
-        """(first offset the log holds, end offset) of each partition."""
-        consumer = await self._started()
+    async def end_offsets(self, topic: str, partitions: Iterable[int]) -> dict[int, int]:
+        consumer = await self.start()
         tps = [TopicPartition(topic, p) for p in partitions]
-        first = await consumer.beginning_offsets(tps)
-        end = await consumer.end_offsets(tps)
-        return {tp.partition: (first[tp], end[tp]) for tp in tps}
+        return {tp.partition: end for tp, end in (await consumer.end_offsets(tps)).items()}
 
     async def batches(
         self, topic: str, ranges: Mapping[int, tuple[int, int]]
@@ -154,7 +152,7 @@ class PartitionReader:
         Records at or past a range's end are left out; offsets the log no longer holds
         (compacted or deleted) are skipped.
         """
-        consumer = await self._started()
+        consumer = await self.start()
         left = {TopicPartition(topic, p): end for p, (start, end) in ranges.items() if start < end}
         consumer.assign(list(left))
         for tp in left:

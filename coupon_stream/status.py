@@ -81,15 +81,21 @@ async def lag(settings: Settings) -> tuple[dict[TopicPartition, int], int]:
         await consumer.stop()
 
 
-async def records_in(bootstrap: str, topic: str) -> int:
-    """Records ever written to a topic (end offsets summed); compaction may have removed some."""
+async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    """Each partition's end offset (empty if the topic does not exist)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     await consumer.start()
     try:
         tps = await partitions_of(consumer, [topic])
-        return sum((await consumer.end_offsets(tps)).values()) if tps else 0
+        ends = await consumer.end_offsets(tps) if tps else {}
+        return {tp.partition: end for tp, end in ends.items()}
     finally:
         await consumer.stop()
+
+
+async def records_in(bootstrap: str, topic: str) -> int:
+    """Records ever written to a topic (end offsets summed); compaction may have removed some."""
+    return sum((await end_offsets(bootstrap, topic)).values())
 
 
 def _pending_from_metrics(port: int) -> float | None:

@@ -27,8 +27,8 @@ class Changelog:
         self.fetch = 3  # records per fetched batch
         self.asked: dict[int, tuple[int, int]] = {}
 
-    async def ends(self, topic, partitions):
-        return {p: (self.first.get(p, 0), len(self.logs[p])) for p in partitions}
+    async def end_offsets(self, topic, partitions):
+        return {p: len(self.logs[p]) for p in partitions}
 
     async def batches(self, topic, ranges):
         self.asked = dict(ranges)
@@ -71,8 +71,7 @@ async def test_applies_the_log_past_the_persisted_offset_in_order():
 async def test_starts_where_the_log_starts_when_its_head_was_compacted_away():
     log = Changelog({0: log_of(*[(b"k%d" % i, b"v%d" % i) for i in range(6)])}, first={0: 4})
     store = MemoryStore()
-    await run(log, store)
-    assert log.asked == {0: (4, 6)}
+    assert await run(log, store) == {0: 2}
     assert restored(store, 0) == {b"k4": b"v4", b"k5": b"v5"}
     assert store.persisted_offset(0) == 5
 
@@ -96,3 +95,14 @@ async def test_stopping_early_keeps_a_prefix_with_its_offset(stop):
     assert applied == {0: 3}  # one fetched batch
     assert restored(store, 0) == {b"k0": b"v0", b"k1": b"v1", b"k2": b"v2"}
     assert store.persisted_offset(0) == 2  # Faust's recovery goes on from offset 3
+
+
+async def test_an_empty_changelog_at_start_up_costs_no_request():
+    class Unreachable(Changelog):
+        async def end_offsets(self, topic, partitions):
+            raise AssertionError("asked Kafka")
+
+    log = Unreachable({0: []})
+    assert await run(log, MemoryStore(), ends_hint={0: 0}, min_records=1) == {}
+    log = Changelog({0: log_of((b"1", b"a"), (b"2", b"b"))})  # grew since the hint
+    assert await run(log, MemoryStore(), ends_hint={0: 1}, min_records=1) == {0: 2}
