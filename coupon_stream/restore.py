@@ -8,11 +8,11 @@ WriteBatches and persists the offset reached. Faust's recovery then starts from 
 reads only what is left.
 
 It runs inside the group's assignment callback, where aiokafka sends no heartbeats, so it stops
-after a time budget well inside the session timeout and leaves the rest to Faust. Any wait there
-also holds Faust's recovery up (by ~3 s here), so an assignment that end offsets read at
-start-up show to have nothing worth reading returns at once. Stopping
+after a time budget well inside the session timeout and leaves the rest to Faust. Stopping
 anywhere is safe: the local copy then holds the changelog up to the offset it persisted, which
-is exactly what Faust's recovery expects to find.
+is exactly what Faust's recovery expects to find. Any wait in that callback also holds Faust's
+recovery up (by ~3 s here), so when end offsets read at start-up show nothing worth reading,
+the first assignment returns without asking Kafka.
 """
 
 from __future__ import annotations

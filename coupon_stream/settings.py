@@ -44,7 +44,7 @@ class Settings(BaseSettings):
         3.0,
         ge=0,
         description="seconds an assignment may spend reading changelogs in bulk before Faust's "
-        "recovery takes over (0 = off); less than a third of session_timeout",
+        "recovery takes over (0 = off); at most a third of session_timeout",
     )
     replication_factor: int = Field(1, ge=1, description="for the topics the service creates")
     state_retention_days: int = Field(
