@@ -1,4 +1,4 @@
-"""`make bench`: end-to-end throughput, raw floor, cost, latency and restore speed.
+"""`make bench`: end-to-end throughput, raw and pipeline floors, machine CPU, latency, restore.
 
 Runs against the local Kafka and MariaDB of `make up`. Every run uses fresh topics and
 consumer groups, loads the whole dataset before timing, and writes bench/results/<ts>.json
@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from bench.pipeline_floor import pipeline_floor
 from coupon_stream import status
 from coupon_stream.dataset import generate, jsonl
 from coupon_stream.producer import send_all
@@ -83,6 +84,55 @@ def env_of(s: Settings) -> dict[str, str]:
     return env
 
 
+def _cpu_of(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class MachineCpu:
+    """CPU seconds of the broker, the database and the whole machine over one run.
+
+    They share the cores with the workers, so a run's events/s is bounded by their cost too.
+    """
+
+    PID_FILES = {
+        "kafka": ROOT / ".local" / "kafka" / "kafka.pid",
+        "mariadb": ROOT / ".local" / "mariadb" / "mariadbd.pid",
+    }
+
+    def __init__(self) -> None:
+        self.pids = {}
+        for name, pid_file in self.PID_FILES.items():
+            try:
+                self.pids[name] = int(pid_file.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+        self.start = self._sample()
+
+    def _sample(self) -> dict[str, float]:
+        sample = {}
+        for name, pid in self.pids.items():
+            try:
+                sample[name] = _cpu_of(pid)
+            except OSError:
+                continue
+        ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = ticks[3] + ticks[4]  # idle + iowait
+        sample["busy"] = (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
+        return sample
+
+    def since_start(self, total: int, elapsed: float) -> dict:
+        end = self._sample()
+        used = {k: end[k] - self.start[k] for k in end if k in self.start}
+        out = {
+            f"{name}_cpu_s_per_million": round(used[name] / total * 1e6, 1)
+            for name in self.pids
+            if name in used
+        }
+        out["machine_busy_pct"] = round(used["busy"] / (elapsed * (os.cpu_count() or 1)) * 100)
+        return out
+
+
 class Proc:
     def __init__(self, s: Settings, log: Path) -> None:
         self.settings = s
@@ -95,8 +145,7 @@ class Proc:
         )
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return _cpu_of(self.proc.pid)
 
     def peak_rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -176,6 +225,7 @@ async def run_workers(
         for i in range(n)
     ]
     start = time.perf_counter()
+    machine_cpu = MachineCpu()
     try:
         idle = asyncio.ensure_future(status.wait_idle(procs[0].settings, 3600))
         while not idle.done():
@@ -201,6 +251,7 @@ async def run_workers(
             "peak_rss_mb": round(max(p.peak_rss_mb() for p in procs), 1),
             "sql_statements_per_event": round(statements / total, 5),
             "rows_written_per_event": round(rows / total, 4),
+            **machine_cpu.since_start(total, elapsed),
         }
     finally:
         for p in procs:
@@ -329,8 +380,9 @@ def markdown(result: dict) -> str:
         f"{result['partitions']} partitions. Command: `{result['command']}`",
         "",
         "| run | events/s | raw floor events/s | ratio | CPU s per 1M events | peak RSS MB "
-        "| SQL statements per event | rows written per event |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| SQL statements per event | rows written per event | Kafka CPU s per 1M "
+        "| MariaDB CPU s per 1M | machine busy % |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     floor = result["raw_floor_events_per_s"]
     for r in result["runs"]:
@@ -343,8 +395,18 @@ def markdown(result: dict) -> str:
             r["peak_rss_mb"],
             r["sql_statements_per_event"],
             r["rows_written_per_event"],
+            r.get("kafka_cpu_s_per_million", "-"),
+            r.get("mariadb_cpu_s_per_million", "-"),
+            r.get("machine_busy_pct", "-"),
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    pipe = result.get("pipeline_floor")
+    if pipe:
+        lines.append(
+            f"\nPipeline floor (the service's intake and Kafka hops, no state, no database; "
+            f"`bench/pipeline_floor.py`): {pipe['events_per_s']} events/s, "
+            f"{pipe['cpu_s_per_million']} CPU s per 1M events"
+        )
     if len(result["runs"]) > 1:
         lines.append(f"\nScaling 2 workers / 1 worker: {result['scaling_ratio']:.2f}")
     lat = result.get("latency")
@@ -382,6 +444,8 @@ async def main() -> None:
     total = await load(topics, args.partitions, args.orders)
     print(f"{total} messages loaded; raw floor ...", flush=True)
     floor = await raw_floor(topics, total)
+    print("pipeline floor ...", flush=True)
+    pipe = await pipeline_floor(BOOTSTRAP, topics, total, args.partitions)
     runs = []
     for n in (1,) if args.skip_two else (1, 2):
         print(f"{n} worker(s) ...", flush=True)
@@ -399,6 +463,7 @@ async def main() -> None:
         "partitions": args.partitions,
         "command": "make bench BENCH_ARGS='" + " ".join(sys.argv[1:]) + "'",
         "raw_floor_events_per_s": round(floor),
+        "pipeline_floor": pipe,
         "runs": runs,
         "restore": rs,
         "latency": lat,

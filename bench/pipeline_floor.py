@@ -1,0 +1,113 @@
+"""The service's Kafka data flow with no state: what this stack costs before any logic.
+
+One process does what a worker must do with every event whatever its logic (SPEC "Scaling":
+a buyer's records go to the worker owning the buyer, whatever key the producer used):
+
+    source topics -> read_row -> route by buyer -> by-buyer topic -> read back
+        -> one changelog record per row
+
+with the service's own functions (`read_row`, `route`, `encode_rows`, `KafkaOut`), and
+neither RocksDB, nor dedup, nor MySQL. Its CPU per event bounds from below what any worker
+of this design in Python with aiokafka can spend; `make bench` reports it next to the raw
+floor. Usage: python -m bench.pipeline_floor TOPICS_PREFIX MESSAGES
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from coupon_stream import status
+from coupon_stream.intake import encode_rows, route
+from coupon_stream.kafka import KafkaOut
+from coupon_stream.records import Source
+from coupon_stream.settings import Settings
+
+# The service's mean changelog value (a buyer's kept records) on the bench dataset, bytes.
+CHANGELOG_VALUE = b"x" * 360
+FETCH = {"max_partition_fetch_bytes": 4 * 1024 * 1024, "fetch_max_bytes": 16 * 1024 * 1024}
+
+
+async def pipeline_floor(bootstrap: str, topics: str, total: int, partitions: int) -> dict:
+    """Run the pass-through until every valid row is back; CPU seconds and wall time."""
+    run = f"{topics}-floor{time.time_ns()}"
+    s = Settings(
+        broker=f"kafka://{bootstrap}",
+        app_id=run,
+        orders_topic=f"{topics}-orders",
+        refunds_topic=f"{topics}-refunds",
+        dlq_topic=f"{run}-dlq",
+        partitions=partitions,
+    )
+    await status.create_internal_topics(s)
+    changelog = s.changelog_topic
+    sources = {s.orders_topic: Source.ORDERS, s.refunds_topic: Source.REFUNDS}
+    out = KafkaOut(s)
+    source = AIOKafkaConsumer(
+        *sources,
+        bootstrap_servers=bootstrap,
+        group_id=run,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        **FETCH,
+    )
+    by_buyer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest", **FETCH
+    )
+    await source.start()
+    await by_buyer.start()
+    by_buyer.assign([TopicPartition(s.by_buyer_topic, p) for p in range(partitions)])
+    forwarded = asyncio.Event()
+    sent_rows = 0
+    back_rows = 0
+
+    async def intake() -> None:
+        nonlocal sent_rows
+        seen = 0
+        while seen < total:
+            batches = await source.getmany(timeout_ms=500, max_records=s.intake_batch)
+            messages = [m for msgs in batches.values() for m in msgs]
+            seen += len(messages)
+            routed = route(messages, sources, partitions)
+            sends = [
+                await out.send(s.by_buyer_topic, value, partition=p)
+                for p, rows in routed.by_partition.items()
+                for value in encode_rows(rows)
+            ]
+            await asyncio.gather(*sends)
+            sent_rows += sum(len(rows) for rows in routed.by_partition.values())
+            await source.commit({tp: msgs[-1].offset + 1 for tp, msgs in batches.items()})
+        forwarded.set()
+
+    async def state() -> None:
+        nonlocal back_rows
+        while not forwarded.is_set() or back_rows < sent_rows:
+            batches = await by_buyer.getmany(timeout_ms=200)
+            for tp, messages in batches.items():
+                for message in messages:
+                    rows = orjson.loads(message.value)
+                    back_rows += len(rows)
+                    records = [(str(row[0]).encode(), CHANGELOG_VALUE) for row in rows]
+                    for future, _ in await out.send_records(changelog, tp.partition, records):
+                        await future
+
+    cpu, start = time.process_time(), time.perf_counter()
+    try:
+        await asyncio.gather(intake(), state())
+    finally:
+        await source.stop()
+        await by_buyer.stop()
+        await out.stop()
+    elapsed = time.perf_counter() - start
+    return {
+        "events_per_s": round(total / elapsed),
+        "cpu_s_per_million": round((time.process_time() - cpu) / total * 1e6, 1),
+    }
+
+
+if __name__ == "__main__":
+    print(asyncio.run(pipeline_floor("127.0.0.1:9092", sys.argv[1], int(sys.argv[2]), 8)))
