@@ -20,6 +20,7 @@ import time
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from coupon_stream import status
 from coupon_stream.intake import encode_rows, route
@@ -43,8 +44,18 @@ async def pipeline_floor(bootstrap: str, topics: str, total: int, partitions: in
         dlq_topic=f"{run}-dlq",
         partitions=partitions,
     )
-    await status.create_internal_topics(s)
-    changelog = s.changelog_topic
+    # Not compacted: the broker's cleaner would still be at it during the next timed run.
+    changelog = f"{run}-changelog"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await status.retry_transient(
+            lambda: admin.create_topics(
+                [NewTopic(t, partitions, 1) for t in (s.by_buyer_topic, changelog)]
+            )
+        )
+    finally:
+        await admin.close()
     sources = {s.orders_topic: Source.ORDERS, s.refunds_topic: Source.REFUNDS}
     out = KafkaOut(s)
     source = AIOKafkaConsumer(
