@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
-from aiokafka.errors import KafkaError
+from aiokafka.errors import ConsumerStoppedError, KafkaError
 from faust.types import TP, EventT
 from prometheus_client import generate_latest
 
@@ -127,7 +127,9 @@ class CouponStream:
     async def _bulk_restore(self, newly_assigned: set[TP], generation_id: int) -> None:
         """Catch newly assigned active partitions up in bulk (see `restore`).
 
-        Only a speed-up: on any Kafka error Faust's own recovery reads what is left.
+        Only a speed-up: on any Kafka error Faust's own recovery reads what is left. A
+        shutdown stops the reader under it (a SIGTERM during a rebalance): that ends the
+        catch-up, it must not crash the worker on its way out.
         """
         changelog = self.stage.changelog_topic
         actives = self.app.assignor.assigned_actives()
@@ -153,6 +155,8 @@ class CouponStream:
             )
         except (KafkaError, OSError) as exc:
             log.warning("bulk restore stopped, Faust's recovery reads the rest: %r", exc)
+        except ConsumerStoppedError:
+            log.info("bulk restore stopped: the worker is shutting down")
 
     async def _run_intake(self) -> None:
         await self.intake.run()

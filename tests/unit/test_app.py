@@ -11,7 +11,8 @@ import asyncio
 import orjson
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaTimeoutError
+from aiokafka.errors import ConsumerStoppedError, KafkaTimeoutError
+from faust.types import TP
 
 from coupon_stream import metrics
 from coupon_stream.app import CouponStream
@@ -396,3 +397,24 @@ async def test_intake_lag_counts_from_the_committed_offset_after_an_assignment()
     await intake.load_committed(intake.consumer.assignment())
     # partition 1 has no commit yet: the group starts it at the beginning of the log
     assert intake.lag() == {TopicPartition("orders", 0): 60, TopicPartition("orders", 1): 100}
+
+
+async def test_a_shutdown_during_a_bulk_restore_ends_it_without_a_crash(tmp_path, caplog):
+    """SIGTERM while an assignment reads changelogs in bulk: the reader is stopped under it."""
+
+    class StoppedReader:
+        async def end_offsets(self, topic, partitions):
+            return {p: 50_000 for p in partitions}
+
+        async def batches(self, topic, ranges):
+            raise ConsumerStoppedError()
+            yield  # an async generator, like PartitionReader.batches
+
+    cs = make_stream(tmp_path, partitions=2)
+    cs.restore_reader = StoppedReader()
+    changelog = cs.stage.changelog_topic
+    tps = {TP(changelog, 0), TP(changelog, 1)}
+    cs.app.assignor.assigned_actives = lambda: tps
+    with caplog.at_level("INFO", logger="coupon_stream.app"):
+        await cs._bulk_restore(tps, generation_id=cs.app.consumer_generation_id)
+    assert "bulk restore stopped: the worker is shutting down" in caplog.text
