@@ -21,6 +21,7 @@ from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.schema import CreateTable
 
 from coupon_stream import metrics
 from coupon_stream.records import MAX_TIMESTAMP_CHARS
@@ -31,6 +32,10 @@ log = logging.getLogger(__name__)
 RowKey = tuple[int, int]  # (buyer_id, effect_time)
 CHUNK = 1000
 READ_TIMEOUT = 30.0  # seconds
+# InnoDB breaks a lock cycle between two workers' upserts (their gap locks interleave,
+# though their keys never do) by rolling one back. The database is fine; the write is
+# simply run again.
+DEADLOCK = 1213
 
 
 def result_table(name: str, metadata: MetaData | None = None) -> Table:
@@ -157,9 +162,10 @@ class ResultSink:
             self._engine = None
 
     async def _create_table(self) -> None:
+        # IF NOT EXISTS, not check-then-create: workers starting together raced to create it.
         assert self._engine is not None
         async with self._engine.begin() as conn:
-            await conn.run_sync(self.table.metadata.create_all, checkfirst=True)
+            await conn.execute(CreateTable(self.table, if_not_exists=True))
 
     async def ping(self) -> bool:
         """True if the database answers now (for readiness)."""
@@ -235,6 +241,7 @@ class ResultSink:
         """Run `fn` until it works (True), or until `wanted()` is false before a retry."""
         delay = 0.1
         failures = 0
+        down = False
         while True:
             if failures and wanted is not None and not wanted():
                 log.warning(
@@ -249,7 +256,17 @@ class ResultSink:
             except (SQLAlchemyError, OSError) as exc:
                 failures += 1
                 metrics.SINK_RETRIES.inc()
-                if self.available or failures == 1:
+                if _is_deadlock(exc):
+                    log.warning(
+                        "database %s: a %s deadlocked with another worker's and was rolled "
+                        "back; running it again",
+                        self._safe_url,
+                        what,
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+                if not down:
+                    down = True
                     log.error(
                         "database %s failed, retrying with backoff until it works: %s: %s",
                         self._safe_url,
@@ -267,7 +284,7 @@ class ResultSink:
                     except (SQLAlchemyError, OSError):
                         pass
                 continue
-            if failures:
+            if down:
                 log.warning(
                     "database %s is back after %d failed attempts", self._safe_url, failures
                 )
@@ -290,3 +307,8 @@ class ResultSink:
                 ).order_by(t.c.buyer_id, t.c.effect_time)
             )
             return [tuple(r) for r in result]
+
+
+def _is_deadlock(exc: BaseException) -> bool:
+    args = getattr(getattr(exc, "orig", None), "args", ())
+    return bool(args) and args[0] == DEADLOCK

@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from coupon_stream.sink import ResultSink
 from coupon_stream.state import ResultRow
@@ -52,5 +53,36 @@ async def test_a_failing_write_no_longer_wanted_is_given_up(tmp_path: Path) -> N
         assert not await asyncio.wait_for(sink.write(row, still_wanted=lambda: next(wanted)), 10)
         assert attempts == 2  # the first attempt, one retry, then it was no longer wanted
         assert await sink.fetch_all() == []
+    finally:
+        await sink.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_deadlock_is_run_again_without_calling_the_database_down(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two workers' upserts can deadlock on InnoDB gap locks: a conflict, not an outage."""
+    sink = ResultSink(f"sqlite+aiosqlite:///{tmp_path / 'r.db'}", "result")
+    await sink.start()
+    real_write = sink._write_once
+    deadlocks = 1
+
+    async def deadlock_once(upserts: list, deletes: list) -> None:
+        nonlocal deadlocks
+        if deadlocks:
+            deadlocks -= 1
+            orig = Exception(1213, "Deadlock found when trying to get lock")
+            raise OperationalError("INSERT INTO result ...", None, orig)
+        await real_write(upserts, deletes)
+
+    sink._write_once = deadlock_once  # type: ignore[method-assign]
+    try:
+        row = ResultRow("c", "m", 1, 10, 20261111)
+        with caplog.at_level("WARNING", logger="coupon_stream.sink"):
+            assert await sink.write({(1, 20261111): row})
+        assert await sink.fetch_all() == [tuple(row)]
+        assert sink.available
+        assert [r.levelname for r in caplog.records] == ["WARNING"]
+        assert "deadlocked with another worker's" in caplog.text
     finally:
         await sink.stop()
