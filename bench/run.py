@@ -57,8 +57,28 @@ def machine() -> dict:
         "aiokafka": version("aiokafka"),
         "sqlalchemy": version("sqlalchemy"),
         "rocksdict": version("rocksdict"),
-        "kafka": "3.9.1",
+        "kafka": _kafka_version(),
+        "mariadb": _mariadb_version(),
     }
+
+
+def _kafka_version() -> str:
+    """The broker's version, from the jar `make up` installed (kafka_<scala>-<version>.jar)."""
+    jars = sorted((ROOT / ".local" / "kafka" / "libs").glob("kafka_2.*-*.jar"))
+    names = [j.stem.split("-", 1)[1] for j in jars if j.stem.count("-") == 1]
+    return names[0] if names else "unknown"
+
+
+def _mariadb_version() -> str:
+    try:
+        out = subprocess.run(
+            ["mariadb", "--version"], capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    words = out.stdout.split()
+    # "mariadb  Ver 15.1 Distrib 10.11.19-MariaDB, for debian-linux-gnu (x86_64) ..."
+    return next((w.rstrip(",") for w in words if "MariaDB" in w), out.stdout.strip())
 
 
 def settings_for(run: str, topics: str, partitions: int, data_dir: Path, port: int) -> Settings:
@@ -375,6 +395,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"Machine: {m['cores']} cores, {m['cpu']}; Python {m['python']}, faust-streaming "
         f"{m['faust-streaming']}, aiokafka {m['aiokafka']}, Kafka {m['kafka']}, "
+        f"MariaDB {m.get('mariadb', 'unknown')}, "
         f"SQLAlchemy {m['sqlalchemy']}, rocksdict {m['rocksdict']}.",
         f"Input: {result['messages']} messages ({result['orders']} orders + copies + refunds), "
         f"{result['partitions']} partitions. Command: `{result['command']}`",
