@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from sqlalchemy import (
     BigInteger,
     Column,
+    Connection,
     MetaData,
     PrimaryKeyConstraint,
     String,
     Table,
+    inspect,
     select,
 )
 from sqlalchemy.dialects import mysql, sqlite
@@ -162,10 +164,15 @@ class ResultSink:
             self._engine = None
 
     async def _create_table(self) -> None:
-        # IF NOT EXISTS, not check-then-create: workers starting together raced to create it.
         assert self._engine is not None
         async with self._engine.begin() as conn:
-            await conn.execute(CreateTable(self.table, if_not_exists=True))
+            await conn.run_sync(self._create_if_missing)
+
+    def _create_if_missing(self, conn: Connection) -> None:
+        # Checked first, since MySQL warns on every CREATE of a table that exists; IF NOT
+        # EXISTS still, since workers that start together race between check and create.
+        if not inspect(conn).has_table(self.table.name):
+            conn.execute(CreateTable(self.table, if_not_exists=True))
 
     async def ping(self) -> bool:
         """True if the database answers now (for readiness)."""
