@@ -16,9 +16,14 @@ DEAD_LETTERS = Counter(
 ROWS_UPSERTED = Counter("coupon_rows_upserted_total", "Result rows upserted")
 ROWS_DELETED = Counter("coupon_rows_deleted_total", "Result row keys deleted (total <= 0)")
 SINK_STATEMENTS = Counter("coupon_sink_statements_total", "SQL statements sent by the sink")
-SINK_RETRIES = Counter("coupon_sink_retries_total", "Failed database attempts that were retried")
+SINK_RETRIES = Counter(
+    "coupon_sink_retries_total", "Failed database attempts that were retried, deadlocks included"
+)
 SINK_PENDING = Gauge("coupon_sink_pending_rows", "Result rows waiting to be committed")
-SINK_AVAILABLE = Gauge("coupon_sink_available", "1 if the last database attempt succeeded")
+SINK_AVAILABLE = Gauge(
+    "coupon_sink_available",
+    "1 unless the database is failing (a deadlock with another worker's write does not count)",
+)
 SINK_FLUSH_SECONDS = Histogram(
     "coupon_sink_flush_seconds",
     "Time to commit one batch of result rows, retries included",
