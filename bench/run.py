@@ -121,7 +121,7 @@ class MachineCpu:
     }
 
     def __init__(self) -> None:
-        self.pids = {}
+        self.pids: dict[str, int] = {}
         for name, pid_file in self.PID_FILES.items():
             try:
                 self.pids[name] = int(pid_file.read_text().split()[0])
@@ -130,7 +130,7 @@ class MachineCpu:
         self.start = self._sample()
 
     def _sample(self) -> dict[str, float]:
-        sample = {}
+        sample: dict[str, float] = {}
         for name, pid in self.pids.items():
             try:
                 sample[name] = _cpu_of(pid)
