@@ -32,12 +32,13 @@ from coupon_stream.logs import Worker, logging_config
 from coupon_stream.restore import ChangelogReader
 from coupon_stream.settings import Settings
 from coupon_stream.sink import ResultSink
-from coupon_stream.state_stage import StateStage
+from coupon_stream.state_stage import ReadBack, StateStage
 from coupon_stream.store import MemoryStore, PartitionStore, RocksStore
 
 log = logging.getLogger(__name__)
 
 TABLE_NAME = "buyers"
+TAIL_CHECK_SECONDS = 5.0
 # aiohttp wants the charset apart from the content type; the exposition format is UTF-8.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4"
 
@@ -199,7 +200,8 @@ class CouponStream:
         delivered, or stall behind it for good; the events are still acknowledged so that
         Faust's rebalance (which waits for acks) goes on.
         """
-        events, written = await self.stage.flush()
+        tokens, written = await self.stage.flush()
+        events = [t for t in tokens if not isinstance(t, ReadBack)]
         if not written:
             # Given up during a rebalance: acknowledged, Faust would commit them as it hands
             # the partitions over. Released instead, so its wait for acks is not held either.
@@ -211,6 +213,11 @@ class CouponStream:
             tp = event.message.tp
             offsets[tp] = max(offsets.get(tp, 0), event.message.offset + 1)
             await self._acker.ack(event)
+        topic = self.by_buyer.get_topic_name()
+        for token in tokens:
+            if isinstance(token, ReadBack):  # applied from Kafka, no event to acknowledge
+                tp = TP(topic, token.partition)
+                offsets[tp] = max(offsets.get(tp, 0), token.next_offset)
         if offsets:
             await self.commit(offsets)
 
@@ -255,6 +262,24 @@ class CouponStream:
                 behind(tp, 0 if applied is None else applied + 1)
             for tp, n in self.intake.lag().items():
                 metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(n)
+
+        @app.timer(interval=TAIL_CHECK_SECONDS)
+        async def repair_undelivered_tails() -> None:
+            """Read back by-buyer messages the consumer moved past when none came after them."""
+            if app.rebalancing or self._acker is None:
+                return
+            consumer = app.consumer
+            mine = {tp.partition: tp for tp in consumer.assignment() if tp.topic in watched}
+            if not mine:
+                return
+            try:  # from the broker: the consumer's own view stops with its fetches
+                ends = await self.reader.end_offsets(self.settings.by_buyer_topic, mine)
+            except KafkaError as exc:
+                log.warning("could not read the by-buyer end offsets: %r", exc)
+                return
+            for partition, end in ends.items():
+                committed = consumer._committed_offset.get(mine[partition])
+                await self.stage.repair_tail(partition, end, committed)
 
         @app.timer(interval=10.0)
         async def export_state_size() -> None:

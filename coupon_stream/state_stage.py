@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiokafka.errors import KafkaError
 
@@ -39,9 +40,19 @@ WATERMARK_KEY = b"~watermark"
 NEXT_OFFSET_KEY = b"~next-offset"  # the by-buyer offset after the last one applied
 MAX_CHANGELOG_BACKOFF = 2.0
 
+# A partition that delivered nothing for this long while its log holds more is read back.
+QUIET_SECONDS = 10.0
+
 # A changelog append not yet known delivered: (partition, keys, [(future, records)]), with
 # None for the sends when Kafka refused the append outright.
 _Unconfirmed = tuple[int, list[bytes], list[tuple[asyncio.Future, int]] | None]
+
+
+class ReadBack(NamedTuple):
+    """A flush token for messages applied without a consumer event: commit `next_offset`."""
+
+    partition: int
+    next_offset: int
 
 
 class StateStage:
@@ -66,7 +77,10 @@ class StateStage:
         self.pending = PendingWrites()
         self._unconfirmed: list[_Unconfirmed] = []
         self._flush_lock = asyncio.Lock()
+        self._apply_lock = asyncio.Lock()  # `add` and `repair_tail` apply in offset order
         self._delivered: dict[int, int] = {}  # next offset to apply, per partition
+        self._last_applied: dict[int, float] = {}  # monotonic time, per partition
+        self._assigned_at = time.monotonic()
 
     async def add(
         self,
@@ -85,36 +99,78 @@ class StateStage:
         the group's `committed` offset, and each later one the next offset; a message that
         arrives past that first reads the ones in between back from Kafka and applies them.
         """
-        rows: dict[RowKey, ResultRow | None] = {}
+        async with self._apply_lock:
+            expected = self._expected(partition, committed)
+            rows = await self._apply_all(partition, await self._read(partition, expected, offset))
+            rows.update(await self.apply(raw, partition, offset))
+            self._delivered[partition] = max(expected, offset + 1)
+            self._last_applied[partition] = time.monotonic()
+            self.pending.add(rows, token)
+
+    async def repair_tail(self, partition: int, end: int, committed: int | None) -> None:
+        """Apply a partition's messages up to `end` that the consumer moved past unseen.
+
+        `add` notices such a hole only when a later message arrives; at the end of the
+        input none does, and the partition would stay behind until new input came. So a
+        partition that has applied nothing for QUIET_SECONDS while its log holds more reads
+        the rest back itself; a flowing partition brings its own messages. Not while the
+        sink is behind: during a database outage it would only pile up rows.
+        """
+        async with self._apply_lock:
+            quiet = time.monotonic() - self._last_applied.get(partition, self._assigned_at)
+            if quiet < QUIET_SECONDS or len(self.pending.rows) >= self.settings.max_pending_rows:
+                return
+            expected = self._expected(partition, committed)
+            if end <= expected:
+                return
+            assignment = self.assignment()
+            values = await self._read(partition, expected, end)
+            if assignment is None or self.assignment() != assignment:
+                return  # a rebalance began meanwhile: the partition may be gone
+            rows = await self._apply_all(partition, values)
+            self._delivered[partition] = end
+            self._last_applied[partition] = time.monotonic()
+            self.pending.add(rows, ReadBack(partition, end))
+
+    def _expected(self, partition: int, committed: int | None) -> int:
+        """The next offset to apply (see `add`)."""
         expected = self._delivered.get(partition)
         if expected is None:
             # Nothing committed means the group starts at the log's beginning.
             (mark,) = self.store.get_many(partition, [NEXT_OFFSET_KEY])
             expected = min(int(mark or 0), committed or 0)
-        if offset > expected:
-            skipped = await self.reader.read(
-                self.settings.by_buyer_topic, partition, expected, offset
-            )
-            if skipped:
-                metrics.SKIPPED_REAPPLIED.inc(len(skipped))
-                log.warning(
-                    "%s[%d]: offsets %d..%d were not delivered by the consumer (%d "
-                    "message(s)); read back from Kafka and applied",
-                    self.settings.by_buyer_topic,
-                    partition,
-                    expected,
-                    offset - 1,
-                    len(skipped),
-                )
-            for skipped_offset, value in skipped:
-                rows.update(await self.apply(value, partition, skipped_offset))
-        rows.update(await self.apply(raw, partition, offset))
-        self._delivered[partition] = max(expected, offset + 1)
-        self.pending.add(rows, token)
+        return expected
+
+    async def _apply_all(
+        self, partition: int, messages: list[tuple[int, bytes]]
+    ) -> dict[RowKey, ResultRow | None]:
+        rows: dict[RowKey, ResultRow | None] = {}
+        for offset, value in messages:
+            rows.update(await self.apply(value, partition, offset))
+        return rows
+
+    async def _read(self, partition: int, start: int, end: int) -> list[tuple[int, bytes]]:
+        """The messages in [start, end) the consumer did not deliver, from Kafka."""
+        if start >= end:
+            return []
+        skipped = await self.reader.read(self.settings.by_buyer_topic, partition, start, end)
+        metrics.SKIPPED_REAPPLIED.inc(len(skipped))
+        log.warning(
+            "%s[%d]: offsets %d..%d were not delivered by the consumer (%d message(s)); "
+            "read back from Kafka and applied",
+            self.settings.by_buyer_topic,
+            partition,
+            start,
+            end - 1,
+            len(skipped),
+        )
+        return skipped
 
     def forget_deliveries(self) -> None:
         """After a rebalance, positions restart from the committed offsets."""
         self._delivered.clear()
+        self._last_applied.clear()
+        self._assigned_at = time.monotonic()
 
     async def apply(
         self, raw: bytes, partition: int, offset: int

@@ -14,7 +14,7 @@ from aiokafka import TopicPartition
 from aiokafka.errors import ConsumerStoppedError, KafkaTimeoutError
 from faust.types import TP
 
-from coupon_stream import metrics
+from coupon_stream import metrics, state_stage
 from coupon_stream.app import CouponStream
 from coupon_stream.intake import Intake, encode_rows, route
 from coupon_stream.records import Contribution, Source, partition_for_buyer
@@ -418,3 +418,48 @@ async def test_a_shutdown_during_a_bulk_restore_ends_it_without_a_crash(tmp_path
     with caplog.at_level("INFO", logger="coupon_stream.app"):
         await cs._bulk_restore(tps, generation_id=cs.app.consumer_generation_id)
     assert "bulk restore stopped: the worker is shutting down" in caplog.text
+
+
+async def test_a_tail_the_consumer_never_delivered_is_read_back_once_the_partition_is_quiet(
+    stream, monkeypatch
+):
+    """Seen after a kill -9 takeover: the last messages of a partition were never delivered,
+    and with no later message to reveal the hole, the partition stayed behind for good."""
+    log = stream.reader.log
+    for offset in range(4):
+        log[(0, offset)] = encode_batch([(7, contribution(f"o{offset}", 5, "x"))])
+    await stream.stage.add(log[(0, 0)], 0, 0, "t0")
+    await stream.stage.add(log[(0, 1)], 0, 1, "t1")  # 2 and 3 never come
+    assert await stream.stage.flush() == (["t0", "t1"], True)
+
+    await stream.stage.repair_tail(0, 4, committed=0)
+    assert stream.reader.reads == []  # it applied a message just now: still flowing
+
+    monkeypatch.setattr(state_stage, "QUIET_SECONDS", 0.0)
+    stream.stage.pending.rows.update({(i, 20261111): None for i in range(100_000)})
+    await stream.stage.repair_tail(0, 4, committed=0)
+    assert stream.reader.reads == []  # the sink is behind: no more rows now
+    stream.stage.pending.rows.clear()
+
+    await stream.stage.repair_tail(0, 4, committed=0)
+    assert stream.reader.reads == [(0, 2, 4)]
+    assert stream.stage.pending.rows[(7, 20261111)].cumulate_amount == 20
+    await stream.flush()
+    assert stream.committed == {(stream.settings.by_buyer_topic, 0): 4}
+    await stream.stage.repair_tail(0, 4, committed=0)
+    assert stream.reader.reads == [(0, 2, 4)]  # nothing left to read
+
+
+async def test_a_tail_read_back_during_a_rebalance_is_not_applied(stream, monkeypatch):
+    monkeypatch.setattr(state_stage, "QUIET_SECONDS", 0.0)
+    stream.reader.log[(1, 0)] = encode_batch([(3, contribution("o1", 5, "x"))])
+    real_read = stream.reader.read
+
+    async def read_while_rebalancing(*args):
+        stream.app.on_rebalance_start()
+        return await real_read(*args)
+
+    stream.reader.read = read_while_rebalancing
+    await stream.stage.repair_tail(1, 1, committed=0)
+    assert stream.stage.pending.rows == {}
+    assert stored(stream, 3, partition=1).kept == {}
