@@ -274,12 +274,13 @@ class CouponStream:
                 return
             try:  # from the broker: the consumer's own view stops with its fetches
                 ends = await self.reader.end_offsets(self.settings.by_buyer_topic, mine)
+                for partition, end in ends.items():
+                    committed = consumer._committed_offset.get(mine[partition])
+                    await self.stage.repair_tail(partition, end, committed)
             except KafkaError as exc:
-                log.warning("could not read the by-buyer end offsets: %r", exc)
-                return
-            for partition, end in ends.items():
-                committed = consumer._committed_offset.get(mine[partition])
-                await self.stage.repair_tail(partition, end, committed)
+                log.warning("tail check skipped, Kafka did not answer: %r", exc)
+            except Exception:  # a timer that raises stops the worker; this check can wait
+                log.exception("tail check failed; trying again in %.0f s", TAIL_CHECK_SECONDS)
 
         @app.timer(interval=10.0)
         async def export_state_size() -> None:

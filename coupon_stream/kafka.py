@@ -125,19 +125,30 @@ class PartitionReader:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._consumer: AIOKafkaConsumer | None = None
+        self._starting = asyncio.Lock()
 
     async def start(self) -> AIOKafkaConsumer:
-        """Connect now (idempotent), so a later read does not pay for the bootstrap."""
-        if self._consumer is None:
-            self._consumer = AIOKafkaConsumer(
-                bootstrap_servers=self.settings.bootstrap_servers,
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",  # a start the log no longer holds: its first
-                max_partition_fetch_bytes=4 * 1024 * 1024,
-                fetch_max_bytes=16 * 1024 * 1024,
-            )
-            await self._consumer.start()
-        return self._consumer
+        """Connect now (idempotent), so a later read does not pay for the bootstrap.
+
+        Kept only once started: a start that failed (broker down) is tried again by the
+        next call, and concurrent callers wait for one start.
+        """
+        async with self._starting:
+            if self._consumer is None:
+                consumer = AIOKafkaConsumer(
+                    bootstrap_servers=self.settings.bootstrap_servers,
+                    enable_auto_commit=False,
+                    auto_offset_reset="earliest",  # a start the log no longer holds: its first
+                    max_partition_fetch_bytes=4 * 1024 * 1024,
+                    fetch_max_bytes=16 * 1024 * 1024,
+                )
+                try:
+                    await consumer.start()
+                except BaseException:
+                    await consumer.stop()
+                    raise
+                self._consumer = consumer
+            return self._consumer
 
     async def end_offsets(self, topic: str, partitions: Iterable[int]) -> dict[int, int]:
         consumer = await self.start()
