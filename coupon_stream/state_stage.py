@@ -124,7 +124,7 @@ class StateStage:
             if end <= expected:
                 return
             assignment = self.assignment()
-            values = await self._read(partition, expected, end)
+            values = await self._read(partition, expected, end, f"in {quiet:.0f} s, at its end")
             if assignment is None or self.assignment() != assignment:
                 return  # a rebalance began meanwhile: the partition may be gone
             rows = await self._apply_all(partition, values)
@@ -149,19 +149,22 @@ class StateStage:
             rows.update(await self.apply(value, partition, offset))
         return rows
 
-    async def _read(self, partition: int, start: int, end: int) -> list[tuple[int, bytes]]:
+    async def _read(
+        self, partition: int, start: int, end: int, when: str = "before a later one"
+    ) -> list[tuple[int, bytes]]:
         """The messages in [start, end) the consumer did not deliver, from Kafka."""
         if start >= end:
             return []
         skipped = await self.reader.read(self.settings.by_buyer_topic, partition, start, end)
         metrics.SKIPPED_REAPPLIED.inc(len(skipped))
         log.warning(
-            "%s[%d]: offsets %d..%d were not delivered by the consumer (%d message(s)); "
+            "%s[%d]: offsets %d..%d were not delivered by the consumer %s (%d message(s)); "
             "read back from Kafka and applied",
             self.settings.by_buyer_topic,
             partition,
             start,
             end - 1,
+            when,
             len(skipped),
         )
         return skipped
