@@ -20,7 +20,7 @@ import time
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
 
 from coupon_stream import status
 from coupon_stream.intake import encode_rows, route
@@ -46,16 +46,9 @@ async def pipeline_floor(bootstrap: str, topics: str, total: int, partitions: in
     )
     # Not compacted: the broker's cleaner would still be at it during the next timed run.
     changelog = f"{run}-changelog"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await status.retry_transient(
-            lambda: admin.create_topics(
-                [NewTopic(t, partitions, 1) for t in (s.by_buyer_topic, changelog)]
-            )
-        )
-    finally:
-        await admin.close()
+    await status.create_topics(
+        s, [NewTopic(t, partitions, 1) for t in (s.by_buyer_topic, changelog)]
+    )
     sources = {s.orders_topic: Source.ORDERS, s.refunds_topic: Source.REFUNDS}
     out = KafkaOut(s)
     source = AIOKafkaConsumer(

@@ -157,7 +157,7 @@ async def wait_idle(settings: Settings, timeout: float) -> bool:
 
 async def create_input_topics(settings: Settings, partitions: int) -> list[str]:
     topics = (settings.orders_topic, settings.refunds_topic)
-    return await _create_topics(
+    return await create_topics(
         settings, [NewTopic(t, partitions, settings.replication_factor) for t in topics]
     )
 
@@ -170,7 +170,7 @@ async def create_internal_topics(settings: Settings) -> list[str]:
     and partitions assigned by the next rebalance were seen never to be processed.
     """
     p, rf = settings.partitions, settings.replication_factor
-    return await _create_topics(
+    return await create_topics(
         settings,
         [
             NewTopic(settings.by_buyer_topic, p, rf),
@@ -190,7 +190,7 @@ CHANGELOG_CONFIG = {
 }
 
 
-async def _create_topics(settings: Settings, topics: list[NewTopic]) -> list[str]:
+async def create_topics(settings: Settings, topics: list[NewTopic]) -> list[str]:
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
     await admin.start()
     created = []
