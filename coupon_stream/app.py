@@ -1,15 +1,15 @@
-"""Faust wiring: intake task -> by-buyer topic -> state agent -> result sink.
+"""Faust wiring: intake task -> by-buyer topic -> state agent -> checkpoint -> result sink.
 
 Data flow (one way):
 
     orders, refunds --intake (aiokafka, group <app_id>-intake)--> <app_id>-payments-by-buyer
-        --state agent (Faust, group <app_id>)--> `buyers` table (RocksDB + changelog)
-        --> ResultSink (MySQL/SQLite)
+        --state agent (Faust, group <app_id>)--> `entries` and `days` tables (RocksDB +
+        changelogs) --checkpoint--> ResultSink (MySQL/SQLite)
 
 Intake sends each batch's valid records as one message per owning partition, so every state
-event holds records of one partition only: the partition of the table (and of its changelog)
-that holds those buyers. Faust owns the table's assignment, recovery and standby replicas;
-the state stage reads and writes it a batch at a time (see `store`).
+event holds records of one partition only: the partition of the tables (and of their
+changelogs) that holds those buyers. Faust owns the tables' assignment, recovery and standby
+replicas; the state stage and the checkpoint read and write them a batch at a time.
 """
 
 from __future__ import annotations
@@ -26,18 +26,24 @@ from faust.types import TP, EventT
 from prometheus_client import generate_latest
 
 from coupon_stream import metrics, restore
+from coupon_stream.checkpoint import Checkpointer
+from coupon_stream.errors import Backoff, Fault, classify
+from coupon_stream.health import StallWatch
 from coupon_stream.intake import Intake
 from coupon_stream.kafka import KafkaOut, PartitionReader
 from coupon_stream.logs import Worker, logging_config
 from coupon_stream.restore import ChangelogReader
-from coupon_stream.settings import Settings
+from coupon_stream.settings import STATE_TABLES, Settings
 from coupon_stream.sink import ResultSink
-from coupon_stream.state_stage import ReadBack, StateStage
+from coupon_stream.state_stage import StateFormatError, StateStage, TableCache
 from coupon_stream.store import MemoryStore, PartitionStore, RocksStore
 
 log = logging.getLogger(__name__)
 
-TABLE_NAME = "buyers"
+TABLE_HELP = {
+    "entries": "kept copy of each (buyer_id, biz_order_id, pay_status)",
+    "days": "running cumulate_amount, MIN(gmt_create), MAX(gmt_modified) per (buyer_id, day)",
+}
 TAIL_CHECK_SECONDS = 5.0
 # aiohttp wants the charset apart from the content type; the exposition format is UTF-8.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4"
@@ -55,7 +61,7 @@ class CouponStream:
         out: KafkaOut | None = None,
         reader: PartitionReader | None = None,
         restore_reader: ChangelogReader | None = None,
-        changelog_ends: dict[int, int] | None = None,
+        changelog_ends: dict[str, dict[int, int]] | None = None,
     ) -> None:
         s = self.settings = settings
         self.app = faust.App(
@@ -72,7 +78,7 @@ class CouponStream:
             broker_heartbeat_interval=max(0.5, s.session_timeout / 10),
             logging_config=logging_config(s.log_format, s.log_level),
             Worker=Worker,
-            Table=BuyersTable,
+            Table=StateTable,
             consumer_auto_offset_reset="earliest",
             key_serializer="raw",
             value_serializer="raw",
@@ -88,32 +94,44 @@ class CouponStream:
             s.by_buyer_topic, partitions=s.partitions, internal=True, **raw
         )
         rocks = store.startswith("rocksdb")
-        self.buyers = self.app.Table(
-            TABLE_NAME,
-            partitions=s.partitions,
-            options=_rocksdb_options(s) if rocks else None,
-            help="kept record of each (biz_order_id, pay_status), per buyer",
-            key_type=bytes,
-            value_type=bytes,
-            on_changelog_event=self._on_restored,
-        )
-        changelog = self.buyers.changelog_topic.get_topic_name()
-        self.partitions: PartitionStore = (
-            RocksStore(self.buyers.data, changelog) if rocks else MemoryStore()
-        )
+        self.caches: dict[str, TableCache] = {}
+        for name in STATE_TABLES:
+            table = self.app.Table(
+                name,
+                partitions=s.partitions,
+                options=_rocksdb_options(s) if rocks else None,
+                help=TABLE_HELP[name],
+                key_type=bytes,
+                value_type=bytes,
+                on_changelog_event=self._on_restored,
+            )
+            changelog = table.changelog_topic.get_topic_name()
+            partitions: PartitionStore = (
+                RocksStore(table.data, changelog) if rocks else MemoryStore()
+            )
+            table.before_recovery = self._bulk_restore
+            self.caches[name] = TableCache(name, partitions, changelog)
         self.reader = reader or PartitionReader(s)
         self.restore_reader = restore_reader or PartitionReader(s)
         # Read before the app starts: the first assignment trusts them (see `_bulk_restore`).
         self._changelog_ends_at_start = changelog_ends
-        self.buyers.before_recovery = self._bulk_restore
         self.stage = StateStage(
             s,
-            self.partitions,
+            self.caches["entries"],
+            self.caches["days"],
             self.out,
-            self.sink,
-            changelog,
             self.reader,
             assignment=lambda: None if self.app.rebalancing else self.app.rebalancing_count,
+        )
+        self.stalls = StallWatch(s.stall_seconds)
+        self.checkpointer = Checkpointer(
+            s,
+            self.stage,
+            self.out,
+            self.sink,
+            commit=self.commit_partitions,
+            acknowledge=self._acknowledge,
+            on_committed=self.stalls.committed,
         )
         self.intake = Intake(s, self.out)
         self.state_agent = self.app.agent(self.by_buyer, name="state")(self._apply)
@@ -125,29 +143,32 @@ class CouponStream:
         """Counts changelog records read back into local state (recovery and standbys)."""
         metrics.STATE_RESTORED.inc()
 
-    async def _bulk_restore(self, newly_assigned: set[TP], generation_id: int) -> None:
-        """Catch newly assigned active partitions up in bulk (see `restore`).
+    async def _bulk_restore(
+        self, changelog: str, newly_assigned: set[TP], generation_id: int
+    ) -> None:
+        """Catch a table's newly assigned active partitions up in bulk (see `restore`).
 
         Only a speed-up: on any Kafka error Faust's own recovery reads what is left. A
         shutdown stops the reader under it (a SIGTERM during a rebalance): that ends the
         catch-up, it must not crash the worker on its way out.
         """
-        changelog = self.stage.changelog_topic
+        store = next(c.store for c in self.caches.values() if c.changelog_topic == changelog)
         actives = self.app.assignor.assigned_actives()
         partitions = sorted(
             tp.partition
             for tp in newly_assigned
-            if tp.topic == changelog and tp in actives and self.partitions.is_open(tp.partition)
+            if tp.topic == changelog and tp in actives and store.is_open(tp.partition)
         )
         # Only the first assignment may trust them: the ends only grow, so a stale hint can
         # only make it leave a restore to Faust's recovery, never skip a record.
-        hint, self._changelog_ends_at_start = self._changelog_ends_at_start, None
+        hints = self._changelog_ends_at_start or {}
+        hint = hints.pop(changelog, None)
         if not partitions or not self.settings.bulk_restore_seconds:
             return
         try:
             await restore.catch_up(
                 self.restore_reader,
-                self.partitions,
+                store,
                 changelog,
                 partitions,
                 budget=self.settings.bulk_restore_seconds,
@@ -178,10 +199,20 @@ class CouponStream:
             committed = self.app.consumer._committed_offset  # Faust's view after its seek
             async for event in manual.events():
                 msg = event.message
-                await self.stage.add(
-                    event.value, msg.partition, msg.offset, event, committed.get(msg.tp)
-                )
-                if len(self.stage.pending.rows) >= self.settings.max_pending_rows:
+                try:
+                    await self.stage.add(
+                        event.value,
+                        msg.partition,
+                        msg.offset,
+                        event,
+                        committed.get(msg.tp),
+                        received_ms=int(msg.timestamp * 1000) if msg.timestamp else None,
+                    )
+                except StateFormatError as exc:
+                    log.critical("%s", exc)
+                    await self.app.crash(exc)
+                    return
+                if self.stage.pending.rows() >= self.settings.max_pending_rows:
                     await self.flush()  # backpressure: stop consuming until the sink catches up
         finally:
             flusher.cancel()
@@ -192,38 +223,42 @@ class CouponStream:
             await self.flush()
 
     async def flush(self) -> None:
-        """Flush the state stage, then commit the offsets it has made safe.
+        """One checkpoint (see `checkpoint`)."""
+        await self.checkpointer.run()
 
-        The stage applies every offset of a partition in order, so after a flush everything
-        below the highest flushed offset is in the changelog and the result table: that is
-        what we commit, ourselves. Faust's own ack-based commit can skip a message it never
-        delivered, or stall behind it for good; the events are still acknowledged so that
-        Faust's rebalance (which waits for acks) goes on.
+    async def _acknowledge(self, tokens: list[object], committed: bool) -> None:
+        """Acknowledge the events of a checkpoint, or release them if it was not committed.
+
+        We commit offsets ourselves (Faust's ack-based commit can skip a message it never
+        delivered, or stall behind it for good); the events are still acknowledged so that
+        Faust's rebalance, which waits for acks, goes on. Acknowledged without a commit,
+        Faust would commit them as it hands the partitions over: those are released.
         """
-        tokens, written = await self.stage.flush()
-        events = [t for t in tokens if not isinstance(t, ReadBack)]
-        if not written:
-            # Given up during a rebalance: acknowledged, Faust would commit them as it hands
-            # the partitions over. Released instead, so its wait for acks is not held either.
-            for event in events:
-                self.app.consumer._unacked_messages.discard(event.message)
-            return
-        offsets: dict[Any, int] = {}
-        for event in events:
-            tp = event.message.tp
-            offsets[tp] = max(offsets.get(tp, 0), event.message.offset + 1)
-            await self._acker.ack(event)
-        topic = self.by_buyer.get_topic_name()
         for token in tokens:
-            if isinstance(token, ReadBack):  # applied from Kafka, no event to acknowledge
-                tp = TP(topic, token.partition)
-                offsets[tp] = max(offsets.get(tp, 0), token.next_offset)
-        if offsets:
-            await self.commit(offsets)
+            if not isinstance(token, faust.types.EventT):
+                continue  # a ReadBack: applied from Kafka, no event to acknowledge
+            if committed and self._acker is not None:
+                await self._acker.ack(token)
+            else:
+                self.app.consumer._unacked_messages.discard(token.message)
 
-    async def commit(self, offsets: dict[Any, int]) -> None:
+    async def commit_partitions(self, offsets: dict[int, int]) -> bool:
+        """Commit by-buyer offsets, retrying what can succeed; False once not ours."""
+        topic = self.by_buyer.get_topic_name()
+        backoff = Backoff()
+        while True:
+            try:
+                return await self.commit({TP(topic, p): o for p, o in offsets.items()})
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if classify(exc) is Fault.PERMANENT or self.app.rebalancing:
+                    log.warning("offset commit failed, the messages will be replayed: %r", exc)
+                    return False
+                self.stalls.failed(None, f"offset commit failed: {exc!r}")
+                await backoff.sleep()
+
+    async def commit(self, offsets: dict[Any, int]) -> bool:
         # Faust's commit of explicit offsets: only partitions still assigned are committed.
-        await self.app.consumer._commit_offsets(offsets)
+        return bool(await self.app.consumer._commit_offsets(offsets))
 
     async def start_sink(self) -> None:
         if not self._sink_started:
@@ -244,17 +279,24 @@ class CouponStream:
             """Messages behind each assigned partition's end: by-buyer, intake and standby."""
             consumer = app.consumer
 
-            def behind(tp: TP, done: int) -> None:
+            def behind(tp: TP, done: int) -> int | None:
                 try:
                     end = consumer.highwater(tp)
                 except Exception:  # noqa: BLE001 - not known yet right after assignment
-                    return
-                if end is not None:
-                    metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, end - done))
+                    return None
+                if end is None:
+                    return None
+                lag = max(0, end - done)
+                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
+                return lag
 
+            by_buyer: dict[int, int] = {}
             for tp in consumer.assignment():
                 if tp.topic in watched:
-                    behind(tp, consumer._committed_offset.get(tp) or 0)
+                    lag = behind(tp, consumer._committed_offset.get(tp) or 0)
+                    if lag is not None:
+                        by_buyer[tp.partition] = lag
+            self.stalls.check(by_buyer)
             # A standby copy is as current as the last changelog offset Faust applied to it.
             recovery = app.tables.recovery
             for tp in recovery.standby_tps:
@@ -284,22 +326,25 @@ class CouponStream:
 
         @app.timer(interval=10.0)
         async def export_state_size() -> None:
-            """Buyers held in local RocksDB per partition (active and standby copies)."""
-            for partition, db in getattr(self.buyers.data, "_dbs", {}).items():
-                try:
-                    keys = db.property_int_value("rocksdb.estimate-num-keys")
-                except Exception:  # noqa: BLE001 - not a rocksdict store
-                    continue
-                metrics.STATE_KEYS.labels(str(partition)).set(keys or 0)
+            """Keys held in local RocksDB per table and partition (active and standby copies)."""
+            for name in STATE_TABLES:
+                for partition, db in getattr(app.tables[name].data, "_dbs", {}).items():
+                    try:
+                        keys = db.property_int_value("rocksdb.estimate-num-keys")
+                    except Exception:  # noqa: BLE001 - not a rocksdict store
+                        continue
+                    metrics.STATE_KEYS.labels(name, str(partition)).set(keys or 0)
 
         @app.on_partitions_assigned.connect
         async def assigned(app: faust.App, assigned: set, **kwargs: Any) -> None:
             mine = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned if tp.topic in watched)
+            self.stalls.assigned(tp.partition for tp in assigned if tp.topic in watched)
             log.info("assigned %d partitions: %s", len(mine), ", ".join(mine))
 
         @app.on_partitions_revoked.connect
         async def revoked(app: faust.App, revoked: set, **kwargs: Any) -> None:
-            self.stage.forget_deliveries()
+            await self._acknowledge(self.stage.forget(), False)
+            self.stalls.revoked()
             metrics.CONSUMER_LAG.clear()
             log.info("revoked %d partitions", len(revoked))
 
@@ -317,30 +362,34 @@ class CouponStream:
             return web.json(status, status=200 if status["ready"] else 503)
 
     async def readiness(self) -> dict[str, Any]:
-        """Ready when not rebalancing, tables recovered, and the database answers."""
+        """Ready when not rebalancing, tables recovered, the database answers, and no
+        partition is stalled (lag, and nothing committed for COUPON_STALL_SECONDS)."""
         app = self.app
         recovered = bool(app.tables.recovery.completed.is_set()) if app.tables else False
         database = await self.sink.ping()
         rebalancing = bool(app.rebalancing)
+        stalled = sorted(self.stalls.stalled)
         return {
-            "ready": recovered and database and not rebalancing,
+            "ready": recovered and database and not rebalancing and not stalled,
             "tables_recovered": recovered,
             "database": database,
             "rebalancing": rebalancing,
+            "stalled_partitions": stalled,
         }
 
 
-class BuyersTable(faust.Table):
+class StateTable(faust.Table):
     """Faust's table, with a hook that runs after local partitions open, before recovery."""
 
-    before_recovery: Callable[[set[TP], int], Awaitable[None]] | None = None
+    before_recovery: Callable[[str, set[TP], int], Awaitable[None]] | None = None
 
     async def on_rebalance(
         self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP], generation_id: int = 0
     ) -> None:
         await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
         if self.before_recovery is not None:
-            await self.before_recovery(newly_assigned, generation_id)
+            changelog = self.changelog_topic.get_topic_name()
+            await self.before_recovery(changelog, newly_assigned, generation_id)
 
 
 def _rocksdb_options(s: Settings) -> dict[str, Any]:

@@ -14,21 +14,36 @@ from coupon_stream.settings import Settings
 
 
 def _worker(extra: list[str]) -> None:
-    from coupon_stream.app import CouponStream
-    from coupon_stream.status import create_internal_topics, end_offsets
+    from coupon_stream.status import (
+        DeploymentError,
+        check_deployment,
+        create_internal_topics,
+        end_offsets_by_topic,
+    )
 
     settings = Settings()
 
-    async def prepare() -> dict[int, int]:
+    async def prepare() -> dict[str, dict[int, int]]:
+        """Refuse a bad deployment, create the internal topics, note the changelogs' ends."""
+        await check_deployment(settings)
         await create_internal_topics(settings)
-        return await end_offsets(settings.bootstrap_servers, settings.changelog_topic)
+        topics = list(settings.changelog_topics.values())
+        return await end_offsets_by_topic(settings.bootstrap_servers, topics)
 
+    changelog_ends: dict[str, dict[int, int]] | None
     try:
         changelog_ends = asyncio.run(asyncio.wait_for(prepare(), 60))
+    except DeploymentError as exc:
+        # Before the fallback below (a RuntimeError too): starting anyway would misroute
+        # buyers or misread state.
+        print(f"coupon-stream worker: refusing to start: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     except (TimeoutError, OSError, RuntimeError, KafkaError) as exc:
         # Faust creates them itself when it can reach the broker.
         print(f"could not create the internal topics before start: {exc!r}", file=sys.stderr)
         changelog_ends = None
+    from coupon_stream.app import CouponStream  # after the checks: a refusal comes fast
+
     stream = CouponStream(settings, changelog_ends=changelog_ends)
     if not any(a in ("-l", "--loglevel") or a.startswith("--loglevel=") for a in extra):
         extra = ["--loglevel", settings.log_level, *extra]

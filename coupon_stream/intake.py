@@ -5,6 +5,10 @@ fetched batches with a plain aiokafka consumer (its own group, `<app_id>-intake`
 one message per owning partition and batch. Source offsets are committed only after those
 sends are acknowledged: a crash replays the batch, which is harmless because a copy that
 arrives twice is a duplicate to the state stage.
+
+Sizes are bounded here, so that nothing downstream can meet a message Kafka refuses: a row
+whose encoding is over MAX_RECORD_BYTES is dead-lettered ("too_large"), and by-buyer
+messages hold at most MAX_MESSAGE_BYTES of rows.
 """
 
 from __future__ import annotations
@@ -16,20 +20,27 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from coupon_stream import metrics
+from coupon_stream.errors import Backoff, Fault, classify
 from coupon_stream.kafka import DeadLetter, KafkaOut
-from coupon_stream.records import BadRecord, Row, Source, partition_for_buyer, read_row
+from coupon_stream.records import BadRecord, Row, Source, encode_rows, partition_for_buyer, read_row
 from coupon_stream.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Kafka's default message.max.bytes is 1 MiB; by-buyer messages stay well under it.
-MAX_MESSAGE_BYTES = 512 * 1024
+# Kafka's default message.max.bytes is 1 MiB; by-buyer messages stay far below it.
+MAX_MESSAGE_BYTES = 64 * 1024
+# One row (encode_rows([row])) that the state may keep; four fit in one by-buyer message.
+MAX_RECORD_BYTES = 16 * 1024
 MAX_RETRY_DELAY = 2.0
+# Bytes of a row's encoding besides its four strings' characters: three integers of at most
+# 20 characters, brackets, commas, quotes. orjson writes a character in at most 6 bytes
+# (\u00XX), so a row below the bound needs no exact measure.
+_ROW_OVERHEAD = 80
+_MAX_CHAR_BYTES = 6
 
 
 class Message(Protocol):
@@ -62,17 +73,40 @@ def route(messages: Iterable[Message], sources: Mapping[str, Source], partitions
                 )
             )
             continue
+        size = _ROW_OVERHEAD + _MAX_CHAR_BYTES * (
+            len(row[1]) + len(row[2]) + len(row[5] or "") + len(row[6] or "")
+        )
+        if size > MAX_RECORD_BYTES:
+            size = len(encode_rows([row]))
+            if size > MAX_RECORD_BYTES:
+                routed.dead.append(
+                    DeadLetter(
+                        msg.key,
+                        msg.value,
+                        msg.topic,
+                        msg.partition,
+                        msg.offset,
+                        f"record too large to keep in state: {size} bytes of "
+                        f"biz_order_id/pay_status/timestamps (limit {MAX_RECORD_BYTES})",
+                        "too_large",
+                    )
+                )
+                continue
         by_partition[partition_for_buyer(row[0], partitions)].append(row)
     return routed
 
 
-def encode_rows(rows: list[Row], limit: int = MAX_MESSAGE_BYTES) -> list[bytes]:
-    """The by-buyer message values for `rows`: one, or several if one would be too large."""
-    raw = orjson.dumps(rows)
+def split_rows(rows: list[Row], limit: int = MAX_MESSAGE_BYTES) -> list[bytes]:
+    """The by-buyer message values for `rows`: one, or several if one would be too large.
+
+    Each value is at most `limit` bytes unless it holds a single row larger than that
+    (`route` keeps rows below MAX_RECORD_BYTES, a quarter of the default limit).
+    """
+    raw = encode_rows(rows)
     if len(raw) <= limit or len(rows) == 1:
         return [raw]
     half = len(rows) // 2
-    return encode_rows(rows[:half], limit) + encode_rows(rows[half:], limit)
+    return split_rows(rows[:half], limit) + split_rows(rows[half:], limit)
 
 
 class Intake:
@@ -118,18 +152,30 @@ class Intake:
         """Forward a batch, again and again if Kafka refuses it: nothing is committed before.
 
         A re-sent batch is harmless (the state stage counts each copy once), and an intake
-        that gave up would leave the worker up but reading nothing.
+        that gave up would leave the worker up but reading nothing. An error that no retry
+        can fix (`coupon_stream.errors`: a message too large, an unauthorized topic) is
+        raised instead, so the worker stops loudly rather than loop: it cannot be one
+        record's fault, since `route` bounds records and dead letters are cut to fit
+        (`KafkaOut.dead_letter`), so it is the topics' or the broker's configuration.
         """
-        delay = 0.1
+        backoff = Backoff(0.1, MAX_RETRY_DELAY)
         while True:
             try:
                 await self.forward(batches)
                 return
-            except KafkaError as exc:
+            except (KafkaError, OSError) as exc:
+                if classify(exc) is Fault.PERMANENT:
+                    log.error(
+                        "intake: Kafka refused a batch for good (%r); no retry can fix this, "
+                        "check the topics and the broker; stopping",
+                        exc,
+                    )
+                    raise
                 metrics.INTAKE_RETRIES.inc()
-                log.error("intake could not forward a batch, retrying in %.1f s: %r", delay, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, MAX_RETRY_DELAY)
+                log.error(
+                    "intake could not forward a batch, retrying in %.1f s: %r", backoff.delay, exc
+                )
+                await backoff.sleep()
 
     async def forward(self, batches: Mapping[TopicPartition, list[Any]]) -> None:
         """Send one fetched batch on and wait until Kafka has acknowledged all of it."""
@@ -141,7 +187,7 @@ class Intake:
         sends = [
             await self.out.send(topic, value, partition=part)
             for part, rows in routed.by_partition.items()
-            for value in encode_rows(rows)
+            for value in split_rows(rows)
         ]
         for dead in routed.dead:
             sends.append(await self.out.dead_letter(dead))

@@ -10,12 +10,17 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from coupon_stream import metrics
+from coupon_stream.errors import is_too_large
 from coupon_stream.settings import Settings
+
+if TYPE_CHECKING:
+    from coupon_stream.state import ResultRow
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +28,13 @@ HEADER_TOPIC = "coupon.source.topic"
 HEADER_PARTITION = "coupon.source.partition"
 HEADER_OFFSET = "coupon.source.offset"
 HEADER_REASON = "coupon.error.reason"
+HEADER_VALUE_TRUNCATED = "coupon.value.truncated"  # the original value's length
+HEADER_KEY_TRUNCATED = "coupon.key.truncated"  # the original key's length
+# What is left of a dead letter Kafka refused as too large: far below any broker's limit.
+TRUNCATED_VALUE_BYTES = 64 * 1024
+TRUNCATED_KEY_BYTES = 1024
+TRUNCATED_REASON_CHARS = 4096
+SINK_REJECTED = "sink_rejected"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +56,45 @@ class DeadLetter:
             (HEADER_OFFSET, str(self.offset).encode()),
             (HEADER_REASON, self.reason.encode()),
         ]
+
+
+def row_dead_letter(
+    table: str,
+    row: ResultRow | None,
+    reason: str,
+    *,
+    key: tuple[int, int] | None = None,
+) -> DeadLetter:
+    """The dead letter of a result row the database refused: the row as a JSON object.
+
+    Its source "topic" is the result table, with partition and offset -1 (no Kafka
+    message caused it alone). A refused delete (`row` None) is written as `"deleted": true`
+    with the (buyer_id, effect_time) of `key`, so pass the key along with a None row.
+    """
+    if row is not None:
+        value = orjson.dumps(row._asdict())
+    else:
+        deleted: dict[str, object] = {"deleted": True}
+        if key is not None:
+            deleted = {"buyer_id": key[0], "effect_time": key[1], **deleted}
+        value = orjson.dumps(deleted)
+    return DeadLetter(None, value, table, -1, -1, reason, SINK_REJECTED)
+
+
+def truncated(dead: DeadLetter) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    """(key, value, headers) of `dead` cut to sizes any broker takes, the cuts in headers."""
+    key, value = dead.key, dead.value
+    headers = [
+        (h, v if h != HEADER_REASON else dead.reason[:TRUNCATED_REASON_CHARS].encode())
+        for h, v in dead.headers()
+    ]
+    if value is not None and len(value) > TRUNCATED_VALUE_BYTES:
+        headers.append((HEADER_VALUE_TRUNCATED, str(len(value)).encode()))
+        value = value[:TRUNCATED_VALUE_BYTES]
+    if key is not None and len(key) > TRUNCATED_KEY_BYTES:
+        headers.append((HEADER_KEY_TRUNCATED, str(len(key)).encode()))
+        key = key[:TRUNCATED_KEY_BYTES]
+    return key, value, headers
 
 
 class KafkaOut:
@@ -87,13 +138,50 @@ class KafkaOut:
         return await producer.send(topic, value, key=key, partition=partition, headers=headers)
 
     async def dead_letter(self, dead: DeadLetter) -> asyncio.Future:
+        """Send a dead letter; the returned future resolves once Kafka has acknowledged it.
+
+        A dead letter Kafka refuses as too large (a source message near the 1 MiB limit
+        plus our headers, or a topic with a lower limit) is sent again with its value cut
+        to 64 KiB and its original length in a `coupon.value.truncated` header: the cut
+        copy still says where the message is and why it was refused, whereas retrying the
+        whole one would block its batch forever.
+        """
         metrics.DEAD_LETTERS.labels(dead.kind).inc()
         log.warning(
             "dead letter: %s[%d]@%d: %s", dead.topic, dead.partition, dead.offset, dead.reason
         )
-        return await self.send(
-            self.settings.dlq_topic, dead.value, key=dead.key, headers=dead.headers()
+        try:
+            sent = await self.send(
+                self.settings.dlq_topic, dead.value, key=dead.key, headers=dead.headers()
+            )
+        except Exception as exc:
+            if not is_too_large(exc):
+                raise
+            return await self._send_truncated(dead, exc)  # refused by the client's size check
+        return asyncio.ensure_future(self._delivered(dead, sent))
+
+    async def _delivered(self, dead: DeadLetter, sent: asyncio.Future) -> Any:
+        try:
+            return await sent
+        except Exception as exc:
+            if not is_too_large(exc):
+                raise
+            return await (await self._send_truncated(dead, exc))  # refused by the broker
+
+    async def _send_truncated(self, dead: DeadLetter, exc: BaseException) -> asyncio.Future:
+        key, value, headers = truncated(dead)
+        metrics.DEAD_LETTERS_TRUNCATED.inc()
+        log.error(
+            "dead letter of %s[%d]@%d refused as too large (%d bytes of value): %r; sent "
+            "again with the value cut to %d bytes",
+            dead.topic,
+            dead.partition,
+            dead.offset,
+            len(dead.value or b""),
+            exc,
+            TRUNCATED_VALUE_BYTES,
         )
+        return await self.send(self.settings.dlq_topic, value, key=key, headers=headers)
 
     async def send_records(
         self, topic: str, partition: int, records: Iterable[tuple[bytes, bytes | None]]
@@ -181,11 +269,11 @@ class PartitionReader:
 
     async def read(
         self, topic: str, partition: int, start: int, end: int
-    ) -> list[tuple[int, bytes]]:
-        """(offset, value) of every record in [start, end) that the log still holds."""
-        records: list[tuple[int, bytes]] = []
+    ) -> list[tuple[int, bytes, int]]:
+        """(offset, value, timestamp in ms) of every record in [start, end) the log still holds."""
+        records: list[tuple[int, bytes, int]] = []
         async for _, batch, _ in self.batches(topic, {partition: (start, end)}):
-            records += [(r.offset, r.value) for r in batch]
+            records += [(r.offset, r.value, r.timestamp) for r in batch]
         return records
 
     async def stop(self) -> None:

@@ -34,8 +34,25 @@ SINK_BATCH_ROWS = Histogram(
     "Result rows per committed batch",
     buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
 )
-STATE_BUYERS_WRITTEN = Counter(
-    "coupon_state_writes_total", "Buyer state values written (one changelog message each)"
+STATE_WRITES = Counter(
+    "coupon_state_writes_total",
+    "State keys written by checkpoints (entries and days; one changelog record each)",
+    ["table"],
+)
+STATE_EXTREMA_RECOMPUTED = Counter(
+    "coupon_state_extrema_recomputed_total",
+    "Days whose MIN(gmt_create)/MAX(gmt_modified) lost its entry to a replacement and were "
+    "recomputed from the day's entries",
+)
+CHECKPOINT_SECONDS = Histogram(
+    "coupon_checkpoint_seconds",
+    "Time of one checkpoint: changelog, local RocksDB, MySQL and the offset commit",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+PARTITION_STALLED = Gauge(
+    "coupon_partition_stalled",
+    "1 while an assigned partition has lag and committed nothing for COUPON_STALL_SECONDS",
+    ["partition"],
 )
 STATE_EXPIRED = Counter(
     "coupon_state_expired_records_total", "Dedup entries dropped by state retention"
@@ -48,7 +65,7 @@ CONSUMER_LAG = Gauge(
 )
 STATE_ENTRIES = Gauge(
     "coupon_state_entries",
-    "Kept records in the state table per partition, counted at the last retention sweep",
+    "Kept records (entries) per partition, counted at the last retention sweep",
     ["partition"],
 )
 STATE_RESTORED = Counter(
@@ -61,8 +78,8 @@ STATE_BULK_RESTORED = Counter(
 )
 STATE_KEYS = Gauge(
     "coupon_state_keys",
-    "Buyers in the local RocksDB state per partition (RocksDB's estimate, every 10 s)",
-    ["partition"],
+    "Keys in the local RocksDB state per table and partition (RocksDB's estimate, every 10 s)",
+    ["table", "partition"],
 )
 SKIPPED_REAPPLIED = Counter(
     "coupon_state_skipped_messages_reapplied_total",
@@ -79,4 +96,14 @@ SINK_ABANDONED = Counter(
 CHANGELOG_RETRIES = Counter(
     "coupon_changelog_retries_total",
     "State changelog batches Kafka refused and that were sent again with the keys' current values",
+)
+SINK_REJECTED = Counter(
+    "coupon_sink_rejected_rows_total",
+    "Result rows the database refused as data (a permanent error), set aside alone and sent to "
+    "the dead-letter topic while the rest of their batch was written",
+)
+DEAD_LETTERS_TRUNCATED = Counter(
+    "coupon_dead_letters_truncated_total",
+    "Dead letters Kafka refused as too large, sent again with the value cut to 64 KiB "
+    "(header coupon.value.truncated holds the original length)",
 )

@@ -11,7 +11,7 @@ import re
 import zlib
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any
 
 import msgspec
 import orjson
@@ -159,21 +159,6 @@ def _validate(data: Any, source: Source) -> PaymentRecord:
         raise BadRecord(_reason(exc, amount_field), kind) from None
 
 
-class Contribution(NamedTuple):
-    """What one kept (order, pay_status) record adds to its buyer's day: the dedup entry.
-
-    A tuple, because a batch creates one per record and per kept entry of every buyer it
-    touches: a frozen dataclass cost 3x as much to build.
-    """
-
-    biz_order_id: str
-    pay_status: str
-    effect_time: int
-    yuan: int
-    gmt_create: str | None
-    gmt_modified: str | None
-
-
 def partition_for_buyer(buyer_id: int, partitions: int) -> int:
     """Stable buyer -> partition map, so a buyer's state always lives in one partition."""
     return zlib.crc32(str(buyer_id).encode()) % partitions
@@ -190,7 +175,17 @@ def partition_for_buyer(buyer_id: int, partitions: int) -> int:
 # pydantic. A property test holds the two to the same answers.
 
 Row = tuple[int, str, str, int, int, str | None, str | None]
-"""(buyer_id, biz_order_id, pay_status, effect_time, yuan, gmt_create, gmt_modified)."""
+"""(buyer_id, biz_order_id, pay_status, effect_time, yuan, gmt_create, gmt_modified): what a
+by-buyer message carries for one valid record, and all the state stage needs of it."""
+
+
+def encode_rows(rows: list[Row]) -> bytes:
+    """The by-buyer wire format: a JSON array of rows, all of one partition."""
+    return orjson.dumps(rows)
+
+
+def decode_rows(raw: bytes) -> list[Row]:
+    return orjson.loads(raw)
 
 
 class _PlainOrder(msgspec.Struct, gc=False):

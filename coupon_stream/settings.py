@@ -8,6 +8,11 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
+# The state tables, both partitioned by buyer: kept copy per (buyer, order, pay_status) and
+# running sums per (buyer, day). See coupon_stream.state.
+STATE_TABLES = ("entries", "days")
+STATE_FORMAT = 2
+
 
 class Settings(BaseSettings):
     """Service configuration; every field maps to `COUPON_<NAME>` (see README)."""
@@ -50,6 +55,23 @@ class Settings(BaseSettings):
     state_retention_days: int = Field(
         0, ge=0, description="drop state of days older than this many days (0 = keep forever)"
     )
+    future_tolerance_days: int = Field(
+        1,
+        ge=0,
+        description="with retention on, a pay_time more than this many days past the wall clock "
+        "is dead-lettered instead of moving the watermark",
+    )
+    stall_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="a partition with lag that committed nothing for this long is reported "
+        "stalled (/health/ready 503, coupon_partition_stalled)",
+    )
+    crash_point: str = Field(
+        "",
+        description="fault tests only: SIGKILL the worker at this point of a checkpoint "
+        "(see coupon_stream.checkpoint.CRASH_POINTS); empty = never",
+    )
     rocksdb_write_buffer_mb: int = Field(
         16, ge=1, description="RocksDB memtable per table partition, MiB (up to 3 are kept)"
     )
@@ -90,8 +112,13 @@ class Settings(BaseSettings):
         return f"{self.app_id}-payments-by-buyer"
 
     @property
-    def changelog_topic(self) -> str:
-        """Changelog of the `buyers` table, named as Faust names it."""
+    def changelog_topics(self) -> dict[str, str]:
+        """Changelog of each state table, named as Faust names them: table -> topic."""
+        return {t: f"{self.app_id}-{t}-changelog" for t in STATE_TABLES}
+
+    @property
+    def legacy_changelog_topic(self) -> str:
+        """Changelog of the format-1 `buyers` table (one value per buyer), now refused."""
         return f"{self.app_id}-buyers-changelog"
 
     @property

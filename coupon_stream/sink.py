@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import (
     BigInteger,
@@ -26,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.schema import CreateTable
 
 from coupon_stream import metrics
+from coupon_stream.errors import Backoff, Fault, classify, is_deadlock, reason
 from coupon_stream.records import MAX_TIMESTAMP_CHARS
 from coupon_stream.state import ResultRow
 
@@ -34,10 +34,23 @@ log = logging.getLogger(__name__)
 RowKey = tuple[int, int]  # (buyer_id, effect_time)
 CHUNK = 1000
 READ_TIMEOUT = 30.0  # seconds
-# InnoDB breaks a lock cycle between two workers' upserts (their gap locks interleave,
-# though their keys never do) by rolling one back. The database is fine; the write is
-# simply run again.
-DEADLOCK = 1213
+
+
+@dataclass(slots=True)
+class WriteResult:
+    """What `ResultSink.write` did with a batch.
+
+    `written` False: given up during a rebalance, the caller must not commit. `rejected`:
+    the rows the database refused as data, each alone, with its reason: (key, row or None
+    for a delete, reason); every other row of the batch was written. True in a boolean
+    context exactly when `written`, as the plain bool `write` used to return.
+    """
+
+    written: bool
+    rejected: list[tuple[RowKey, ResultRow | None, str]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.written
 
 
 def result_table(name: str, metadata: MetaData | None = None) -> Table:
@@ -76,35 +89,6 @@ class _DriverSql:
         """DELETE of `n` (buyer_id, effect_time) keys in one statement."""
         keys = ", ".join([f"({self.mark}, {self.mark})"] * n)
         return f"DELETE FROM {self.table} WHERE (buyer_id, effect_time) IN ({keys})"
-
-
-class PendingWrites:
-    """Rows waiting for the database, coalesced per key, with the events they came from.
-
-    Only the latest state of a key is kept (a delete included), so one flush writes each key
-    once however many records touched it.
-    """
-
-    def __init__(self) -> None:
-        self.rows: dict[RowKey, ResultRow | None] = {}
-        self.events: list[object] = []
-        self.in_flight = 0
-
-    def add(self, rows: Mapping[RowKey, ResultRow | None], event: object) -> None:
-        self.rows.update(rows)
-        self.events.append(event)
-        metrics.SINK_PENDING.set(len(self.rows) + self.in_flight)
-
-    def take(self) -> tuple[dict[RowKey, ResultRow | None], list[object]]:
-        """Hand the current rows to a flush; they count as pending until `written`."""
-        rows, events = self.rows, self.events
-        self.rows, self.events = {}, []
-        self.in_flight = len(rows)
-        return rows, events
-
-    def written(self) -> None:
-        self.in_flight = 0
-        metrics.SINK_PENDING.set(len(self.rows))
 
 
 class ResultSink:
@@ -156,7 +140,10 @@ class ResultSink:
 
     async def start(self) -> None:
         self._engine = _engine(self._url)
-        await self._retry("create table", self._create_table)
+        try:
+            await self._retry("create table", self._create_table)
+        except _Refused as refused:
+            raise refused.error from None
 
     async def stop(self) -> None:
         if self._engine is not None:
@@ -190,25 +177,67 @@ class ResultSink:
         self,
         rows: Mapping[RowKey, ResultRow | None],
         still_wanted: Callable[[], bool] | None = None,
-    ) -> bool:
+    ) -> WriteResult:
         """Upsert the rows that are present, delete the keys mapped to None, in one commit.
 
-        Returns False, having written nothing, if `still_wanted()` turns false between two
-        attempts (the database is down during a rebalance).
+        Returns `written=False` if `still_wanted()` turns false between two attempts (the
+        database is down during a rebalance); nothing is written then, unless the batch was
+        already split around a refused row (below), whose committed parts hold the keys'
+        current values, as the next owner's replay does.
+
+        A row the database refuses as data (a permanent error: out of range, too long, a
+        constraint) would fail the batch forever: the batch is split in halves, each its own
+        transaction, down to the refused row, which alone is set aside (logged, counted,
+        returned in `rejected`) while every other row is written.
         """
         if not rows:
-            return True
-        upserts = [r for r in rows.values() if r is not None]
-        deletes = [k for k, r in rows.items() if r is None]
+            return WriteResult(True)
+        result = WriteResult(True)
         started = time.perf_counter()
-        if not await self._retry("write", self._write_once, upserts, deletes, wanted=still_wanted):
+        if not await self._write_split(list(rows.items()), result.rejected, still_wanted):
             metrics.SINK_ABANDONED.inc(len(rows))
-            return False
+            result.written = False
+            return result
         metrics.SINK_FLUSH_SECONDS.observe(time.perf_counter() - started)
         metrics.SINK_BATCH_ROWS.observe(len(rows))
-        metrics.ROWS_UPSERTED.inc(len(upserts))
-        metrics.ROWS_DELETED.inc(len(deletes))
-        return True
+        refused = {key for key, _, _ in result.rejected}
+        metrics.ROWS_UPSERTED.inc(
+            sum(1 for k, r in rows.items() if r is not None and k not in refused)
+        )
+        metrics.ROWS_DELETED.inc(sum(1 for k, r in rows.items() if r is None and k not in refused))
+        return result
+
+    async def _write_split(
+        self,
+        items: list[tuple[RowKey, ResultRow | None]],
+        rejected: list[tuple[RowKey, ResultRow | None, str]],
+        wanted: Callable[[], bool] | None,
+    ) -> bool:
+        """Write `items` in one transaction, or in halves around rows refused as data."""
+        upserts = [r for _, r in items if r is not None]
+        deletes = [k for k, r in items if r is None]
+        try:
+            return await self._retry("write", self._write_once, upserts, deletes, wanted=wanted)
+        except _Refused as refused:
+            if len(items) > 1:
+                half = len(items) // 2
+                return await self._write_split(
+                    items[:half], rejected, wanted
+                ) and await self._write_split(items[half:], rejected, wanted)
+            ((key, row),) = items
+            why = reason(refused.error)
+            metrics.SINK_REJECTED.inc()
+            log.error(
+                "database %s refused the row of buyer_id=%d effect_time=%d (%s): %s; the row is "
+                "set aside and the rest of its batch written",
+                self._safe_url,
+                key[0],
+                key[1],
+                "delete" if row is None else f"cumulate_amount={row.cumulate_amount}",
+                why,
+            )
+            rejected.append((key, row, why))
+            return True
 
     async def _write_once(self, upserts: list[ResultRow], deletes: Sequence[RowKey]) -> None:
         assert self._engine is not None
@@ -245,8 +274,12 @@ class ResultSink:
         *args: object,
         wanted: Callable[[], bool] | None = None,
     ) -> bool:
-        """Run `fn` until it works (True), or until `wanted()` is false before a retry."""
-        delay = 0.1
+        """Run `fn` until it works (True), or until `wanted()` is false before a retry.
+
+        Transient errors (see `coupon_stream.errors`) are retried with backoff; a permanent
+        one raises `_Refused` at once, since running the same statement again cannot help.
+        """
+        backoff = Backoff(0.1, self.max_backoff)
         failures = 0
         down = False
         while True:
@@ -261,16 +294,20 @@ class ResultSink:
             try:
                 await fn(*args)
             except (SQLAlchemyError, OSError) as exc:
+                if classify(exc) is Fault.PERMANENT:
+                    # The database answered, so it is up; its "no" is about the data.
+                    self._up(down, failures)
+                    raise _Refused(exc) from exc
                 failures += 1
                 metrics.SINK_RETRIES.inc()
-                if _is_deadlock(exc):
+                if is_deadlock(exc):
                     log.warning(
                         "database %s: a %s deadlocked with another worker's and was rolled "
                         "back; running it again",
                         self._safe_url,
                         what,
                     )
-                    await asyncio.sleep(delay)
+                    await backoff.sleep()
                     continue
                 if not down:
                     down = True
@@ -278,12 +315,11 @@ class ResultSink:
                         "database %s failed, retrying with backoff until it works: %s: %s",
                         self._safe_url,
                         type(exc).__name__,
-                        str(exc).splitlines()[0][:300],
+                        reason(exc)[:300],
                     )
                 self.available = False
                 metrics.SINK_AVAILABLE.set(0)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.max_backoff)
+                await backoff.sleep()
                 if what == "write" and failures % 5 == 0:
                     # The table may have been dropped under us; recreating it is harmless.
                     try:
@@ -291,13 +327,14 @@ class ResultSink:
                     except (SQLAlchemyError, OSError):
                         pass
                 continue
-            if down:
-                log.warning(
-                    "database %s is back after %d failed attempts", self._safe_url, failures
-                )
-            self.available = True
-            metrics.SINK_AVAILABLE.set(1)
+            self._up(down, failures)
             return True
+
+    def _up(self, was_down: bool, failures: int) -> None:
+        if was_down:
+            log.warning("database %s is back after %d failed attempts", self._safe_url, failures)
+        self.available = True
+        metrics.SINK_AVAILABLE.set(1)
 
     async def fetch_all(self) -> list[tuple]:
         """All rows, ordered by key (for `coupon-stream show` and tests)."""
@@ -316,6 +353,9 @@ class ResultSink:
             return [tuple(r) for r in result]
 
 
-def _is_deadlock(exc: BaseException) -> bool:
-    args = getattr(getattr(exc, "orig", None), "args", ())
-    return bool(args) and args[0] == DEADLOCK
+class _Refused(Exception):
+    """A statement the database refused for good (a permanent error), carrying it."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error

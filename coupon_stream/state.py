@@ -1,34 +1,106 @@
-"""Dedup and aggregate state of one buyer, and how a batch of records changes it (no I/O).
+"""Dedup and aggregate state, and how one record changes it (no I/O).
 
-One table value per buyer holds the kept record of every (biz_order_id, pay_status) of that
-buyer; the per-day sums are derived from it, never stored. So one record changes exactly one
-table value, written with one changelog message: there is no second piece of state that a
-crash could leave out of step (SPEC "Atomicity across a crash").
+Two tables, both partitioned by buyer (docs/design.md, "State"):
+
+- `entries`: the kept copy of each (buyer_id, biz_order_id, pay_status), as
+  `[effect_time, yuan, gmt_create, gmt_modified]`;
+- `days`: the running aggregate of each (buyer_id, effect_time), as
+  `[cumulate_amount, kept entries, MIN(gmt_create), MAX(gmt_modified)]`.
+
+A record changes its entry and at most two days, so applying it costs the same whatever its
+buyer's history. Stored values are versioned `Record`s (see `Record.as_of`), which is what
+makes a checkpoint that a crash cut in half harmless.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+import struct
+from dataclasses import dataclass
 from datetime import date, timedelta
 from enum import StrEnum
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
-from coupon_stream.records import Contribution
+from coupon_stream.records import INT64_MAX, INT64_MIN, Row
 
-# Kept entries are stored as plain JSON arrays and used as they decode (lists): building a
-# Contribution for every kept entry of every buyer a batch touches was a fifth of the CPU.
-# Positions are Contribution's fields.
-Entry = Contribution | list
-ORDER, STATUS, DAY, YUAN, CREATED, MODIFIED = range(6)
+# Positions in a Row: (buyer_id, biz_order_id, pay_status, effect_time, yuan, created, modified)
+BUYER, ORDER, STATUS, ROW_DAY, ROW_YUAN, ROW_CREATED, ROW_MODIFIED = range(7)
+# Positions in an entry payload.
+DAY, YUAN, CREATED, MODIFIED = range(4)
+# Positions in a day payload.
+SUM, COUNT, MIN_CREATED, MAX_MODIFIED = range(4)
+
+Entry = list  # [effect_time, yuan, gmt_create, gmt_modified]
+Day = list  # [cumulate_amount, entries, min gmt_create, max gmt_modified]
+
+# Partition metadata keys of the `days` table; day keys are always 12 bytes, these are not.
+FORMAT_KEY = b"~format"
+WATERMARK_KEY = b"~watermark"
+NEXT_OFFSET_KEY = b"~next-offset"  # the by-buyer offset after the last checkpoint
+META_KEYS = frozenset({FORMAT_KEY, WATERMARK_KEY, NEXT_OFFSET_KEY})
+
+_BUYER = struct.Struct(">Q")
+_DAY_KEY = struct.Struct(">QI")
+_BIAS = 2**63  # signed buyer ids as unsigned, so keys sort (and prefix-scan) by buyer
+
+
+def buyer_prefix(buyer_id: int) -> bytes:
+    """The prefix every entry key of a buyer starts with."""
+    return _BUYER.pack(buyer_id + _BIAS)
+
+
+def entry_key(buyer_id: int, order: str, status: str) -> bytes:
+    return _BUYER.pack(buyer_id + _BIAS) + orjson.dumps((order, status))
+
+
+def day_key(buyer_id: int, effect_time: int) -> bytes:
+    return _DAY_KEY.pack(buyer_id + _BIAS, effect_time)
+
+
+def parse_day_key(key: bytes) -> tuple[int, int]:
+    buyer, day = _DAY_KEY.unpack(key)
+    return buyer - _BIAS, day
+
+
+def is_day_key(key: bytes) -> bool:
+    return len(key) == _DAY_KEY.size and key not in META_KEYS
+
+
+class Record(NamedTuple):
+    """A stored value: the key's value as of by-buyer offset `version`, and before it.
+
+    `current` is the value after every by-buyer message below `version` (the end of the
+    checkpoint that wrote it); `previous` is its value at the partition's last committed
+    offset when it was written. Replay is deterministic, so both are true statements about
+    the log. A checkpoint a crash cut short leaves some keys at its end and others at its
+    start; `as_of` reads each one back at the committed offset, so they agree again.
+    """
+
+    session: int
+    version: int
+    current: Any
+    previous: Any
+
+    def as_of(self, committed: int, session: int) -> Any:
+        """The value at by-buyer offset `committed`, as read by worker session `session`."""
+        if self.version > committed and self.session != session:
+            return self.previous  # written by a checkpoint that was never committed
+        return self.current
+
+    def encode(self) -> bytes:
+        return orjson.dumps(tuple(self))
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Record:
+        return cls(*orjson.loads(raw))
 
 
 class Outcome(StrEnum):
     NEW = "new"  # first copy of its key: counted
     REPLACED = "replaced"  # an earlier-generated copy took the kept one's place
     DUPLICATE = "duplicate"  # a later or equal copy: changes nothing
+    REFUSED = "refused"  # would take a day's sum outside BIGINT: dead-lettered
 
 
 class ResultRow(NamedTuple):
@@ -44,121 +116,168 @@ class ResultRow(NamedTuple):
     effect_time: int
 
 
-@dataclass(slots=True)
-class BuyerState:
-    """The kept copy of each (biz_order_id, pay_status) of one buyer."""
-
-    buyer_id: int
-    kept: dict[tuple[str, str], Entry] = field(default_factory=dict)
-
-    def apply(self, new: Entry) -> Outcome:
-        key = (new[ORDER], new[STATUS])
-        old = self.kept.get(key)
-        if old is None:
-            self.kept[key] = new
-            return Outcome.NEW
-        if generated_before(new, old):
-            self.kept[key] = new
-            return Outcome.REPLACED
-        return Outcome.DUPLICATE
-
-    def row(self, effect_time: int) -> ResultRow | None:
-        """The result row for one day, or None when the table must not hold one (sum <= 0)."""
-        total = 0
-        created: str | None = None
-        modified: str | None = None
-        for c in self.kept.values():
-            if c[DAY] != effect_time:
-                continue
-            total += c[YUAN]
-            gc, gm = c[CREATED], c[MODIFIED]
-            if gc is not None and (created is None or gc < created):
-                created = gc
-            if gm is not None and (modified is None or gm > modified):
-                modified = gm
-        if total <= 0:
-            return None
-        return ResultRow(created, modified, self.buyer_id, total, effect_time)
-
-    def drop_days_before(self, effect_time: int) -> int:
-        """Forget records of days before `effect_time` (state retention); returns how many."""
-        old = [k for k, c in self.kept.items() if c[DAY] < effect_time]
-        for k in old:
-            del self.kept[k]
-        return len(old)
-
-    def encode(self) -> bytes:
-        return orjson.dumps(list(self.kept.values()), default=list)
-
-    @classmethod
-    def decode(cls, buyer_id: int, raw: bytes | None) -> BuyerState:
-        if not raw:
-            return cls(buyer_id)
-        return cls(buyer_id, {(e[ORDER], e[STATUS]): e for e in orjson.loads(raw)})
-
-
-def generated_before(new: Entry, old: Entry) -> bool:
-    """True if `new` was generated strictly earlier than `old` (SPEC step 2).
+def generated_before(new_modified: str | None, old_modified: str | None) -> bool:
+    """True if a copy modified at `new_modified` was generated strictly before the kept one.
 
     A null gmt_modified sorts after every timestamp, so the copy SQL's MIN picks wins;
-    ties keep the copy that arrived first.
+    ties keep the copy that arrived first (SPEC step 2).
     """
-    new_gm, old_gm = new[MODIFIED], old[MODIFIED]
-    if new_gm is None:
+    if new_modified is None:
         return False
-    return old_gm is None or new_gm < old_gm
+    return old_modified is None or new_modified < old_modified
+
+
+def _earlier(a: str | None, b: str | None) -> str | None:
+    return b if a is None or (b is not None and b < a) else a
+
+
+def _later(a: str | None, b: str | None) -> str | None:
+    return b if a is None or (b is not None and b > a) else a
+
+
+def day_row(buyer_id: int, effect_time: int, day: Day | None) -> ResultRow | None:
+    """The result row of one day, or None when the table must not hold one (sum <= 0)."""
+    if day is None or day[SUM] <= 0:
+        return None
+    return ResultRow(day[MIN_CREATED], day[MAX_MODIFIED], buyer_id, day[SUM], effect_time)
+
+
+def extrema(entries: list[Entry]) -> tuple[str | None, str | None]:
+    """MIN(gmt_create), MAX(gmt_modified) over a day's kept entries (the non-retractable part)."""
+    created: str | None = None
+    modified: str | None = None
+    for e in entries:
+        created = _earlier(created, e[CREATED])
+        modified = _later(modified, e[MODIFIED])
+    return created, modified
+
+
+class StateView(Protocol):
+    """What applying records needs from the tables: read and write one key's current value.
+
+    `stale` collects the days whose MIN/MAX lost the entry that held it; the checkpoint
+    recomputes them from the day's entries once, however many records touched them.
+    """
+
+    stale: set[bytes]
+
+    def get_entry(self, key: bytes) -> Entry | None: ...
+    def put_entry(self, key: bytes, value: Entry | None) -> None: ...
+    def get_day(self, key: bytes) -> Day | None: ...
+    def put_day(self, key: bytes, value: Day | None) -> None: ...
+
+
+@dataclass(slots=True)
+class Applied:
+    outcome: Outcome
+    days: tuple[int, ...]  # the effect_times whose rows the record touched
+    reason: str = ""
+
+
+def _fits(total: int) -> bool:
+    return INT64_MIN <= total <= INT64_MAX
+
+
+def apply_row(view: StateView, row: Row) -> Applied:
+    """Dedup one record against its kept copy and move the day sums with it (SPEC 2 and 3).
+
+    Every record, duplicates included, touches its day: if a crash came between the state
+    write and the MySQL write, the replay of that record re-sends the current row.
+    """
+    buyer, order, status, new_day, yuan, created, modified = row
+    ekey = entry_key(buyer, order, status)
+    old = view.get_entry(ekey)
+    if old is not None and not generated_before(modified, old[MODIFIED]):
+        return Applied(Outcome.DUPLICATE, (new_day,))
+    new: Entry = [new_day, yuan, created, modified]
+    new_key = day_key(buyer, new_day)
+    if old is None:
+        day = view.get_day(new_key) or [0, 0, None, None]
+        total = day[SUM] + yuan
+        if not _fits(total):
+            return _refused(new_day, total)
+        view.put_day(
+            new_key,
+            [
+                total,
+                day[COUNT] + 1,
+                _earlier(day[MIN_CREATED], created),
+                _later(day[MAX_MODIFIED], modified),
+            ],
+        )
+        view.put_entry(ekey, new)
+        return Applied(Outcome.NEW, (new_day,))
+    old_day = old[DAY]
+    old_key = day_key(buyer, old_day)
+    if old_day == new_day:
+        day = view.get_day(new_key) or [0, 0, None, None]
+        total = day[SUM] - old[YUAN] + yuan
+        if not _fits(total):
+            return _refused(new_day, total)
+        updated = _without(view, new_key, day, old, total, day[COUNT])
+        updated[MIN_CREATED] = _earlier(updated[MIN_CREATED], created)
+        updated[MAX_MODIFIED] = _later(updated[MAX_MODIFIED], modified)
+        view.put_day(new_key, updated)
+        view.put_entry(ekey, new)
+        return Applied(Outcome.REPLACED, (new_day,))
+    left = view.get_day(old_key) or [0, 1, None, None]
+    joined = view.get_day(new_key) or [0, 0, None, None]
+    left_total = left[SUM] - old[YUAN]
+    joined_total = joined[SUM] + yuan
+    if not _fits(joined_total):
+        return _refused(new_day, joined_total)
+    if not _fits(left_total):
+        return _refused(old_day, left_total)
+    count = left[COUNT] - 1
+    view.put_day(old_key, _without(view, old_key, left, old, left_total, count) if count else None)
+    view.put_day(
+        new_key,
+        [
+            joined_total,
+            joined[COUNT] + 1,
+            _earlier(joined[MIN_CREATED], created),
+            _later(joined[MAX_MODIFIED], modified),
+        ],
+    )
+    view.put_entry(ekey, new)
+    return Applied(Outcome.REPLACED, (old_day, new_day))
+
+
+def _without(view: StateView, key: bytes, day: Day, old: Entry, total: int, count: int) -> Day:
+    """The day with `old` taken out; MIN/MAX cannot be, so a lost extremum marks it stale."""
+    if (old[CREATED] is not None and old[CREATED] == day[MIN_CREATED]) or (
+        old[MODIFIED] is not None and old[MODIFIED] == day[MAX_MODIFIED]
+    ):
+        view.stale.add(key)
+    return [total, count, day[MIN_CREATED], day[MAX_MODIFIED]]
+
+
+def _refused(effect_time: int, total: int) -> Applied:
+    return Applied(
+        Outcome.REFUSED,
+        (),
+        f"cumulate_amount would overflow BIGINT: the day {effect_time} would sum to {total}",
+    )
 
 
 def retention_cutoff(watermark: int, days: int) -> int:
-    """The first effect_time still kept when the newest day seen is `watermark` (yyyyMMdd)."""
+    """The first effect_time still kept when the newest day seen is `watermark` (yyyyMMdd).
+
+    Never raises: a cutoff before 0001-01-01 is 0001-01-01.
+    """
     newest = date(watermark // 10000, watermark // 100 % 100, watermark % 100)
-    first = newest - timedelta(days=days)
+    try:
+        first = newest - timedelta(days=days)
+    except OverflowError:
+        first = date.min
     return first.year * 10000 + first.month * 100 + first.day
 
 
-def buyer_key(buyer_id: int) -> bytes:
-    return str(buyer_id).encode()
-
-
-def encode_batch(items: Iterable[tuple[int, Contribution]]) -> bytes:
-    """Wire format of the by-buyer topic: many records of one partition in one message."""
-    return orjson.dumps([[b, *c] for b, c in items])
-
-
-def decode_batch(raw: bytes) -> list[tuple[int, Entry]]:
-    return [(item[0], item[1:]) for item in orjson.loads(raw)]
-
-
-@dataclass(slots=True)
-class BatchResult:
-    """What one batch changed: buyer states to write back and result rows to send."""
-
-    states: dict[int, BuyerState]
-    rows: dict[tuple[int, int], ResultRow | None]
-    outcomes: dict[Outcome, int]
-
-
-def apply_batch(
-    batch: Iterable[tuple[int, Contribution]], load: Callable[[int], BuyerState]
-) -> BatchResult:
-    """Apply records in arrival order.
-
-    Every record, duplicates included, marks its buyer and day as touched: if a crash came
-    between the state write and the MySQL write, the replay of that record re-sends the
-    current state to both, so nothing is left stale.
-    """
-    states: dict[int, BuyerState] = {}
-    touched: set[tuple[int, int]] = set()
-    outcomes = dict.fromkeys(Outcome, 0)
-    for buyer_id, contribution in batch:
-        state = states.get(buyer_id)
-        if state is None:
-            state = states[buyer_id] = load(buyer_id)
-        old = state.kept.get((contribution[ORDER], contribution[STATUS]))
-        outcome = state.apply(contribution)
-        outcomes[outcome] += 1
-        touched.add((buyer_id, contribution[DAY]))
-        if old is not None and outcome is Outcome.REPLACED:
-            touched.add((buyer_id, old[DAY]))
-    rows = {(b, day): states[b].row(day) for b, day in touched}
-    return BatchResult(states, rows, outcomes)
+def latest_day(received_ms: int, tolerance_days: int) -> int:
+    """The newest effect_time accepted from a message received at `received_ms` (epoch ms)."""
+    received = date(1970, 1, 1) + timedelta(milliseconds=max(0, received_ms))
+    try:
+        last = received + timedelta(days=tolerance_days)
+    except OverflowError:
+        last = date.max
+    return last.year * 10000 + last.month * 100 + last.day

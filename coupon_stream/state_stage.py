@@ -1,84 +1,212 @@
-"""The state stage: by-buyer batches -> buyers table (dedup) -> result rows (aggregate) -> sink.
+"""The state stage: by-buyer messages -> entries and days tables -> touched result rows.
 
-One by-buyer message holds records of one partition. It is applied with one multi-get, one
-RocksDB WriteBatch and one changelog record batch; the rows it touched are coalesced until the
-next flush. A flush waits for the changelog, commits the rows, and only then hands back the
-messages that may be acknowledged: no offset is committed ahead of the changelog or the table.
+Applying a message changes only in-memory caches (`TableCache`): each key a record touches
+is read once (one multi-get per message and table) and then changed in memory until the
+next checkpoint writes it (see `checkpoint`). Every offset of a partition is applied in
+order, whatever Faust's consumer delivers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
-
-from aiokafka.errors import KafkaError
 
 from coupon_stream import metrics
 from coupon_stream.kafka import DeadLetter, KafkaOut, PartitionReader
-from coupon_stream.settings import Settings
-from coupon_stream.sink import PendingWrites, ResultSink, RowKey
+from coupon_stream.records import Row, decode_rows, encode_rows
+from coupon_stream.settings import STATE_FORMAT, Settings
 from coupon_stream.state import (
+    BUYER,
     DAY,
-    BuyerState,
+    FORMAT_KEY,
+    META_KEYS,
+    NEXT_OFFSET_KEY,
+    ORDER,
+    ROW_DAY,
+    STATUS,
+    WATERMARK_KEY,
+    Day,
     Entry,
-    ResultRow,
-    apply_batch,
-    buyer_key,
-    decode_batch,
-    encode_batch,
+    Outcome,
+    Record,
+    apply_row,
+    day_key,
+    entry_key,
+    is_day_key,
+    latest_day,
+    parse_day_key,
     retention_cutoff,
 )
 from coupon_stream.store import PartitionStore
 
 log = logging.getLogger(__name__)
 
-# Not decimal buyer ids, so they never collide with one.
-WATERMARK_KEY = b"~watermark"
-NEXT_OFFSET_KEY = b"~next-offset"  # the by-buyer offset after the last one applied
-MAX_CHANGELOG_BACKOFF = 2.0
-
 # A partition that delivered nothing for this long while its log holds more is read back.
 QUIET_SECONDS = 10.0
 
-# A changelog append not yet known delivered: (partition, keys, [(future, records)]), with
-# None for the sends when Kafka refused the append outright.
-_Unconfirmed = tuple[int, list[bytes], list[tuple[asyncio.Future, int]] | None]
+
+class StateFormatError(RuntimeError):
+    """Local or changelog state written in a format this version cannot read."""
 
 
 class ReadBack(NamedTuple):
-    """A flush token for messages applied without a consumer event: commit `next_offset`."""
+    """A flush token for messages applied without a consumer event."""
 
     partition: int
     next_offset: int
+
+
+class Session(NamedTuple):
+    """This worker's hold of one partition, from its assignment to its revocation.
+
+    `start` is the committed by-buyer offset it began from: stored values written past it
+    by another session belong to a checkpoint that never committed (`Record.as_of`).
+    """
+
+    sid: int
+    start: int
+
+
+Slot = list  # [value at the last checkpoint, current value]
+
+
+class TableCache:
+    """One state table's keys changed since the last checkpoint, per partition.
+
+    `dirty` collects what records change; a checkpoint moves it to `flushing` while it
+    writes it, so that records applied meanwhile read the values it is writing.
+    """
+
+    def __init__(self, name: str, store: PartitionStore, changelog_topic: str) -> None:
+        self.name = name
+        self.store = store
+        self.changelog_topic = changelog_topic
+        self.dirty: dict[int, dict[bytes, Slot]] = defaultdict(dict)
+        self.flushing: dict[int, dict[bytes, Slot]] = {}
+        # Keys the last checkpoint wrote as deleted: purged (truly deleted) by the next one.
+        self.tombstones: dict[int, set[bytes]] = defaultdict(set)
+
+    def load(self, partition: int, keys: Iterable[bytes], session: Session) -> dict[bytes, Slot]:
+        dirty = self.dirty[partition]
+        flushing = self.flushing.get(partition, {})
+        missing = []
+        for key in dict.fromkeys(keys):
+            if key in dirty:
+                continue
+            slot = flushing.get(key)
+            if slot is not None:
+                dirty[key] = [slot[1], slot[1]]
+            else:
+                missing.append(key)
+        if missing:
+            for key, raw in zip(missing, self.store.get_many(partition, missing), strict=True):
+                value = None if raw is None else Record.decode(raw).as_of(*_as_of(session))
+                dirty[key] = [value, value]
+        return dirty
+
+    def items(
+        self, partition: int, session: Session, prefix: bytes = b"", dirty: bool = True
+    ) -> Iterator[Any]:
+        """(key, current value) of every key of the partition starting with `prefix`.
+
+        Without `dirty`: as of the checkpoint being written (the stored values under it).
+        """
+        layers = [self.flushing.get(partition, {})]
+        if dirty:
+            layers.append(self.dirty.get(partition, {}))
+        seen: set[bytes] = set()
+        for layer in reversed(layers):
+            for key, slot in layer.items():
+                if key.startswith(prefix) and key not in seen:
+                    seen.add(key)
+                    yield key, slot[1]
+        for key, raw in self.store.items(partition, prefix):
+            if key not in seen and key not in META_KEYS:
+                yield key, Record.decode(raw).as_of(*_as_of(session))
+
+    def drop(self) -> None:
+        """Forget unwritten changes (a rebalance: the partitions' next owner replays them)."""
+        self.dirty = defaultdict(dict)
+        self.flushing = {}
+        self.tombstones = defaultdict(set)
+
+
+def _as_of(session: Session) -> tuple[int, int]:
+    return session.start, session.sid
+
+
+class _View:
+    """One partition's caches as `state.StateView`."""
+
+    def __init__(
+        self,
+        entries: dict[bytes, Slot],
+        days: dict[bytes, Slot],
+        stale: set[bytes],
+        load_day: Callable[[bytes], dict[bytes, Slot]],
+    ) -> None:
+        self.entries = entries
+        self.days = days
+        self.stale = stale
+        self._load_day = load_day
+
+    def get_entry(self, key: bytes) -> Entry | None:
+        return self.entries[key][1]  # loaded with the message
+
+    def put_entry(self, key: bytes, value: Entry | None) -> None:
+        self.entries[key][1] = value
+
+    def get_day(self, key: bytes) -> Day | None:
+        slot = self.days.get(key)
+        if slot is None:  # the old day of a copy that moves days
+            slot = self._load_day(key)[key]
+        return slot[1]
+
+    def put_day(self, key: bytes, value: Day | None) -> None:
+        self.days[key][1] = value
+
+
+@dataclass(slots=True)
+class Pending:
+    """What the records applied since the last checkpoint wait for, per partition."""
+
+    touched: dict[int, set[tuple[int, int]]] = field(default_factory=lambda: defaultdict(set))
+    stale: dict[int, set[bytes]] = field(default_factory=lambda: defaultdict(set))
+    next_offset: dict[int, int] = field(default_factory=dict)
+    tokens: list[object] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
+    def rows(self) -> int:
+        return sum(len(t) for t in self.touched.values())
 
 
 class StateStage:
     def __init__(
         self,
         settings: Settings,
-        store: PartitionStore,
+        entries: TableCache,
+        days: TableCache,
         out: KafkaOut,
-        sink: ResultSink,
-        changelog_topic: str,
         reader: PartitionReader,
         assignment: Callable[[], int | None] = lambda: 0,
     ) -> None:
         self.settings = settings
-        self.store = store
+        self.entries = entries
+        self.days = days
         self.out = out
-        self.sink = sink
-        self.changelog_topic = changelog_topic
         self.reader = reader
         # Which assignment the worker is in; None while a rebalance is in progress.
         self.assignment = assignment
-        self.pending = PendingWrites()
-        self._unconfirmed: list[_Unconfirmed] = []
-        self._flush_lock = asyncio.Lock()
-        self._apply_lock = asyncio.Lock()  # `add` and `repair_tail` apply in offset order
-        self._delivered: dict[int, int] = {}  # next offset to apply, per partition
+        self.pending = Pending()
+        self.sessions: dict[int, Session] = {}
+        self.apply_lock = asyncio.Lock()  # `add`, `repair_tail` and a checkpoint's snapshot
+        self._next_to_apply: dict[int, int] = {}
         self._last_applied: dict[int, float] = {}  # monotonic time, per partition
         self._assigned_at = time.monotonic()
 
@@ -89,8 +217,9 @@ class StateStage:
         offset: int,
         token: object,
         committed: int | None = None,
+        received_ms: int | None = None,
     ) -> None:
-        """Apply by-buyer message `offset`; `token` comes back from `flush` once it is safe.
+        """Apply by-buyer message `offset`; `token` comes back from a checkpoint once safe.
 
         Every offset of a partition is applied in order, whatever the consumer delivers.
         Faust's consumer abandons a message when flow is suspended (rebalance, recovery)
@@ -99,13 +228,16 @@ class StateStage:
         the group's `committed` offset, and each later one the next offset; a message that
         arrives past that first reads the ones in between back from Kafka and applies them.
         """
-        async with self._apply_lock:
+        async with self.apply_lock:
             expected = self._expected(partition, committed)
-            rows = await self._apply_all(partition, await self._read(partition, expected, offset))
-            rows.update(await self.apply(raw, partition, offset))
-            self._delivered[partition] = max(expected, offset + 1)
-            self._last_applied[partition] = time.monotonic()
-            self.pending.add(rows, token)
+            if offset < expected:  # applied and committed already (a redelivery)
+                self.pending.tokens.append(token)
+                return
+            self._session(partition, expected)
+            for o, value, ts in await self._read(partition, expected, offset):
+                await self.apply(value, partition, o, ts)
+            await self.apply(raw, partition, offset, received_ms)
+            self._applied(partition, max(expected, offset + 1), token)
 
     async def repair_tail(self, partition: int, end: int, committed: int | None) -> None:
         """Apply a partition's messages up to `end` that the consumer moved past unseen.
@@ -116,9 +248,9 @@ class StateStage:
         the rest back itself; a flowing partition brings its own messages. Not while the
         sink is behind: during a database outage it would only pile up rows.
         """
-        async with self._apply_lock:
+        async with self.apply_lock:
             quiet = time.monotonic() - self._last_applied.get(partition, self._assigned_at)
-            if quiet < QUIET_SECONDS or len(self.pending.rows) >= self.settings.max_pending_rows:
+            if quiet < QUIET_SECONDS or self.pending.rows() >= self.settings.max_pending_rows:
                 return
             expected = self._expected(partition, committed)
             if end <= expected:
@@ -127,31 +259,29 @@ class StateStage:
             values = await self._read(partition, expected, end, f"in {quiet:.0f} s, at its end")
             if assignment is None or self.assignment() != assignment:
                 return  # a rebalance began meanwhile: the partition may be gone
-            rows = await self._apply_all(partition, values)
-            self._delivered[partition] = end
-            self._last_applied[partition] = time.monotonic()
-            self.pending.add(rows, ReadBack(partition, end))
+            self._session(partition, expected)
+            for o, value, ts in values:
+                await self.apply(value, partition, o, ts)
+            self._applied(partition, end, ReadBack(partition, end))
+
+    def _applied(self, partition: int, next_offset: int, token: object) -> None:
+        self._next_to_apply[partition] = next_offset
+        self._last_applied[partition] = time.monotonic()
+        self.pending.next_offset[partition] = next_offset
+        self.pending.tokens.append(token)
 
     def _expected(self, partition: int, committed: int | None) -> int:
         """The next offset to apply (see `add`)."""
-        expected = self._delivered.get(partition)
+        expected = self._next_to_apply.get(partition)
         if expected is None:
             # Nothing committed means the group starts at the log's beginning.
-            (mark,) = self.store.get_many(partition, [NEXT_OFFSET_KEY])
+            (mark,) = self.days.store.get_many(partition, [NEXT_OFFSET_KEY])
             expected = min(int(mark or 0), committed or 0)
         return expected
 
-    async def _apply_all(
-        self, partition: int, messages: list[tuple[int, bytes]]
-    ) -> dict[RowKey, ResultRow | None]:
-        rows: dict[RowKey, ResultRow | None] = {}
-        for offset, value in messages:
-            rows.update(await self.apply(value, partition, offset))
-        return rows
-
     async def _read(
         self, partition: int, start: int, end: int, when: str = "before a later one"
-    ) -> list[tuple[int, bytes]]:
+    ) -> list[tuple[int, bytes, int | None]]:
         """The messages in [start, end) the consumer did not deliver, from Kafka."""
         if start >= end:
             return []
@@ -169,187 +299,155 @@ class StateStage:
         )
         return skipped
 
-    def forget_deliveries(self) -> None:
-        """After a rebalance, positions restart from the committed offsets."""
-        self._delivered.clear()
+    def forget(self) -> list[object]:
+        """After a rebalance: drop unwritten changes, start new sessions; return the tokens.
+
+        The dropped messages were not committed, so whoever owns each partition next (maybe
+        this worker again) applies them again from the committed offset.
+        """
+        tokens = self.pending.tokens
+        self.pending = Pending()
+        self.entries.drop()
+        self.days.drop()
+        self.sessions.clear()
+        self._next_to_apply.clear()
         self._last_applied.clear()
         self._assigned_at = time.monotonic()
+        return tokens
 
-    async def apply(
-        self, raw: bytes, partition: int, offset: int
-    ) -> dict[RowKey, ResultRow | None]:
-        """Apply one by-buyer message to the table; return the result rows it touched.
+    # -- applying one message ---------------------------------------------------------------
 
-        Every buyer in the message is written back (and sent to the changelog) even if only
-        duplicates arrived: see `state.apply_batch` for why.
-        """
-        batch = decode_batch(raw)
+    async def apply(self, raw: bytes, partition: int, offset: int, received_ms: int | None) -> None:
+        """Apply one by-buyer message to the caches, in record order."""
+        session = self.sessions[partition]
+        rows = decode_rows(raw)
         if self.settings.state_retention_days:
-            batch = await self._retain(batch, partition)
-        keys = {b: buyer_key(b) for b, _ in batch}
-        *values, mark = self.store.get_many(partition, [*keys.values(), NEXT_OFFSET_KEY])
-        stored = dict(zip(keys, values, strict=True))
-        result = apply_batch(batch, lambda b: BuyerState.decode(b, stored[b]))
-        writes = {keys[b]: s.encode() if s.kept else None for b, s in result.states.items()}
-        writes[NEXT_OFFSET_KEY] = str(max(offset + 1, int(mark or 0))).encode()
-        await self._write(partition, writes)
-        metrics.STATE_BUYERS_WRITTEN.inc(len(result.states))
-        for outcome, n in result.outcomes.items():
-            metrics.RECORDS.labels(outcome.value).inc(n)
-        return result.rows
+            rows = await self._retain(rows, partition, offset, session, received_ms)
+        entries = self.entries.load(
+            partition, [entry_key(r[BUYER], r[ORDER], r[STATUS]) for r in rows], session
+        )
+        day_keys = [day_key(r[BUYER], r[ROW_DAY]) for r in rows]
+        days = self.days.load(partition, day_keys, session)
+        view = _View(
+            entries,
+            days,
+            self.pending.stale[partition],
+            lambda key: self.days.load(partition, [key], session),
+        )
+        touched = self.pending.touched[partition]
+        outcomes = dict.fromkeys(Outcome, 0)
+        for row in rows:
+            applied = apply_row(view, row)
+            outcomes[applied.outcome] += 1
+            for day in applied.days:
+                touched.add((row[BUYER], day))
+            if applied.outcome is Outcome.REFUSED:
+                await self._dead_letter(row, partition, offset, applied.reason, "overflow")
+        for outcome, n in outcomes.items():
+            if n:
+                metrics.RECORDS.labels(outcome.value).inc(n)
 
-    async def _write(self, partition: int, writes: dict[bytes, bytes | None]) -> None:
-        if not writes:
+    def _session(self, partition: int, start: int) -> None:
+        """Begin this worker's session of a partition at the next offset to apply."""
+        if partition in self.sessions:
             return
-        self.store.write(partition, writes)
-        try:
-            sent = await self.out.send_records(self.changelog_topic, partition, writes.items())
-        except KafkaError as exc:
-            # Not appended (e.g. no leader for longer than the request timeout); the flush
-            # sends the keys' current values before anything is acknowledged.
-            metrics.CHANGELOG_RETRIES.inc()
-            log.error(
-                "changelog %s[%d] append refused, sending it again at the next flush: %r",
-                self.changelog_topic,
-                partition,
-                exc,
+        (fmt,) = self.days.store.get_many(partition, [FORMAT_KEY])
+        if fmt is not None and int(fmt) != STATE_FORMAT:
+            raise StateFormatError(
+                f"partition {partition} of the state holds format {int(fmt)}; this version "
+                f"keeps format {STATE_FORMAT}. Start a new COUPON_APP_ID with an empty "
+                "COUPON_DATA_DIR and replay the input (README, 'Migrating state')"
             )
-            sent = None
-        self._unconfirmed.append((partition, list(writes), sent))
+        self.sessions[partition] = Session(int.from_bytes(os.urandom(7), "big"), start)
 
-    # -- flush ------------------------------------------------------------------------------
+    async def _dead_letter(
+        self, row: Row, partition: int, offset: int, reason: str, kind: str
+    ) -> None:
+        dead = DeadLetter(
+            None, encode_rows([row]), self.settings.by_buyer_topic, partition, offset, reason, kind
+        )
+        self.pending.dead_letters.append(dead)
 
-    async def flush(self) -> tuple[list[object], bool]:
-        """Confirm the changelog, commit the rows; return the tokens to acknowledge, and
-        whether their offsets may be committed.
-
-        One flush at a time keeps the writes of a key in order. If the database is down
-        during a rebalance, the write is given up rather than retried: the partitions may
-        move, and a write landing after their next owner's would put older values back.
-        Its messages are neither acknowledged nor committed, so the next owner (maybe this
-        worker again) replays them, and a replay re-sends each touched key's current values.
-        """
-        async with self._flush_lock:
-            rows, tokens = self.pending.take()
-            unconfirmed, self._unconfirmed = self._unconfirmed, []
-            if not tokens:
-                return [], True
-            assignment = self.assignment()
-            offsets = await self._confirm_changelog(unconfirmed)
-            written = await self.sink.write(
-                rows,
-                still_wanted=lambda: assignment is not None and self.assignment() == assignment,
-            )
-            if not written:
-                log.warning(
-                    "the database was down during a rebalance: %d rows of %d messages left "
-                    "to their partitions' next owner, which replays the messages",
-                    len(rows),
-                    len(tokens),
-                )
-            for partition, offset in offsets.items():
-                self.store.persist_offset(partition, offset)  # the local state holds them
-            self.pending.written()
-            return tokens, written
-
-    async def _confirm_changelog(self, unconfirmed: Sequence[_Unconfirmed]) -> dict[int, int]:
-        """Wait for every changelog send; re-send what failed until Kafka takes it.
-
-        A re-send reads the keys' current values, never the failed ones: a newer value of the
-        key may already be in the changelog, and the older one must not land after it.
-        """
-        offsets: dict[int, int] = {}
-        delay = 0.1
-        for partition, keys, sent in unconfirmed:
-            while True:
-                try:
-                    if sent is None:
-                        current = zip(keys, self.store.get_many(partition, keys), strict=True)
-                        sent = await self.out.send_records(self.changelog_topic, partition, current)
-                    for meta, n in zip(
-                        await asyncio.gather(*(f for f, _ in sent)),
-                        (n for _, n in sent),
-                        strict=True,
-                    ):
-                        last = meta.offset + n - 1  # a batch's metadata has its first offset
-                        offsets[partition] = max(offsets.get(partition, -1), last)
-                    break
-                except KafkaError as exc:
-                    metrics.CHANGELOG_RETRIES.inc()
-                    log.error(
-                        "changelog %s[%d] send failed, re-sending %d keys in %.1f s: %r",
-                        self.changelog_topic,
-                        partition,
-                        len(keys),
-                        delay,
-                        exc,
-                    )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, MAX_CHANGELOG_BACKOFF)
-                    sent = None
-        return offsets
-
-    # -- bounded state ----------------------------------------------------------------------
+    # -- retention --------------------------------------------------------------------------
 
     async def _retain(
-        self, batch: list[tuple[int, Entry]], partition: int
-    ) -> list[tuple[int, Entry]]:
-        """Advance this partition's watermark, expire old days, dead-letter late records.
+        self,
+        rows: list[Row],
+        partition: int,
+        offset: int,
+        session: Session,
+        received_ms: int | None,
+    ) -> list[Row]:
+        """Dead-letter future and late records, advance the watermark, expire old days.
 
-        The watermark (newest effect_time seen) lives in the table itself, so it survives
-        restarts and moves with the partition. A record older than the retention cutoff
-        cannot be matched against dropped state, so it is dead-lettered instead of counted:
-        the closed day's row stays as it was.
+        The watermark (newest effect_time seen) lives in the days table, so it survives
+        restarts and moves with the partition. A record dated more than
+        COUPON_FUTURE_TOLERANCE_DAYS after the message reached intake cannot be a real
+        payment yet, and must not close every day before it. A record older than the
+        cutoff cannot be matched against dropped state: the closed day's row stays as it
+        was. Both decisions depend only on the message, so a replay makes them again.
         """
-        if not batch:
-            return batch
-        days = self.settings.state_retention_days
-        (stored,) = self.store.get_many(partition, [WATERMARK_KEY])
-        old_mark = int(stored or 0)
-        mark = max(old_mark, max(c[DAY] for _, c in batch))
-        cutoff = retention_cutoff(mark, days)
-        if mark != old_mark:
-            # Written before the batch is applied, so the batch loads already-expired buyers.
-            writes: dict[bytes, bytes | None] = {WATERMARK_KEY: str(mark).encode()}
-            if not old_mark or retention_cutoff(old_mark, days) < cutoff:
-                writes.update(self._expire(cutoff, partition))
-            await self._write(partition, writes)
-        kept = [(b, c) for b, c in batch if c[DAY] >= cutoff]
-        late: list[Any] = []
-        for buyer_id, c in batch:
-            if c[DAY] < cutoff:
+        s = self.settings
+        days = s.state_retention_days
+        newest = latest_day(received_ms, s.future_tolerance_days) if received_ms else None
+        meta = self.days.load(partition, [WATERMARK_KEY], session)[WATERMARK_KEY]
+        mark = old_mark = meta[1] or 0
+        kept: list[Row] = []
+        for row in rows:
+            day = row[ROW_DAY]
+            if newest is not None and day > newest:
                 reason = (
-                    f"effect_time {c[DAY]} is older than the retention cutoff {cutoff} "
+                    f"effect_time {day} is more than {s.future_tolerance_days} day(s) after the "
+                    f"record was received; with COUPON_STATE_RETENTION_DAYS={days} it would "
+                    "close every day before it"
+                )
+                await self._dead_letter(row, partition, offset, reason, "future")
+                continue
+            mark = max(mark, day)
+            kept.append(row)
+        cutoff = retention_cutoff(mark, days) if mark else 0
+        if mark != old_mark:
+            meta[1] = mark
+            if not old_mark or retention_cutoff(old_mark, days) < cutoff:
+                self._expire(partition, session, cutoff)
+        result = []
+        for row in kept:
+            if row[ROW_DAY] < cutoff:
+                reason = (
+                    f"effect_time {row[ROW_DAY]} is older than the retention cutoff {cutoff} "
                     f"(COUPON_STATE_RETENTION_DAYS={days}); the day is closed"
                 )
-                record = encode_batch([(buyer_id, c)])
-                dead = DeadLetter(
-                    None, record, self.settings.by_buyer_topic, partition, -1, reason, "late"
-                )
-                late.append(await self.out.dead_letter(dead))
-        await asyncio.gather(*late)
-        return kept
+                await self._dead_letter(row, partition, offset, reason, "late")
+            else:
+                result.append(row)
+        return result
 
-    def _expire(self, cutoff: int, partition: int) -> dict[bytes, bytes | None]:
-        """New values of this partition's buyers that held records of days before `cutoff`."""
-        writes: dict[bytes, bytes | None] = {}
-        dropped = entries = 0
-        for key, value in self.store.items(partition):
-            if key in (WATERMARK_KEY, NEXT_OFFSET_KEY):
+    def _expire(self, partition: int, session: Session, cutoff: int) -> None:
+        """Delete this partition's entries and days of days before `cutoff`."""
+        old_days = [
+            key
+            for key, _ in self.days.items(partition, session)
+            if is_day_key(key) and parse_day_key(key)[1] < cutoff
+        ]
+        old_entries = []
+        kept = 0
+        for key, value in self.entries.items(partition, session):
+            if value is None:
                 continue
-            state = BuyerState.decode(int(key), value)
-            n = state.drop_days_before(cutoff)
-            entries += len(state.kept)
-            if n:
-                dropped += n
-                writes[key] = state.encode() if state.kept else None
-        metrics.STATE_EXPIRED.inc(dropped)
-        metrics.STATE_ENTRIES.labels(str(partition)).set(entries)
+            if value[DAY] < cutoff:
+                old_entries.append(key)
+            else:
+                kept += 1
+        for cache, keys in ((self.days, old_days), (self.entries, old_entries)):
+            slots = cache.load(partition, keys, session)
+            for key in keys:
+                slots[key][1] = None
+        metrics.STATE_EXPIRED.inc(len(old_entries))
+        metrics.STATE_ENTRIES.labels(str(partition)).set(kept)
         log.info(
-            "partition %d: expired %d records of days before %d; %d records kept",
+            "partition %d: expired %d records and %d days before %d",
             partition,
-            dropped,
+            len(old_entries),
+            len(old_days),
             cutoff,
-            entries,
         )
-        return writes

@@ -1,4 +1,8 @@
-"""Operator views from outside the worker: consumer lag, dead letters, table size, topics."""
+"""Operator views from outside the worker: consumer lag, dead letters, table size, topics.
+
+Also the start-up checks (`check_deployment`) that refuse a deployment the worker would
+silently get wrong.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,14 @@ import time
 import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from coupon_stream.settings import Settings
+from coupon_stream.settings import STATE_FORMAT, STATE_TABLES, Settings
 from coupon_stream.sink import ResultSink
 
 T = TypeVar("T")
@@ -83,12 +88,20 @@ async def lag(settings: Settings) -> tuple[dict[TopicPartition, int], int]:
 
 async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     """Each partition's end offset (empty if the topic does not exist)."""
+    return (await end_offsets_by_topic(bootstrap, [topic]))[topic]
+
+
+async def end_offsets_by_topic(bootstrap: str, topics: list[str]) -> dict[str, dict[int, int]]:
+    """Topic -> partition -> end offset, with one connection; a missing topic maps to {}."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
-    await consumer.start()
     try:
-        tps = await partitions_of(consumer, [topic])
+        await consumer.start()
+        tps = await partitions_of(consumer, topics)
         ends = await consumer.end_offsets(tps) if tps else {}
-        return {tp.partition: end for tp, end in ends.items()}
+        out: dict[str, dict[int, int]] = {t: {} for t in topics}
+        for tp, end in ends.items():
+            out[tp.topic][tp.partition] = end
+        return out
     finally:
         await consumer.stop()
 
@@ -163,7 +176,7 @@ async def create_input_topics(settings: Settings, partitions: int) -> list[str]:
 
 
 async def create_internal_topics(settings: Settings) -> list[str]:
-    """The by-buyer topic and the table's changelog, as Faust would create them.
+    """The by-buyer topic and the tables' changelogs, as Faust would create them.
 
     Created before Faust starts: when Faust creates them itself, its first partition
     assignment can run before the new topic is in the metadata ("Ignoring missing topic"),
@@ -174,7 +187,10 @@ async def create_internal_topics(settings: Settings) -> list[str]:
         settings,
         [
             NewTopic(settings.by_buyer_topic, p, rf),
-            NewTopic(settings.changelog_topic, p, rf, topic_configs=CHANGELOG_CONFIG),
+            *(
+                NewTopic(topic, p, rf, topic_configs=CHANGELOG_CONFIG)
+                for topic in settings.changelog_topics.values()
+            ),
         ],
     )
 
@@ -204,3 +220,79 @@ async def create_topics(settings: Settings, topics: list[NewTopic]) -> list[str]
     finally:
         await admin.close()
     return created
+
+
+# -- start-up checks ---------------------------------------------------------------------
+
+
+class DeploymentError(RuntimeError):
+    """The deployment cannot run as configured; the message tells the operator what to do."""
+
+
+def legacy_state_dirs(data_dir: Path) -> list[Path]:
+    """Local RocksDB tables of the format-1 `buyers` table (one value per buyer).
+
+    Faust keeps table partitions at `<data_dir>/v<app version>/tables/<table>-<n>.db`.
+    """
+    return sorted(data_dir.glob("v*/tables/buyers-*.db"))
+
+
+def _legacy_message(found: list[str]) -> str:
+    return (
+        f"state in format 1 (one value per buyer) found: {'; '.join(found)}. This version keeps "
+        f"state format {STATE_FORMAT} ({' and '.join(STATE_TABLES)} tables) and cannot read it. "
+        "To migrate: start with a new COUPON_APP_ID and an empty COUPON_DATA_DIR; the new "
+        "consumer groups replay the input from the start (the input topics' retention must "
+        "still hold it). Point readers at a new COUPON_RESULT_TABLE, or truncate the result "
+        "table first."
+    )
+
+
+def _partition_message(settings: Settings, counts: dict[str, int]) -> str:
+    wrong = {t: n for t, n in counts.items() if n != settings.partitions}
+    existing = counts.get(settings.by_buyer_topic) or next(iter(wrong.values()))
+    listed = "; ".join(f"topic {t} has {n} partitions" for t, n in wrong.items())
+    return (
+        f"{listed}, but COUPON_PARTITIONS is {settings.partitions}. Buyers are routed by "
+        "crc32(buyer_id) % partitions, so a different count would route buyers away from "
+        f"their state. Set COUPON_PARTITIONS={existing}, or start a new COUPON_APP_ID and "
+        "replay the input."
+    )
+
+
+async def check_deployment(settings: Settings) -> None:
+    """Refuse to start where the worker would misroute buyers or misread state.
+
+    Raises DeploymentError when an existing by-buyer or changelog topic has a partition
+    count other than COUPON_PARTITIONS, or when format-1 state exists (local RocksDB or a
+    non-empty `buyers` changelog). Kafka errors propagate unchanged (an outage is not a
+    deployment mistake).
+    """
+    local = legacy_state_dirs(settings.data_dir)
+    if local:
+        raise DeploymentError(_legacy_message([str(p) for p in local]))
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers)
+    try:
+        await consumer.start()
+        # Without subscriptions this asks for all topics' metadata: asking for named topics
+        # could auto-create them on a broker with auto.create.topics.enable.
+        await consumer._client.force_metadata_update()
+        cluster = consumer._client.cluster
+        counts: dict[str, int] = {}
+        for topic in (settings.by_buyer_topic, *settings.changelog_topics.values()):
+            parts = cluster.partitions_for_topic(topic)
+            if parts:
+                counts[topic] = len(parts)
+        if any(n != settings.partitions for n in counts.values()):
+            raise DeploymentError(_partition_message(settings, counts))
+        legacy = settings.legacy_changelog_topic
+        parts = cluster.partitions_for_topic(legacy)
+        if parts:
+            ends = await consumer.end_offsets([TopicPartition(legacy, p) for p in parts])
+            records = sum(ends.values())
+            if records:
+                raise DeploymentError(
+                    _legacy_message([f"changelog topic {legacy} ({records} records written)"])
+                )
+    finally:
+        await consumer.stop()

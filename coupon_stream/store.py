@@ -1,10 +1,10 @@
-"""The buyers table's local partitions, read and written a batch at a time.
+"""A state table's local partitions, read and written a batch at a time.
 
-Faust owns the table: it creates the changelog topic, assigns partitions, restores them from
-the changelog and keeps standby copies. Writing through its per-key API, though, costs a
-RocksDB put, a changelog send and an offset put per key. The state stage instead reads
-every buyer of a batch with one multi-get and writes them with one RocksDB WriteBatch plus
-one changelog record batch, in the same format Faust restores from.
+Faust owns the tables: it creates the changelog topics, assigns partitions, restores them
+from the changelogs and keeps standby copies. Writing through its per-key API, though, costs
+a RocksDB put, a changelog send and an offset put per key. The checkpoint instead writes
+each changed key once, with one RocksDB WriteBatch per partition plus changelog record
+batches, in the same format Faust restores from.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class PartitionStore(Protocol):
 
     def write(self, partition: int, items: Mapping[bytes, bytes | None]) -> None: ...
 
-    def items(self, partition: int) -> Iterator[tuple[bytes, bytes]]: ...
+    def items(self, partition: int, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]: ...
 
     def persist_offset(self, partition: int, offset: int) -> None: ...
 
@@ -52,9 +52,12 @@ class RocksStore:
                 batch.put(key, value)
         self._db(partition).write(batch)
 
-    def items(self, partition: int) -> Iterator[tuple[bytes, bytes]]:
+    def items(self, partition: int, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        """Keys in order, from `prefix` on while they start with it (Faust's own key left out)."""
         offset_key = self._store.offset_key
-        for key, value in self._db(partition).items():
+        for key, value in self._db(partition).items(from_key=prefix or None):
+            if not key.startswith(prefix):
+                return
             if key != offset_key:
                 yield key, value
 
@@ -93,8 +96,9 @@ class MemoryStore:
             else:
                 data[key] = value
 
-    def items(self, partition: int) -> Iterator[tuple[bytes, bytes]]:
-        yield from list(self.partitions.get(partition, {}).items())
+    def items(self, partition: int, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        data = self.partitions.get(partition, {})
+        yield from sorted((k, v) for k, v in data.items() if k.startswith(prefix))
 
     def persist_offset(self, partition: int, offset: int) -> None:
         self.offsets[partition] = max(offset, self.offsets.get(partition, -1))

@@ -287,8 +287,10 @@ class Pipeline:
         raise AssertionError("worker never ready:\n" + worker.tail())
 
     async def changelog_size(self) -> int:
-        """Records in the state table's changelog topic (end offsets summed)."""
-        return await status.records_in(BOOTSTRAP, self.settings.changelog_topic)
+        """Records in the state tables' changelog topics (end offsets summed)."""
+        return sum(
+            [await status.records_in(BOOTSTRAP, t) for t in self.settings.changelog_topics.values()]
+        )
 
     async def metric(self, worker: Worker, name: str, **labels: str) -> float:
         """Sum of a Prometheus metric's samples on one worker's /metrics, matching `labels`."""

@@ -88,11 +88,11 @@ async def test_rebalance_add_and_remove_workers_mid_stream(pipeline):
 async def standby_lags(p, worker) -> dict[str, float]:
     """This worker's `coupon_consumer_lag` samples of changelog partitions (standby copies)."""
     _, body = await p.http_get(worker, "/metrics")
-    changelog = f'topic="{p.settings.changelog_topic}"'
+    changelogs = [f'topic="{t}"' for t in p.settings.changelog_topics.values()]
     return {
         sample: float(value)
         for sample, value in (line.rsplit(" ", 1) for line in body.decode().splitlines())
-        if sample.startswith("coupon_consumer_lag{") and changelog in sample
+        if sample.startswith("coupon_consumer_lag{") and any(c in sample for c in changelogs)
     }
 
 

@@ -1,4 +1,4 @@
-"""The state agent in Faust's in-memory test context (no broker), and intake routing.
+"""The state agent and its checkpoint in Faust's in-memory test context (no broker).
 
 Kafka output is recorded by `RecordingOut` and the database by `RecordingSink`: these stand
 in for the real parts in unit tests only; the integration tests run them for real.
@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import asyncio
 
-import orjson
 import pytest
-from aiokafka import TopicPartition
 from aiokafka.errors import ConsumerStoppedError, KafkaTimeoutError
 from faust.types import TP
 
 from coupon_stream import metrics, state_stage
 from coupon_stream.app import CouponStream
-from coupon_stream.intake import Intake, encode_rows, route
-from coupon_stream.records import Contribution, Source, partition_for_buyer
-from coupon_stream.settings import Settings
-from coupon_stream.state import BuyerState, ResultRow, buyer_key, decode_batch, encode_batch
+from coupon_stream.records import decode_rows, encode_rows
+from coupon_stream.settings import STATE_TABLES, Settings
+from coupon_stream.sink import WriteResult
+from coupon_stream.state import (
+    NEXT_OFFSET_KEY,
+    Record,
+    ResultRow,
+    day_key,
+    entry_key,
+)
 
 
 class RecordingSink:
@@ -40,7 +44,7 @@ class RecordingSink:
                 self.table.pop(key, None)
             else:
                 self.table[key] = row
-        return True
+        return WriteResult(True)
 
 
 class DownSink(RecordingSink):
@@ -56,7 +60,7 @@ class DownSink(RecordingSink):
             self.attempts += 1
             self.attempting.set()
             await asyncio.sleep(0.01)
-        return False
+        return WriteResult(False)
 
 
 class Meta:
@@ -73,7 +77,7 @@ class RecordingOut:
 
     def __init__(self):
         self.sent: list[tuple[str, dict]] = []
-        self.changelog: dict[int, list[tuple[bytes, bytes | None]]] = {}
+        self.changelog: dict[tuple[str, int], list[tuple[bytes, bytes | None]]] = {}
         self.fail_next = False
         self.refuse_next = False
 
@@ -100,10 +104,13 @@ class RecordingOut:
         if self.fail_next:
             self.fail_next = False
             return [(self._done(exc=KafkaTimeoutError()), len(records))]
-        log = self.changelog.setdefault(partition, [])
+        log = self.changelog.setdefault((topic, partition), [])
         first = len(log)
         log.extend(records)
         return [(self._done(Meta(first)), len(records))]
+
+    def log(self, stream, table, partition=0):
+        return self.changelog.get((stream.stage_cache(table).changelog_topic, partition), [])
 
 
 class LogReader:
@@ -116,7 +123,9 @@ class LogReader:
     async def read(self, topic, partition, start, end):
         self.reads.append((partition, start, end))
         return [
-            (o, self.log[(partition, o)]) for o in range(start, end) if (partition, o) in self.log
+            (o, self.log[(partition, o)], None)
+            for o in range(start, end)
+            if (partition, o) in self.log
         ]
 
     async def stop(self):
@@ -134,12 +143,15 @@ def make_stream(tmp_path, **settings):
     cs.app.finalize()
     cs.app.flow_control.resume()
     cs.committed = {}
+    cs.stage_cache = lambda name: cs.caches[name]
 
     async def commit(offsets):
         for tp, offset in offsets.items():
             cs.committed[(tp.topic, tp.partition)] = offset
+        return True
 
     cs.commit = commit
+    cs.out.log = lambda table, partition=0: RecordingOut.log(cs.out, cs, table, partition)
     return cs
 
 
@@ -153,13 +165,17 @@ async def put(stream, agent, value, partition=0):
     await stream.flush()
 
 
-def stored(stream, buyer, partition=0):
-    (raw,) = stream.stage.store.get_many(partition, [buyer_key(buyer)])
-    return BuyerState.decode(buyer, raw)
+def stored(stream, table, key, partition=0):
+    (raw,) = stream.caches[table].store.get_many(partition, [key])
+    return None if raw is None else Record.decode(raw).current
 
 
-def contribution(order, yuan, gm, status="2", day=20261111):
-    return Contribution(order, status, day, yuan, "2026-11-11 00:00:00", gm)
+def row(order, yuan, gm, status="2", day=20261111, buyer=5, gc="2026-11-11 00:00:00"):
+    return [buyer, order, status, day, yuan, gc, gm]
+
+
+def batch(*rows):
+    return encode_rows(list(rows))
 
 
 async def test_state_agent_dedups_aggregates_and_deletes(stream):
@@ -168,12 +184,10 @@ async def test_state_agent_dedups_aggregates_and_deletes(stream):
         await put(
             stream,
             agent,
-            encode_batch(
-                [
-                    (5, contribution("o1", 100, "2026-11-11 00:00:09")),
-                    (5, contribution("o1", 100, "2026-11-11 00:00:01")),  # earlier copy replaces
-                    (6, contribution("o2", 7, "2026-11-11 00:00:02")),
-                ]
+            batch(
+                row("o1", 100, "2026-11-11 00:00:09"),
+                row("o1", 100, "2026-11-11 00:00:01"),  # earlier copy replaces
+                row("o2", 7, "2026-11-11 00:00:02", buyer=6),
             ),
         )
         assert sink.table == {
@@ -182,165 +196,141 @@ async def test_state_agent_dedups_aggregates_and_deletes(stream):
             ),
             (6, 20261111): ResultRow("2026-11-11 00:00:00", "2026-11-11 00:00:02", 6, 7, 20261111),
         }
-        kept = stored(stream, 5).kept.values()
-        assert [Contribution(*c).gmt_modified for c in kept] == ["2026-11-11 00:00:01"]
-        # the changelog carries what RocksDB holds: each buyer once, and the next offset
-        log = stream.out.changelog[0]
-        assert sorted(k for k, _ in log) == [buyer_key(5), buyer_key(6), b"~next-offset"]
-        assert dict(log)[buyer_key(5)] == stored(stream, 5).encode()
-        await put(
-            stream, agent, encode_batch([(5, contribution("o1", -100, "2026-11-11 01:00:00", "4"))])
+        assert stored(stream, "entries", entry_key(5, "o1", "2"))[3] == "2026-11-11 00:00:01"
+        # each changed key once per checkpoint, as RocksDB holds it, and the next offset
+        days_log = stream.out.log("days")
+        assert sorted(k for k, _ in days_log) == sorted(
+            [day_key(5, 20261111), day_key(6, 20261111), b"~format", NEXT_OFFSET_KEY]
         )
+        assert len(stream.out.log("entries")) == 2
+        await put(stream, agent, batch(row("o1", -100, "2026-11-11 01:00:00", "4")))
         assert (5, 20261111) not in sink.table
         writes = sink.writes
         # a replayed duplicate re-sends its key's current state
-        await put(stream, agent, encode_batch([(6, contribution("o2", 7, "2026-11-11 00:00:02"))]))
+        await put(stream, agent, batch(row("o2", 7, "2026-11-11 00:00:02", buyer=6)))
         assert sink.writes == writes + 1
         assert sink.table[(6, 20261111)].cumulate_amount == 7
 
 
-async def test_retention_expires_old_days_and_dead_letters_late_records(tmp_path):
+async def test_retention_expires_old_days_and_dead_letters_late_and_future_records(tmp_path):
     cs = make_stream(tmp_path, partitions=1, state_retention_days=2)
     async with cs.state_agent.test_context() as agent:
         for day in (20261101, 20261102, 20261103):
-            await put(cs, agent, encode_batch([(1, contribution(f"o{day}", 5, "x", day=day))]))
-        days = sorted(c[2] for c in stored(cs, 1).kept.values())
-        assert days == [20261101, 20261102, 20261103]
-        await put(cs, agent, encode_batch([(2, contribution("n", 5, "x", day=20261104))]))
+            await put(cs, agent, batch(row(f"o{day}", 5, "x", day=day, buyer=1)))
+        await put(cs, agent, batch(row("n", 5, "x", day=20261104, buyer=2)))
         # watermark 20261104, 2 days kept -> cutoff 20261102: day 1 dropped from state
-        assert sorted(c[2] for c in stored(cs, 1).kept.values()) == [20261102, 20261103]
+        assert stored(cs, "entries", entry_key(1, "o20261101", "2")) is None
+        assert stored(cs, "days", day_key(1, 20261101)) is None
+        assert stored(cs, "days", day_key(1, 20261102))[0] == 5
         assert cs.sink.table[(1, 20261101)].cumulate_amount == 5  # the closed day's row stays
-        await put(cs, agent, encode_batch([(1, contribution("late", -5, "y", "4", 20261101))]))
+        await put(cs, agent, batch(row("late", -5, "y", "4", 20261101, buyer=1)))
         assert cs.sink.table[(1, 20261101)].cumulate_amount == 5
         dead = [kw for topic, kw in cs.out.sent if topic == "dlq"]
         assert len(dead) == 1
         reason = dict(dead[0]["headers"])["coupon.error.reason"]
         assert b"older than the retention cutoff 20261102" in reason
-        assert decode_batch(dead[0]["value"])[0][1][0] == "late"
+        assert decode_rows(dead[0]["value"])[0][1] == "late"
 
 
-async def test_failed_changelog_send_is_resent_with_current_values_before_ack(stream):
+async def test_a_future_date_under_retention_is_dead_lettered_not_a_watermark(tmp_path):
+    cs = make_stream(tmp_path, partitions=1, state_retention_days=30)
+    received = 1_794_096_000_000  # 2026-11-08
+    await cs.stage.add(batch(row("o1", 5, "x", day=20261107)), 0, 0, "t0", 0, received)
+    await cs.stage.add(batch(row("bot", 5, "x", day=99991231)), 0, 1, "t1", 0, received)
+    await cs.stage.add(batch(row("o2", 7, "x", day=20261108)), 0, 2, "t2", 0, received)
+    await cs.flush()
+    assert cs.sink.table[(5, 20261107)].cumulate_amount == 5
+    assert cs.sink.table[(5, 20261108)].cumulate_amount == 7
+    (dead,) = [kw for topic, kw in cs.out.sent if topic == "dlq"]
+    assert b"more than 1 day(s) after the record was received" in dict(dead["headers"])[
+        "coupon.error.reason"
+    ]
+    assert stored(cs, "days", b"~watermark") == 20261108
+
+
+async def test_an_overflowing_record_is_dead_lettered_and_the_rest_flows(stream):
+    big = (2**63 - 1) // 10 * 6
+    await stream.stage.add(batch(row("o1", big, "x"), row("o2", big, "x")), 0, 0, "t0")
+    await stream.stage.add(batch(row("o3", 1, "x", buyer=6)), 0, 1, "t1")
+    await stream.flush()
+    assert stream.sink.table[(5, 20261111)].cumulate_amount == big
+    assert stream.sink.table[(6, 20261111)].cumulate_amount == 1
+    (dead,) = [kw for topic, kw in stream.out.sent if topic == "dlq"]
+    assert b"cumulate_amount would overflow BIGINT" in dict(dead["headers"])["coupon.error.reason"]
+    assert stream.committed == {(stream.settings.by_buyer_topic, 0): 2}
+
+
+async def test_a_failed_changelog_send_is_sent_again_before_anything_is_committed(stream):
+    retries = metrics.CHANGELOG_RETRIES._value.get()
     async with stream.state_agent.test_context() as agent:
         stream.out.fail_next = True
-        await agent.put(encode_batch([(5, contribution("o1", 100, "2026-11-11 00:00:09"))]))
-        # a newer value of the same buyer is written before the failure is seen
-        await agent.put(encode_batch([(5, contribution("o2", 1, "2026-11-11 00:00:10"))]))
+        await agent.put(batch(row("o1", 100, "2026-11-11 00:00:09")))
+        await agent.put(batch(row("o2", 1, "2026-11-11 00:00:10")))
         await stream.flush()
-    log = dict(stream.out.changelog[0])  # the last value of each key
-    assert log[buyer_key(5)] == stored(stream, 5).encode()
-    assert len(stored(stream, 5).kept) == 2
+    assert metrics.CHANGELOG_RETRIES._value.get() == retries + 1
+    log = dict(stream.out.log("days"))
+    raw = log[day_key(5, 20261111)]
+    assert Record.decode(raw).current[0] == 101
     assert stream.sink.table[(5, 20261111)].cumulate_amount == 101
-    assert stream.stage.store.offsets[0] == len(stream.out.changelog[0]) - 1
+    store = stream.caches["days"].store
+    assert store.offsets[0] == len(stream.out.log("days")) - 1
 
 
-async def test_refused_changelog_append_is_sent_at_flush_and_the_agent_lives_on(stream):
+async def test_a_refused_changelog_append_is_retried_and_the_agent_lives_on(stream):
     retries = metrics.CHANGELOG_RETRIES._value.get()
     async with stream.state_agent.test_context() as agent:
         stream.out.refuse_next = True
         for order, yuan, second in (("o1", 100, 9), ("o2", 1, 10)):
-            gm = f"2026-11-11 00:00:{second:02d}"
-            await put(stream, agent, encode_batch([(5, contribution(order, yuan, gm))]))
+            await put(stream, agent, batch(row(order, yuan, f"2026-11-11 00:00:{second:02d}")))
     assert metrics.CHANGELOG_RETRIES._value.get() == retries + 1
-    log = stream.out.changelog[0]
-    assert dict(log)[buyer_key(5)] == stored(stream, 5).encode()
-    assert len(stored(stream, 5).kept) == 2
     assert stream.sink.table[(5, 20261111)].cumulate_amount == 101
     assert stream.committed == {(stream.settings.by_buyer_topic, 0): 2}
-
-
-class Record:
-    def __init__(self, topic, offset, value, partition=0):
-        self.topic, self.partition, self.offset = topic, partition, offset
-        self.key, self.value = b"k", value
-
-
-def order(i, buyer):
-    return orjson.dumps(
-        {
-            "biz_order_id": f"o{i}",
-            "pay_status": "2",
-            "buyer_id": str(buyer),
-            "pay_time": "2026-11-11 10:00:00",
-            "div_idx_actual_total_fee": 12399,
-        }
-    )
-
-
-async def test_intake_routes_by_buyer_partition_and_dead_letters():
-    s = Settings(app_id="unit", partitions=4, orders_topic="orders")
-    out = RecordingOut()
-    intake = Intake(s, out)
-    tp = TopicPartition("orders", 0)
-    batch = [Record("orders", i, order(i, b)) for i, b in enumerate([1, 2, 3, 1, 99])]
-    await intake.forward({tp: [*batch, Record("orders", 5, b"{oops")]})
-    routed = {}
-    for topic, kw in out.sent:
-        if topic != s.by_buyer_topic:
-            continue
-        for buyer, entry in decode_batch(kw["value"]):
-            c = Contribution(*entry)
-            assert partition_for_buyer(buyer, 4) == kw["partition"]
-            routed.setdefault(buyer, []).append(c.biz_order_id)
-            assert c.yuan == 123 and c.effect_time == 20261111
-    assert routed == {1: ["o0", "o3"], 2: ["o1"], 3: ["o2"], 99: ["o4"]}
-    (dead,) = [kw for topic, kw in out.sent if topic == "dlq"]
-    assert dead["value"] == b"{oops"
-    headers = dict(dead["headers"])
-    assert headers["coupon.source.offset"] == b"5"
-    assert b"not valid UTF-8 JSON" in headers["coupon.error.reason"]
-
-
-def test_route_keeps_arrival_order_within_a_partition():
-    msgs = [Record("r", i, order(i, 7)) for i in range(5)]
-    routed = route(msgs, {"r": Source.ORDERS}, 3)
-    (rows,) = routed.by_partition.values()
-    assert [r[1] for r in rows] == ["o0", "o1", "o2", "o3", "o4"]
-
-
-def test_encode_rows_splits_messages_that_would_be_too_large():
-    rows = [(i, "x" * 100, "2", 20261111, 1, None, None) for i in range(1000)]
-    values = encode_rows(rows, limit=10_000)
-    assert all(len(v) <= 10_000 for v in values) and len(values) > 1
-    assert [tuple(r) for v in values for r in orjson.loads(v)] == rows
 
 
 async def test_a_message_skipped_by_the_consumer_is_read_back_and_applied(stream):
     """Faust has been seen to commit past, or skip, a by-buyer message around a rebalance."""
     log = stream.reader.log
     for offset, order in enumerate(["o0", "o1", "o2", "o3"]):
-        log[(2, offset)] = encode_batch([(9, contribution(order, 10, "2026-11-11 00:00:01"))])
+        log[(2, offset)] = batch(row(order, 10, "2026-11-11 00:00:01", buyer=9))
     await stream.stage.add(log[(2, 0)], 2, 0, "t0")
     await stream.stage.add(log[(2, 3)], 2, 3, "t3")  # 1 and 2 never delivered
     assert stream.reader.reads == [(2, 1, 3)]
-    await stream.stage.add(log[(2, 1)], 2, 1, "t1")  # a late replay changes nothing
+    await stream.stage.add(log[(2, 1)], 2, 1, "t1")  # a late redelivery changes nothing
     assert stream.reader.reads == [(2, 1, 3)]
-    assert await stream.stage.flush() == (["t0", "t3", "t1"], True)
-    assert sorted(k[0] for k in stored(stream, 9, partition=2).kept) == ["o0", "o1", "o2", "o3"]
+    await stream.flush()
     assert stream.sink.table[(9, 20261111)].cumulate_amount == 40
-    assert stream.stage.store.get_many(2, [b"~next-offset"]) == [b"4"]
+    assert stream.caches["days"].store.get_many(2, [NEXT_OFFSET_KEY]) == [b"4"]
+    assert stream.committed == {(stream.settings.by_buyer_topic, 2): 4}
 
 
-def test_the_changelog_topic_the_worker_precreates_is_the_tables(stream):
-    assert stream.buyers.changelog_topic.get_topic_name() == stream.settings.changelog_topic
+def test_the_changelog_topics_the_worker_precreates_are_the_tables(stream):
+    assert {c.changelog_topic for c in stream.caches.values()} == set(
+        stream.settings.changelog_topics.values()
+    )
+    assert set(stream.caches) == set(STATE_TABLES)
 
 
 async def test_after_a_rebalance_the_first_message_must_be_the_committed_one(stream):
-    """A hole in a replayed range (applied before, rows maybe never flushed) is read back."""
+    """A hole in a replayed range (applied before, never checkpointed) is read back."""
     log = stream.reader.log
     for offset in range(6):
-        log[(1, offset)] = encode_batch([(4, contribution(f"o{offset}", 1, "2026-11-11 00:00:01"))])
+        log[(1, offset)] = batch(row(f"o{offset}", 1, "2026-11-11 00:00:01", buyer=4))
     for offset in range(6):
         await stream.stage.add(log[(1, offset)], 1, offset, f"a{offset}")
-    stream.stage.forget_deliveries()  # rebalance; the group had committed 2
+        if offset == 1:
+            await stream.flush()  # commits 2
+    stream.stage.forget()  # rebalance before the next checkpoint
     await stream.stage.add(log[(1, 4)], 1, 4, "b4", committed=2)  # 2 and 3 not delivered
     assert stream.reader.reads[-1] == (1, 2, 4)
-    assert stream.stage.pending.rows[(4, 20261111)].cumulate_amount == 6
+    await stream.stage.add(log[(1, 5)], 1, 5, "b5", committed=2)
+    await stream.flush()
+    assert stream.sink.table[(4, 20261111)].cumulate_amount == 6  # each record once
 
 
-async def test_the_state_agent_commits_what_it_flushed(stream):
+async def test_the_state_agent_commits_what_it_checkpointed(stream):
     async with stream.state_agent.test_context() as agent:
-        await put(stream, agent, encode_batch([(5, contribution("o1", 1, "x"))]), partition=3)
-        await put(stream, agent, encode_batch([(5, contribution("o2", 1, "x"))]), partition=3)
+        await put(stream, agent, batch(row("o1", 1, "x")), partition=3)
+        await put(stream, agent, batch(row("o2", 1, "x")), partition=3)
     (((topic, partition), offset),) = stream.committed.items()
     assert partition == 3 and offset == 2
 
@@ -348,55 +338,16 @@ async def test_the_state_agent_commits_what_it_flushed(stream):
 async def test_a_write_retrying_when_a_rebalance_starts_is_given_up_uncommitted(tmp_path):
     """A late write could land after the partitions' next owner's; it replays instead."""
     cs = make_stream(tmp_path, partitions=1)
-    cs.sink = cs.stage.sink = DownSink()
-    await cs.stage.add(encode_batch([(5, contribution("o1", 100, "x"))]), 0, 0, "t0")
-    flush = asyncio.ensure_future(cs.stage.flush())
+    cs.sink = cs.checkpointer.sink = DownSink()
+    await cs.stage.add(batch(row("o1", 100, "x")), 0, 0, "t0")
+    flush = asyncio.ensure_future(cs.flush())
     await cs.sink.attempting.wait()
     cs.app.on_rebalance_start()
-    assert await asyncio.wait_for(flush, 5) == (["t0"], False)
-    assert cs.sink.table == {}
-    assert stored(cs, 5).kept  # the state and its changelog keep the record
-    assert cs.stage.store.offsets[0] == len(cs.out.changelog[0]) - 1
-
-
-async def test_intake_sends_a_refused_batch_again_before_it_commits():
-    s = Settings(app_id="unit", partitions=2, orders_topic="orders")
-    out = RecordingOut()
-    real_send = out.send
-    refusals = []
-
-    async def send(topic, value, **kw):
-        if not refusals:
-            refusals.append(topic)
-            return out._done(exc=KafkaTimeoutError())
-        return await real_send(topic, value, **kw)
-
-    out.send = send
-    intake = Intake(s, out)
-    await intake.forward_until_sent(
-        {TopicPartition("orders", 0): [Record("orders", 0, order(0, 7))]}
-    )
-    assert refusals == [s.by_buyer_topic]
-    (sent,) = [kw for topic, kw in out.sent if topic == s.by_buyer_topic]
-    assert decode_batch(sent["value"])[0][0] == 7
-
-
-async def test_intake_lag_counts_from_the_committed_offset_after_an_assignment():
-    class Consumer:
-        async def committed(self, tp):
-            return {0: 40, 1: None}[tp.partition]
-
-        def assignment(self):
-            return {TopicPartition("orders", 0), TopicPartition("orders", 1)}
-
-        def highwater(self, tp):
-            return 100
-
-    intake = Intake(Settings(app_id="unit", orders_topic="orders"), RecordingOut())
-    intake.consumer = Consumer()
-    await intake.load_committed(intake.consumer.assignment())
-    # partition 1 has no commit yet: the group starts it at the beginning of the log
-    assert intake.lag() == {TopicPartition("orders", 0): 60, TopicPartition("orders", 1): 100}
+    await asyncio.wait_for(flush, 5)
+    assert cs.sink.table == {} and cs.committed == {}
+    assert cs.stage.sessions == {}  # its partitions start over from the committed offset
+    # the state and its changelog keep the record, written past the committed offset
+    assert stored(cs, "days", day_key(5, 20261111))[0] == 100
 
 
 async def test_a_shutdown_during_a_bulk_restore_ends_it_without_a_crash(tmp_path, caplog):
@@ -412,11 +363,11 @@ async def test_a_shutdown_during_a_bulk_restore_ends_it_without_a_crash(tmp_path
 
     cs = make_stream(tmp_path, partitions=2)
     cs.restore_reader = StoppedReader()
-    changelog = cs.stage.changelog_topic
+    changelog = cs.caches["entries"].changelog_topic
     tps = {TP(changelog, 0), TP(changelog, 1)}
     cs.app.assignor.assigned_actives = lambda: tps
     with caplog.at_level("INFO", logger="coupon_stream.app"):
-        await cs._bulk_restore(tps, generation_id=cs.app.consumer_generation_id)
+        await cs._bulk_restore(changelog, tps, generation_id=cs.app.consumer_generation_id)
     assert "bulk restore stopped: the worker is shutting down" in caplog.text
 
 
@@ -427,24 +378,24 @@ async def test_a_tail_the_consumer_never_delivered_is_read_back_once_the_partiti
     and with no later message to reveal the hole, the partition stayed behind for good."""
     log = stream.reader.log
     for offset in range(4):
-        log[(0, offset)] = encode_batch([(7, contribution(f"o{offset}", 5, "x"))])
+        log[(0, offset)] = batch(row(f"o{offset}", 5, "x", buyer=7))
     await stream.stage.add(log[(0, 0)], 0, 0, "t0")
     await stream.stage.add(log[(0, 1)], 0, 1, "t1")  # 2 and 3 never come
-    assert await stream.stage.flush() == (["t0", "t1"], True)
+    await stream.flush()
 
     await stream.stage.repair_tail(0, 4, committed=0)
     assert stream.reader.reads == []  # it applied a message just now: still flowing
 
     monkeypatch.setattr(state_stage, "QUIET_SECONDS", 0.0)
-    stream.stage.pending.rows.update({(i, 20261111): None for i in range(100_000)})
+    stream.stage.pending.touched[3].update((i, 20261111) for i in range(100_000))
     await stream.stage.repair_tail(0, 4, committed=0)
     assert stream.reader.reads == []  # the sink is behind: no more rows now
-    stream.stage.pending.rows.clear()
+    stream.stage.pending.touched[3].clear()
 
     await stream.stage.repair_tail(0, 4, committed=0)
     assert stream.reader.reads == [(0, 2, 4)]
-    assert stream.stage.pending.rows[(7, 20261111)].cumulate_amount == 20
     await stream.flush()
+    assert stream.sink.table[(7, 20261111)].cumulate_amount == 20
     assert stream.committed == {(stream.settings.by_buyer_topic, 0): 4}
     await stream.stage.repair_tail(0, 4, committed=0)
     assert stream.reader.reads == [(0, 2, 4)]  # nothing left to read
@@ -452,7 +403,7 @@ async def test_a_tail_the_consumer_never_delivered_is_read_back_once_the_partiti
 
 async def test_a_tail_read_back_during_a_rebalance_is_not_applied(stream, monkeypatch):
     monkeypatch.setattr(state_stage, "QUIET_SECONDS", 0.0)
-    stream.reader.log[(1, 0)] = encode_batch([(3, contribution("o1", 5, "x"))])
+    stream.reader.log[(1, 0)] = batch(row("o1", 5, "x", buyer=3))
     real_read = stream.reader.read
 
     async def read_while_rebalancing(*args):
@@ -461,5 +412,15 @@ async def test_a_tail_read_back_during_a_rebalance_is_not_applied(stream, monkey
 
     stream.reader.read = read_while_rebalancing
     await stream.stage.repair_tail(1, 1, committed=0)
-    assert stream.stage.pending.rows == {}
-    assert stored(stream, 3, partition=1).kept == {}
+    assert stream.stage.pending.rows() == 0
+    assert stream.stage.pending.tokens == []
+
+
+async def test_readiness_reports_a_stalled_partition(stream):
+    now = [0.0]
+    stream.stalls._clock = lambda: now[0]
+    stream.stalls.assigned([0])
+    now[0] = 10**6  # long after the assignment, nothing committed
+    stream.stalls.check({0: 5})
+    status = await stream.readiness()
+    assert status["stalled_partitions"] == [0] and not status["ready"]

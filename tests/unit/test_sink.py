@@ -7,9 +7,11 @@ import asyncio
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 from sqlalchemy.exc import OperationalError
 
-from coupon_stream.sink import ResultSink
+from coupon_stream import metrics
+from coupon_stream.sink import ResultSink, WriteResult
 from coupon_stream.state import ResultRow
 
 
@@ -19,7 +21,7 @@ async def test_upserts_overwrite_and_deletes_remove(tmp_path: Path) -> None:
     await sink.start()
     try:
         first = {(b, 20261111): ResultRow("c", "m", b, b * 10, 20261111) for b in range(1, 2500)}
-        await sink.write(first)
+        assert await sink.write(first) == WriteResult(True, [])
         await sink.write(
             {
                 (1, 20261111): ResultRow("c2", None, 1, 7, 20261111),
@@ -50,7 +52,8 @@ async def test_a_failing_write_no_longer_wanted_is_given_up(tmp_path: Path) -> N
     try:
         row = {(1, 20261111): ResultRow("c", "m", 1, 10, 20261111)}
         wanted = iter([True, False])
-        assert not await asyncio.wait_for(sink.write(row, still_wanted=lambda: next(wanted)), 10)
+        result = await asyncio.wait_for(sink.write(row, still_wanted=lambda: next(wanted)), 10)
+        assert not result.written and not result
         assert attempts == 2  # the first attempt, one retry, then it was no longer wanted
         assert await sink.fetch_all() == []
     finally:
@@ -79,10 +82,95 @@ async def test_a_deadlock_is_run_again_without_calling_the_database_down(
     try:
         row = ResultRow("c", "m", 1, 10, 20261111)
         with caplog.at_level("WARNING", logger="coupon_stream.sink"):
-            assert await sink.write({(1, 20261111): row})
+            assert (await sink.write({(1, 20261111): row})).written
         assert await sink.fetch_all() == [tuple(row)]
         assert sink.available
         assert [r.levelname for r in caplog.records] == ["WARNING"]
         assert "deadlocked with another worker's" in caplog.text
+    finally:
+        await sink.stop()
+
+
+async def _sink_with_check(tmp_path: Path) -> ResultSink:
+    """A sink whose table refuses cumulate_amount >= 1000000, as MySQL refuses a BIGINT
+    overflow (error 1264): a row refused as data, not a database that is down."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'r.db'}"
+    engine = sqlalchemy.create_engine(url.replace("+aiosqlite", ""))
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE result (gmt_create VARCHAR(255), gmt_modified VARCHAR(255), "
+            "buyer_id BIGINT NOT NULL, cumulate_amount BIGINT NOT NULL "
+            "CHECK (cumulate_amount < 1000000), effect_time BIGINT NOT NULL, "
+            "PRIMARY KEY (buyer_id, effect_time))"
+        )
+    engine.dispose()
+    sink = ResultSink(url, "result")
+    await sink.start()
+    return sink
+
+
+async def test_a_row_refused_as_data_is_set_aside_and_the_rest_of_its_batch_written(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = await _sink_with_check(tmp_path)
+    rejected_before = metrics.SINK_REJECTED._value.get()
+    try:
+        assert (await sink.write({(3, 20261111): ResultRow("c", "m", 3, 30, 20261111)})).written
+        rows = {(b, 20261111): ResultRow("c", "m", b, b * 10, 20261111) for b in range(1, 6)}
+        rows[(3, 20261111)] = ResultRow("c", "m", 3, 5_000_000, 20261111)  # refused
+        rows[(9, 20261111)] = None  # a delete in the same batch
+        with caplog.at_level("ERROR", logger="coupon_stream.sink"):
+            result = await asyncio.wait_for(sink.write(rows), 10)
+        assert result.written
+        ((key, row, why),) = result.rejected
+        assert key == (3, 20261111) and row == rows[(3, 20261111)]
+        assert "CHECK constraint failed" in why
+        assert await sink.fetch_all() == [
+            ("c", "m", b, 30 if b == 3 else b * 10, 20261111) for b in range(1, 6)
+        ]  # the refused key keeps its last valid value
+        assert metrics.SINK_REJECTED._value.get() == rejected_before + 1
+        assert "buyer_id=3 effect_time=20261111" in caplog.text
+        assert sink.available
+    finally:
+        await sink.stop()
+
+
+async def test_every_refused_row_of_a_large_batch_is_found_alone(tmp_path: Path) -> None:
+    sink = await _sink_with_check(tmp_path)
+    try:
+        bad = {17, 18, 400, 2999}
+        rows = {
+            (b, 20261111): ResultRow(None, None, b, 2_000_000 if b in bad else 1, 20261111)
+            for b in range(3000)
+        }
+        result = await asyncio.wait_for(sink.write(rows), 30)
+        assert result.written
+        assert sorted(key[0] for key, _, _ in result.rejected) == sorted(bad)
+        assert len(await sink.fetch_all()) == 3000 - len(bad)
+    finally:
+        await sink.stop()
+
+
+async def test_a_transient_error_is_retried_before_a_permanent_one_splits_the_batch(
+    tmp_path: Path,
+) -> None:
+    sink = await _sink_with_check(tmp_path)
+    real_write = sink._write_once
+    failures = [OSError("connection reset")]
+
+    async def flaky(upserts: list, deletes: list) -> None:
+        if failures:
+            raise failures.pop()
+        await real_write(upserts, deletes)
+
+    sink._write_once = flaky  # type: ignore[method-assign]
+    try:
+        rows = {
+            (1, 1): ResultRow(None, None, 1, 1, 1),
+            (2, 1): ResultRow(None, None, 2, 10**7, 1),
+        }
+        result = await asyncio.wait_for(sink.write(rows), 10)
+        assert result.written and [k for k, _, _ in result.rejected] == [(2, 1)]
+        assert await sink.fetch_all() == [(None, None, 1, 1, 1)]
     finally:
         await sink.stop()

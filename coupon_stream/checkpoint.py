@@ -1,0 +1,326 @@
+"""The checkpoint: how applied records become durable, in one order, in this one place.
+
+A checkpoint runs every COUPON_FLUSH_INTERVAL seconds, and sooner when
+COUPON_MAX_PENDING_ROWS result rows wait. One runs at a time, in this order:
+
+1. Snapshot: under the apply lock, each table's changed keys move to its flushing layer,
+   with the touched (buyer, day) rows, the next offset to apply per partition and the
+   consumer events. Records applied from here on belong to the next checkpoint.
+2. Derive: a day whose MIN(gmt_create) or MAX(gmt_modified) lost the entry holding it is
+   recomputed from the day's entries (the one step whose cost grows with a buyer's
+   history, and only for such a replacement); then the result row of every touched day.
+3. Changelog: every changed key of both tables, as `Record(session, end offset, current,
+   previous)`, each key once; real deletes for the keys the last checkpoint deleted; the
+   partition's next-offset mark. Waits until Kafka has acknowledged all of it, and the
+   dead letters of the records applied.
+4. Local RocksDB: one WriteBatch per table partition, and the changelog offsets it holds.
+5. MySQL: touched rows upserted, rows whose day sum fell to <= 0 deleted, in one commit;
+   a row the database refuses as data is dead-lettered alone.
+6. Offsets: the by-buyer offsets committed, then the events acknowledged.
+
+Why a crash anywhere is harmless: nothing is committed before steps 3 to 5 are done, so
+a crash replays the checkpoint's messages from the committed offset. Replay is
+deterministic, so the keys a cut-short checkpoint did write hold true values as of its end,
+the others as of its start. Each stored value carries the one before the checkpoint, and
+`state.Record.as_of` reads a value that a checkpoint of another session wrote past the
+committed offset as that previous value: every key reads as of the committed offset, and
+the replay counts each record once. MySQL is only ever behind, and the replay re-sends
+every touched row. docs/design.md spells this out; tests/integration/test_faults.py kills a
+worker at each `CRASH_POINTS` entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from coupon_stream import metrics
+from coupon_stream.errors import Backoff, Fault, classify
+from coupon_stream.kafka import DeadLetter, KafkaOut, row_dead_letter
+from coupon_stream.settings import STATE_FORMAT, Settings
+from coupon_stream.sink import ResultSink, RowKey
+from coupon_stream.state import (
+    DAY,
+    FORMAT_KEY,
+    MAX_MODIFIED,
+    MIN_CREATED,
+    NEXT_OFFSET_KEY,
+    Record,
+    ResultRow,
+    buyer_prefix,
+    day_key,
+    day_row,
+    extrema,
+    parse_day_key,
+)
+from coupon_stream.state_stage import Pending, Session, Slot, StateStage, TableCache
+
+log = logging.getLogger(__name__)
+
+# Where a fault test may kill the worker (COUPON_CRASH_POINT): after the step named.
+CRASH_POINTS = ("changelog-entries", "changelog", "local", "sink")
+
+
+class _GivenUp(Exception):
+    """A write failed while a rebalance began: the checkpoint is left to the next owner."""
+
+
+@dataclass(slots=True)
+class _Snapshot:
+    pending: Pending
+    sessions: dict[int, Session]
+    assignment: int | None
+    layers: dict[str, dict[int, dict[bytes, Slot]]]
+
+
+class Checkpointer:
+    def __init__(
+        self,
+        settings: Settings,
+        stage: StateStage,
+        out: KafkaOut,
+        sink: ResultSink,
+        commit: Callable[[Mapping[int, int]], Awaitable[bool]],
+        acknowledge: Callable[[list[object], bool], Awaitable[None]],
+        on_committed: Callable[[int], None] = lambda partition: None,
+    ) -> None:
+        self.settings = settings
+        self.stage = stage
+        self.tables = (stage.entries, stage.days)
+        self.out = out
+        self.sink = sink
+        self._commit = commit
+        self._acknowledge = acknowledge
+        self._on_committed = on_committed
+        self._lock = asyncio.Lock()
+
+    async def run(self) -> bool:
+        """One checkpoint; False if it was given up (a rebalance while the database was down)."""
+        async with self._lock:
+            snap = await self._snapshot()
+            if not snap.pending.tokens:
+                return True
+            started = time.perf_counter()
+            rows = self._derive(snap)
+            metrics.SINK_PENDING.set(len(rows) + self.stage.pending.rows())
+            try:
+                await self._changelog(snap)
+            except _GivenUp:
+                return await self._give_up(snap, "Kafka", len(rows))
+            self._local(snap)
+            self._crash("local")
+            result = await self.sink.write(rows, still_wanted=lambda: self._wanted(snap))
+            if not result.written:
+                return await self._give_up(snap, "the database", len(rows))
+            await self._dead_letters(
+                [
+                    row_dead_letter(self.settings.result_table, row, why, key=key)
+                    for key, row, why in result.rejected
+                ]
+            )
+            self._crash("sink")
+            committed = await self._commit(snap.pending.next_offset)
+            self._release(snap)
+            await self._acknowledge(snap.pending.tokens, committed)
+            if not committed:
+                # Not ours any more: whoever owns them next replays them.
+                self.stage.forget()
+            else:
+                for partition in snap.pending.next_offset:
+                    self._on_committed(partition)
+                for cache, layer in zip(self.tables, snap.layers.values(), strict=True):
+                    for partition, slots in layer.items():
+                        cache.tombstones[partition] = {
+                            k
+                            for k, (base, cur) in slots.items()
+                            if cur is None and base is not None
+                        }
+            metrics.SINK_PENDING.set(self.stage.pending.rows())
+            metrics.CHECKPOINT_SECONDS.observe(time.perf_counter() - started)
+            return True
+
+    def _wanted(self, snap: _Snapshot) -> bool:
+        """Whether a failing write is still worth retrying: not once a rebalance has begun.
+
+        The partitions may move, and a write landing after their next owner's would put
+        older values back.
+        """
+        return snap.assignment is not None and self.stage.assignment() == snap.assignment
+
+    async def _give_up(self, snap: _Snapshot, what: str, rows: int) -> bool:
+        log.warning(
+            "%s was down during a rebalance: a checkpoint of %d rows and %d messages is left "
+            "to the partitions' next owner, which replays the messages",
+            what,
+            rows,
+            len(snap.pending.tokens),
+        )
+        self._release(snap)
+        await self._acknowledge(snap.pending.tokens, False)
+        self.stage.forget()
+        return False
+
+    async def _snapshot(self) -> _Snapshot:
+        stage = self.stage
+        async with stage.apply_lock:
+            pending, stage.pending = stage.pending, Pending()
+            layers = {}
+            for cache in self.tables:
+                layer, cache.dirty = cache.dirty, defaultdict(dict)
+                cache.flushing = layer
+                layers[cache.name] = layer
+            return _Snapshot(pending, dict(stage.sessions), stage.assignment(), layers)
+
+    def _derive(self, snap: _Snapshot) -> dict[RowKey, ResultRow | None]:
+        """Recompute the MIN/MAX that a replacement could not retract; the touched rows."""
+        days = snap.layers[self.stage.days.name]
+        for partition, stale in snap.pending.stale.items():
+            slots = days.get(partition, {})
+            for key in stale:
+                day = slots[key][1]
+                if day is None:
+                    continue
+                buyer, effect_time = parse_day_key(key)
+                kept = [
+                    e
+                    for _, e in self.stage.entries.items(
+                        partition, snap.sessions[partition], buyer_prefix(buyer), dirty=False
+                    )
+                    if e is not None and e[DAY] == effect_time
+                ]
+                created, modified = extrema(kept)
+                slots[key][1] = [*day[:MIN_CREATED], created, modified, *day[MAX_MODIFIED + 1 :]]
+            metrics.STATE_EXTREMA_RECOMPUTED.inc(len(stale))
+        rows: dict[RowKey, ResultRow | None] = {}
+        for partition, touched in snap.pending.touched.items():
+            slots = days.get(partition, {})
+            for buyer, effect_time in touched:
+                slot = slots.get(day_key(buyer, effect_time))
+                rows[(buyer, effect_time)] = day_row(buyer, effect_time, slot and slot[1])
+        return rows
+
+    def _writes(self, snap: _Snapshot) -> dict[TableCache, dict[int, dict[bytes, bytes | None]]]:
+        """Per table and partition, the bytes this checkpoint writes for each key."""
+        writes: dict[TableCache, dict[int, dict[bytes, bytes | None]]] = {}
+        next_offset = snap.pending.next_offset
+        for cache in self.tables:
+            per_partition = writes[cache] = {}
+            layer = snap.layers[cache.name]
+            for partition in set(layer) | set(cache.tombstones):
+                session = snap.sessions.get(partition)
+                end = next_offset.get(partition)
+                out: dict[bytes, bytes | None] = {}
+                for key in cache.tombstones.pop(partition, ()):
+                    out[key] = None  # deleted at a committed checkpoint: gone for good
+                for key, (base, current) in layer.get(partition, {}).items():
+                    if current == base:
+                        continue
+                    if session is None or end is None:
+                        raise RuntimeError(f"{cache.name}[{partition}] changed outside a session")
+                    out[key] = Record(session.sid, end, current, base).encode()
+                if out:
+                    per_partition[partition] = out
+                    metrics.STATE_WRITES.labels(cache.name).inc(len(out))
+        days = writes[self.stage.days]
+        for partition, end in next_offset.items():
+            meta = days.setdefault(partition, {})
+            meta[NEXT_OFFSET_KEY] = str(end).encode()
+            meta[FORMAT_KEY] = str(STATE_FORMAT).encode()
+        return writes
+
+    async def _changelog(self, snap: _Snapshot) -> None:
+        self._pending_writes = writes = self._writes(snap)
+        self._confirmed: dict[TableCache, dict[int, int]] = {}
+        for cache in self.tables:
+            offsets = self._confirmed[cache] = {}
+            for partition, items in writes[cache].items():
+                offsets[partition] = await self._append(snap, cache, partition, items)
+            if cache is self.stage.entries:
+                self._crash("changelog-entries")
+        await self._dead_letters(snap.pending.dead_letters)
+        self._crash("changelog")
+
+    async def _append(
+        self, snap: _Snapshot, cache: TableCache, partition: int, items: dict[bytes, bytes | None]
+    ) -> int:
+        """Send one table partition's records until Kafka has them all; the last offset."""
+        backoff = Backoff()
+        while True:
+            try:
+                sent = await self.out.send_records(cache.changelog_topic, partition, items.items())
+                last = -1
+                for meta, n in zip(
+                    await asyncio.gather(*(f for f, _ in sent)), (n for _, n in sent), strict=True
+                ):
+                    last = max(last, meta.offset + n - 1)  # a batch's metadata: first offset
+                return last
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if classify(exc) is Fault.PERMANENT:
+                    log.critical(
+                        "changelog %s[%d] refused %d records for good: %r",
+                        cache.changelog_topic,
+                        partition,
+                        len(items),
+                        exc,
+                    )
+                    raise
+                if not self._wanted(snap):
+                    raise _GivenUp from exc
+                metrics.CHANGELOG_RETRIES.inc()
+                delay = await backoff.sleep()
+                log.error(
+                    "changelog %s[%d] append failed, sent again after %.1f s: %r",
+                    cache.changelog_topic,
+                    partition,
+                    delay,
+                    exc,
+                )
+
+    def _local(self, snap: _Snapshot) -> None:
+        for cache in self.tables:
+            for partition, items in self._pending_writes[cache].items():
+                if not cache.store.is_open(partition):
+                    continue  # moved away meanwhile; its next owner restores the changelog
+                cache.store.write(partition, items)
+                cache.store.persist_offset(partition, self._confirmed[cache][partition])
+
+    def _release(self, snap: _Snapshot) -> None:
+        for cache in self.tables:
+            if cache.flushing is snap.layers[cache.name]:
+                cache.flushing = {}
+
+    async def _dead_letters(self, letters: list[DeadLetter]) -> None:
+        """Send the dead letters and wait for Kafka to have them, retrying what can succeed."""
+        backoff = Backoff()
+        while letters:
+            sent = [await self.out.dead_letter(d) for d in letters]
+            results = await asyncio.gather(*sent, return_exceptions=True)
+            failed = [
+                (d, r)
+                for d, r in zip(letters, results, strict=True)
+                if isinstance(r, BaseException)
+            ]
+            for _, exc in failed:
+                if classify(exc) is Fault.PERMANENT:
+                    raise exc
+            letters = [d for d, _ in failed]
+            if letters:
+                delay = await backoff.sleep()
+                log.error(
+                    "%d dead letters not delivered, sent again after %.1f s: %r",
+                    len(letters),
+                    delay,
+                    failed[0][1],
+                )
+
+    def _crash(self, point: str) -> None:
+        if self.settings.crash_point == point:
+            log.critical("COUPON_CRASH_POINT=%s reached: killing the worker (fault test)", point)
+            logging.shutdown()
+            os.kill(os.getpid(), signal.SIGKILL)

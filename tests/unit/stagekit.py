@@ -1,0 +1,152 @@
+"""A state stage and its checkpoint on in-memory stores, with a changelog a test can cut short.
+
+`World` is one partition's by-buyer log, the changelogs, the result table and the committed
+offset; `World.worker()` is a worker that takes the partition over, restoring its tables
+from the changelogs (as another worker would) or keeping a local copy (as a restart would).
+The stand-ins record what would go to Kafka and MySQL; the integration tests run the real
+ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from coupon_stream.checkpoint import Checkpointer
+from coupon_stream.records import Row, encode_rows
+from coupon_stream.settings import STATE_TABLES, Settings
+from coupon_stream.sink import WriteResult
+from coupon_stream.state import ResultRow
+from coupon_stream.state_stage import StateStage, TableCache
+from coupon_stream.store import MemoryStore
+
+
+class Crash(BaseException):
+    """The worker died here (a BaseException: nothing in the service catches it)."""
+
+
+class Meta:
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+
+def done(value: object = None) -> asyncio.Future:
+    fut = asyncio.get_running_loop().create_future()
+    fut.set_result(value)
+    return fut
+
+
+class FakeOut:
+    """Changelogs as lists; `crash_after` kills the worker after that many more records."""
+
+    def __init__(self) -> None:
+        self.logs: dict[tuple[str, int], list[tuple[bytes, bytes | None]]] = defaultdict(list)
+        self.dead: list = []
+        self.crash_after: int | None = None
+
+    async def send_records(self, topic, partition, records):
+        log = self.logs[(topic, partition)]
+        first = len(log)
+        records = list(records)
+        for record in records:
+            if self.crash_after is not None:
+                if self.crash_after <= 0:
+                    raise Crash()
+                self.crash_after -= 1
+            log.append(record)
+        return [(done(Meta(first)), len(records))]
+
+    async def dead_letter(self, dead):
+        self.dead.append(dead)
+        return done()
+
+
+class FakeSink:
+    def __init__(self) -> None:
+        self.table: dict[tuple[int, int], ResultRow] = {}
+        self.writes = 0
+
+    async def write(self, rows, still_wanted=None) -> WriteResult:
+        self.writes += 1
+        for key, row in rows.items():
+            if row is None:
+                self.table.pop(key, None)
+            else:
+                self.table[key] = row
+        return WriteResult(True)
+
+    def rows(self) -> set[tuple]:
+        return {tuple(r) for r in self.table.values()}
+
+
+class LogReader:
+    def __init__(self, world: World) -> None:
+        self.world = world
+
+    async def read(self, topic, partition, start, end):
+        return [(o, self.world.log[o], self.world.received_ms) for o in range(start, end)]
+
+
+@dataclass
+class Worker:
+    stage: StateStage
+    checkpoint: Checkpointer
+    stores: dict[str, MemoryStore]
+
+
+@dataclass
+class World:
+    settings: Settings = field(default_factory=lambda: Settings(app_id="unit", partitions=1))
+    log: list[bytes] = field(default_factory=list)
+    out: FakeOut = field(default_factory=FakeOut)
+    sink: FakeSink = field(default_factory=FakeSink)
+    committed: int = 0
+    received_ms: int = 1_794_096_000_000  # 2026-11-08
+
+    def append(self, rows: list[Row]) -> None:
+        self.log.append(encode_rows(rows))
+
+    def changelog(self, table: str) -> str:
+        return f"{table}-changelog"
+
+    def worker(self, local: dict[str, MemoryStore] | None = None) -> Worker:
+        """A worker that now owns the partition: its tables restored from the changelogs,
+        on top of `local` (a restarted worker's own copy) if given."""
+        stores = {}
+        for name in STATE_TABLES:
+            store = local[name] if local else MemoryStore()
+            persisted = store.persisted_offset(0)
+            log = self.out.logs[(self.changelog(name), 0)]
+            start = 0 if persisted is None else persisted + 1
+            for key, value in log[start:]:
+                store.write(0, {key: value})
+            if log:
+                store.offsets[0] = len(log) - 1
+            stores[name] = store
+        entries = TableCache("entries", stores["entries"], self.changelog("entries"))
+        days = TableCache("days", stores["days"], self.changelog("days"))
+        stage = StateStage(self.settings, entries, days, self.out, LogReader(self))
+
+        async def commit(offsets):
+            self.committed = max(self.committed, offsets[0])
+            return True
+
+        async def acknowledge(tokens, committed):
+            pass
+
+        checkpoint = Checkpointer(
+            self.settings, stage, self.out, self.sink, commit=commit, acknowledge=acknowledge
+        )
+        return Worker(stage, checkpoint, stores)
+
+    async def run(self, worker: Worker, every: int, upto: int | None = None) -> None:
+        """Apply the log from the committed offset, a checkpoint every `every` messages."""
+        end = len(self.log) if upto is None else upto
+        for n, offset in enumerate(range(self.committed, end), 1):
+            await worker.stage.add(
+                self.log[offset], 0, offset, offset, self.committed, self.received_ms
+            )
+            if n % every == 0:
+                await worker.checkpoint.run()
+        await worker.checkpoint.run()

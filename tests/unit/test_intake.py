@@ -1,0 +1,302 @@
+"""Intake's size bounds and error handling, and the dead-letter fallback it relies on.
+
+No broker: `FakeOut` records what intake would send, and `FakeProducer` stands in for
+aiokafka's producer under a real `KafkaOut`, with its client-side and broker-side size checks.
+Kept apart from test_app.py so that these run without Faust or the state stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+from aiokafka import TopicPartition
+from aiokafka.errors import MessageSizeTooLargeError, TopicAuthorizationFailedError
+
+from coupon_stream import metrics
+from coupon_stream.intake import (
+    MAX_MESSAGE_BYTES,
+    MAX_RECORD_BYTES,
+    Intake,
+    route,
+    split_rows,
+)
+from coupon_stream.kafka import (
+    HEADER_VALUE_TRUNCATED,
+    TRUNCATED_VALUE_BYTES,
+    DeadLetter,
+    KafkaOut,
+    row_dead_letter,
+)
+from coupon_stream.records import Source, decode_rows, partition_for_buyer
+from coupon_stream.settings import Settings
+from coupon_stream.state import ResultRow
+
+
+class Record:
+    def __init__(self, topic, offset, value, partition=0, key=b"k"):
+        self.topic, self.partition, self.offset = topic, partition, offset
+        self.key, self.value = key, value
+
+
+def order(i, buyer, order_id=None, **fields):
+    return orjson.dumps(
+        {
+            "biz_order_id": order_id or f"o{i}",
+            "pay_status": "2",
+            "buyer_id": str(buyer),
+            "pay_time": "2026-11-11 10:00:00",
+            "div_idx_actual_total_fee": 12399,
+            **fields,
+        }
+    )
+
+
+def done(value=None, exc=None):
+    fut = asyncio.get_running_loop().create_future()
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(value)
+    return fut
+
+
+class FakeOut:
+    """KafkaOut's interface, recording sends; `refuse` makes every send raise it."""
+
+    def __init__(self, refuse=None):
+        self.sent = []
+        self.attempts = 0
+        self.refuse = refuse
+
+    async def send(self, topic, value, **kw):
+        self.attempts += 1
+        if self.refuse is not None:
+            raise self.refuse
+        self.sent.append((topic, value, kw))
+        return done(len(self.sent))
+
+    async def dead_letter(self, dead):
+        return await self.send("dlq", dead.value, key=dead.key, headers=dead.headers())
+
+
+class FakeProducer:
+    """aiokafka's producer as far as KafkaOut uses it: `send` raises MessageSizeTooLargeError
+    itself above `client_limit` (max_request_size), and returns a future failing with it above
+    `broker_limit` (the topic's max.message.bytes)."""
+
+    def __init__(self, client_limit=1024 * 1024, broker_limit=1024 * 1024):
+        self.client_limit, self.broker_limit = client_limit, broker_limit
+        self.sent = []
+
+    async def send(self, topic, value, key=None, partition=None, headers=None):
+        size = len(value or b"") + len(key or b"") + sum(len(h) + len(v) for h, v in headers or [])
+        if size > self.client_limit:
+            raise MessageSizeTooLargeError(f"The message is {size} bytes when serialized")
+        if size > self.broker_limit:
+            return done(exc=MessageSizeTooLargeError())
+        self.sent.append((topic, value, key, dict(headers or [])))
+        return done(len(self.sent))
+
+
+def settings():
+    return Settings(app_id="unit", partitions=4, orders_topic="orders")
+
+
+def test_a_row_too_large_to_keep_in_state_is_dead_lettered_at_intake():
+    huge = "x" * 20_000
+    msgs = [
+        Record("orders", 0, order(0, 7)),
+        Record("orders", 1, order(1, 7, order_id=huge)),
+        Record("orders", 2, order(2, 7, order_id="y" * 5_000)),  # large, still below the bound
+        Record("orders", 3, order(3, 7, order_id="\x01" * 3_000)),  # 6 bytes a char: 18 KB
+    ]
+    routed = route(msgs, {"orders": Source.ORDERS}, 4)
+    (rows,) = routed.by_partition.values()
+    assert [r[1] for r in rows] == ["o0", "y" * 5_000]
+    assert [(d.offset, d.kind) for d in routed.dead] == [(1, "too_large"), (3, "too_large")]
+    dead = routed.dead[0]
+    assert dead.value == msgs[1].value and dead.topic == "orders"
+    size = len(orjson.dumps([(7, huge, "2", 20261111, 123, None, None)]))
+    assert dead.reason == (
+        f"record too large to keep in state: {size} bytes of "
+        f"biz_order_id/pay_status/timestamps (limit {MAX_RECORD_BYTES})"
+    )
+
+
+def test_by_buyer_messages_stay_within_the_bound_unless_one_row_is_larger():
+    rows = [(i, "x" * (i * 37 % 16_000), "2", 20261111, 1, None, None) for i in range(300)]
+    assert all(len(orjson.dumps([r])) <= MAX_RECORD_BYTES for r in rows)
+    values = split_rows(rows)
+    assert len(values) > 1 and all(len(v) <= MAX_MESSAGE_BYTES for v in values)
+    assert [tuple(r) for v in values for r in orjson.loads(v)] == rows
+    big = (1, "x" * (MAX_MESSAGE_BYTES + 1), "2", 20261111, 1, None, None)
+    assert [len(v) > MAX_MESSAGE_BYTES for v in split_rows([rows[0], big, rows[1]])] == [
+        False,
+        True,
+        False,
+    ]
+
+
+async def test_a_row_too_large_is_dead_lettered_and_never_sent_on():
+    s = settings()
+    out = FakeOut()
+    batch = [
+        Record("orders", 0, order(0, 1, order_id="z" * 20_000)),
+        Record("orders", 1, order(1, 1)),
+    ]
+    await Intake(s, out).forward({TopicPartition("orders", 0): batch})
+    by_buyer = [orjson.loads(v) for topic, v, _ in out.sent if topic == s.by_buyer_topic]
+    assert [r[1] for rows in by_buyer for r in rows] == ["o1"]
+    ((_, value, kw),) = [sent for sent in out.sent if sent[0] == "dlq"]
+    assert value == batch[0].value
+    assert b"record too large" in dict(kw["headers"])["coupon.error.reason"]
+
+
+async def test_a_permanent_kafka_error_stops_intake_instead_of_looping():
+    out = FakeOut(refuse=MessageSizeTooLargeError("refused"))
+    intake = Intake(settings(), out)
+    retries = metrics.INTAKE_RETRIES._value.get()
+    with pytest.raises(MessageSizeTooLargeError):
+        await asyncio.wait_for(
+            intake.forward_until_sent(
+                {TopicPartition("orders", 0): [Record("orders", 0, order(0, 7))]}
+            ),
+            5,
+        )
+    assert out.attempts == 1
+    assert metrics.INTAKE_RETRIES._value.get() == retries
+
+
+async def test_a_transient_kafka_error_is_retried_until_sent():
+    out = FakeOut(refuse=OSError("connection reset"))
+    intake = Intake(settings(), out)
+
+    async def heal():
+        while out.attempts < 2:
+            await asyncio.sleep(0.01)
+        out.refuse = None
+
+    healing = asyncio.ensure_future(heal())
+    await asyncio.wait_for(
+        intake.forward_until_sent(
+            {TopicPartition("orders", 0): [Record("orders", 0, order(0, 7))]}
+        ),
+        5,
+    )
+    await healing
+    assert out.attempts >= 3 and len(out.sent) == 1
+
+
+@pytest.mark.parametrize(
+    "producer",
+    [
+        FakeProducer(),  # the client refuses: over max_request_size
+        FakeProducer(broker_limit=512 * 1024),  # the broker refuses: the topic's own limit
+    ],
+    ids=["client", "broker"],
+)
+async def test_a_dead_letter_too_large_for_kafka_is_sent_truncated(producer):
+    s = settings()
+    out = KafkaOut(s)
+    out._producer = producer
+    value = b"{" + b"x" * (1024 * 1024)  # not JSON, and over 1 MiB
+    truncated = metrics.DEAD_LETTERS_TRUNCATED._value.get()
+    await Intake(s, out).forward({TopicPartition("orders", 0): [Record("orders", 9, value)]})
+    ((topic, sent, key, headers),) = producer.sent
+    assert topic == s.dlq_topic and key == b"k"
+    assert sent == value[:TRUNCATED_VALUE_BYTES]
+    assert headers[HEADER_VALUE_TRUNCATED] == str(len(value)).encode()
+    assert headers["coupon.source.offset"] == b"9"
+    assert b"not valid UTF-8 JSON" in headers["coupon.error.reason"]
+    assert metrics.DEAD_LETTERS_TRUNCATED._value.get() == truncated + 1
+
+
+async def test_a_dead_letter_refused_for_another_reason_is_not_truncated():
+    class Unauthorized(FakeProducer):
+        async def send(self, topic, value, key=None, partition=None, headers=None):
+            return done(exc=TopicAuthorizationFailedError())
+
+    out = KafkaOut(settings())
+    out._producer = Unauthorized()
+    dead = DeadLetter(b"k", b"x" * 10, "orders", 0, 1, "bad", "json")
+    with pytest.raises(TopicAuthorizationFailedError):
+        await (await out.dead_letter(dead))
+    assert out._producer.sent == []
+
+
+def test_a_refused_result_row_becomes_a_dead_letter_of_its_columns():
+    row = ResultRow("2026-11-11 00:00:01", None, 5, 2**63 - 1, 20261111)
+    dead = row_dead_letter("tddl_output", row, "1264: Out of range value")
+    assert dead.key is None and (dead.topic, dead.partition, dead.offset) == ("tddl_output", -1, -1)
+    assert dead.kind == "sink_rejected" and dead.reason == "1264: Out of range value"
+    assert orjson.loads(dead.value) == {
+        "gmt_create": "2026-11-11 00:00:01",
+        "gmt_modified": None,
+        "buyer_id": 5,
+        "cumulate_amount": 2**63 - 1,
+        "effect_time": 20261111,
+    }
+    deleted = row_dead_letter("tddl_output", None, "refused", key=(5, 20261111))
+    assert orjson.loads(deleted.value) == {"buyer_id": 5, "effect_time": 20261111, "deleted": True}
+
+
+class RecordingOut:
+    def __init__(self):
+        self.sent = []
+
+    async def send(self, topic, value, **kw):
+        self.sent.append((topic, {"value": value, **kw}))
+        return done()
+
+    async def dead_letter(self, dead):
+        return await self.send("dlq", dead.value, key=dead.key, headers=dead.headers())
+
+
+async def test_intake_routes_by_buyer_partition_and_dead_letters():
+    s = Settings(app_id="unit", partitions=4, orders_topic="orders")
+    out = RecordingOut()
+    intake = Intake(s, out)
+    tp = TopicPartition("orders", 0)
+    batch = [Record("orders", i, order(i, b)) for i, b in enumerate([1, 2, 3, 1, 99])]
+    await intake.forward({tp: [*batch, Record("orders", 5, b"{oops")]})
+    routed = {}
+    for topic, kw in out.sent:
+        if topic != s.by_buyer_topic:
+            continue
+        for buyer, order_id, _, day, yuan, _, _ in decode_rows(kw["value"]):
+            assert partition_for_buyer(buyer, 4) == kw["partition"]
+            routed.setdefault(buyer, []).append(order_id)
+            assert yuan == 123 and day == 20261111
+    assert routed == {1: ["o0", "o3"], 2: ["o1"], 3: ["o2"], 99: ["o4"]}
+    (dead,) = [kw for topic, kw in out.sent if topic == "dlq"]
+    assert dead["value"] == b"{oops"
+    headers = dict(dead["headers"])
+    assert headers["coupon.source.offset"] == b"5"
+    assert b"not valid UTF-8 JSON" in headers["coupon.error.reason"]
+
+
+def test_route_keeps_arrival_order_within_a_partition():
+    msgs = [Record("r", i, order(i, 7)) for i in range(5)]
+    routed = route(msgs, {"r": Source.ORDERS}, 3)
+    (rows,) = routed.by_partition.values()
+    assert [r[1] for r in rows] == ["o0", "o1", "o2", "o3", "o4"]
+
+
+async def test_intake_lag_counts_from_the_committed_offset_after_an_assignment():
+    class Consumer:
+        async def committed(self, tp):
+            return {0: 40, 1: None}[tp.partition]
+
+        def assignment(self):
+            return {TopicPartition("orders", 0), TopicPartition("orders", 1)}
+
+        def highwater(self, tp):
+            return 100
+
+    intake = Intake(Settings(app_id="unit", orders_topic="orders"), RecordingOut())
+    intake.consumer = Consumer()
+    await intake.load_committed(intake.consumer.assignment())
+    # partition 1 has no commit yet: the group starts it at the beginning of the log
+    assert intake.lag() == {TopicPartition("orders", 0): 60, TopicPartition("orders", 1): 100}
