@@ -1,8 +1,24 @@
-"""`make bench`: end-to-end throughput, raw and pipeline floors, machine CPU, latency, restore.
+"""`make bench`: throughput on skewed, hot-buyer and uniform input, and at 4x the size.
 
 Runs against the local Kafka and MariaDB of `make up`. Every run uses fresh topics and
-consumer groups, loads the whole dataset before timing, and writes bench/results/<ts>.json
-and .md. Usage: python -m bench.run [--orders N] [--partitions P] [--latency-rate R].
+consumer groups, loads its whole dataset before timing, and the results go to
+bench/results/<ts>.json and .md. In one invocation, in this order:
+
+  - load the default dataset (`--orders` orders, buyers Zipf-like: `skew="zipf"`), measure
+    the raw consume floor and the pipeline floor on it;
+  - one worker on a uniform dataset of the same size (the baseline), then one worker on the
+    default dataset, then two workers on it, then a restore of the one-worker state;
+  - one worker on a hot-buyer dataset (30% of the orders on one buyer), same size;
+  - one worker on a Zipf-like dataset of 4x the orders;
+  - latency at a fixed rate.
+
+Each worker run reports events/s, worker CPU s per 1M events (numerically the same as CPU
+microseconds per event) and the ratio to the raw floor; the markdown checks the goals of
+issue 11. `--quick` skips the two-worker, restore and latency parts (a smoke run:
+`python -m bench.run --orders 20000 --quick`).
+
+Usage: python -m bench.run [--orders N] [--partitions P] [--quick] [--skip-two]
+       [--latency-rate R] [--latency-seconds S] [--chunk-orders C]
 """
 
 from __future__ import annotations
@@ -10,13 +26,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
+import random
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
@@ -25,10 +45,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from bench.data import CHUNK_ORDERS, chunk_sizes, encoded_chunk
 from bench.pipeline_floor import pipeline_floor
 from coupon_stream import status
-from coupon_stream.dataset import generate, jsonl
-from coupon_stream.producer import send_all
+from coupon_stream.dataset import Skew
 from coupon_stream.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +58,13 @@ DB_URL = os.environ.get(
     "COUPON_BENCH_DB_URL", "mysql+asyncmy://coupons:coupons@127.0.0.1:3306/coupons"
 )
 WORKER = [str(Path(sys.executable).with_name("coupon-stream")), "worker", "--loglevel", "warn"]
+SEED = 1
+DEFAULT_ORDERS = 1_000_000
+QUICK_ORDERS = 20_000
+# Goals from issue 11 (ratios, since absolute rates differ between machines).
+GOAL_OF_UNIFORM = 0.8  # skewed and hot events/s, each at least this share of uniform
+GOAL_CPU_GROWTH_AT_4X = 1.2  # CPU per event at 4x the input, at most this times the default
+GOAL_OF_RAW_FLOOR = 0.2  # one worker on the skewed default, at least this share of raw floor
 
 
 def machine() -> dict:
@@ -198,16 +225,82 @@ class Proc:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()  # its web port is free before the next run starts
 
 
-async def load(topics: str, partitions: int, orders: int) -> int:
+async def send_values(
+    producer: AIOKafkaProducer, topic: str, values: list[bytes], partitions: int, seed: int
+) -> int:
+    """Send values without keys, each to a random partition, in whole batches; all acked.
+
+    What `coupon_stream.producer.send_all` does (the default partitioner also picks a random
+    partition for a message without a key), five times faster: the bench sends ~11M.
+    """
+    rng = random.Random(seed)
+    batches = [producer.create_batch() for _ in range(partitions)]
+    acks: list[asyncio.Future] = []
+    for value in values:
+        p = rng.randrange(partitions)
+        if batches[p].append(key=None, value=value, timestamp=None) is None:  # full
+            batches[p].close()
+            acks.append(await producer.send_batch(batches[p], topic, partition=p))
+            batches[p] = producer.create_batch()
+            if batches[p].append(key=None, value=value, timestamp=None) is None:
+                raise ValueError(f"a message of {len(value)} bytes is larger than a batch")
+    for p, batch in enumerate(batches):
+        if batch.record_count():
+            batch.close()
+            acks.append(await producer.send_batch(batch, topic, partition=p))
+    await asyncio.gather(*acks)
+    return len(values)
+
+
+async def load(
+    topics: str, partitions: int, orders: int, skew: Skew, chunk: int = CHUNK_ORDERS
+) -> int:
+    """Create the input topics and send a dataset to them (see bench/data.py); messages sent.
+
+    Two spawned processes generate and encode chunks while this one sends the previous.
+    """
     s = settings_for("load", topics, partitions, Path("/nonexistent"), 0)
     await status.create_input_topics(s, partitions)
-    data = generate(orders, seed=1)
-    return await send_all(
-        BOOTSTRAP,
-        [(s.orders_topic, list(jsonl(data.orders))), (s.refunds_topic, list(jsonl(data.refunds)))],
+    sizes = chunk_sizes(orders, chunk)
+    buyers = max(1, orders // 4)
+    loop = asyncio.get_running_loop()
+    sent = 0
+    producer = AIOKafkaProducer(
+        bootstrap_servers=BOOTSTRAP,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=10,
+        max_batch_size=512 * 1024,
+        max_request_size=8 * 1024 * 1024,
     )
+    await producer.start()
+    context = multiprocessing.get_context("spawn")
+    try:
+        with ProcessPoolExecutor(max_workers=min(2, len(sizes)), mp_context=context) as pool:
+            todo = iter(enumerate(sizes))
+            pending: deque[tuple[int, asyncio.Future[tuple[list[bytes], list[bytes]]]]]
+            pending = deque()
+            while True:
+                while len(pending) < 3 and (item := next(todo, None)) is not None:
+                    k, size = item
+                    pending.append(
+                        (k, loop.run_in_executor(pool, encoded_chunk, size, SEED + k, buyers, skew))
+                    )
+                if not pending:
+                    return sent
+                k, chunk_values = pending.popleft()
+                order_values, refund_values = await chunk_values
+                sent += await send_values(
+                    producer, s.orders_topic, order_values, partitions, seed=2 * k
+                )
+                sent += await send_values(
+                    producer, s.refunds_topic, refund_values, partitions, seed=2 * k + 1
+                )
+    finally:
+        await producer.stop()
 
 
 async def raw_floor(topics: str, total: int) -> float:
@@ -348,10 +441,11 @@ async def latency(run: str, partitions: int, rate: int, seconds: float, tmp: Pat
 
 
 async def restore(run: str, topics: str, partitions: int, tmp: Path) -> dict:
-    """A worker with empty local state for an app whose changelog is full."""
+    """A worker with empty local state for an app whose changelogs are full."""
     s = settings_for(run, topics, partitions, tmp / f"{run}-restore", 6160)
-    written = await status.records_in(BOOTSTRAP, s.changelog_topic)
-    present = await records_present(s.changelog_topic)
+    changelogs = list(s.changelog_topics.values())
+    written = sum([await status.records_in(BOOTSTRAP, t) for t in changelogs])
+    present = sum([await records_present(t) for t in changelogs])
     proc = Proc(s, tmp / f"{run}-restore.log")
     start = time.perf_counter()
     try:
@@ -390,37 +484,112 @@ async def records_present(topic: str) -> int:
         await consumer.stop()
 
 
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b else None
+
+
+def compare(result: dict) -> None:
+    """Ratios to the raw floor and to the uniform run, and the issue's goals, into `result`."""
+    floor = result["raw_floor_events_per_s"]
+    runs = {r["label"]: r for r in result["runs"]}
+    uniform = runs["uniform"]
+    for r in result["runs"]:
+        r["ratio_to_raw_floor"] = _ratio(r["events_per_s"], floor)
+        if r["workers"] == 1:
+            r["ratio_to_uniform"] = _ratio(r["events_per_s"], uniform["events_per_s"])
+    skewed, hot, x4 = runs["skewed"], runs["hot"], runs["skewed 4x"]
+    cpu_growth = _ratio(x4["cpu_s_per_million"], skewed["cpu_s_per_million"])
+    result["goals"] = [
+        {
+            "goal": f"skewed events/s >= {GOAL_OF_UNIFORM} of uniform",
+            "value": skewed["ratio_to_uniform"],
+            "pass": skewed["ratio_to_uniform"] >= GOAL_OF_UNIFORM,
+        },
+        {
+            "goal": f"hot-buyer events/s >= {GOAL_OF_UNIFORM} of uniform",
+            "value": hot["ratio_to_uniform"],
+            "pass": hot["ratio_to_uniform"] >= GOAL_OF_UNIFORM,
+        },
+        {
+            "goal": f"CPU per event at 4x <= {GOAL_CPU_GROWTH_AT_4X}x the default size",
+            "value": cpu_growth,
+            "pass": cpu_growth is not None and cpu_growth <= GOAL_CPU_GROWTH_AT_4X,
+        },
+        {
+            "goal": f"one worker on skewed default >= {GOAL_OF_RAW_FLOOR} of raw floor",
+            "value": skewed["ratio_to_raw_floor"],
+            "pass": skewed["ratio_to_raw_floor"] >= GOAL_OF_RAW_FLOOR,
+        },
+    ]
+
+
+def _row(cells: list[object]) -> str:
+    return "| " + " | ".join("-" if c is None else str(c) for c in cells) + " |"
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
+    floor = result["raw_floor_events_per_s"]
     lines = [
         f"Machine: {m['cores']} cores, {m['cpu']}; Python {m['python']}, faust-streaming "
         f"{m['faust-streaming']}, aiokafka {m['aiokafka']}, Kafka {m['kafka']}, "
         f"MariaDB {m.get('mariadb', 'unknown')}, "
         f"SQLAlchemy {m['sqlalchemy']}, rocksdict {m['rocksdict']}.",
-        f"Input: {result['messages']} messages ({result['orders']} orders + copies + refunds), "
-        f"{result['partitions']} partitions. Command: `{result['command']}`",
+        f"Default input: {result['messages']} messages ({result['orders']} orders + copies + "
+        f"refunds, buyers Zipf-like), {result['partitions']} partitions. "
+        f"Command: `{result['command']}`. Bench took {result['bench_seconds']} s"
+        + (" (--quick: no two-worker run, restore or latency)." if result["quick"] else "."),
+        f"Raw consume floor (one aiokafka consumer reading and JSON-decoding the default "
+        f"input): {floor} events/s.",
         "",
-        "| run | events/s | raw floor events/s | ratio | CPU s per 1M events | peak RSS MB "
-        "| SQL statements per event | rows written per event | Kafka CPU s per 1M "
-        "| MariaDB CPU s per 1M | machine busy % |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| run | orders | events | events/s | worker CPU s per 1M events (= µs/event) "
+        "| ratio to raw floor | ratio to uniform |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    floor = result["raw_floor_events_per_s"]
     for r in result["runs"]:
-        cells = [
-            f"{r['workers']} worker(s)",
-            r["events_per_s"],
-            floor,
-            f"{r['events_per_s'] / floor:.3f}",
-            r["cpu_s_per_million"],
-            r["peak_rss_mb"],
-            r["sql_statements_per_event"],
-            r["rows_written_per_event"],
-            r.get("kafka_cpu_s_per_million", "-"),
-            r.get("mariadb_cpu_s_per_million", "-"),
-            r.get("machine_busy_pct", "-"),
-        ]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        lines.append(
+            _row(
+                [
+                    r["label"],
+                    r["orders"],
+                    r["events"],
+                    r["events_per_s"],
+                    r["cpu_s_per_million"],
+                    f"{r['ratio_to_raw_floor']:.3f}",
+                    r.get("ratio_to_uniform"),
+                ]
+            )
+        )
+    lines += ["", "| goal (issue 11) | measured | result |", "| --- | --- | --- |"]
+    for g in result["goals"]:
+        lines.append(_row([g["goal"], g["value"], "pass" if g["pass"] else "FAIL"]))
+    lines += [
+        "",
+        "| run | seconds | peak RSS MB | SQL statements per event | rows written per event "
+        "| Kafka CPU s per 1M | MariaDB CPU s per 1M | machine busy % |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in result["runs"]:
+        lines.append(
+            _row(
+                [
+                    r["label"],
+                    r["seconds"],
+                    r["peak_rss_mb"],
+                    r["sql_statements_per_event"],
+                    r["rows_written_per_event"],
+                    r.get("kafka_cpu_s_per_million"),
+                    r.get("mariadb_cpu_s_per_million"),
+                    r.get("machine_busy_pct"),
+                ]
+            )
+        )
+    lines.append(
+        '\nskewed: buyers drawn with weight 1/rank^1.1 (`dataset.generate(skew="zipf")`); '
+        "hot: 30% of the orders on one buyer, the rest uniform; uniform: the former bench "
+        "input. Worker CPU includes its start-up; events/s is timed from the worker's start "
+        "to an idle group."
+    )
     pipe = result.get("pipeline_floor")
     if pipe:
         lines.append(
@@ -428,8 +597,8 @@ def markdown(result: dict) -> str:
             f"`bench/pipeline_floor.py`): {pipe['events_per_s']} events/s, "
             f"{pipe['cpu_s_per_million']} CPU s per 1M events"
         )
-    if len(result["runs"]) > 1:
-        lines.append(f"\nScaling 2 workers / 1 worker: {result['scaling_ratio']:.2f}")
+    if "scaling_ratio" in result:
+        lines.append(f"\nScaling 2 workers / 1 worker (skewed): {result['scaling_ratio']:.2f}")
     lat = result.get("latency")
     if lat:
         lines.append(
@@ -440,7 +609,8 @@ def markdown(result: dict) -> str:
     rs = result.get("restore")
     if rs:
         lines.append(
-            f"\nChangelog restore, empty local state: {rs['changelog_records_read']} records "
+            f"\nChangelog restore, empty local state (skewed, one worker's app): "
+            f"{rs['changelog_records_read']} records "
             f"(of {rs['changelog_records_written']} written; the rest compacted away) "
             f"in {rs['seconds_to_ready']} s to ready = {rs['records_per_s']} records/s, "
             f"worker start included ({rs['records_read_in_bulk']} read in bulk, "
@@ -449,52 +619,121 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+class Bench:
+    """One invocation: its topics' prefix, scratch directory, start time and progress log."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.prefix = f"bench-{self.stamp}"
+        self.tmp = ROOT / ".local" / "bench" / self.stamp
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.began = time.perf_counter()
+
+    def say(self, what: str) -> None:
+        print(f"[{time.perf_counter() - self.began:6.0f} s] {what}", flush=True)
+
+    async def load(self, topics: str, orders: int, skew: Skew) -> int:
+        self.say(f"loading {orders} orders, skew {skew}, into {topics}-* ...")
+        total = await load(topics, self.args.partitions, orders, skew, self.args.chunk_orders)
+        self.say(f"{total} messages loaded")
+        return total
+
+    async def workers(
+        self, label: str, run: str, topics: str, n: int, orders: int, total: int, skew: Skew
+    ) -> dict:
+        self.say(f"{label}: {n} worker(s) on {total} messages ...")
+        result = await run_workers(run, topics, self.args.partitions, n, total, self.tmp)
+        self.say(f"{label}: {result['events_per_s']} events/s")
+        return {"label": label, "skew": skew, "orders": orders, "events": total, **result}
+
+
 async def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--orders", type=int, default=1_000_000)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument(
+        "--orders",
+        type=int,
+        default=None,
+        help=f"orders in the default dataset ({DEFAULT_ORDERS}; {QUICK_ORDERS} with --quick); "
+        "the uniform and hot runs use as many, the 4x run four times as many",
+    )
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument("--latency-rate", type=int, default=10_000)
     parser.add_argument("--latency-seconds", type=float, default=10)
-    parser.add_argument("--skip-two", action="store_true", help="only the one-worker run")
-    args = parser.parse_args()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    tmp = ROOT / ".local" / "bench" / stamp
-    tmp.mkdir(parents=True, exist_ok=True)
-    topics = f"bench-{stamp}"
-    print(f"loading {args.orders} orders into {topics}-* ...", flush=True)
-    total = await load(topics, args.partitions, args.orders)
-    print(f"{total} messages loaded; raw floor ...", flush=True)
-    floor = await raw_floor(topics, total)
-    print("pipeline floor ...", flush=True)
-    pipe = await pipeline_floor(BOOTSTRAP, topics, total, args.partitions)
-    runs = []
-    for n in (1,) if args.skip_two else (1, 2):
-        print(f"{n} worker(s) ...", flush=True)
-        runs.append(await run_workers(f"{topics}-w{n}", topics, args.partitions, n, total, tmp))
-    print("restore ...", flush=True)
-    rs = await restore(f"{topics}-w1", topics, args.partitions, tmp)
-    print("latency ...", flush=True)
-    lat = await latency(
-        f"{topics}-lat", args.partitions, args.latency_rate, args.latency_seconds, tmp
+    parser.add_argument("--skip-two", action="store_true", help="no two-worker run")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: only the one-worker runs (skewed, uniform, hot, 4x) and the floors",
     )
+    parser.add_argument(
+        "--chunk-orders", type=int, default=CHUNK_ORDERS, help="orders per generated chunk"
+    )
+    args = parser.parse_args()
+    orders = args.orders or (QUICK_ORDERS if args.quick else DEFAULT_ORDERS)
+    b = Bench(args)
+    topics = b.prefix  # the default (skewed) dataset
+    total = await b.load(topics, orders, "zipf")
+    b.say("raw floor ...")
+    floor = await raw_floor(topics, total)
+    b.say(f"raw floor {round(floor)} events/s; pipeline floor ...")
+    pipe = await pipeline_floor(BOOTSTRAP, topics, total, args.partitions)
+    b.say(f"pipeline floor {pipe['events_per_s']} events/s")
+
+    runs = []
+    uniform_topics = f"{b.prefix}-uniform"
+    uniform_total = await b.load(uniform_topics, orders, "uniform")
+    runs.append(
+        await b.workers(
+            "uniform", f"{uniform_topics}-w1", uniform_topics, 1, orders, uniform_total, "uniform"
+        )
+    )
+    runs.append(await b.workers("skewed", f"{topics}-w1", topics, 1, orders, total, "zipf"))
+    if not (args.skip_two or args.quick):
+        runs.append(
+            await b.workers("skewed, 2 workers", f"{topics}-w2", topics, 2, orders, total, "zipf")
+        )
+    rs = None
+    if not args.quick:
+        b.say("restore ...")
+        rs = await restore(f"{topics}-w1", topics, args.partitions, b.tmp)
+    hot_topics = f"{b.prefix}-hot"
+    hot_total = await b.load(hot_topics, orders, "hot")
+    runs.append(await b.workers("hot", f"{hot_topics}-w1", hot_topics, 1, orders, hot_total, "hot"))
+    x4_topics = f"{b.prefix}-x4"
+    x4_total = await b.load(x4_topics, 4 * orders, "zipf")
+    runs.append(
+        await b.workers("skewed 4x", f"{x4_topics}-w1", x4_topics, 1, 4 * orders, x4_total, "zipf")
+    )
+    lat = None
+    if not args.quick:
+        b.say("latency ...")
+        lat = await latency(
+            f"{b.prefix}-lat", args.partitions, args.latency_rate, args.latency_seconds, b.tmp
+        )
     result = {
         "machine": machine(),
-        "orders": args.orders,
+        "orders": orders,
         "messages": total,
         "partitions": args.partitions,
         "command": "make bench BENCH_ARGS='" + " ".join(sys.argv[1:]) + "'",
+        "quick": args.quick,
         "raw_floor_events_per_s": round(floor),
         "pipeline_floor": pipe,
         "runs": runs,
         "restore": rs,
         "latency": lat,
+        "bench_seconds": round(time.perf_counter() - b.began),
     }
-    if len(runs) > 1:
-        result["scaling_ratio"] = runs[1]["events_per_s"] / runs[0]["events_per_s"]
+    two = [r for r in runs if r["workers"] == 2]
+    if two:
+        one = next(r for r in runs if r["label"] == "skewed")
+        result["scaling_ratio"] = two[0]["events_per_s"] / one["events_per_s"]
+    compare(result)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stamp}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{b.stamp}.json").write_text(json.dumps(result, indent=2))
     md = markdown(result)
-    (RESULTS / f"{stamp}.md").write_text(md + "\n")
+    (RESULTS / f"{b.stamp}.md").write_text(md + "\n")
     print(md)
 
 

@@ -3,15 +3,23 @@
 Re-sent copies (identical but for a later gmt_modified, some placed before the original),
 partial and full refunds, several days, totals that truncate to zero, and buyers whose day
 ends at or below zero. Same `seed`, same files.
+
+Buyers are drawn uniformly by default; `skew="zipf"` draws them by rank with weight
+1/rank^1.1 (a few buyers with thousands of orders, most with one or two), and `skew="hot"`
+gives a share `hot_share` of the orders to one buyer and draws the rest uniformly.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from bisect import bisect_right
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
+from itertools import accumulate
 from pathlib import Path
+from typing import Literal
 
 import orjson
 
@@ -25,6 +33,10 @@ TITLES = (
     "Émaillé pot — 2 L",
 )
 FMT = "%Y-%m-%d %H:%M:%S"
+FIRST_BUYER = 10_000_000
+ZIPF_EXPONENT = 1.1
+Skew = Literal["uniform", "zipf", "hot"]
+SKEWS: tuple[Skew, ...] = ("uniform", "zipf", "hot")
 
 
 @dataclass
@@ -34,14 +46,15 @@ class Dataset:
 
 
 def _ts(t: datetime) -> str:
-    return t.strftime(FMT)
+    # The same text as t.strftime(FMT) for whole seconds (every time here), and faster.
+    return t.isoformat(" ")
 
 
 def _copies(rng: random.Random, record: dict, share: float) -> list[dict]:
     """The record plus re-sent copies; a copy differs only in a later gmt_modified."""
     out = [record]
     if rng.random() < share:
-        base = datetime.strptime(record["gmt_modified"], FMT)
+        base = datetime.fromisoformat(record["gmt_modified"])  # as strptime(..., FMT)
         for k in range(rng.randint(1, 2)):
             copy = dict(record)
             copy["gmt_modified"] = _ts(base + timedelta(seconds=rng.randint(1, 600) * (k + 1)))
@@ -56,13 +69,59 @@ def _shuffle_nearby(rng: random.Random, items: list[dict], window: int = 50) -> 
     return [item for _, item in keyed]
 
 
-def generate(orders: int, seed: int = 7, buyers: int | None = None) -> Dataset:
+@lru_cache(maxsize=4)
+def _zipf_cumulative(n_buyers: int, exponent: float = ZIPF_EXPONENT) -> list[float]:
+    """Cumulative weights 1/rank^exponent over ranks 1..n_buyers."""
+    return list(accumulate(1.0 / rank**exponent for rank in range(1, n_buyers + 1)))
+
+
+def _buyer_picker(
+    rng: random.Random, skew: Skew, n_buyers: int, hot_share: float
+) -> Callable[[], str]:
+    """One buyer id per call, drawn with `rng` only (so the same seed, the same buyers).
+
+    Uniform makes exactly one `rng.randrange(n_buyers)` call per order, as always: the
+    uniform datasets stay what they were. Zipf: the buyer of rank r (from 0, the busiest
+    first) is FIRST_BUYER + r. Hot: the hot buyer is FIRST_BUYER + n_buyers, one more than
+    the uniform ones.
+    """
+    if skew == "uniform":
+        return lambda: str(FIRST_BUYER + rng.randrange(n_buyers))
+    if skew == "zipf":
+        cumulative = _zipf_cumulative(n_buyers)
+        total = cumulative[-1]
+        last = n_buyers - 1
+        return lambda: str(FIRST_BUYER + min(bisect_right(cumulative, rng.random() * total), last))
+    if skew == "hot":
+        hot = str(FIRST_BUYER + n_buyers)
+        return lambda: (
+            hot if rng.random() < hot_share else str(FIRST_BUYER + rng.randrange(n_buyers))
+        )
+    raise ValueError(f"skew must be one of {SKEWS}, not {skew!r}")
+
+
+def generate(
+    orders: int,
+    seed: int = 7,
+    buyers: int | None = None,
+    skew: Skew = "uniform",
+    hot_share: float = 0.3,
+) -> Dataset:
+    """`orders` orders (plus re-sent copies and refunds) over `buyers` buyers (orders // 4).
+
+    `skew` says how buyers are drawn: "uniform", "zipf" (weight 1/rank^1.1) or "hot"
+    (`hot_share` of the orders on one extra buyer, the rest uniform). The amounts, days,
+    copies and refunds are drawn the same way whatever the skew.
+    """
+    if not 0.0 <= hot_share <= 1.0:
+        raise ValueError(f"hot_share must be within [0, 1], not {hot_share}")
     rng = random.Random(seed)
     n_buyers = buyers or max(1, orders // 4)
+    pick_buyer = _buyer_picker(rng, skew, n_buyers, hot_share)
     order_rows: list[dict] = []
     refund_rows: list[dict] = []
     for i in range(orders):
-        buyer = str(10_000_000 + rng.randrange(n_buyers))
+        buyer = pick_buyer()
         day = rng.choice(DAYS)
         pay_time = day + timedelta(seconds=rng.randrange(86_400))
         created = pay_time - timedelta(seconds=rng.randint(0, 900))

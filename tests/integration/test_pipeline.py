@@ -208,3 +208,32 @@ async def test_empty_data_dir_restores_in_bulk_and_a_replay_counts_nothing_twice
     )
     assert duplicates == len(messages)
     assert equal
+
+
+async def test_hot_buyer_with_30_percent_of_100k_orders_equals_reference_sql(pipeline):
+    """One buyer with 30% of the orders over the three days, among ordinary buyers.
+
+    That buyer's kept records are far more than fit in one Kafka message (1 MiB): the state
+    must hold them some other way and still count every order once.
+    """
+    p = pipeline
+    await p.create_topics(orders=3, refunds=2)
+    data = generate(100_000, seed=13, skew="hot", hot_share=0.3)
+    hot = str(10_000_000 + 100_000 // 4)
+    hot_orders = len({o["biz_order_id"] for o in data.orders if o["buyer_id"] == hot})
+    assert 28_000 < hot_orders < 32_000
+    messages = [(p.orders_topic, None, orjson.dumps(o)) for o in data.orders]
+    messages += [(p.refunds_topic, None, orjson.dumps(r)) for r in data.refunds]
+    random.Random(17).shuffle(messages)
+    p.start_worker(0)
+    await p.produce(messages)
+    await p.wait_quiescent(timeout=300)
+    expected = reference.evaluate(data.orders, data.refunds)
+    assert {row[4] for row in expected if row[2] == int(hot)} == {20261111, 20261112, 20261113}
+    rows = await p.table_rows()
+    assert {r for r in rows if r[2] == int(hot)} == {r for r in expected if r[2] == int(hot)}
+    assert rows == expected
+    assert await p.dead_letters() == []
+    worker = p.workers[0]
+    assert await p.metric(worker, "coupon_messages_consumed_total") == len(messages)
+    assert await p.metric(worker, "coupon_dead_letters_total") == 0
