@@ -71,7 +71,14 @@ class CouponStream:
             datadir=str(s.data_dir),
             topic_partitions=s.partitions,
             web_port=s.web_port,
-            web_host="0.0.0.0",
+            web_bind=s.web_host,
+            web_host=s.web_host,
+            # The port serves operators: /metrics and /health only. Faust's views would show
+            # any buyer's kept orders (/table) and the assignment (/router) to anyone.
+            web_tables_enabled=False,
+            web_router_enabled=False,
+            web_graph_enabled=False,
+            web_stats_enabled=False,
             table_standby_replicas=s.standby_replicas,
             topic_replication_factor=s.replication_factor,
             broker_session_timeout=s.session_timeout,
@@ -131,7 +138,7 @@ class CouponStream:
             self.sink,
             commit=self.commit_partitions,
             acknowledge=self._acknowledge,
-            on_committed=self.stalls.committed,
+            stalls=self.stalls,
         )
         self.intake = Intake(s, self.out)
         self.state_agent = self.app.agent(self.by_buyer, name="state")(self._apply)
@@ -223,8 +230,17 @@ class CouponStream:
             await self.flush()
 
     async def flush(self) -> None:
-        """One checkpoint (see `checkpoint`)."""
-        await self.checkpointer.run()
+        """One checkpoint (see `checkpoint`); one that fails for good stops the worker.
+
+        It only raises for an error that no retry can fix, and carrying on would leave the
+        worker up but committing nothing.
+        """
+        try:
+            await self.checkpointer.run()
+        except Exception as exc:
+            log.critical("a checkpoint failed for good, stopping the worker: %r", exc)
+            await self.app.crash(exc)
+            raise
 
     async def _acknowledge(self, tokens: list[object], committed: bool) -> None:
         """Acknowledge the events of a checkpoint, or release them if it was not committed.
@@ -296,6 +312,8 @@ class CouponStream:
                     lag = behind(tp, consumer._committed_offset.get(tp) or 0)
                     if lag is not None:
                         by_buyer[tp.partition] = lag
+            if not self.sink.available and self.sink.last_error:
+                self.stalls.failed(None, self.sink.last_error)
             self.stalls.check(by_buyer)
             # A standby copy is as current as the last changelog offset Faust applied to it.
             recovery = app.tables.recovery
@@ -339,6 +357,7 @@ class CouponStream:
         async def assigned(app: faust.App, assigned: set, **kwargs: Any) -> None:
             mine = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned if tp.topic in watched)
             self.stalls.assigned(tp.partition for tp in assigned if tp.topic in watched)
+            metrics.REBALANCES.inc()
             log.info("assigned %d partitions: %s", len(mine), ", ".join(mine))
 
         @app.on_partitions_revoked.connect

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 from coupon_stream import metrics
 from coupon_stream.errors import Backoff, Fault, classify
+from coupon_stream.health import StallWatch
 from coupon_stream.kafka import DeadLetter, KafkaOut, row_dead_letter
 from coupon_stream.settings import STATE_FORMAT, Settings
 from coupon_stream.sink import ResultSink, RowKey
@@ -88,7 +89,7 @@ class Checkpointer:
         sink: ResultSink,
         commit: Callable[[Mapping[int, int]], Awaitable[bool]],
         acknowledge: Callable[[list[object], bool], Awaitable[None]],
-        on_committed: Callable[[int], None] = lambda partition: None,
+        stalls: StallWatch | None = None,
     ) -> None:
         self.settings = settings
         self.stage = stage
@@ -97,7 +98,7 @@ class Checkpointer:
         self.sink = sink
         self._commit = commit
         self._acknowledge = acknowledge
-        self._on_committed = on_committed
+        self.stalls = stalls or StallWatch(settings.stall_seconds)
         self._lock = asyncio.Lock()
 
     async def run(self) -> bool:
@@ -133,7 +134,7 @@ class Checkpointer:
                 self.stage.forget()
             else:
                 for partition in snap.pending.next_offset:
-                    self._on_committed(partition)
+                    self.stalls.committed(partition)
                 for cache, layer in zip(self.tables, snap.layers.values(), strict=True):
                     for partition, slots in layer.items():
                         cache.tombstones[partition] = {
@@ -273,6 +274,7 @@ class Checkpointer:
                 if not self._wanted(snap):
                     raise _GivenUp from exc
                 metrics.CHANGELOG_RETRIES.inc()
+                self.stalls.failed(partition, f"changelog {cache.changelog_topic}: {exc!r}")
                 delay = await backoff.sleep()
                 log.error(
                     "changelog %s[%d] append failed, sent again after %.1f s: %r",

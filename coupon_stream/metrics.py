@@ -49,6 +49,9 @@ CHECKPOINT_SECONDS = Histogram(
     "Time of one checkpoint: changelog, local RocksDB, MySQL and the offset commit",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+REBALANCES = Counter(
+    "coupon_rebalances_total", "Partition assignments this worker received (one per rebalance)"
+)
 PARTITION_STALLED = Gauge(
     "coupon_partition_stalled",
     "1 while an assigned partition has lag and committed nothing for COUPON_STALL_SECONDS",

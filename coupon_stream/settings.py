@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     )
     intake_batch: int = Field(5000, ge=1, description="max source messages per intake batch")
     web_port: int = 6066
+    web_host: str = Field(
+        "127.0.0.1",
+        description="address the web port binds to (the image sets 0.0.0.0 for its "
+        "HEALTHCHECK and Prometheus)",
+    )
     standby_replicas: int = Field(0, ge=0)
     session_timeout: float = Field(
         10.0, gt=0, description="seconds before the group drops a worker that stopped heartbeating"

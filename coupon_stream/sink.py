@@ -107,6 +107,7 @@ class ResultSink:
         self._upsert = self._make_upsert(url)(self.table)
         self._sql: _DriverSql | None = None
         self.available = False
+        self.last_error: str | None = None  # of the current outage, for the stall report
         self.max_backoff = 2.0
 
     @staticmethod
@@ -318,6 +319,7 @@ class ResultSink:
                         reason(exc)[:300],
                     )
                 self.available = False
+                self.last_error = f"database {self._safe_url}: {reason(exc)[:300]}"
                 metrics.SINK_AVAILABLE.set(0)
                 await backoff.sleep()
                 if what == "write" and failures % 5 == 0:

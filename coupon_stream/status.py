@@ -176,7 +176,7 @@ async def create_input_topics(settings: Settings, partitions: int) -> list[str]:
 
 
 async def create_internal_topics(settings: Settings) -> list[str]:
-    """The by-buyer topic and the tables' changelogs, as Faust would create them.
+    """The by-buyer topic, the tables' changelogs and the dead-letter topic.
 
     Created before Faust starts: when Faust creates them itself, its first partition
     assignment can run before the new topic is in the metadata ("Ignoring missing topic"),
@@ -187,6 +187,9 @@ async def create_internal_topics(settings: Settings) -> list[str]:
         settings,
         [
             NewTopic(settings.by_buyer_topic, p, rf),
+            # Created on first use it would cost an ERROR line ("not found in cluster
+            # metadata"), and on a broker with auto-creation off it would never exist.
+            NewTopic(settings.dlq_topic, 1, rf),
             *(
                 NewTopic(topic, p, rf, topic_configs=CHANGELOG_CONFIG)
                 for topic in settings.changelog_topics.values()

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from coupon_stream.dataset import generate
+from coupon_stream.settings import STATE_TABLES
 from tests import reference
 from tests.integration.harness import record, service
 from tests.integration.test_pipeline import BAD_ORDERS, BAD_REFUNDS
@@ -104,12 +105,12 @@ async def test_kill_9_with_standby_replicas(pipeline):
     workers = [p.start_worker(i) for i in range(2)]
     await p.produce(slices[0])
     await p.wait_quiescent(timeout=420)
-    # Each partition has one standby copy, on the worker that does not own it; the lag
-    # gauge shows each copy catching up to the changelog's end.
+    # Each partition of each table has one standby copy, on the worker that does not own
+    # it; the lag gauge shows each copy catching up to its changelog's end.
     began = time.monotonic()
     while True:
         lags = [await standby_lags(p, w) for w in workers]
-        if sum(len(w) for w in lags) == p.partitions and not any(
+        if sum(len(w) for w in lags) == p.partitions * len(STATE_TABLES) and not any(
             v for w in lags for v in w.values()
         ):
             break
@@ -274,3 +275,30 @@ async def test_property_bad_input_never_stops_the_worker(pipeline, data):
     applied = await p.metric(worker, "coupon_records_total")
     dead = await p.metric(worker, "coupon_dead_letters_total")
     assert consumed == len(messages) == applied + dead
+
+
+@pytest.mark.parametrize(
+    ("point", "same_data_dir"),
+    [("changelog-entries", False), ("changelog-entries", True), ("local", True), ("sink", False)],
+)
+async def test_sigkill_between_the_writes_of_one_checkpoint(pipeline, point, same_data_dir):
+    """The worker kills itself (COUPON_CRASH_POINT) after one write of a checkpoint and
+    before the next: e.g. the entries changelog has the checkpoint, the days changelog not.
+    Whoever takes over (a restart on the same RocksDB, or a worker restoring from the
+    changelogs) must neither lose nor double-count a record."""
+    p = pipeline
+    p.partitions = 4
+    data, bad, slices = await load(p, orders=20_000, in_parts=(2, 2), parts=2)
+    first = p.start_worker(0)
+    await p.produce(slices[0])
+    await p.wait_quiescent()
+    p.kill(first, signal.SIGTERM)
+    p.extra_env["COUPON_CRASH_POINT"] = point
+    crashing = p.start_worker(0)
+    await p.produce(slices[1])
+    code = await asyncio.to_thread(crashing.proc.wait, 120)
+    assert code == -signal.SIGKILL, crashing.tail()
+    assert f"COUPON_CRASH_POINT={point} reached" in crashing.tail(200)
+    del p.extra_env["COUPON_CRASH_POINT"]
+    p.start_worker(0 if same_data_dir else 1)
+    await check(p, data, bad, f"kill -9 at checkpoint point {point}", same_data_dir=same_data_dir)
