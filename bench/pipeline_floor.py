@@ -1,6 +1,6 @@
 """The service's Kafka data flow with no state: what this stack costs before any logic.
 
-One process does what a worker must do with every event whatever its logic (SPEC "Scaling":
+One process does what a worker must do with every event whatever its logic (docs/design.md, "Data flow":
 a buyer's records go to the worker owning the buyer, whatever key the producer used):
 
     source topics -> read_row -> route by buyer -> by-buyer topic -> read back

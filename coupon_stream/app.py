@@ -219,6 +219,12 @@ class CouponStream:
                     log.critical("%s", exc)
                     await self.app.crash(exc)
                     return
+                except Exception as exc:
+                    # Faust's supervisor would restart the agent for ever while the worker
+                    # looks healthy; a bug must stop the worker where an operator sees it.
+                    log.critical("the state agent failed, stopping the worker: %r", exc)
+                    await self.app.crash(exc)
+                    raise
                 if self.stage.pending.rows() >= self.settings.max_pending_rows:
                     await self.flush()  # backpressure: stop consuming until the sink catches up
         finally:
@@ -362,7 +368,7 @@ class CouponStream:
 
         @app.on_partitions_revoked.connect
         async def revoked(app: faust.App, revoked: set, **kwargs: Any) -> None:
-            await self._acknowledge(self.stage.forget(), False)
+            await self._acknowledge(await self.stage.forget(), False)
             self.stalls.revoked()
             metrics.CONSUMER_LAG.clear()
             log.info("revoked %d partitions", len(revoked))

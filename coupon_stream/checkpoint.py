@@ -131,7 +131,7 @@ class Checkpointer:
             await self._acknowledge(snap.pending.tokens, committed)
             if not committed:
                 # Not ours any more: whoever owns them next replays them.
-                self.stage.forget()
+                await self.stage.forget()
             else:
                 for partition in snap.pending.next_offset:
                     self.stalls.committed(partition)
@@ -164,7 +164,7 @@ class Checkpointer:
         )
         self._release(snap)
         await self._acknowledge(snap.pending.tokens, False)
-        self.stage.forget()
+        await self.stage.forget()
         return False
 
     async def _snapshot(self) -> _Snapshot:

@@ -1,7 +1,7 @@
 """Pure record logic for the intake step: parse, validate, key and truncate (no I/O).
 
-SPEC.md "Input" and "Bad input" define what is valid; everything here is a function of the
-message bytes and its source topic, so it is tested on its own.
+docs/semantics.md ("Input", "Bad input") defines what is valid; everything here is a
+function of the message bytes and its source topic, so it is tested on its own.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ class WriteResult:
 
 
 def result_table(name: str, metadata: MetaData | None = None) -> Table:
-    """The seed's `tddl_output` (SPEC step 4)."""
+    """The seed's `tddl_output` (docs/semantics.md, step 4)."""
     return Table(
         name,
         metadata or MetaData(),

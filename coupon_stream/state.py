@@ -120,7 +120,7 @@ def generated_before(new_modified: str | None, old_modified: str | None) -> bool
     """True if a copy modified at `new_modified` was generated strictly before the kept one.
 
     A null gmt_modified sorts after every timestamp, so the copy SQL's MIN picks wins;
-    ties keep the copy that arrived first (SPEC step 2).
+    ties keep the copy that arrived first (docs/semantics.md, step 2).
     """
     if new_modified is None:
         return False
@@ -179,7 +179,9 @@ def _fits(total: int) -> bool:
 
 
 def apply_row(view: StateView, row: Row) -> Applied:
-    """Dedup one record against its kept copy and move the day sums with it (SPEC 2 and 3).
+    """Dedup one record against its kept copy and move the day sums with it.
+
+    docs/semantics.md, steps 2 and 3.
 
     Every record, duplicates included, touches its day: if a crash came between the state
     write and the MySQL write, the replay of that record re-sends the current row.

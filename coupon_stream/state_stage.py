@@ -299,21 +299,23 @@ class StateStage:
         )
         return skipped
 
-    def forget(self) -> list[object]:
+    async def forget(self) -> list[object]:
         """After a rebalance: drop unwritten changes, start new sessions; return the tokens.
 
         The dropped messages were not committed, so whoever owns each partition next (maybe
-        this worker again) applies them again from the committed offset.
+        this worker again) applies them again from the committed offset. Under the apply
+        lock, so that no message is half applied to caches that are being dropped.
         """
-        tokens = self.pending.tokens
-        self.pending = Pending()
-        self.entries.drop()
-        self.days.drop()
-        self.sessions.clear()
-        self._next_to_apply.clear()
-        self._last_applied.clear()
-        self._assigned_at = time.monotonic()
-        return tokens
+        async with self.apply_lock:
+            tokens = self.pending.tokens
+            self.pending = Pending()
+            self.entries.drop()
+            self.days.drop()
+            self.sessions.clear()
+            self._next_to_apply.clear()
+            self._last_applied.clear()
+            self._assigned_at = time.monotonic()
+            return tokens
 
     # -- applying one message ---------------------------------------------------------------
 

@@ -224,7 +224,7 @@ valid_or_bad = st.one_of(
 
 
 def invalid_by_construction(field, value) -> bool:
-    """Decided from the SPEC's rules, independently of the service's parser."""
+    """Decided from the rules of docs/semantics.md, independently of the service's parser."""
     if value is None or isinstance(value, bool | list):
         return True
     if field in ("biz_order_id", "pay_status"):

@@ -319,7 +319,7 @@ async def test_after_a_rebalance_the_first_message_must_be_the_committed_one(str
         await stream.stage.add(log[(1, offset)], 1, offset, f"a{offset}")
         if offset == 1:
             await stream.flush()  # commits 2
-    stream.stage.forget()  # rebalance before the next checkpoint
+    await stream.stage.forget()  # rebalance before the next checkpoint
     await stream.stage.add(log[(1, 4)], 1, 4, "b4", committed=2)  # 2 and 3 not delivered
     assert stream.reader.reads[-1] == (1, 2, 4)
     await stream.stage.add(log[(1, 5)], 1, 5, "b5", committed=2)

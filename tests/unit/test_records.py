@@ -117,3 +117,12 @@ def test_partition_for_buyer_is_stable_and_in_range():
     parts = {partition_for_buyer(b, 8) for b in range(1000)}
     assert parts == set(range(8))
     assert partition_for_buyer(123456789, 8) == partition_for_buyer(123456789, 8)
+
+
+def test_partition_for_buyer_golden_values():
+    """Changing this function silently moves every buyer away from its state."""
+    from coupon_stream.records import partition_for_buyer
+
+    buyers = (0, 1, 7, 10_000_000, -5, 2**63 - 1)
+    assert [partition_for_buyer(b, 8) for b in buyers] == [1, 7, 2, 5, 3, 6]
+    assert [partition_for_buyer(b, 6) for b in buyers] == [5, 5, 0, 1, 1, 4]

@@ -142,7 +142,7 @@ def test_generated_before_prefers_earlier_and_non_null():
 
 
 def spec_oracle(rows):
-    """SPEC steps 2-4 by brute force over rows in arrival order."""
+    """docs/semantics.md steps 2-4 by brute force over rows in arrival order."""
     kept = {}
     for row in rows:
         key = (row[0], row[1], row[2])
