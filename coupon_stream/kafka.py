@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from coupon_stream import metrics
 from coupon_stream.errors import is_too_large
@@ -213,6 +214,7 @@ class PartitionReader:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._consumer: AIOKafkaConsumer | None = None
+        self._admin: AIOKafkaAdminClient | None = None
         self._starting = asyncio.Lock()
 
     async def start(self) -> AIOKafkaConsumer:
@@ -276,7 +278,22 @@ class PartitionReader:
             records += [(r.offset, r.value, r.timestamp) for r in batch]
         return records
 
+    async def committed(self, group: str, topic: str, partition: int) -> int | None:
+        """The offset `group` has committed for a partition, from the broker itself."""
+        admin = self._admin
+        if admin is None:
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.bootstrap_servers)
+            await admin.start()
+            self._admin = admin
+        tp = TopicPartition(topic, partition)
+        offsets = await admin.list_consumer_group_offsets(group, partitions=[tp])
+        meta = offsets.get(tp)
+        return None if meta is None or meta.offset < 0 else meta.offset
+
     async def stop(self) -> None:
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
+        if self._admin is not None:
+            await self._admin.close()
+            self._admin = None

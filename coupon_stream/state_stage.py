@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from coupon_stream import metrics
+from coupon_stream.errors import Backoff, Fault, classify
 from coupon_stream.kafka import DeadLetter, KafkaOut, PartitionReader
 from coupon_stream.records import Row, decode_rows, encode_rows
 from coupon_stream.settings import STATE_FORMAT, Settings
@@ -229,11 +230,10 @@ class StateStage:
         arrives past that first reads the ones in between back from Kafka and applies them.
         """
         async with self.apply_lock:
-            expected = self._expected(partition, committed)
+            expected = await self._expected(partition, committed)
             if offset < expected:  # applied and committed already (a redelivery)
                 self.pending.tokens.append(token)
                 return
-            self._session(partition, expected)
             for o, value, ts in await self._read(partition, expected, offset):
                 await self.apply(value, partition, o, ts)
             await self.apply(raw, partition, offset, received_ms)
@@ -252,14 +252,13 @@ class StateStage:
             quiet = time.monotonic() - self._last_applied.get(partition, self._assigned_at)
             if quiet < QUIET_SECONDS or self.pending.rows() >= self.settings.max_pending_rows:
                 return
-            expected = self._expected(partition, committed)
+            expected = await self._expected(partition, committed)
             if end <= expected:
                 return
             assignment = self.assignment()
             values = await self._read(partition, expected, end, f"in {quiet:.0f} s, at its end")
             if assignment is None or self.assignment() != assignment:
                 return  # a rebalance began meanwhile: the partition may be gone
-            self._session(partition, expected)
             for o, value, ts in values:
                 await self.apply(value, partition, o, ts)
             self._applied(partition, end, ReadBack(partition, end))
@@ -270,14 +269,62 @@ class StateStage:
         self.pending.next_offset[partition] = next_offset
         self.pending.tokens.append(token)
 
-    def _expected(self, partition: int, committed: int | None) -> int:
-        """The next offset to apply (see `add`)."""
+    async def _expected(self, partition: int, committed: int | None) -> int:
+        """The next offset to apply (see `add`); the first one begins a session."""
         expected = self._next_to_apply.get(partition)
         if expected is None:
-            # Nothing committed means the group starts at the log's beginning.
-            (mark,) = self.days.store.get_many(partition, [NEXT_OFFSET_KEY])
-            expected = min(int(mark or 0), committed or 0)
+            expected = await self._begin(partition, committed)
         return expected
+
+    async def _begin(self, partition: int, committed: int | None) -> int:
+        """Begin this worker's session of a partition at the committed offset.
+
+        The session's start must be the offset the group has really committed: reading
+        back from an earlier one would roll back values of committed checkpoints
+        (`Record.as_of`). So it comes from the broker, not from the consumer's view.
+        """
+        mark, fmt = self.days.store.get_many(partition, [NEXT_OFFSET_KEY, FORMAT_KEY])
+        if fmt is not None and int(fmt) != STATE_FORMAT:
+            raise StateFormatError(
+                f"partition {partition} of the state holds format {int(fmt)}; this version "
+                f"keeps format {STATE_FORMAT}. Start a new COUPON_APP_ID with an empty "
+                "COUPON_DATA_DIR and replay the input (docs/design.md, 'Migrating state')"
+            )
+        s = self.settings
+        backoff = Backoff()
+        while True:
+            try:
+                broker = await self.reader.committed(s.app_id, s.by_buyer_topic, partition)
+                break
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if classify(exc) is Fault.PERMANENT:
+                    raise
+                log.warning("committed offset of partition %d not read, again: %r", partition, exc)
+                await backoff.sleep()
+        if (broker or 0) != (committed or 0):
+            log.warning(
+                "%s[%d]: the consumer's committed offset %s is not the group's %s; "
+                "starting from the group's",
+                s.by_buyer_topic,
+                partition,
+                committed,
+                broker,
+            )
+        # Nothing committed: the group starts at the log's beginning. A mark below the
+        # committed offset means an offset was committed past messages never applied.
+        start = min(int(mark or 0), broker or 0)
+        log.info(
+            "%s[%d]: session begins at %d (group committed %s, consumer %s, state mark %s)",
+            s.by_buyer_topic,
+            partition,
+            start,
+            broker,
+            committed,
+            None if mark is None else int(mark),
+        )
+        self.sessions[partition] = Session(int.from_bytes(os.urandom(7), "big"), start)
+        self._next_to_apply[partition] = start
+        return start
 
     async def _read(
         self, partition: int, start: int, end: int, when: str = "before a later one"
@@ -348,19 +395,6 @@ class StateStage:
         for outcome, n in outcomes.items():
             if n:
                 metrics.RECORDS.labels(outcome.value).inc(n)
-
-    def _session(self, partition: int, start: int) -> None:
-        """Begin this worker's session of a partition at the next offset to apply."""
-        if partition in self.sessions:
-            return
-        (fmt,) = self.days.store.get_many(partition, [FORMAT_KEY])
-        if fmt is not None and int(fmt) != STATE_FORMAT:
-            raise StateFormatError(
-                f"partition {partition} of the state holds format {int(fmt)}; this version "
-                f"keeps format {STATE_FORMAT}. Start a new COUPON_APP_ID with an empty "
-                "COUPON_DATA_DIR and replay the input (README, 'Migrating state')"
-            )
-        self.sessions[partition] = Session(int.from_bytes(os.urandom(7), "big"), start)
 
     async def _dead_letter(
         self, row: Row, partition: int, offset: int, reason: str, kind: str

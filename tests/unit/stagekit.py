@@ -87,6 +87,9 @@ class LogReader:
     async def read(self, topic, partition, start, end):
         return [(o, self.world.log[o], self.world.received_ms) for o in range(start, end)]
 
+    async def committed(self, group, topic, partition):
+        return self.world.committed or None
+
 
 @dataclass
 class Worker:

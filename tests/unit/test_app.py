@@ -119,6 +119,10 @@ class LogReader:
     def __init__(self):
         self.log: dict[tuple[int, int], bytes] = {}
         self.reads: list[tuple[int, int, int]] = []
+        self.group_offsets: dict[int, int] = {}  # what the broker says the group committed
+
+    async def committed(self, group, topic, partition):
+        return self.group_offsets.get(partition)
 
     async def read(self, topic, partition, start, end):
         self.reads.append((partition, start, end))
@@ -148,6 +152,7 @@ def make_stream(tmp_path, **settings):
     async def commit(offsets):
         for tp, offset in offsets.items():
             cs.committed[(tp.topic, tp.partition)] = offset
+            cs.reader.group_offsets[tp.partition] = offset
         return True
 
     cs.commit = commit
@@ -424,3 +429,18 @@ async def test_readiness_reports_a_stalled_partition(stream):
     stream.stalls.check({0: 5})
     status = await stream.readiness()
     assert status["stalled_partitions"] == [0] and not status["ready"]
+
+
+async def test_a_session_starts_at_the_offset_the_group_committed_not_the_consumers_view(stream):
+    """Reading back from before the committed offset would roll committed values back."""
+    log = stream.reader.log
+    for offset in range(4):
+        log[(1, offset)] = batch(row(f"o{offset}", 1, "2026-11-11 00:00:01", buyer=4))
+    await stream.stage.add(log[(1, 0)], 1, 0, "a0")
+    await stream.stage.add(log[(1, 1)], 1, 1, "a1")
+    await stream.flush()  # commits 2
+    await stream.stage.forget()  # a restart: the consumer's view is not loaded yet
+    await stream.stage.add(log[(1, 3)], 1, 3, "b3", committed=None)
+    assert stream.reader.reads[-1] == (1, 2, 3)  # from the group's 2, not from 0
+    await stream.flush()
+    assert stream.sink.table[(4, 20261111)].cumulate_amount == 4
