@@ -6,7 +6,7 @@ a buyer's records go to the worker owning the buyer, whatever key the producer u
     source topics -> read_row -> route by buyer -> by-buyer topic -> read back
         -> one changelog record per row
 
-with the service's own functions (`read_row`, `route`, `encode_rows`, `KafkaOut`), and
+with the service's own functions (`read_row`, `route`, `split_rows`, `KafkaOut`), and
 neither RocksDB, nor dedup, nor MySQL. Its CPU per event bounds from below what any worker
 of this design in Python with aiokafka can spend; `make bench` reports it next to the raw
 floor. Usage: python -m bench.pipeline_floor TOPICS_PREFIX MESSAGES
@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import NewTopic
 
 from coupon_stream import status
-from coupon_stream.intake import encode_rows, route
+from coupon_stream.intake import route, split_rows
 from coupon_stream.kafka import KafkaOut
 from coupon_stream.records import Source
 from coupon_stream.settings import Settings
@@ -80,7 +80,7 @@ async def pipeline_floor(bootstrap: str, topics: str, total: int, partitions: in
             sends = [
                 await out.send(s.by_buyer_topic, value, partition=p)
                 for p, rows in routed.by_partition.items()
-                for value in encode_rows(rows)
+                for value in split_rows(rows)
             ]
             await asyncio.gather(*sends)
             sent_rows += sum(len(rows) for rows in routed.by_partition.values())

@@ -40,6 +40,8 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
+import orjson
+
 from coupon_stream import metrics
 from coupon_stream.errors import Backoff, Fault, classify
 from coupon_stream.health import StallWatch
@@ -52,7 +54,6 @@ from coupon_stream.state import (
     MAX_MODIFIED,
     MIN_CREATED,
     NEXT_OFFSET_KEY,
-    Record,
     ResultRow,
     buyer_prefix,
     day_key,
@@ -183,21 +184,24 @@ class Checkpointer:
         days = snap.layers[self.stage.days.name]
         for partition, stale in snap.pending.stale.items():
             slots = days.get(partition, {})
-            for key in stale:
+            stale_days = {
+                key: parse_day_key(key) for key in stale if slots[key][1] is not None
+            }
+            by_buyer = self.stage.entries.with_prefixes(
+                partition,
+                snap.sessions[partition],
+                {buyer_prefix(buyer) for buyer, _ in stale_days.values()},
+            )
+            for key, (buyer, effect_time) in stale_days.items():
                 day = slots[key][1]
-                if day is None:
-                    continue
-                buyer, effect_time = parse_day_key(key)
                 kept = [
                     e
-                    for _, e in self.stage.entries.items(
-                        partition, snap.sessions[partition], buyer_prefix(buyer), dirty=False
-                    )
+                    for e in by_buyer[buyer_prefix(buyer)].values()
                     if e is not None and e[DAY] == effect_time
                 ]
                 created, modified = extrema(kept)
                 slots[key][1] = [*day[:MIN_CREATED], created, modified, *day[MAX_MODIFIED + 1 :]]
-            metrics.STATE_EXTREMA_RECOMPUTED.inc(len(stale))
+            metrics.STATE_EXTREMA_RECOMPUTED.inc(len(stale_days))
         rows: dict[RowKey, ResultRow | None] = {}
         for partition, touched in snap.pending.touched.items():
             slots = days.get(partition, {})
@@ -224,7 +228,7 @@ class Checkpointer:
                         continue
                     if session is None or end is None:
                         raise RuntimeError(f"{cache.name}[{partition}] changed outside a session")
-                    out[key] = Record(session.sid, end, current, base).encode()
+                    out[key] = orjson.dumps((session.sid, end, current, base))  # a Record
                 if out:
                     per_partition[partition] = out
                     metrics.STATE_WRITES.labels(cache.name).inc(len(out))

@@ -107,29 +107,41 @@ class TableCache:
                 missing.append(key)
         if missing:
             for key, raw in zip(missing, self.store.get_many(partition, missing), strict=True):
-                value = None if raw is None else Record.decode(raw).as_of(*_as_of(session))
+                value = None if raw is None else Record.read(raw, *_as_of(session))
                 dirty[key] = [value, value]
         return dirty
 
-    def items(
-        self, partition: int, session: Session, prefix: bytes = b"", dirty: bool = True
-    ) -> Iterator[Any]:
-        """(key, current value) of every key of the partition starting with `prefix`.
-
-        Without `dirty`: as of the checkpoint being written (the stored values under it).
-        """
-        layers = [self.flushing.get(partition, {})]
-        if dirty:
-            layers.append(self.dirty.get(partition, {}))
+    def items(self, partition: int, session: Session) -> Iterator[Any]:
+        """(key, current value) of every key of the partition, unwritten changes included."""
+        layers = [self.flushing.get(partition, {}), self.dirty.get(partition, {})]
         seen: set[bytes] = set()
         for layer in reversed(layers):
             for key, slot in layer.items():
-                if key.startswith(prefix) and key not in seen:
+                if key not in seen:
                     seen.add(key)
                     yield key, slot[1]
-        for key, raw in self.store.items(partition, prefix):
+        for key, raw in self.store.items(partition):
             if key not in seen and key not in META_KEYS:
-                yield key, Record.decode(raw).as_of(*_as_of(session))
+                yield key, Record.read(raw, *_as_of(session))
+
+    def with_prefixes(
+        self, partition: int, session: Session, prefixes: Iterable[bytes]
+    ) -> dict[bytes, dict[bytes, Any]]:
+        """Per prefix, the keys starting with it and their values as of the checkpoint being
+        written (the stored values under its flushing layer): one pass over the layer, one
+        RocksDB prefix scan per prefix."""
+        found: dict[bytes, dict[bytes, Any]] = {p: {} for p in prefixes}
+        if not found:
+            return found
+        size = len(next(iter(found)))
+        for prefix, values in found.items():
+            for key, raw in self.store.items(partition, prefix):
+                values[key] = Record.read(raw, *_as_of(session))
+        for key, slot in self.flushing.get(partition, {}).items():
+            values = found.get(key[:size])
+            if values is not None:
+                values[key] = slot[1]
+        return found
 
     def drop(self) -> None:
         """Forget unwritten changes (a rebalance: the partitions' next owner replays them)."""

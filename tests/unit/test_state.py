@@ -280,3 +280,9 @@ def test_reference_truncates_per_record_before_summing():
         {**base, "biz_order_id": "o9", "pay_status": "4", "refund_fee": 12500.0},
     ]
     assert reference.evaluate(orders, refunds) == {(None, None, 1, 1 + 1 - 123 + 125, 20261111)}
+
+
+def test_the_fast_read_of_a_record_is_as_of():
+    for rec in (Record(1, 10, ["n"], ["o"]), Record(2, 3, None, ["o"])):
+        for committed, session in ((10, 2), (4, 2), (4, 1), (2, 5)):
+            assert Record.read(rec.encode(), committed, session) == rec.as_of(committed, session)
