@@ -1,7 +1,8 @@
 """The service's Kafka data flow with no state: what this stack costs before any logic.
 
-One process does what a worker must do with every event whatever its logic (docs/design.md, "Data flow":
-a buyer's records go to the worker owning the buyer, whatever key the producer used):
+One process does what a worker must do with every event whatever its logic
+(docs/design.md, "Data flow": a buyer's records go to the worker owning the buyer,
+whatever key the producer used):
 
     source topics -> read_row -> route by buyer -> by-buyer topic -> read back
         -> one changelog record per row
@@ -22,11 +23,11 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import NewTopic
 
-from coupon_stream import status
-from coupon_stream.intake import route, split_rows
-from coupon_stream.kafka import KafkaOut
-from coupon_stream.records import Source
-from coupon_stream.settings import Settings
+from coupon_stream.connectors.kafka import KafkaOut
+from coupon_stream.core.records import Source
+from coupon_stream.ops import status
+from coupon_stream.ops.settings import Settings
+from coupon_stream.pipeline.intake import route, split_rows
 
 # The service's mean changelog value (a buyer's kept records) on the bench dataset, bytes.
 CHANGELOG_VALUE = b"x" * 360

@@ -25,18 +25,19 @@ from aiokafka.errors import ConsumerStoppedError, KafkaError
 from faust.types import TP, EventT
 from prometheus_client import generate_latest
 
-from coupon_stream import metrics, restore
-from coupon_stream.checkpoint import Checkpointer
-from coupon_stream.errors import Backoff, Fault, classify
-from coupon_stream.health import StallWatch
-from coupon_stream.intake import Intake
-from coupon_stream.kafka import KafkaOut, PartitionReader
-from coupon_stream.logs import Worker, logging_config
-from coupon_stream.restore import ChangelogReader
-from coupon_stream.settings import STATE_TABLES, Settings
-from coupon_stream.sink import ResultSink
-from coupon_stream.state_stage import StateFormatError, StateStage, TableCache
-from coupon_stream.store import MemoryStore, PartitionStore, RocksStore
+from coupon_stream.connectors import restore
+from coupon_stream.connectors.kafka import KafkaOut, PartitionReader
+from coupon_stream.connectors.restore import ChangelogReader
+from coupon_stream.connectors.store import MemoryStore, PartitionStore, RocksStore
+from coupon_stream.core.errors import Backoff, Fault, classify
+from coupon_stream.ops import metrics
+from coupon_stream.ops.health import StallWatch
+from coupon_stream.ops.logs import Worker, logging_config
+from coupon_stream.ops.settings import STATE_TABLES, Settings
+from coupon_stream.pipeline.checkpoint import Checkpointer
+from coupon_stream.pipeline.intake import Intake
+from coupon_stream.pipeline.sink import ResultSink
+from coupon_stream.pipeline.state_stage import StateFormatError, StateStage, TableCache
 
 log = logging.getLogger(__name__)
 

@@ -13,13 +13,13 @@ import asyncio
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from coupon_stream.checkpoint import Checkpointer
-from coupon_stream.records import Row, encode_rows
-from coupon_stream.settings import STATE_TABLES, Settings
-from coupon_stream.sink import WriteResult
-from coupon_stream.state import ResultRow
-from coupon_stream.state_stage import StateStage, TableCache
-from coupon_stream.store import MemoryStore
+from coupon_stream.connectors.store import MemoryStore
+from coupon_stream.core.records import Row, encode_rows
+from coupon_stream.core.state import ResultRow
+from coupon_stream.ops.settings import STATE_TABLES, Settings
+from coupon_stream.pipeline.checkpoint import Checkpointer
+from coupon_stream.pipeline.sink import WriteResult
+from coupon_stream.pipeline.state_stage import StateStage, TableCache
 
 
 class Crash(BaseException):

@@ -12,18 +12,19 @@ import pytest
 from aiokafka.errors import ConsumerStoppedError, KafkaTimeoutError
 from faust.types import TP
 
-from coupon_stream import metrics, state_stage
 from coupon_stream.app import CouponStream
-from coupon_stream.records import decode_rows, encode_rows
-from coupon_stream.settings import STATE_TABLES, Settings
-from coupon_stream.sink import WriteResult
-from coupon_stream.state import (
+from coupon_stream.core.records import decode_rows, encode_rows
+from coupon_stream.core.state import (
     NEXT_OFFSET_KEY,
     Record,
     ResultRow,
     day_key,
     entry_key,
 )
+from coupon_stream.ops import metrics
+from coupon_stream.ops.settings import STATE_TABLES, Settings
+from coupon_stream.pipeline import state_stage
+from coupon_stream.pipeline.sink import WriteResult
 
 
 class RecordingSink:
@@ -247,9 +248,10 @@ async def test_a_future_date_under_retention_is_dead_lettered_not_a_watermark(tm
     assert cs.sink.table[(5, 20261107)].cumulate_amount == 5
     assert cs.sink.table[(5, 20261108)].cumulate_amount == 7
     (dead,) = [kw for topic, kw in cs.out.sent if topic == "dlq"]
-    assert b"more than 1 day(s) after the record was received" in dict(dead["headers"])[
-        "coupon.error.reason"
-    ]
+    assert (
+        b"more than 1 day(s) after the record was received"
+        in dict(dead["headers"])["coupon.error.reason"]
+    )
     assert stored(cs, "days", b"~watermark") == 20261108
 
 

@@ -10,8 +10,8 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coupon_stream import records as records_module
-from coupon_stream.records import BadRecord, Source, parse_record, read_row, row_of
+from coupon_stream.core import records as records_module
+from coupon_stream.core.records import BadRecord, Source, parse_record, read_row, row_of
 
 FIELDS = (
     "biz_order_id",

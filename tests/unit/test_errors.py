@@ -11,7 +11,7 @@ from aiokafka import errors as kafka
 from asyncmy import errors as asyncmy
 from sqlalchemy import exc as sa
 
-from coupon_stream.errors import Backoff, Fault, classify, is_deadlock, is_too_large, reason
+from coupon_stream.core.errors import Backoff, Fault, classify, is_deadlock, is_too_large, reason
 
 
 def mysql(code: int, message: str, cls: type = asyncmy.OperationalError) -> sa.DBAPIError:

@@ -14,24 +14,24 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import MessageSizeTooLargeError, TopicAuthorizationFailedError
 
-from coupon_stream import metrics
-from coupon_stream.intake import (
-    MAX_MESSAGE_BYTES,
-    MAX_RECORD_BYTES,
-    Intake,
-    route,
-    split_rows,
-)
-from coupon_stream.kafka import (
+from coupon_stream.connectors.kafka import (
     HEADER_VALUE_TRUNCATED,
     TRUNCATED_VALUE_BYTES,
     DeadLetter,
     KafkaOut,
     row_dead_letter,
 )
-from coupon_stream.records import Source, decode_rows, partition_for_buyer
-from coupon_stream.settings import Settings
-from coupon_stream.state import ResultRow
+from coupon_stream.core.records import Source, decode_rows, partition_for_buyer
+from coupon_stream.core.state import ResultRow
+from coupon_stream.ops import metrics
+from coupon_stream.ops.settings import Settings
+from coupon_stream.pipeline.intake import (
+    MAX_MESSAGE_BYTES,
+    MAX_RECORD_BYTES,
+    Intake,
+    route,
+    split_rows,
+)
 
 
 class Record:

@@ -3,7 +3,7 @@ import math
 import orjson
 import pytest
 
-from coupon_stream.records import (
+from coupon_stream.core.records import (
     BadRecord,
     Source,
     parse_record,
@@ -121,7 +121,7 @@ def test_partition_for_buyer_is_stable_and_in_range():
 
 def test_partition_for_buyer_golden_values():
     """Changing this function silently moves every buyer away from its state."""
-    from coupon_stream.records import partition_for_buyer
+    from coupon_stream.core.records import partition_for_buyer
 
     buyers = (0, 1, 7, 10_000_000, -5, 2**63 - 1)
     assert [partition_for_buyer(b, 8) for b in buyers] == [1, 7, 2, 5, 3, 6]

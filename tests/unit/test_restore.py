@@ -6,8 +6,8 @@ from typing import NamedTuple
 
 import pytest
 
-from coupon_stream.restore import catch_up
-from coupon_stream.store import MemoryStore
+from coupon_stream.connectors.restore import catch_up
+from coupon_stream.connectors.store import MemoryStore
 
 TOPIC = "app-buyers-changelog"
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from coupon_stream.settings import Settings
+from coupon_stream.ops.settings import Settings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -38,7 +38,7 @@ def test_invalid_values_are_clear_errors(monkeypatch):
 def test_every_metric_is_documented_in_the_readme():
     from prometheus_client.metrics import MetricWrapperBase
 
-    from coupon_stream import metrics
+    from coupon_stream.ops import metrics
 
     exported = {
         m._name + ("_total" if m._type == "counter" else "")

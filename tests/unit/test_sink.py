@@ -10,9 +10,9 @@ import pytest
 import sqlalchemy
 from sqlalchemy.exc import OperationalError
 
-from coupon_stream import metrics
-from coupon_stream.sink import ResultSink, WriteResult
-from coupon_stream.state import ResultRow
+from coupon_stream.core.state import ResultRow
+from coupon_stream.ops import metrics
+from coupon_stream.pipeline.sink import ResultSink, WriteResult
 
 
 @pytest.mark.asyncio
@@ -81,7 +81,7 @@ async def test_a_deadlock_is_run_again_without_calling_the_database_down(
     sink._write_once = deadlock_once  # type: ignore[method-assign]
     try:
         row = ResultRow("c", "m", 1, 10, 20261111)
-        with caplog.at_level("WARNING", logger="coupon_stream.sink"):
+        with caplog.at_level("WARNING", logger="coupon_stream.pipeline.sink"):
             assert (await sink.write({(1, 20261111): row})).written
         assert await sink.fetch_all() == [tuple(row)]
         assert sink.available
@@ -119,7 +119,7 @@ async def test_a_row_refused_as_data_is_set_aside_and_the_rest_of_its_batch_writ
         rows = {(b, 20261111): ResultRow("c", "m", b, b * 10, 20261111) for b in range(1, 6)}
         rows[(3, 20261111)] = ResultRow("c", "m", 3, 5_000_000, 20261111)  # refused
         rows[(9, 20261111)] = None  # a delete in the same batch
-        with caplog.at_level("ERROR", logger="coupon_stream.sink"):
+        with caplog.at_level("ERROR", logger="coupon_stream.pipeline.sink"):
             result = await asyncio.wait_for(sink.write(rows), 10)
         assert result.written
         ((key, row, why),) = result.rejected

@@ -5,9 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coupon_stream.dataset import generate, jsonl
-from coupon_stream.records import INT64_MAX, Source, read_row
-from coupon_stream.state import (
+from coupon_stream.core.records import INT64_MAX, Source, read_row
+from coupon_stream.core.state import (
     Outcome,
     Record,
     ResultRow,
@@ -20,6 +19,7 @@ from coupon_stream.state import (
     parse_day_key,
     retention_cutoff,
 )
+from coupon_stream.ops.dataset import generate, jsonl
 from tests import reference
 from tests.unit.stagekit import Crash, World
 
@@ -247,7 +247,7 @@ async def test_a_hot_buyer_costs_one_entry_and_one_day_per_record():
 
 
 async def test_an_old_format_partition_is_refused(tmp_path):
-    from coupon_stream.state_stage import StateFormatError
+    from coupon_stream.pipeline.state_stage import StateFormatError
 
     world = World()
     world.append([r()])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from rocksdict import Options, Rdict
 
-from coupon_stream.state import buyer_prefix, entry_key
-from coupon_stream.store import RocksStore
+from coupon_stream.connectors.store import RocksStore
+from coupon_stream.core.state import buyer_prefix, entry_key
 
 
 class FaustLikeStore:

@@ -24,10 +24,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.schema import CreateTable
 
-from coupon_stream import metrics
-from coupon_stream.errors import Backoff, Fault, classify, is_deadlock, reason
-from coupon_stream.records import MAX_TIMESTAMP_CHARS
-from coupon_stream.state import ResultRow
+from coupon_stream.core.errors import Backoff, Fault, classify, is_deadlock, reason
+from coupon_stream.core.records import MAX_TIMESTAMP_CHARS
+from coupon_stream.core.state import ResultRow
+from coupon_stream.ops import metrics
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ class ResultSink:
     ) -> bool:
         """Run `fn` until it works (True), or until `wanted()` is false before a retry.
 
-        Transient errors (see `coupon_stream.errors`) are retried with backoff; a permanent
+        Transient errors (see `coupon_stream.core.errors`) are retried with backoff; a permanent
         one raises `_Refused` at once, since running the same statement again cannot help.
         """
         backoff = Backoff(0.1, self.max_backoff)

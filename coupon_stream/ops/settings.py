@@ -9,7 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
 # The state tables, both partitioned by buyer: kept copy per (buyer, order, pay_status) and
-# running sums per (buyer, day). See coupon_stream.state.
+# running sums per (buyer, day). See coupon_stream.core.state.
 STATE_TABLES = ("entries", "days")
 STATE_FORMAT = 2
 
@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     crash_point: str = Field(
         "",
         description="fault tests only: SIGKILL the worker at this point of a checkpoint "
-        "(see coupon_stream.checkpoint.CRASH_POINTS); empty = never",
+        "(see coupon_stream.pipeline.checkpoint.CRASH_POINTS); empty = never",
     )
     rocksdb_write_buffer_mb: int = Field(
         16, ge=1, description="RocksDB memtable per table partition, MiB (up to 3 are kept)"

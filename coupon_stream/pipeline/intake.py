@@ -23,11 +23,18 @@ from typing import Any, Protocol
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from coupon_stream import metrics
-from coupon_stream.errors import Backoff, Fault, classify
-from coupon_stream.kafka import DeadLetter, KafkaOut
-from coupon_stream.records import BadRecord, Row, Source, encode_rows, partition_for_buyer, read_row
-from coupon_stream.settings import Settings
+from coupon_stream.connectors.kafka import DeadLetter, KafkaOut
+from coupon_stream.core.errors import Backoff, Fault, classify
+from coupon_stream.core.records import (
+    BadRecord,
+    Row,
+    Source,
+    encode_rows,
+    partition_for_buyer,
+    read_row,
+)
+from coupon_stream.ops import metrics
+from coupon_stream.ops.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +160,7 @@ class Intake:
 
         A re-sent batch is harmless (the state stage counts each copy once), and an intake
         that gave up would leave the worker up but reading nothing. An error that no retry
-        can fix (`coupon_stream.errors`: a message too large, an unauthorized topic) is
+        can fix (`coupon_stream.core.errors`: a message too large, an unauthorized topic) is
         raised instead, so the worker stops loudly rather than loop: it cannot be one
         record's fault, since `route` bounds records and dead letters are cut to fit
         (`KafkaOut.dead_letter`), so it is the topics' or the broker's configuration.

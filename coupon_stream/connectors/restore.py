@@ -23,8 +23,8 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import aclosing
 from typing import Any, Protocol
 
-from coupon_stream import metrics
-from coupon_stream.store import PartitionStore
+from coupon_stream.connectors.store import PartitionStore
+from coupon_stream.ops import metrics
 
 log = logging.getLogger(__name__)
 

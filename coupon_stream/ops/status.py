@@ -18,8 +18,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from coupon_stream.settings import STATE_FORMAT, STATE_TABLES, Settings
-from coupon_stream.sink import ResultSink
+from coupon_stream.ops.settings import STATE_FORMAT, STATE_TABLES, Settings
+from coupon_stream.pipeline.sink import ResultSink
 
 T = TypeVar("T")
 

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, Protocol
 
 import orjson
 
-from coupon_stream.records import INT64_MAX, INT64_MIN, Row
+from coupon_stream.core.records import INT64_MAX, INT64_MIN, Row
 
 # Positions in a Row: (buyer_id, biz_order_id, pay_status, effect_time, yuan, created, modified)
 BUYER, ORDER, STATUS, ROW_DAY, ROW_YUAN, ROW_CREATED, ROW_MODIFIED = range(7)

@@ -10,11 +10,11 @@ from pathlib import Path
 
 from aiokafka.errors import KafkaError
 
-from coupon_stream.settings import Settings
+from coupon_stream.ops.settings import Settings
 
 
 def _worker(extra: list[str]) -> None:
-    from coupon_stream.status import (
+    from coupon_stream.ops.status import (
         DeploymentError,
         check_deployment,
         create_internal_topics,
@@ -66,7 +66,7 @@ def _collect_garbage_less_often() -> None:
 
 
 def _produce(args: argparse.Namespace) -> None:
-    from coupon_stream.producer import read_lines, send_all
+    from coupon_stream.ops.producer import read_lines, send_all
 
     settings = Settings()
     batches = []
@@ -81,7 +81,7 @@ def _produce(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from coupon_stream.dataset import generate, write
+    from coupon_stream.ops.dataset import generate, write
 
     dataset = generate(args.orders, seed=args.seed)
     orders, refunds = write(dataset, args.out)
@@ -90,7 +90,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _show(args: argparse.Namespace) -> None:
-    from coupon_stream.sink import ResultSink
+    from coupon_stream.pipeline.sink import ResultSink
 
     settings = Settings()
 
@@ -126,7 +126,7 @@ def _show(args: argparse.Namespace) -> None:
 
 
 def _status(args: argparse.Namespace) -> None:
-    from coupon_stream import status
+    from coupon_stream.ops import status
 
     settings = Settings()
     if args.until_idle:
@@ -136,7 +136,7 @@ def _status(args: argparse.Namespace) -> None:
 
 
 def _topics(args: argparse.Namespace) -> None:
-    from coupon_stream.status import create_input_topics
+    from coupon_stream.ops.status import create_input_topics
 
     settings = Settings()
     created = asyncio.run(create_input_topics(settings, args.partitions))

@@ -16,12 +16,12 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from coupon_stream import metrics
-from coupon_stream.errors import is_too_large
-from coupon_stream.settings import Settings
+from coupon_stream.core.errors import is_too_large
+from coupon_stream.ops import metrics
+from coupon_stream.ops.settings import Settings
 
 if TYPE_CHECKING:
-    from coupon_stream.state import ResultRow
+    from coupon_stream.core.state import ResultRow
 
 log = logging.getLogger(__name__)
 

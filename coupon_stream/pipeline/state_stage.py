@@ -17,12 +17,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from coupon_stream import metrics
-from coupon_stream.errors import Backoff, Fault, classify
-from coupon_stream.kafka import DeadLetter, KafkaOut, PartitionReader
-from coupon_stream.records import Row, decode_rows, encode_rows
-from coupon_stream.settings import STATE_FORMAT, Settings
-from coupon_stream.state import (
+from coupon_stream.connectors.kafka import DeadLetter, KafkaOut, PartitionReader
+from coupon_stream.connectors.store import PartitionStore
+from coupon_stream.core.errors import Backoff, Fault, classify
+from coupon_stream.core.records import Row, decode_rows, encode_rows
+from coupon_stream.core.state import (
     BUYER,
     DAY,
     FORMAT_KEY,
@@ -44,7 +43,8 @@ from coupon_stream.state import (
     parse_day_key,
     retention_cutoff,
 )
-from coupon_stream.store import PartitionStore
+from coupon_stream.ops import metrics
+from coupon_stream.ops.settings import STATE_FORMAT, Settings
 
 log = logging.getLogger(__name__)
 

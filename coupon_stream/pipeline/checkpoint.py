@@ -42,13 +42,9 @@ from dataclasses import dataclass
 
 import orjson
 
-from coupon_stream import metrics
-from coupon_stream.errors import Backoff, Fault, classify
-from coupon_stream.health import StallWatch
-from coupon_stream.kafka import DeadLetter, KafkaOut, row_dead_letter
-from coupon_stream.settings import STATE_FORMAT, Settings
-from coupon_stream.sink import ResultSink, RowKey
-from coupon_stream.state import (
+from coupon_stream.connectors.kafka import DeadLetter, KafkaOut, row_dead_letter
+from coupon_stream.core.errors import Backoff, Fault, classify
+from coupon_stream.core.state import (
     DAY,
     FORMAT_KEY,
     MAX_MODIFIED,
@@ -61,7 +57,11 @@ from coupon_stream.state import (
     extrema,
     parse_day_key,
 )
-from coupon_stream.state_stage import Pending, Session, Slot, StateStage, TableCache
+from coupon_stream.ops import metrics
+from coupon_stream.ops.health import StallWatch
+from coupon_stream.ops.settings import STATE_FORMAT, Settings
+from coupon_stream.pipeline.sink import ResultSink, RowKey
+from coupon_stream.pipeline.state_stage import Pending, Session, Slot, StateStage, TableCache
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +184,7 @@ class Checkpointer:
         days = snap.layers[self.stage.days.name]
         for partition, stale in snap.pending.stale.items():
             slots = days.get(partition, {})
-            stale_days = {
-                key: parse_day_key(key) for key in stale if slots[key][1] is not None
-            }
+            stale_days = {key: parse_day_key(key) for key in stale if slots[key][1] is not None}
             by_buyer = self.stage.entries.with_prefixes(
                 partition,
                 snap.sessions[partition],

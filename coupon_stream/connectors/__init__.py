@@ -1,0 +1,1 @@
+"""Kafka and RocksDB, read and written a batch at a time."""

@@ -1,0 +1,1 @@
+"""Operator tools: settings, command line, status, metrics, health, logs, demo data."""

@@ -1,0 +1,1 @@
+"""The stages in flow order: intake -> state_stage -> checkpoint -> sink."""
