@@ -26,7 +26,7 @@ from faust.types import TP, EventT
 from prometheus_client import generate_latest
 
 from coupon_stream.connectors import restore
-from coupon_stream.connectors.kafka import KafkaOut, PartitionReader
+from coupon_stream.connectors.kafka import KafkaOut, PartitionReader, behind
 from coupon_stream.connectors.restore import ChangelogReader
 from coupon_stream.connectors.store import MemoryStore, PartitionStore, RocksStore
 from coupon_stream.core.errors import Backoff, Fault, classify
@@ -302,21 +302,21 @@ class CouponStream:
             """Messages behind each assigned partition's end: by-buyer, intake and standby."""
             consumer = app.consumer
 
-            def behind(tp: TP, done: int) -> int | None:
+            def export(tp: TP, done: int) -> int | None:
                 try:
                     end = consumer.highwater(tp)
                 except Exception:  # noqa: BLE001 - not known yet right after assignment
                     return None
                 if end is None:
                     return None
-                lag = max(0, end - done)
+                lag = behind(end, done)
                 metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
                 return lag
 
             by_buyer: dict[int, int] = {}
             for tp in consumer.assignment():
                 if tp.topic in watched:
-                    lag = behind(tp, consumer._committed_offset.get(tp) or 0)
+                    lag = export(tp, consumer._committed_offset.get(tp) or 0)
                     if lag is not None:
                         by_buyer[tp.partition] = lag
             if not self.sink.available and self.sink.last_error:
@@ -326,7 +326,7 @@ class CouponStream:
             recovery = app.tables.recovery
             for tp in recovery.standby_tps:
                 applied = recovery.standby_offsets.get(tp)
-                behind(tp, 0 if applied is None else applied + 1)
+                export(tp, 0 if applied is None else applied + 1)
             for tp, n in self.intake.lag().items():
                 metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(n)
 

@@ -38,6 +38,15 @@ TRUNCATED_REASON_CHARS = 4096
 SINK_REJECTED = "sink_rejected"
 
 
+def behind(end: int, done: int | None) -> int:
+    """Consumer lag: messages between a partition's end and the next offset to process.
+
+    The one definition for the lag gauge, the stall check and `coupon-stream status`;
+    nothing committed means the group starts at the log's beginning.
+    """
+    return max(0, end - (done or 0))
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     """A bad message with where it came from and why it cannot count."""

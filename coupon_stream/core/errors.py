@@ -18,11 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
+from collections.abc import Awaitable, Callable
 from enum import StrEnum
+from typing import TypeVar
 
 from aiokafka import errors as kafka
 from asyncmy import errors as asyncmy
 from sqlalchemy import exc as sa
+
+T = TypeVar("T")
 
 
 class Fault(StrEnum):
@@ -205,3 +210,22 @@ class Backoff:
     def reset(self) -> None:
         """Start again from `first` (after a success)."""
         self.delay = self.first
+
+
+async def retry(
+    call: Callable[[], Awaitable[T]], timeout: float = 60.0, backoff: Backoff | None = None
+) -> T:
+    """Run `call` until it works, retrying transient errors for up to `timeout` seconds.
+
+    For one-shot operator calls (creating topics, reading offsets), where a fresh cluster
+    may have no group coordinator yet; the stages retry for as long as it takes instead.
+    """
+    deadline = time.monotonic() + timeout
+    backoff = backoff or Backoff(0.2, 1.0)
+    while True:
+        try:
+            return await call()
+        except Exception as exc:  # noqa: BLE001 - classified here
+            if classify(exc) is Fault.PERMANENT or time.monotonic() > deadline:
+                raise
+            await backoff.sleep()

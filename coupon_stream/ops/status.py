@@ -9,19 +9,17 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import TopicAlreadyExistsError
 
+from coupon_stream.connectors.kafka import behind
+from coupon_stream.core.errors import retry
 from coupon_stream.ops.settings import STATE_FORMAT, STATE_TABLES, Settings
 from coupon_stream.pipeline.sink import ResultSink
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -34,18 +32,6 @@ class Status:
     @property
     def total_lag(self) -> int:
         return sum(self.lag.values())
-
-
-async def retry_transient(call: Callable[[], Awaitable[T]], timeout: float = 60.0) -> T:
-    """Retry Kafka's retriable errors, e.g. no group coordinator yet on a fresh cluster."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return await call()
-        except KafkaError as exc:
-            if not exc.retriable or time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.5)
 
 
 async def partitions_of(consumer: AIOKafkaConsumer, topics: list[str]) -> list[TopicPartition]:
@@ -74,11 +60,9 @@ async def lag(settings: Settings) -> tuple[dict[TopicPartition, int], int]:
             if not tps:
                 continue
             ends = await consumer.end_offsets(tps)
-            committed = await retry_transient(
-                lambda group=group: admin.list_consumer_group_offsets(group)
-            )
+            committed = await retry(lambda group=group: admin.list_consumer_group_offsets(group))
             for tp in tps:
-                lags[tp] = ends[tp] - (committed[tp].offset if tp in committed else 0)
+                lags[tp] = behind(ends[tp], committed[tp].offset if tp in committed else None)
         dead = sum((await consumer.end_offsets(dlq)).values()) if dlq else 0
         return lags, dead
     finally:
@@ -214,7 +198,7 @@ async def create_topics(settings: Settings, topics: list[NewTopic]) -> list[str]
     await admin.start()
     created = []
     try:
-        response = await retry_transient(lambda: admin.create_topics(topics))
+        response = await retry(lambda: admin.create_topics(topics))
         for topic, code, *message in response.topic_errors:
             if code == 0:
                 created.append(topic)

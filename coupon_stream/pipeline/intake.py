@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from coupon_stream.connectors.kafka import DeadLetter, KafkaOut
+from coupon_stream.connectors.kafka import DeadLetter, KafkaOut, behind
 from coupon_stream.core.errors import Backoff, Fault, classify
 from coupon_stream.core.records import (
     BadRecord,
@@ -237,7 +237,7 @@ class Intake:
         for tp in consumer.assignment():
             end = consumer.highwater(tp)
             if end is not None:
-                lags[tp] = max(0, end - self.committed.get(tp, 0))
+                lags[tp] = behind(end, self.committed.get(tp))
         return lags
 
     async def _check_topics(self, consumer: AIOKafkaConsumer) -> None:
