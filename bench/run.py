@@ -268,14 +268,7 @@ async def load(
     buyers = max(1, orders // 4)
     loop = asyncio.get_running_loop()
     sent = 0
-    producer = AIOKafkaProducer(
-        bootstrap_servers=BOOTSTRAP,
-        acks="all",
-        enable_idempotence=True,
-        linger_ms=10,
-        max_batch_size=512 * 1024,
-        max_request_size=8 * 1024 * 1024,
-    )
+    producer = bulk_producer(BOOTSTRAP)
     await producer.start()
     context = multiprocessing.get_context("spawn")
     try:

@@ -204,15 +204,7 @@ def apply_row(view: StateView, row: Row) -> Applied:
         total = day[SUM] + yuan
         if not _fits(total):
             return _refused(new_day, total)
-        view.put_day(
-            new_key,
-            [
-                total,
-                day[COUNT] + 1,
-                _earlier(day[MIN_CREATED], created),
-                _later(day[MAX_MODIFIED], modified),
-            ],
-        )
+        view.put_day(new_key, _with(day, total, day[COUNT] + 1, created, modified))
         view.put_entry(ekey, new)
         return Applied(Outcome.NEW, (new_day,))
     old_day = old[DAY]
@@ -223,9 +215,7 @@ def apply_row(view: StateView, row: Row) -> Applied:
         if not _fits(total):
             return _refused(new_day, total)
         updated = _without(view, new_key, day, old, total, day[COUNT])
-        updated[MIN_CREATED] = _earlier(updated[MIN_CREATED], created)
-        updated[MAX_MODIFIED] = _later(updated[MAX_MODIFIED], modified)
-        view.put_day(new_key, updated)
+        view.put_day(new_key, _with(updated, total, day[COUNT], created, modified))
         view.put_entry(ekey, new)
         return Applied(Outcome.REPLACED, (new_day,))
     left = view.get_day(old_key) or [0, 1, None, None]
@@ -238,17 +228,14 @@ def apply_row(view: StateView, row: Row) -> Applied:
         return _refused(old_day, left_total)
     count = left[COUNT] - 1
     view.put_day(old_key, _without(view, old_key, left, old, left_total, count) if count else None)
-    view.put_day(
-        new_key,
-        [
-            joined_total,
-            joined[COUNT] + 1,
-            _earlier(joined[MIN_CREATED], created),
-            _later(joined[MAX_MODIFIED], modified),
-        ],
-    )
+    view.put_day(new_key, _with(joined, joined_total, joined[COUNT] + 1, created, modified))
     view.put_entry(ekey, new)
     return Applied(Outcome.REPLACED, (old_day, new_day))
+
+
+def _with(day: Day, total: int, count: int, created: str | None, modified: str | None) -> Day:
+    """The day with a copy's contribution in: MIN and MAX fold it in, SUM is `total`."""
+    return [total, count, _earlier(day[MIN_CREATED], created), _later(day[MAX_MODIFIED], modified)]
 
 
 def _without(view: StateView, key: bytes, day: Day, old: Entry, total: int, count: int) -> Day:
