@@ -49,6 +49,7 @@ from bench.data import CHUNK_ORDERS, chunk_sizes, encoded_chunk
 from bench.pipeline_floor import pipeline_floor
 from coupon_stream.ops import status
 from coupon_stream.ops.dataset import Skew
+from coupon_stream.ops.producer import bulk_producer
 from coupon_stream.ops.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
