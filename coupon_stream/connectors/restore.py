@@ -56,7 +56,7 @@ async def catch_up(
     Stops early once `budget` seconds have passed or `still_current()` turns false (the group
     rebalanced again); what was applied so far stays, with its offset. With `ends_hint`
     (end offsets read earlier) showing nothing worth reading, it returns without a request:
-    any wait in the assignment callback, even 50 ms, delayed Faust's recovery by ~3 s here.
+    a wait in the assignment callback, however short, holds up Faust's own recovery after it.
     """
 
     def worth_reading(ends: Mapping[int, int]) -> dict[int, tuple[int, int]]:

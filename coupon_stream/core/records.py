@@ -166,12 +166,12 @@ def partition_for_buyer(buyer_id: int, partitions: int) -> int:
 
 # -- the hot path ---------------------------------------------------------------------------
 #
-# pydantic costs ~9 us per record, about the whole per-event budget at 100k events/s, and
-# decoding the whole object with orjson then checking it by hand still cost ~3.8 us. Almost
-# every message is plainly valid, so `read_row` decodes only the fields it needs, with their
-# JSON types checked in C by msgspec (~1 us; other fields are skipped unread), checks the
-# rest by hand, and lets `parse_record` (the authority, with its readable reasons) decide
-# everything else. The fast check only ever accepts: a record it is unsure of goes to
+# pydantic alone would cost about a record's whole budget, and so would decoding the whole
+# object and checking it by hand (docs/performance.md, "History"). Almost every message is
+# plainly valid, so `read_row` decodes only the fields it needs, with their JSON types
+# checked in C by msgspec (other fields are skipped unread), checks the rest by hand,
+# and lets `parse_record` (the authority, with its readable reasons) decide everything
+# else. The fast check only ever accepts: a record it is unsure of goes to
 # pydantic. A property test holds the two to the same answers.
 
 Row = tuple[int, str, str, int, int, str | None, str | None]
@@ -179,9 +179,19 @@ Row = tuple[int, str, str, int, int, str | None, str | None]
 by-buyer message carries for one valid record, and all the state stage needs of it."""
 
 
+encode_json = msgspec.json.Encoder().encode
+"""The JSON encoder of everything a worker writes per record (rows, state keys and values).
+
+Byte for byte what orjson writes for the same values, but orjson starts every output in a
+1 KiB buffer from the C heap: for the small values written here that is an allocator round
+trip per value, and in a worker whose heap grows and shrinks with each checkpoint it was a
+large share of the checkpoint's CPU (docs/performance.md, "Where the CPU goes").
+"""
+
+
 def encode_rows(rows: list[Row]) -> bytes:
     """The by-buyer wire format: a JSON array of rows, all of one partition."""
-    return orjson.dumps(rows)
+    return encode_json(rows)
 
 
 def decode_rows(raw: bytes) -> list[Row]:

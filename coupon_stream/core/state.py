@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, Protocol
 
 import orjson
 
-from coupon_stream.core.records import INT64_MAX, INT64_MIN, Row
+from coupon_stream.core.records import INT64_MAX, INT64_MIN, Row, encode_json
 
 # Positions in a Row: (buyer_id, biz_order_id, pay_status, effect_time, yuan, created, modified)
 BUYER, ORDER, STATUS, ROW_DAY, ROW_YUAN, ROW_CREATED, ROW_MODIFIED = range(7)
@@ -51,7 +51,7 @@ def buyer_prefix(buyer_id: int) -> bytes:
 
 
 def entry_key(buyer_id: int, order: str, status: str) -> bytes:
-    return _BUYER.pack(buyer_id + _BIAS) + orjson.dumps((order, status))
+    return _BUYER.pack(buyer_id + _BIAS) + encode_json((order, status))
 
 
 def day_key(buyer_id: int, effect_time: int) -> bytes:
@@ -89,7 +89,7 @@ class Record(NamedTuple):
         return self.current
 
     def encode(self) -> bytes:
-        return orjson.dumps(tuple(self))
+        return encode_json(self)
 
     @classmethod
     def decode(cls, raw: bytes) -> Record:

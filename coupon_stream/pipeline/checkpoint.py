@@ -40,10 +40,9 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-import orjson
-
 from coupon_stream.connectors.kafka import DeadLetter, KafkaOut, row_dead_letter
 from coupon_stream.core.errors import Backoff, Fault, classify
+from coupon_stream.core.records import encode_json
 from coupon_stream.core.state import (
     DAY,
     FORMAT_KEY,
@@ -226,7 +225,7 @@ class Checkpointer:
                         continue
                     if session is None or end is None:
                         raise RuntimeError(f"{cache.name}[{partition}] changed outside a session")
-                    out[key] = orjson.dumps((session.sid, end, current, base))  # a Record
+                    out[key] = encode_json((session.sid, end, current, base))  # a Record
                 if out:
                     per_partition[partition] = out
                     metrics.STATE_WRITES.labels(cache.name).inc(len(out))

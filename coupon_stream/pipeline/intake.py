@@ -1,10 +1,11 @@
 """Intake: orders and refunds in, valid rows out to the by-buyer topic, bad messages aside.
 
-Faust spends ~160 us of CPU per message in its stream machinery, so intake reads whole
-fetched batches with a plain aiokafka consumer (its own group, `<app_id>-intake`) and sends
-one message per owning partition and batch. Source offsets are committed only after those
-sends are acknowledged: a crash replays the batch, which is harmless because a copy that
-arrives twice is a duplicate to the state stage.
+Faust's per-message stream machinery would cost more than all the rest of a record's work
+(docs/performance.md, "History"), so intake reads whole fetched batches with a plain
+aiokafka consumer (its own group, `<app_id>-intake`) and sends one message per owning
+partition and batch. Source offsets are committed only after those sends are acknowledged:
+a crash replays the batch, which is harmless because a copy that arrives twice is a
+duplicate to the state stage.
 
 Sizes are bounded here, so that nothing downstream can meet a message Kafka refuses: a row
 whose encoding is over MAX_RECORD_BYTES is dead-lettered ("too_large"), and by-buyer

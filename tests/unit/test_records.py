@@ -126,3 +126,25 @@ def test_partition_for_buyer_golden_values():
     buyers = (0, 1, 7, 10_000_000, -5, 2**63 - 1)
     assert [partition_for_buyer(b, 8) for b in buyers] == [1, 7, 2, 5, 3, 6]
     assert [partition_for_buyer(b, 6) for b in buyers] == [5, 5, 0, 1, 1, 4]
+
+
+def test_state_key_golden_values():
+    """A state key that changed would never match the kept copy: every copy would count again."""
+    from coupon_stream.core.state import entry_key
+
+    assert entry_key(42, "o1", "2").hex() == "800000000000002a5b226f31222c2232225d"
+    assert (
+        entry_key(-5, 'o"\\\n\x01双', "x").hex()
+        == "7ffffffffffffffb5b226f5c225c5c5c6e5c7530303031e58f8c222c2278225d"
+    )
+
+
+def test_the_one_encoder_writes_what_orjson_wrote():
+    """State written by earlier versions (orjson) must read and key the same."""
+    from coupon_stream.core.records import encode_json
+
+    texts = ["", "plain", 'quote " backslash \\', "\t\n\r\b\f", "双十一 🎉", "\x00\x1f\x7f\u2028"]
+    texts += [chr(c) for c in range(0, 0x800)]
+    for text in texts:
+        value = [1, -(2**63), 2**63 - 1, None, text, (text, text)]
+        assert encode_json(value) == orjson.dumps(value)
