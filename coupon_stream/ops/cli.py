@@ -130,7 +130,7 @@ def _status(args: argparse.Namespace) -> None:
 
     settings = Settings()
     if args.until_idle:
-        if not asyncio.run(status.wait_idle(settings, args.until_idle)):
+        if asyncio.run(status.wait_idle(settings, args.until_idle)) is None:
             raise SystemExit(f"status: still lagging after {args.until_idle}s")
     print(status.render(settings, asyncio.run(status.collect(settings))))
 

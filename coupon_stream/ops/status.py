@@ -138,18 +138,26 @@ def render(settings: Settings, status: Status) -> str:
     return "\n".join(lines)
 
 
-async def wait_idle(settings: Settings, timeout: float) -> bool:
-    """True once the group has no lag on two checks in a row (all input applied and written)."""
+async def wait_idle(settings: Settings, timeout: float) -> float | None:
+    """Wait until the group has no lag on two checks in a row (all input applied and written).
+
+    Returns the monotonic time of the first of those checks (when the input was drained, to
+    within a check), or None if `timeout` seconds passed first.
+    """
     deadline = time.monotonic() + timeout
-    streak = 0
+    drained: float | None = None
     while time.monotonic() < deadline:
+        checked = time.monotonic()
         lags, _ = await lag(settings)
         has_state = any(tp.topic == settings.by_buyer_topic for tp in lags)
-        streak = streak + 1 if has_state and not any(lags.values()) else 0
-        if streak >= 2:
-            return True
+        if not has_state or any(lags.values()):
+            drained = None
+        elif drained is None:
+            drained = checked
+        else:
+            return drained
         await asyncio.sleep(1.0)
-    return False
+    return None
 
 
 async def create_input_topics(settings: Settings, partitions: int) -> list[str]:
