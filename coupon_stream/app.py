@@ -22,13 +22,19 @@ from typing import Any
 
 import faust
 from aiokafka.errors import ConsumerStoppedError, KafkaError
+from faust.stores.rocksdb import RocksDBOptions
 from faust.types import TP, EventT
 from prometheus_client import generate_latest
 
 from coupon_stream.connectors import restore
 from coupon_stream.connectors.kafka import KafkaOut, PartitionReader, behind
 from coupon_stream.connectors.restore import ChangelogReader
-from coupon_stream.connectors.store import MemoryStore, PartitionStore, RocksStore
+from coupon_stream.connectors.store import (
+    LookupTunedOptions,
+    MemoryStore,
+    PartitionStore,
+    RocksStore,
+)
 from coupon_stream.core.errors import Backoff, Fault, classify
 from coupon_stream.ops import metrics
 from coupon_stream.ops.health import StallWatch
@@ -405,9 +411,17 @@ class CouponStream:
 
 
 class StateTable(faust.Table):
-    """Faust's table, with a hook that runs after local partitions open, before recovery."""
+    """Faust's table, with a hook that runs after local partitions open, before recovery,
+    and RocksDB filters tuned for lookups of absent keys (`store.LookupTunedOptions`)."""
 
     before_recovery: Callable[[str, set[TP], int], Awaitable[None]] | None = None
+
+    def _new_store(self) -> Any:
+        store = super()._new_store()
+        options = getattr(store, "rocksdb_options", None)
+        if isinstance(options, RocksDBOptions):
+            store.rocksdb_options = LookupTunedOptions.like(options)
+        return store
 
     async def on_rebalance(
         self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP], generation_id: int = 0

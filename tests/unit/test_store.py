@@ -43,3 +43,28 @@ def test_batches_prefix_scans_and_offsets_on_rocksdb(tmp_path):
     assert FaustLikeStore.offset_key not in everything  # Faust's own key is not state
     assert len(everything) == 8 + 1
     faust._dbs[0].close()
+
+
+def test_state_tables_open_rocksdb_with_whole_key_filters(tmp_path):
+    """The worker's tables keep Faust's sizes and add the filters for absent keys."""
+    import faust
+
+    from coupon_stream.app import StateTable
+    from coupon_stream.connectors.store import LookupTunedOptions
+
+    app = faust.App("store-test", store="rocksdb://", datadir=str(tmp_path), Table=StateTable)
+    table = app.Table(
+        "entries", options={"driver": "rocksdict", "write_buffer_size": 4 * 1024 * 1024}
+    )
+    store = table.data
+    assert isinstance(store.rocksdb_options, LookupTunedOptions)
+    db = store.rocksdb_options.open(tmp_path / "p0.db")
+    db[b"k"] = b"v"
+    assert db[b"k"] == b"v"
+    db.close()
+    written = "\n".join(p.read_text() for p in (tmp_path / "p0.db").glob("OPTIONS-*"))
+    settings = {line.strip() for line in written.splitlines()}
+    assert "write_buffer_size=4194304" in settings  # Faust's options carried over
+    assert "memtable_whole_key_filtering=true" in settings
+    assert "whole_key_filtering=true" in settings
+    assert "memtable_prefix_bloom_size_ratio=0.100000" in settings
