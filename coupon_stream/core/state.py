@@ -214,8 +214,11 @@ def apply_row(view: StateView, row: Row) -> Applied:
         total = day[SUM] - old[YUAN] + yuan
         if not _fits(total):
             return _refused(new_day, total)
-        updated = _without(view, new_key, day, old, total, day[COUNT])
-        view.put_day(new_key, _with(updated, total, day[COUNT], created, modified))
+        if day[COUNT] == 1:  # the day's only entry: the copy's times are the day's MIN/MAX
+            view.put_day(new_key, [total, 1, created, modified])
+        else:
+            updated = _without(view, new_key, day, old, total, day[COUNT])
+            view.put_day(new_key, _with(updated, total, day[COUNT], created, modified))
         view.put_entry(ekey, new)
         return Applied(Outcome.REPLACED, (new_day,))
     left = view.get_day(old_key) or [0, 1, None, None]

@@ -60,9 +60,22 @@ def test_first_generated_copy_wins_whatever_the_arrival_order():
     assert apply_row(v, late).outcome is Outcome.NEW
     assert apply_row(v, early).outcome is Outcome.REPLACED
     assert apply_row(v, late).outcome is Outcome.DUPLICATE
-    # the later copy held MAX(gmt_modified): the checkpoint recomputes it
+    # the day's only entry was replaced: its MIN/MAX are the early copy's, nothing to recompute
+    assert v.stale == set()
+    assert v.row(7, 20261111) == ResultRow(
+        "2026-11-11 00:00:00", "2026-11-11 00:00:05", 7, 10, 20261111
+    )
+
+
+def test_a_replaced_extremum_among_other_entries_marks_the_day_for_recompute():
+    v = DictView()
+    apply_row(v, r("o1", gm="2026-11-11 00:00:03"))
+    apply_row(v, r("o2", gm="2026-11-11 00:10:00", yuan=11))
+    apply_row(v, r("o2", gm="2026-11-11 00:00:05", yuan=12))  # takes MAX's holder's place
+    # the later copy held MAX(gmt_modified), which cannot be retracted: the checkpoint
+    # recomputes it from the day's entries
     assert v.stale == {day_key(7, 20261111)}
-    assert v.row(7, 20261111).cumulate_amount == 10
+    assert v.row(7, 20261111).cumulate_amount == 22
 
 
 def test_day_sum_min_create_max_modified_and_delete_at_zero():
