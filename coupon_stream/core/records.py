@@ -182,10 +182,10 @@ by-buyer message carries for one valid record, and all the state stage needs of 
 encode_json = msgspec.json.Encoder().encode
 """The JSON encoder of everything a worker writes per record (rows, state keys and values).
 
-Byte for byte what orjson writes for the same values, but orjson starts every output in a
-1 KiB buffer from the C heap: for the small values written here that is an allocator round
-trip per value, and in a worker whose heap grows and shrinks with each checkpoint it was a
-large share of the checkpoint's CPU (docs/performance.md, "Where the CPU goes").
+Byte for byte what orjson writes for the same values (a test holds it to that: state keys
+written before must still match). orjson starts every output in a 1 KiB buffer from the C
+heap, which for the small values written here cost more than encoding them
+(docs/performance.md, "Latest results").
 """
 
 
