@@ -269,7 +269,7 @@ async def load(
     buyers = max(1, orders // 4)
     loop = asyncio.get_running_loop()
     sent = 0
-    producer = bulk_producer(BOOTSTRAP)
+    producer = bulk_producer(Settings(broker=BOOTSTRAP))
     await producer.start()
     context = multiprocessing.get_context("spawn")
     try:
@@ -479,7 +479,7 @@ async def restore(run: str, topics: str, partitions: int, tmp: Path) -> dict:
     """A worker with empty local state for an app whose changelogs are full."""
     s = settings_for(run, topics, partitions, tmp / f"{run}-restore", 6160)
     changelogs = list(s.changelog_topics.values())
-    written = sum([await status.records_in(BOOTSTRAP, t) for t in changelogs])
+    written = sum([await status.records_in(Settings(broker=BOOTSTRAP), t) for t in changelogs])
     present = sum([await records_present(t) for t in changelogs])
     proc = Proc(s, tmp / f"{run}-restore.log")
     start = time.perf_counter()

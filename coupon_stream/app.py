@@ -26,7 +26,7 @@ from faust.stores.rocksdb import RocksDBOptions
 from faust.types import TP, EventT
 from prometheus_client import generate_latest
 
-from coupon_stream.connectors import restore
+from coupon_stream.connectors import clients, restore
 from coupon_stream.connectors.kafka import KafkaOut, PartitionReader, behind
 from coupon_stream.connectors.restore import ChangelogReader
 from coupon_stream.connectors.store import (
@@ -35,7 +35,7 @@ from coupon_stream.connectors.store import (
     PartitionStore,
     RocksStore,
 )
-from coupon_stream.core.errors import Backoff, Fault, classify
+from coupon_stream.core.errors import AccessRefused, Backoff, Fault, classify
 from coupon_stream.ops import metrics
 from coupon_stream.ops.health import StallWatch
 from coupon_stream.ops.logs import Worker, logging_config
@@ -74,6 +74,7 @@ class CouponStream:
         self.app = faust.App(
             s.app_id,
             broker=s.broker,
+            broker_credentials=broker_credentials(s),
             store=store,
             datadir=str(s.data_dir),
             topic_partitions=s.partitions,
@@ -98,9 +99,7 @@ class CouponStream:
             value_serializer="raw",
         )
         self.out = out or KafkaOut(s)
-        self.sink = sink or ResultSink(
-            s.db_url.get_secret_value(), s.result_table, safe_url=s.db_url_safe
-        )
+        self.sink = sink or ResultSink.of(s)
         self._sink_started = False
         self._acker: faust.StreamT | None = None
         raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
@@ -195,7 +194,26 @@ class CouponStream:
             log.info("bulk restore stopped: the worker is shutting down")
 
     async def _run_intake(self) -> None:
-        await self.intake.run()
+        try:
+            await self.intake.run()
+        except Exception as exc:
+            await self.stop_worker("the intake", exc)
+            raise
+
+    async def stop_worker(self, what: str, exc: BaseException) -> None:
+        """Stop the worker for an error no retry can fix, with one CRITICAL line saying why.
+
+        Faust's supervisor would restart a failed agent or task for ever while the worker
+        looks healthy; an operator must see it instead. A refused access (credentials,
+        certificates, ACLs, grants) is said as such: who refused whom, and what.
+        """
+        refused = exc if isinstance(exc, AccessRefused) else None
+        refused = refused or clients.kafka_refused(self.settings, exc, f"running {what}")
+        if refused is not None:
+            log.critical("access refused, stopping the worker: %s", refused)
+        else:
+            log.critical("%s failed for good, stopping the worker: %r", what, exc)
+        await self.app.crash(refused or exc)
 
     async def _stop_out(self, app: faust.App, **kwargs: Any) -> None:
         """After the consumers stopped: deliver what is still in flight, then close."""
@@ -206,7 +224,11 @@ class CouponStream:
     # -- state stage --------------------------------------------------------------------------
 
     async def _apply(self, stream: faust.StreamT) -> None:
-        await self.start_sink()
+        try:
+            await self.start_sink()
+        except Exception as exc:
+            await self.stop_worker("the result sink", exc)
+            raise
         self._acker = manual = stream.noack()
         flusher = asyncio.ensure_future(self._flush_periodically())
         try:
@@ -227,10 +249,7 @@ class CouponStream:
                     await self.app.crash(exc)
                     return
                 except Exception as exc:
-                    # Faust's supervisor would restart the agent for ever while the worker
-                    # looks healthy; a bug must stop the worker where an operator sees it.
-                    log.critical("the state agent failed, stopping the worker: %r", exc)
-                    await self.app.crash(exc)
+                    await self.stop_worker("the state agent", exc)
                     raise
                 if self.stage.pending.rows() >= self.settings.max_pending_rows:
                     await self.flush()  # backpressure: stop consuming until the sink catches up
@@ -251,8 +270,7 @@ class CouponStream:
         try:
             await self.checkpointer.run()
         except Exception as exc:
-            log.critical("a checkpoint failed for good, stopping the worker: %r", exc)
-            await self.app.crash(exc)
+            await self.stop_worker("a checkpoint", exc)
             raise
 
     async def _acknowledge(self, tokens: list[object], committed: bool) -> None:
@@ -430,6 +448,22 @@ class StateTable(faust.Table):
         if self.before_recovery is not None:
             changelog = self.changelog_topic.get_topic_name()
             await self.before_recovery(changelog, newly_assigned, generation_id)
+
+
+def broker_credentials(s: Settings) -> faust.types.auth.CredentialsT | None:
+    """Faust's form of `clients.kafka_auth`: its consumer, producer and admin connect alike."""
+    auth = clients.kafka_auth(s)
+    protocol = auth["security_protocol"]
+    if protocol == "PLAINTEXT":
+        return None
+    if protocol == "SSL":
+        return faust.SSLCredentials(auth["ssl_context"])
+    return faust.SASLCredentials(
+        username=auth["sasl_plain_username"],
+        password=auth["sasl_plain_password"],
+        mechanism=auth["sasl_mechanism"],
+        ssl_context=auth.get("ssl_context"),
+    )
 
 
 def _rocksdb_options(s: Settings) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from coupon_stream.connectors import clients
 from coupon_stream.core.errors import is_too_large
 from coupon_stream.ops import metrics
 from coupon_stream.ops.settings import Settings
@@ -118,8 +119,8 @@ class KafkaOut:
     async def producer(self) -> AIOKafkaProducer:
         async with self._starting:
             if self._producer is None:
-                producer = AIOKafkaProducer(
-                    bootstrap_servers=self.settings.bootstrap_servers,
+                producer = clients.producer(
+                    self.settings,
                     acks="all",
                     linger_ms=5,
                     max_batch_size=256 * 1024,
@@ -234,8 +235,8 @@ class PartitionReader:
         """
         async with self._starting:
             if self._consumer is None:
-                consumer = AIOKafkaConsumer(
-                    bootstrap_servers=self.settings.bootstrap_servers,
+                consumer = clients.consumer(
+                    self.settings,
                     enable_auto_commit=False,
                     auto_offset_reset="earliest",  # a start the log no longer holds: its first
                     max_partition_fetch_bytes=4 * 1024 * 1024,
@@ -291,7 +292,7 @@ class PartitionReader:
         """The offset `group` has committed for a partition, from the broker itself."""
         admin = self._admin
         if admin is None:
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.bootstrap_servers)
+            admin = clients.admin(self.settings)
             await admin.start()
             self._admin = admin
         tp = TopicPartition(topic, partition)

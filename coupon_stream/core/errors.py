@@ -17,7 +17,9 @@ operator looks. aiokafka's own `retriable` flag cannot decide alone: it is False
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
@@ -75,6 +77,22 @@ KAFKA_PERMANENT: tuple[type[kafka.KafkaError], ...] = (
     kafka.InvalidTxnState,
 )
 
+# Kafka refusing who the service is (credentials) or what it may touch (ACLs): with the
+# resource it names in its args.
+KAFKA_AUTHENTICATION: tuple[type[kafka.KafkaError], ...] = (
+    kafka.AuthenticationFailedError,
+    kafka.AuthenticationMethodNotSupported,
+    kafka.SaslAuthenticationFailed,
+    kafka.UnsupportedSaslMechanismError,
+    kafka.IllegalSaslStateError,
+)
+KAFKA_AUTHORIZATION: dict[type[kafka.KafkaError], str] = {
+    kafka.TopicAuthorizationFailedError: "topic",
+    kafka.GroupAuthorizationFailedError: "group",
+    kafka.ClusterAuthorizationFailedError: "cluster",
+    kafka.TransactionalIdAuthorizationFailed: "transactional id",
+}
+
 # MySQL/MariaDB error codes (`exc.orig.args[0]`).
 DEADLOCK = 1213
 MYSQL_TRANSIENT = frozenset(
@@ -109,6 +127,19 @@ MYSQL_PERMANENT = frozenset(
         4025,  # CONSTRAINT failed (MariaDB's check constraint)
     }
 )
+# The database refusing the service's account or a privilege of it.
+MYSQL_REFUSED = frozenset(
+    {
+        1044,  # access denied for user to database
+        1045,  # access denied for user (password)
+        1142,  # command denied to user for table
+        1143,  # command denied to user for column
+        1227,  # access denied, you need a privilege
+        1698,  # access denied (no password allowed, e.g. unix_socket auth)
+        3159,  # connections using insecure transport are prohibited (MySQL)
+        4151,  # access denied: the account requires SSL (MariaDB)
+    }
+)
 # SQLSTATE classes: 22 data exception, 23 integrity constraint violation.
 _DATA_SQLSTATE = ("22", "23")
 # PEP 249's classes for errors in the data processed, as SQLAlchemy and the drivers name them
@@ -123,10 +154,63 @@ _DATA_CLASSES = (
 )
 
 
+class AccessRefused(Exception):
+    """Kafka or the database refused the service's identity or access, for good.
+
+    A wrong password, a certificate that does not verify, a missing ACL or grant: no retry
+    can change it, and no record is to blame, so the worker stops with one CRITICAL line
+    (this message: who refused whom, and what) instead of retrying while not ready.
+    """
+
+
+def refusal(exc: BaseException) -> str | None:
+    """What was refused, when `exc` (or what caused it) refuses the service's access."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, AccessRefused):
+            return str(e)
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return f"the server's certificate did not verify: {e.verify_message or e}"
+        if isinstance(e, ssl.SSLError) and _TLS_ALERTS.search(str(e)):
+            return f"the TLS handshake was refused: {getattr(e, 'reason', None) or e}"
+        if isinstance(e, KAFKA_AUTHENTICATION):
+            return f"authentication failed: {str(e) or type(e).__name__}"
+        for kind, resource in KAFKA_AUTHORIZATION.items():
+            if isinstance(e, kind):
+                names = ", ".join(map(str, _flat(e.args))) or "?"
+                return f"not authorized ({type(e).__name__}) on {resource} {names}"
+        if mysql_code(e) in MYSQL_REFUSED:
+            return reason(e)
+        todo += [getattr(e, "orig", None), e.__cause__, e.__context__]
+    return None
+
+
+# The server's alerts about the client's certificate (mutual TLS), as OpenSSL words them.
+_TLS_ALERTS = re.compile(
+    r"CERTIFICATE_REQUIRED|BAD_CERTIFICATE|UNKNOWN_CA|CERTIFICATE_UNKNOWN|"
+    r"certificate required|bad certificate|unknown ca|HANDSHAKE_FAILURE",
+    re.IGNORECASE,
+)
+
+
+def _flat(args: tuple) -> list[object]:
+    out: list[object] = []
+    for a in args:
+        out += _flat(tuple(a)) if isinstance(a, list | tuple | set | frozenset) else [a]
+    return out
+
+
 def classify(exc: BaseException) -> Fault:
     """Whether retrying the operation that raised `exc` can ever succeed (see the module)."""
     if not isinstance(exc, Exception):
         return Fault.PERMANENT  # a cancellation or an exit: never to be retried as a failure
+    if refusal(exc) is not None:
+        return Fault.PERMANENT
     if isinstance(exc, kafka.KafkaError):
         return Fault.PERMANENT if isinstance(exc, KAFKA_PERMANENT) else Fault.TRANSIENT
     if isinstance(exc, sa.DBAPIError):

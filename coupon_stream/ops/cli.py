@@ -5,12 +5,38 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import logging
+import logging.config
 import sys
 from pathlib import Path
 
 from aiokafka.errors import KafkaError
+from pydantic import ValidationError
 
+from coupon_stream.connectors import clients
+from coupon_stream.core.errors import AccessRefused, refusal
+from coupon_stream.ops.logs import logging_config
 from coupon_stream.ops.settings import Settings
+
+log = logging.getLogger("coupon_stream.cli")
+
+# Exit codes: 2 a deployment or configuration refused at start, 3 access refused.
+EXIT_CONFIG = 2
+EXIT_REFUSED = 3
+# The commands that talk to Kafka: a refused login is said at once, not retried as an outage.
+KAFKA_COMMANDS = ("produce", "status", "topics")
+
+
+def load_settings() -> Settings:
+    """Settings from the environment; an invalid one exits naming the setting, nothing else."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(map(str, error["loc"]))
+            name = f"COUPON_{where.upper()}: " if where else ""
+            print(f"coupon-stream: configuration refused: {name}{error['msg']}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
 
 
 def _worker(extra: list[str]) -> None:
@@ -20,24 +46,37 @@ def _worker(extra: list[str]) -> None:
         create_internal_topics,
         end_offsets_by_topic,
     )
+    from coupon_stream.pipeline.sink import ResultSink
 
-    settings = Settings()
+    settings = load_settings()
+    logging.config.dictConfig(logging_config(settings.log_format, settings.log_level))
 
     async def prepare() -> dict[str, dict[int, int]]:
         """Refuse a bad deployment, create the internal topics, note the changelogs' ends."""
-        await check_deployment(settings)
-        await create_internal_topics(settings)
-        topics = list(settings.changelog_topics.values())
-        return await end_offsets_by_topic(settings.bootstrap_servers, topics)
+        await clients.check_kafka_access(settings)
+        await ResultSink.of(settings).check_access()
+        try:
+            await check_deployment(settings)
+            await create_internal_topics(settings)
+            topics = list(settings.changelog_topics.values())
+            return await end_offsets_by_topic(settings, topics)
+        except KafkaError as exc:
+            refused = clients.kafka_refused(settings, exc, "preparing the internal topics")
+            if refused is not None:
+                raise refused from exc
+            raise
 
     changelog_ends: dict[str, dict[int, int]] | None
     try:
         changelog_ends = asyncio.run(asyncio.wait_for(prepare(), 60))
+    except AccessRefused as exc:
+        log.critical("access refused, not starting: %s", exc)
+        raise SystemExit(EXIT_REFUSED) from None
     except DeploymentError as exc:
         # Before the fallback below (a RuntimeError too): starting anyway would misroute
         # buyers or misread state.
         print(f"coupon-stream worker: refusing to start: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_CONFIG) from None
     except (TimeoutError, OSError, RuntimeError, KafkaError) as exc:
         # Faust creates them itself when it can reach the broker.
         print(f"could not create the internal topics before start: {exc!r}", file=sys.stderr)
@@ -68,7 +107,7 @@ def _collect_garbage_less_often() -> None:
 def _produce(args: argparse.Namespace) -> None:
     from coupon_stream.ops.producer import read_lines, send_all
 
-    settings = Settings()
+    settings = load_settings()
     batches = []
     if args.orders:
         batches.append((settings.orders_topic, read_lines(args.orders)))
@@ -76,7 +115,7 @@ def _produce(args: argparse.Namespace) -> None:
         batches.append((settings.refunds_topic, read_lines(args.refunds)))
     if not batches:
         raise SystemExit("produce: give --orders FILE and/or --refunds FILE")
-    sent = asyncio.run(send_all(settings.bootstrap_servers, batches, progress=not args.quiet))
+    sent = asyncio.run(send_all(settings, batches, progress=not args.quiet))
     print(f"produced {sent} messages to {settings.broker}", file=sys.stderr)
 
 
@@ -92,12 +131,10 @@ def _generate(args: argparse.Namespace) -> None:
 def _show(args: argparse.Namespace) -> None:
     from coupon_stream.pipeline.sink import ResultSink
 
-    settings = Settings()
+    settings = load_settings()
 
     async def fetch() -> list[tuple]:
-        sink = ResultSink(
-            settings.db_url.get_secret_value(), settings.result_table, settings.db_url_safe
-        )
+        sink = ResultSink.of(settings)
         await sink.start()
         try:
             return await sink.fetch_all()
@@ -128,7 +165,7 @@ def _show(args: argparse.Namespace) -> None:
 def _status(args: argparse.Namespace) -> None:
     from coupon_stream.ops import status
 
-    settings = Settings()
+    settings = load_settings()
     if args.until_idle:
         if asyncio.run(status.wait_idle(settings, args.until_idle)) is None:
             raise SystemExit(f"status: still lagging after {args.until_idle}s")
@@ -138,7 +175,7 @@ def _status(args: argparse.Namespace) -> None:
 def _topics(args: argparse.Namespace) -> None:
     from coupon_stream.ops.status import create_input_topics
 
-    settings = Settings()
+    settings = load_settings()
     created = asyncio.run(create_input_topics(settings, args.partitions))
     print(f"created: {', '.join(created) or 'none (both exist)'}")
 
@@ -173,11 +210,26 @@ def main(argv: list[str] | None = None) -> None:
         help="first wait (up to SECONDS) until the group has no lag",
     )
     p.set_defaults(func=_status)
-    p = sub.add_parser("topics", help="create the input topics if they do not exist")
+    p = sub.add_parser(
+        "topics",
+        help="create the input topics if they do not exist (on a secured cluster: needs "
+        "CREATE on them, which the worker's ACLs do not grant; run it as an admin)",
+    )
     p.add_argument("--partitions", type=int, default=8)
     p.set_defaults(func=_topics)
     args = parser.parse_args(argv)
-    args.func(args)
+    try:
+        if args.command in KAFKA_COMMANDS:
+            asyncio.run(clients.check_kafka_access(load_settings()))
+        args.func(args)
+    except Exception as exc:
+        if refusal(exc) is None:
+            raise
+        refused = exc if isinstance(exc, AccessRefused) else None
+        doing = f"running `coupon-stream {args.command}`"
+        refused = refused or clients.kafka_refused(load_settings(), exc, doing)
+        print(f"coupon-stream {args.command}: access refused: {refused}", file=sys.stderr)
+        raise SystemExit(EXIT_REFUSED) from None
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ from pathlib import Path
 from aiokafka import AIOKafkaProducer
 from tqdm import tqdm
 
+from coupon_stream.connectors import clients
+from coupon_stream.ops.settings import Settings
+
 WINDOW = 20_000  # sends in flight before we wait for acknowledgements
 
 
@@ -17,10 +20,10 @@ def read_lines(path: Path) -> list[bytes]:
         return [line.rstrip(b"\r\n") for line in f if line.strip()]
 
 
-def bulk_producer(bootstrap: str) -> AIOKafkaProducer:
+def bulk_producer(settings: Settings) -> AIOKafkaProducer:
     """A producer for loading input fast and in order (the demo, the tests, the bench)."""
-    return AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
+    return clients.producer(
+        settings,
         acks="all",
         enable_idempotence=True,
         linger_ms=10,
@@ -30,7 +33,7 @@ def bulk_producer(bootstrap: str) -> AIOKafkaProducer:
 
 
 async def send_all(
-    bootstrap: str,
+    settings: Settings,
     batches: Iterable[tuple[str, list[bytes]]],
     *,
     progress: bool = True,
@@ -39,7 +42,7 @@ async def send_all(
     """Send every value to its topic with no key; raises if any send fails."""
     batches = list(batches)
     total = sum(len(values) for _, values in batches)
-    producer = bulk_producer(bootstrap)
+    producer = bulk_producer(settings)
     await producer.start()
     sent = 0
     try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,7 +19,10 @@ STATE_FORMAT = 2
 class Settings(BaseSettings):
     """Service configuration; every field maps to `COUPON_<NAME>` (see README)."""
 
-    model_config = SettingsConfigDict(env_prefix="COUPON_", extra="ignore")
+    # Inputs stay out of validation errors: they would print COUPON_KAFKA_PASSWORD.
+    model_config = SettingsConfigDict(
+        env_prefix="COUPON_", extra="ignore", hide_input_in_errors=True
+    )
 
     broker: str = Field("kafka://127.0.0.1:9092", description="Kafka bootstrap URL(s)")
     db_url: SecretStr = Field(
@@ -85,6 +90,39 @@ class Settings(BaseSettings):
     )
     log_level: str = "info"
     log_format: str = Field("text", pattern="^(text|json)$")
+    # -- connecting to a secured Kafka and database (README, "Connecting to a secured ...")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="how every Kafka client of the service connects"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism; required with SASL_PLAINTEXT and SASL_SSL"
+    )
+    kafka_username: str | None = Field(None, description="SASL user of the service")
+    kafka_password: SecretStr | None = Field(
+        None, description="SASL password (a secret: never logged)"
+    )
+    kafka_ca_file: Path | None = Field(
+        None,
+        description="PEM file of the CA(s) that signed the brokers' certificates (SSL, "
+        "SASL_SSL); the system trust store when unset. Hostnames are always verified",
+    )
+    kafka_cert_file: Path | None = Field(
+        None, description="PEM client certificate for mutual TLS with the brokers"
+    )
+    kafka_key_file: Path | None = Field(
+        None, description="PEM private key of kafka_cert_file (unencrypted)"
+    )
+    db_ca_file: Path | None = Field(
+        None,
+        description="PEM file of the CA that signed the database's certificate: the "
+        "connection is then TLS with the certificate and hostname verified",
+    )
+    db_cert_file: Path | None = Field(
+        None, description="PEM client certificate for the database (needs db_ca_file)"
+    )
+    db_key_file: Path | None = Field(
+        None, description="PEM private key of db_cert_file (unencrypted)"
+    )
 
     @field_validator("broker")
     @classmethod
@@ -101,6 +139,93 @@ class Settings(BaseSettings):
                 "while it runs"
             )
         return self
+
+    @model_validator(mode="after")
+    def _kafka_security(self) -> Settings:
+        """Refuse settings that could not connect, or that would silently go unused."""
+        protocol = self.kafka_security_protocol
+        sasl = protocol.startswith("SASL_")
+        tls = protocol.endswith("SSL")
+        given = {
+            "COUPON_KAFKA_SASL_MECHANISM": self.kafka_sasl_mechanism is not None,
+            "COUPON_KAFKA_USERNAME": self.kafka_username is not None,
+            "COUPON_KAFKA_PASSWORD": self.kafka_password is not None,
+        }
+        if sasl:
+            missing = [name for name, present in given.items() if not present]
+            if missing:
+                raise ValueError(
+                    f"COUPON_KAFKA_SECURITY_PROTOCOL={protocol} needs {', '.join(missing)}"
+                )
+        else:
+            unused = [name for name, present in given.items() if present]
+            if unused:
+                raise ValueError(
+                    f"{', '.join(unused)} given, but COUPON_KAFKA_SECURITY_PROTOCOL={protocol} "
+                    "sends no credentials: use SASL_SSL (or SASL_PLAINTEXT), or remove them"
+                )
+        files = {
+            "COUPON_KAFKA_CA_FILE": self.kafka_ca_file,
+            "COUPON_KAFKA_CERT_FILE": self.kafka_cert_file,
+            "COUPON_KAFKA_KEY_FILE": self.kafka_key_file,
+        }
+        if not tls and any(files.values()):
+            named = ", ".join(name for name, path in files.items() if path)
+            raise ValueError(
+                f"{named} given, but COUPON_KAFKA_SECURITY_PROTOCOL={protocol} does not use "
+                "TLS: use SSL or SASL_SSL, or remove them"
+            )
+        if tls:
+            tls_context(*files.items())  # refuses a missing or unreadable file by its name
+        return self
+
+    @model_validator(mode="after")
+    def _db_tls(self) -> Settings:
+        files = {
+            "COUPON_DB_CA_FILE": self.db_ca_file,
+            "COUPON_DB_CERT_FILE": self.db_cert_file,
+            "COUPON_DB_KEY_FILE": self.db_key_file,
+        }
+        if not any(files.values()):
+            return self
+        if not self.db_url.get_secret_value().startswith("mysql"):
+            raise ValueError("COUPON_DB_CA_FILE and its kin need a mysql+asyncmy:// COUPON_DB_URL")
+        if self.db_ca_file is None:
+            raise ValueError(
+                "COUPON_DB_CERT_FILE/COUPON_DB_KEY_FILE need COUPON_DB_CA_FILE: a client "
+                "certificate is only sent over TLS whose server certificate is verified"
+            )
+        tls_context(*files.items())
+        return self
+
+    def kafka_tls(self) -> ssl.SSLContext | None:
+        """The TLS context of every Kafka client, or None when the protocol has no TLS."""
+        if not self.kafka_security_protocol.endswith("SSL"):
+            return None
+        return tls_context(
+            ("COUPON_KAFKA_CA_FILE", self.kafka_ca_file),
+            ("COUPON_KAFKA_CERT_FILE", self.kafka_cert_file),
+            ("COUPON_KAFKA_KEY_FILE", self.kafka_key_file),
+        )
+
+    def db_tls(self) -> ssl.SSLContext | None:
+        """The TLS context of the database connections, or None (plain, as the URL says)."""
+        if self.db_ca_file is None:
+            return None
+        return tls_context(
+            ("COUPON_DB_CA_FILE", self.db_ca_file),
+            ("COUPON_DB_CERT_FILE", self.db_cert_file),
+            ("COUPON_DB_KEY_FILE", self.db_key_file),
+        )
+
+    @property
+    def kafka_user(self) -> str:
+        """Who the service is to Kafka, for error messages: the SASL user or the TLS client."""
+        if self.kafka_username:
+            return self.kafka_username
+        if self.kafka_cert_file:
+            return f"the client certificate {self.kafka_cert_file}"
+        return "ANONYMOUS"
 
     @property
     def bootstrap_servers(self) -> str:
@@ -130,3 +255,45 @@ class Settings(BaseSettings):
     def db_url_safe(self) -> str:
         """The database URL with its password masked, for logs."""
         return make_url(self.db_url.get_secret_value()).render_as_string(hide_password=True)
+
+
+def tls_context(
+    ca: tuple[str, Path | None],
+    cert: tuple[str, Path | None] = ("", None),
+    key: tuple[str, Path | None] = ("", None),
+) -> ssl.SSLContext:
+    """A client TLS context that verifies the server's certificate and hostname, always.
+
+    Each argument is (setting name, path); a file that is missing or not the PEM it should
+    be raises ValueError naming its setting. No CA file means the system trust store.
+    """
+    (ca_name, ca_file), (cert_name, cert_file), (key_name, key_file) = ca, cert, key
+    for name, path, kind in (
+        (ca_name, ca_file, "CERTIFICATE"),
+        (cert_name, cert_file, "CERTIFICATE"),
+        (key_name, key_file, "PRIVATE KEY"),
+    ):
+        if path is None:
+            continue
+        try:
+            text = path.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"{name}={path}: cannot read it: {exc.strerror}") from None
+        if b"-----BEGIN " not in text or kind.encode() not in text:
+            raise ValueError(f"{name}={path}: not a PEM file with a {kind}")
+    if key_file is not None and cert_file is None:
+        raise ValueError(f"{key_name} given without {cert_name}")
+    try:
+        # With a CA file only that CA is trusted; without, the system's.
+        context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    except ssl.SSLError as exc:
+        raise ValueError(f"{ca_name}={ca_file}: not a valid PEM certificate: {exc}") from None
+    if cert_file is not None:
+        try:
+            context.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+        except ssl.SSLError as exc:
+            raise ValueError(
+                f"{cert_name}={cert_file} and {key_name}={key_file}: not a certificate and its "
+                f"unencrypted private key: {exc}"
+            ) from None
+    return context

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.admin import NewTopic
+from aiokafka.errors import TopicAlreadyExistsError, for_code
 
+from coupon_stream.connectors import clients
 from coupon_stream.connectors.kafka import behind
 from coupon_stream.core.errors import retry
 from coupon_stream.ops.settings import STATE_FORMAT, STATE_TABLES, Settings
@@ -43,9 +44,8 @@ async def partitions_of(consumer: AIOKafkaConsumer, topics: list[str]) -> list[T
 
 async def lag(settings: Settings) -> tuple[dict[TopicPartition, int], int]:
     """Uncommitted messages per partition (intake and state groups), and dead letters so far."""
-    bootstrap = settings.bootstrap_servers
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    consumer = clients.consumer(settings)
+    admin = clients.admin(settings)
     await consumer.start()
     await admin.start()
     try:
@@ -70,14 +70,16 @@ async def lag(settings: Settings) -> tuple[dict[TopicPartition, int], int]:
         await consumer.stop()
 
 
-async def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+async def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
     """Each partition's end offset (empty if the topic does not exist)."""
-    return (await end_offsets_by_topic(bootstrap, [topic]))[topic]
+    return (await end_offsets_by_topic(settings, [topic]))[topic]
 
 
-async def end_offsets_by_topic(bootstrap: str, topics: list[str]) -> dict[str, dict[int, int]]:
+async def end_offsets_by_topic(
+    settings: Settings, topics: list[str]
+) -> dict[str, dict[int, int]]:
     """Topic -> partition -> end offset, with one connection; a missing topic maps to {}."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    consumer = clients.consumer(settings)
     try:
         await consumer.start()
         tps = await partitions_of(consumer, topics)
@@ -90,9 +92,9 @@ async def end_offsets_by_topic(bootstrap: str, topics: list[str]) -> dict[str, d
         await consumer.stop()
 
 
-async def records_in(bootstrap: str, topic: str) -> int:
+async def records_in(settings: Settings, topic: str) -> int:
     """Records ever written to a topic (end offsets summed); compaction may have removed some."""
-    return sum((await end_offsets(bootstrap, topic)).values())
+    return sum((await end_offsets(settings, topic)).values())
 
 
 def _pending_from_metrics(port: int) -> float | None:
@@ -109,7 +111,7 @@ def _pending_from_metrics(port: int) -> float | None:
 
 async def collect(settings: Settings) -> Status:
     lags, dead = await lag(settings)
-    sink = ResultSink(settings.db_url.get_secret_value(), settings.result_table)
+    sink = ResultSink.of(settings)
     sink.max_backoff = 0.5
     rows: int | None
     try:
@@ -202,7 +204,7 @@ CHANGELOG_CONFIG = {
 
 
 async def create_topics(settings: Settings, topics: list[NewTopic]) -> list[str]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    admin = clients.admin(settings)
     await admin.start()
     created = []
     try:
@@ -211,7 +213,7 @@ async def create_topics(settings: Settings, topics: list[NewTopic]) -> list[str]
             if code == 0:
                 created.append(topic)
             elif code != TopicAlreadyExistsError.errno:
-                raise RuntimeError(f"creating topic {topic} failed: error {code} {message}")
+                raise for_code(code)(topic, *message)  # classified like any Kafka error
     finally:
         await admin.close()
     return created
@@ -266,7 +268,7 @@ async def check_deployment(settings: Settings) -> None:
     local = legacy_state_dirs(settings.data_dir)
     if local:
         raise DeploymentError(_legacy_message([str(p) for p in local]))
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers)
+    consumer = clients.consumer(settings)
     try:
         await consumer.start()
         # Without subscriptions this asks for all topics' metadata: asking for named topics

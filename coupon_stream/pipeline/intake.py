@@ -24,8 +24,9 @@ from typing import Any, Protocol
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
+from coupon_stream.connectors import clients
 from coupon_stream.connectors.kafka import DeadLetter, KafkaOut, behind
-from coupon_stream.core.errors import Backoff, Fault, classify
+from coupon_stream.core.errors import Backoff, Fault, classify, refusal
 from coupon_stream.core.records import (
     BadRecord,
     Row,
@@ -133,8 +134,8 @@ class Intake:
 
     async def run(self) -> None:
         s = self.settings
-        consumer = self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.bootstrap_servers,
+        consumer = self.consumer = clients.consumer(
+            s,
             group_id=s.intake_group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -144,8 +145,8 @@ class Intake:
             fetch_max_bytes=16 * 1024 * 1024,
         )
         consumer.subscribe(list(self.sources), listener=_CommitFirst(self))
-        await consumer.start()
         try:
+            await consumer.start()
             await self._check_topics(consumer)
             while True:
                 batches = await consumer.getmany(timeout_ms=500, max_records=s.intake_batch)
@@ -153,6 +154,11 @@ class Intake:
                     async with self._lock:
                         await self.forward_until_sent(batches)
                         await self._commit(consumer, batches)
+        except Exception as exc:
+            refused = clients.kafka_refused(s, exc, "running the intake")
+            if refused is not None:
+                raise refused from exc
+            raise
         finally:
             await consumer.stop()
 
@@ -209,6 +215,8 @@ class Intake:
             await consumer.commit(offsets)
             self.committed.update(offsets)
         except (CommitFailedError, KafkaError) as exc:
+            if refusal(exc) is not None:
+                raise  # the group's ACL: every commit would fail, never replay for ever
             # The batch is already forwarded; whoever gets these partitions replays it, and the
             # state stage counts each copy once.
             log.warning("intake commit failed, the batch will be replayed: %s", exc)

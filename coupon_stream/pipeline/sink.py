@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,15 +21,24 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.dialects import mysql, sqlite
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.schema import CreateTable
 
-from coupon_stream.core.errors import Backoff, Fault, classify, is_deadlock, reason
+from coupon_stream.core.errors import (
+    AccessRefused,
+    Backoff,
+    Fault,
+    classify,
+    is_deadlock,
+    reason,
+    refusal,
+)
 from coupon_stream.core.records import MAX_TIMESTAMP_CHARS
 from coupon_stream.core.state import ResultRow
 from coupon_stream.ops import metrics
+from coupon_stream.ops.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +79,14 @@ def result_table(name: str, metadata: MetaData | None = None) -> Table:
     )
 
 
-def _engine(url: str) -> AsyncEngine:
+def _engine(url: str, tls: ssl.SSLContext | None) -> AsyncEngine:
     # A statement that hangs (a server gone silent) fails after READ_TIMEOUT and is retried,
     # well before Faust's 60 s rebalance timeout could hand its partitions to another worker.
-    connect_args = (
+    connect_args: dict[str, object] = (
         {"connect_timeout": 5, "read_timeout": READ_TIMEOUT} if url.startswith("mysql") else {}
     )
+    if tls is not None:
+        connect_args["ssl"] = tls  # asyncmy: TLS, the certificate and hostname verified
     return create_async_engine(
         url, pool_pre_ping=True, pool_recycle=1800, connect_args=connect_args
     )
@@ -99,9 +112,13 @@ class ResultSink:
     committed ahead of the table.
     """
 
-    def __init__(self, url: str, table_name: str, safe_url: str = "") -> None:
+    def __init__(
+        self, url: str, table_name: str, safe_url: str = "", tls: ssl.SSLContext | None = None
+    ) -> None:
         self._url = url
         self._safe_url = safe_url or "<database>"
+        self._user = make_url(url).username or "<none>"
+        self._tls = tls
         self.table = result_table(table_name)
         self._engine: AsyncEngine | None = None
         self._upsert = self._make_upsert(url)(self.table)
@@ -139,8 +156,41 @@ class ResultSink:
             raise ValueError("COUPON_DB_URL must be a mysql+asyncmy:// or sqlite+aiosqlite:// URL")
         return build
 
+    @classmethod
+    def of(cls, settings: Settings) -> ResultSink:
+        """The sink the settings describe: URL, table and TLS."""
+        return cls(
+            settings.db_url.get_secret_value(),
+            settings.result_table,
+            settings.db_url_safe,
+            settings.db_tls(),
+        )
+
+    def _refused(self, exc: BaseException) -> AccessRefused | None:
+        what = refusal(exc)
+        if what is None:
+            return None
+        return AccessRefused(f"database {self._safe_url} refused user {self._user}: {what}")
+
+    async def check_access(self, timeout: float = 15.0) -> None:
+        """Connect once: raise AccessRefused if the database refuses the service's account.
+
+        A database that does not answer is left to the writes' retries.
+        """
+        engine = _engine(self._url, self._tls)
+        try:
+            async with asyncio.timeout(timeout), engine.connect() as conn:
+                await conn.execute(select(1))
+        except Exception as exc:  # noqa: BLE001 - a refusal raises below, the rest is an outage
+            refused = self._refused(exc)
+            if refused is not None:
+                raise refused from None
+            log.warning("database %s did not answer: %s", self._safe_url, reason(exc))
+        finally:
+            await engine.dispose()
+
     async def start(self) -> None:
-        self._engine = _engine(self._url)
+        self._engine = _engine(self._url, self._tls)
         try:
             await self._retry("create table", self._create_table)
         except _Refused as refused:
@@ -295,6 +345,9 @@ class ResultSink:
             try:
                 await fn(*args)
             except (SQLAlchemyError, OSError) as exc:
+                refused = self._refused(exc)
+                if refused is not None:
+                    raise refused from None  # the account, not the data: stop the worker
                 if classify(exc) is Fault.PERMANENT:
                     # The database answered, so it is up; its "no" is about the data.
                     self._up(down, failures)

@@ -288,9 +288,8 @@ class Pipeline:
 
     async def changelog_size(self) -> int:
         """Records in the state tables' changelog topics (end offsets summed)."""
-        return sum(
-            [await status.records_in(BOOTSTRAP, t) for t in self.settings.changelog_topics.values()]
-        )
+        s = self.settings
+        return sum([await status.records_in(s, t) for t in s.changelog_topics.values()])
 
     async def metric(self, worker: Worker, name: str, **labels: str) -> float:
         """Sum of a Prometheus metric's samples on one worker's /metrics, matching `labels`."""

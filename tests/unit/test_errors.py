@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import ssl
 import time
 
 import pytest
@@ -11,7 +12,15 @@ from aiokafka import errors as kafka
 from asyncmy import errors as asyncmy
 from sqlalchemy import exc as sa
 
-from coupon_stream.core.errors import Backoff, Fault, classify, is_deadlock, is_too_large, reason
+from coupon_stream.core.errors import (
+    Backoff,
+    Fault,
+    classify,
+    is_deadlock,
+    is_too_large,
+    reason,
+    refusal,
+)
 
 
 def mysql(code: int, message: str, cls: type = asyncmy.OperationalError) -> sa.DBAPIError:
@@ -95,7 +104,6 @@ def test_the_too_large_kafka_errors_are_told_apart_from_other_permanent_ones() -
         (1040, "Too many connections"),
         (1053, "Server shutdown in progress"),
         (1146, "Table 'coupons.tddl_output' doesn't exist"),  # unknown code: recreated, retried
-        (1045, "Access denied for user 'coupons'"),  # a stall an operator sees, not bad data
     ],
 )
 def test_mysql_deadlock_timeout_and_connection_errors_are_transient(
@@ -198,3 +206,52 @@ async def test_backoff_doubles_up_to_its_maximum_and_resets() -> None:
     assert backoff.delay == 0.01
     with pytest.raises(ValueError):
         Backoff(1.0, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("exc", "said"),
+    [
+        (
+            kafka.SaslAuthenticationFailed("Authentication failed during authentication"),
+            "authentication failed",
+        ),
+        (kafka.UnsupportedSaslMechanismError("SCRAM-SHA-256 not enabled"), "authentication failed"),
+        (kafka.TopicAuthorizationFailedError({"orders"}), "on topic orders"),
+        (kafka.GroupAuthorizationFailedError("app-intake"), "on group app-intake"),
+        (kafka.ClusterAuthorizationFailedError(), "on cluster"),
+        (mysql(1045, "Access denied for user 'coupons'@'127.0.0.1'"), "1045: Access denied"),
+        (mysql(1142, "INSERT command denied to user 'coupons'"), "1142: INSERT command denied"),
+        (asyncmy.OperationalError(4151, "Access denied, this account is locked"), "4151"),
+    ],
+)
+def test_refused_access_is_permanent_and_says_what_was_refused(exc, said) -> None:
+    assert said in (refusal(exc) or "")
+    assert classify(exc) is Fault.PERMANENT
+
+
+def test_a_certificate_that_does_not_verify_is_refused_even_when_wrapped() -> None:
+    verify = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    verify.verify_message = "unable to get local issuer certificate"
+    wrapped = asyncmy.OperationalError(2003, "Can't connect to MySQL server")
+    wrapped.__cause__ = verify
+    assert refusal(wrapped) == (
+        "the server's certificate did not verify: unable to get local issuer certificate"
+    )
+    assert classify(wrapped) is Fault.PERMANENT
+    assert classify(ssl.SSLError(1, "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] alert")) is (
+        Fault.PERMANENT
+    )
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        kafka.KafkaConnectionError("Unable to bootstrap from [('127.0.0.1', 9092)]"),
+        ConnectionRefusedError(111, "Connection refused"),
+        TimeoutError(),
+        ssl.SSLEOFError(8, "EOF occurred in violation of protocol"),  # a connection cut short
+    ],
+)
+def test_an_unreachable_peer_is_no_refusal(exc) -> None:
+    assert refusal(exc) is None
+    assert classify(exc) is Fault.TRANSIENT

@@ -47,3 +47,109 @@ def test_every_metric_is_documented_in_the_readme():
     }
     documented = set(re.findall(r"^\| `(coupon_[a-z_]+)` \|", README.read_text(), re.M))
     assert exported == documented
+
+
+# -- secured connections ------------------------------------------------------------------
+
+
+@pytest.fixture
+def pems(tmp_path):
+    from tests import certs
+
+    return certs.make(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("values", "said"),
+    [
+        (
+            {"kafka_security_protocol": "SASL_SSL", "kafka_username": "u"},
+            "SASL_SSL needs COUPON_KAFKA_SASL_MECHANISM, COUPON_KAFKA_PASSWORD",
+        ),
+        (
+            {"kafka_username": "u", "kafka_password": "hunter2"},
+            "COUPON_KAFKA_USERNAME, COUPON_KAFKA_PASSWORD given, but "
+            "COUPON_KAFKA_SECURITY_PROTOCOL=PLAINTEXT sends no credentials",
+        ),
+        (
+            {"kafka_security_protocol": "SSL", "kafka_sasl_mechanism": "PLAIN"},
+            "COUPON_KAFKA_SASL_MECHANISM given, but COUPON_KAFKA_SECURITY_PROTOCOL=SSL",
+        ),
+        (
+            {
+                "kafka_security_protocol": "SASL_PLAINTEXT",
+                "kafka_sasl_mechanism": "PLAIN",
+                "kafka_username": "u",
+                "kafka_password": "hunter2",
+                "kafka_ca_file": "ca.pem",
+            },
+            "COUPON_KAFKA_CA_FILE given, but COUPON_KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT "
+            "does not use TLS",
+        ),
+        ({"kafka_security_protocol": "TLS"}, "kafka_security_protocol"),
+        ({"kafka_sasl_mechanism": "GSSAPI"}, "kafka_sasl_mechanism"),
+    ],
+)
+def test_kafka_security_that_could_not_work_is_refused(monkeypatch, values, said):
+    for name, value in values.items():
+        monkeypatch.setenv(f"COUPON_{name.upper()}", value)
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert said in str(refused.value)
+    assert "hunter2" not in str(refused.value)
+
+
+def test_certificate_files_are_checked_by_setting_name(tmp_path, pems):
+    tls = {"kafka_security_protocol": "SSL"}
+    cases = [
+        ({"kafka_ca_file": tmp_path / "missing.pem"}, "COUPON_KAFKA_CA_FILE=.*cannot read it"),
+        ({"kafka_ca_file": pems["ca"].key}, "COUPON_KAFKA_CA_FILE=.*not a PEM file with a CERT"),
+        (
+            {"kafka_cert_file": pems["client"].cert, "kafka_key_file": pems["server"].key},
+            "COUPON_KAFKA_CERT_FILE=.* and COUPON_KAFKA_KEY_FILE=.*: not a certificate and its",
+        ),
+        ({"kafka_key_file": pems["client"].key}, "COUPON_KAFKA_KEY_FILE given without COUPON_"),
+    ]
+    for values, said in cases:
+        with pytest.raises(ValidationError, match=said):
+            Settings(**tls, **values)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    with pytest.raises(ValidationError, match="COUPON_KAFKA_CA_FILE=.*not a valid PEM"):
+        Settings(**tls, kafka_ca_file=garbage)
+    ok = Settings(
+        **tls,
+        kafka_ca_file=pems["ca"].cert,
+        kafka_cert_file=pems["client"].cert,
+        kafka_key_file=pems["client"].key,
+    )
+    assert ok.kafka_user == f"the client certificate {pems['client'].cert}"
+
+
+def test_database_tls_needs_mysql_and_a_ca(pems):
+    mysql = "mysql+asyncmy://coupons:pw@db:3306/coupons"
+    with pytest.raises(ValidationError, match="need a mysql\\+asyncmy:// COUPON_DB_URL"):
+        Settings(db_ca_file=pems["ca"].cert)
+    with pytest.raises(ValidationError, match="COUPON_DB_CERT_FILE/COUPON_DB_KEY_FILE need COUP"):
+        Settings(db_url=mysql, db_cert_file=pems["client"].cert, db_key_file=pems["client"].key)
+    with pytest.raises(ValidationError, match="COUPON_DB_CA_FILE=.*cannot read it"):
+        Settings(db_url=mysql, db_ca_file="/nonexistent/ca.pem")
+    s = Settings(db_url=mysql, db_ca_file=pems["ca"].cert)
+    context = s.db_tls()
+    assert context is not None and context.check_hostname and len(context.get_ca_certs()) == 1
+    assert Settings(db_url=mysql).db_tls() is None
+
+
+def test_the_kafka_password_is_never_shown(monkeypatch, caplog):
+    monkeypatch.setenv("COUPON_KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    monkeypatch.setenv("COUPON_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("COUPON_KAFKA_USERNAME", "coupon")
+    monkeypatch.setenv("COUPON_KAFKA_PASSWORD", "hunter2")
+    s = Settings()
+    assert s.kafka_password is not None and s.kafka_password.get_secret_value() == "hunter2"
+    logging.getLogger("x").info("settings %s %r", s, s)
+    assert "hunter2" not in repr(s) and "hunter2" not in str(s) and "hunter2" not in caplog.text
+    monkeypatch.setenv("COUPON_PARTITIONS", "0")  # any error: the inputs stay out of it
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert "hunter2" not in str(refused.value)

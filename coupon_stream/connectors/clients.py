@@ -1,0 +1,119 @@
+"""Every Kafka client of the service and its CLI, built here from one Settings.
+
+The security settings (SASL, TLS: README, "Connecting to a secured Kafka and MySQL") reach
+every client only through `kafka_auth`, so no client can speak PLAINTEXT to a cluster that
+wants TLS because one constructor forgot them. Faust's own clients get the same arguments
+through its credentials (`coupon_stream.app.broker_credentials`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.conn import create_conn
+from aiokafka.errors import KafkaError
+
+from coupon_stream.core.errors import AccessRefused, refusal
+from coupon_stream.ops.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def kafka_auth(settings: Settings) -> dict[str, Any]:
+    """The security arguments aiokafka's clients take, for the configured protocol."""
+    s = settings
+    auth: dict[str, Any] = {"security_protocol": s.kafka_security_protocol}
+    context = s.kafka_tls()
+    if context is not None:
+        auth["ssl_context"] = context
+    if s.kafka_security_protocol.startswith("SASL_"):
+        assert s.kafka_password is not None  # Settings refuses SASL without one
+        auth.update(
+            sasl_mechanism=s.kafka_sasl_mechanism,
+            sasl_plain_username=s.kafka_username,
+            sasl_plain_password=s.kafka_password.get_secret_value(),
+        )
+    return auth
+
+
+def consumer(settings: Settings, *topics: str, **options: Any) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        *topics, bootstrap_servers=settings.bootstrap_servers, **kafka_auth(settings), **options
+    )
+
+
+def producer(settings: Settings, **options: Any) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap_servers, **kafka_auth(settings), **options
+    )
+
+
+def admin(settings: Settings, **options: Any) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(
+        bootstrap_servers=settings.bootstrap_servers, **kafka_auth(settings), **options
+    )
+
+
+def kafka_refused(settings: Settings, exc: BaseException, doing: str) -> AccessRefused | None:
+    """`exc` as an AccessRefused naming the brokers, the user and what was refused, or None.
+
+    `doing` says what the service was doing, e.g. "reading topics a, b in group g": with an
+    ACL refusal (the resource in `exc`) it names the operation that needs granting.
+    """
+    what = refusal(exc)
+    if what is None:
+        return None
+    if isinstance(exc, KafkaError):
+        resources = [str(a) for a in exc.args if isinstance(a, str)]
+        resources += [str(t) for a in exc.args if isinstance(a, list | set) for t in a]
+        needs = sorted({needed(settings, r) for r in resources})
+        if needs:
+            what += "; the worker needs " + "; ".join(needs) + " (README, ACLs)"
+    return AccessRefused(
+        f"Kafka {settings.bootstrap_servers} ({settings.kafka_security_protocol}) refused "
+        f"{settings.kafka_user} while {doing}: {what}"
+    )
+
+
+def needed(settings: Settings, resource: str) -> str:
+    """The operations one worker needs on a topic or group (README, "ACLs")."""
+    s = settings
+    if resource in (s.orders_topic, s.refunds_topic):
+        return f"READ, DESCRIBE on topic {resource}"
+    if resource == s.dlq_topic:
+        return f"WRITE, DESCRIBE, CREATE on topic {resource}"
+    if resource.startswith(s.app_id):
+        return f"ALL on topics and groups prefixed {s.app_id}"
+    return f"nothing on {resource}: check the COUPON_*_TOPIC settings"
+
+
+async def check_kafka_access(settings: Settings, timeout: float = 15.0) -> None:
+    """Connect to the bootstrap brokers once, as every client will: raise if refused.
+
+    aiokafka's clients log a refused handshake (a wrong password, a certificate that does
+    not verify) as "Unable to bootstrap" and retry it like an outage, for ever; this asks
+    the same question once, before anything starts, and tells the two apart. A broker that
+    does not answer is left to the clients' retries.
+    """
+    auth = kafka_auth(settings)
+    refused: AccessRefused | None = None
+    for server in settings.bootstrap_servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            conn = await asyncio.wait_for(
+                create_conn(host, int(port), request_timeout_ms=int(timeout * 1000), **auth),
+                timeout,
+            )
+        except Exception as exc:  # noqa: BLE001 - a refusal raises below, the rest is an outage
+            refused = kafka_refused(settings, exc, f"connecting to {server}") or refused
+            if refused is None:
+                log.warning("Kafka broker %s did not answer: %r", server, exc)
+            continue
+        conn.close()
+        return
+    if refused is not None:
+        raise refused

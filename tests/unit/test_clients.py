@@ -1,0 +1,152 @@
+"""One place builds every Kafka client's security arguments; Faust's clients get the same."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
+
+from coupon_stream.app import broker_credentials
+from coupon_stream.connectors import clients
+from coupon_stream.core.errors import AccessRefused
+from coupon_stream.ops.settings import Settings
+from tests import certs
+
+SASL = {"kafka_sasl_mechanism": "SCRAM-SHA-512", "kafka_username": "coupon"}
+
+
+@pytest.fixture
+def pems(tmp_path: Path) -> dict[str, certs.Pem]:
+    return certs.make(tmp_path)
+
+
+def settings(protocol: str, pems: dict[str, certs.Pem], **extra: object) -> Settings:
+    values: dict[str, object] = {"kafka_security_protocol": protocol, **extra}
+    if protocol.startswith("SASL_"):
+        values |= {**SASL, "kafka_password": "s3cret"}
+    if protocol.endswith("SSL"):
+        values["kafka_ca_file"] = pems["ca"].cert
+    return Settings(**values)
+
+
+def test_plaintext_is_the_default_and_sends_nothing_else() -> None:
+    assert clients.kafka_auth(Settings()) == {"security_protocol": "PLAINTEXT"}
+
+
+@pytest.mark.parametrize("protocol", ["SSL", "SASL_SSL"])
+def test_tls_verifies_the_certificate_and_the_hostname(protocol, pems) -> None:
+    context = clients.kafka_auth(settings(protocol, pems))["ssl_context"]
+    assert context.verify_mode is ssl.CERT_REQUIRED
+    assert context.check_hostname
+    assert [c["subject"] for c in context.get_ca_certs()] == [
+        ((("commonName", "coupon-stream test CA"),),)
+    ]
+
+
+def test_sasl_sends_the_user_over_tls_or_plaintext(pems) -> None:
+    auth = clients.kafka_auth(settings("SASL_SSL", pems))
+    assert {k: v for k, v in auth.items() if k != "ssl_context"} == {
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": "coupon",
+        "sasl_plain_password": "s3cret",
+    }
+    plain = clients.kafka_auth(settings("SASL_PLAINTEXT", pems))
+    assert plain["security_protocol"] == "SASL_PLAINTEXT" and "ssl_context" not in plain
+
+
+def test_without_a_ca_file_the_system_trust_store_is_used() -> None:
+    context = clients.kafka_auth(Settings(kafka_security_protocol="SSL"))["ssl_context"]
+    assert context.verify_mode is ssl.CERT_REQUIRED and context.check_hostname
+    assert context.cert_store_stats() == ssl.create_default_context().cert_store_stats()
+
+
+@pytest.mark.parametrize("protocol", ["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"])
+def test_faust_clients_get_the_same_arguments(protocol, pems) -> None:
+    s = settings(protocol, pems)
+    ours = clients.kafka_auth(s)
+    theirs = dict(credentials_to_aiokafka_auth(broker_credentials(s)))
+    if "ssl_context" in ours:
+        assert theirs.pop("ssl_context").check_hostname
+        ours.pop("ssl_context")
+    assert {k: v for k, v in theirs.items() if v is not None} == ours
+
+
+def test_no_kafka_client_is_constructed_anywhere_else() -> None:
+    package = Path(clients.__file__).parents[1]
+    constructors = ("AIOKafkaConsumer(", "AIOKafkaProducer(", "AIOKafkaAdminClient(")
+    elsewhere = [
+        f"{path.relative_to(package)}: {name}"
+        for path in package.rglob("*.py")
+        if path.name != "clients.py"
+        for name in constructors
+        if name in path.read_text()
+    ]
+    assert elsewhere == []
+
+
+@pytest.fixture
+async def tls_server(pems, request) -> AsyncIterator[str]:
+    """host:port of a TLS listener with the test server certificate (it speaks no Kafka)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pems["server"].cert, pems["server"].key)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    host = getattr(request, "param", "127.0.0.1")
+    server = await asyncio.start_server(serve, host, 0, ssl=context)
+    yield f"{host}:{server.sockets[0].getsockname()[1]}"
+    server.close()
+
+
+async def test_a_broker_whose_certificate_does_not_verify_is_refused(tls_server, tmp_path):
+    other = certs.make(tmp_path / "other", ca_name="another CA")
+    s = Settings(
+        broker=tls_server,
+        kafka_security_protocol="SSL",
+        kafka_ca_file=other["ca"].cert,
+    )
+    with pytest.raises(AccessRefused) as refused:
+        await clients.check_kafka_access(s, timeout=5)
+    assert str(refused.value) == (
+        f"Kafka {tls_server} (SSL) refused ANONYMOUS while connecting to {tls_server}: the "
+        "server's certificate did not verify: unable to get local issuer certificate"
+    )
+
+
+@pytest.mark.parametrize("tls_server", ["127.0.0.2"], indirect=True)
+async def test_a_broker_under_another_name_is_refused(tls_server, pems):
+    # The certificate names 127.0.0.1 and localhost only.
+    s = Settings(broker=tls_server, kafka_security_protocol="SSL", kafka_ca_file=pems["ca"].cert)
+    with pytest.raises(AccessRefused, match="IP address mismatch"):
+        await clients.check_kafka_access(s, timeout=5)
+
+
+async def test_a_broker_that_does_not_answer_is_left_to_the_retries(caplog) -> None:
+    s = Settings(broker="127.0.0.1:1")  # nothing listens there
+    await clients.check_kafka_access(s, timeout=5)
+    assert "did not answer" in caplog.text
+
+
+def test_an_acl_refusal_names_what_the_worker_needs() -> None:
+    from aiokafka import errors
+
+    s = Settings(app_id="shop", orders_topic="orders")
+    refused = clients.kafka_refused(
+        s, errors.TopicAuthorizationFailedError({"orders"}), "running the intake"
+    )
+    assert str(refused) == (
+        "Kafka 127.0.0.1:9092 (PLAINTEXT) refused ANONYMOUS while running the intake: not "
+        "authorized (TopicAuthorizationFailedError) on topic orders; the worker needs READ, "
+        "DESCRIBE on topic orders (README, ACLs)"
+    )
+    group = clients.kafka_refused(
+        s, errors.GroupAuthorizationFailedError("shop-intake"), "running the intake"
+    )
+    assert "ALL on topics and groups prefixed shop" in str(group)
+    assert clients.kafka_refused(s, errors.KafkaConnectionError("down"), "x") is None
