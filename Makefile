@@ -1,4 +1,4 @@
-# coupon-stream: make demo | make test | make bench | make up | make down | make image
+# coupon-stream: make demo | make test | make bench | make up | make secure-up | make down | make image
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR := .local/demo
 
-.PHONY: install up down demo test unit integration bench lint clean containers image
+.PHONY: install up secure-up down demo test unit integration bench lint clean containers image
 
 ifeq ($(CI),true)
 # CI on the project's machines: HTTPS goes through a proxy that re-signs TLS, so the image
@@ -27,7 +27,14 @@ install: $(STAMP)
 up:
 	bash scripts/services.sh up
 
+# A secured Kafka (SASL_SSL on 19092, mutual TLS on 19093) and a TLS-only MariaDB (3307)
+# for the integration tests, next to the plain ones of `make up` (scripts/secure.sh;
+# `bash scripts/secure.sh env` prints their addresses, certificates and test users).
+secure-up:
+	bash scripts/secure.sh start
+
 down:
+	bash scripts/secure.sh stop || true
 	bash scripts/services.sh down
 
 lint: install
@@ -36,7 +43,7 @@ lint: install
 unit: install
 	$(BIN)/pytest -q tests/unit
 
-integration: install up containers
+integration: install up secure-up containers
 	$(BIN)/pytest -q tests/integration
 
 # The container test (tests/integration/test_containers.py) builds the images itself
@@ -56,7 +63,7 @@ image: install
 	bash scripts/podman.sh install
 	bash scripts/image.sh all
 
-test: install up containers
+test: install up secure-up containers
 	$(BIN)/pytest -q -ra tests
 
 bench: install up

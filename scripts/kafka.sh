@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Local single-node Apache Kafka (KRaft) for development and tests.
 #
-#   scripts/kafka.sh start|stop|status|restart
+#   scripts/kafka.sh start|stop|status|restart|libs
+#
+# libs only fetches the broker jars into .local/kafka/libs if they are missing
+# (scripts/secure.sh uses it for its secured broker).
 #
 # Everything lives under <repo>/.local/kafka:
 #   libs/               broker jars, fetched from Maven Central via infra/kafka/pom.xml
@@ -288,7 +291,7 @@ cmd_status() {
 }
 
 usage() {
-  echo "usage: $0 start|stop|status|restart" >&2
+  echo "usage: $0 start|stop|status|restart|libs" >&2
 }
 
 main() {
@@ -300,6 +303,7 @@ main() {
     start) cmd_start ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
+    libs) ensure_libs ;;
     restart)
       cmd_stop
       cmd_start

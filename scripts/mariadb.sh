@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Local MariaDB for development and tests (no systemd needed; run as root).
 #
-#   scripts/mariadb.sh start|stop|status
+#   scripts/mariadb.sh start|stop|status|install
+#
+# install only installs mariadb-server with apt if it is missing (no server is
+# started; scripts/secure.sh uses it for its TLS-only MariaDB).
 #
 # start installs mariadb-server with apt if needed, runs mariadbd on
 # 127.0.0.1:3306 in the background (log in <repo>/.local/mariadb/mariadbd.log)
@@ -198,7 +201,7 @@ cmd_status() {
 }
 
 usage() {
-  echo "usage: $0 start|stop|status" >&2
+  echo "usage: $0 start|stop|status|install" >&2
 }
 
 main() {
@@ -210,6 +213,7 @@ main() {
     start) cmd_start ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
+    install) ensure_installed ;;
     restart)
       cmd_stop
       cmd_start

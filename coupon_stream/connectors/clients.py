@@ -15,9 +15,8 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.conn import create_conn
-from aiokafka.errors import KafkaError
 
-from coupon_stream.core.errors import AccessRefused, refusal
+from coupon_stream.core.errors import KAFKA_AUTHORIZATION, AccessRefused, refusal
 from coupon_stream.ops.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -67,7 +66,7 @@ def kafka_refused(settings: Settings, exc: BaseException, doing: str) -> AccessR
     what = refusal(exc)
     if what is None:
         return None
-    if isinstance(exc, KafkaError):
+    if isinstance(exc, tuple(KAFKA_AUTHORIZATION)):
         resources = [str(a) for a in exc.args if isinstance(a, str)]
         resources += [str(t) for a in exc.args if isinstance(a, list | set) for t in a]
         needs = sorted({needed(settings, r) for r in resources})

@@ -209,11 +209,11 @@ async def create_topics(settings: Settings, topics: list[NewTopic]) -> list[str]
     created = []
     try:
         response = await retry(lambda: admin.create_topics(topics))
-        for topic, code, *message in response.topic_errors:
+        for topic, code, *_ in response.topic_errors:
             if code == 0:
                 created.append(topic)
             elif code != TopicAlreadyExistsError.errno:
-                raise for_code(code)(topic, *message)  # classified like any Kafka error
+                raise for_code(code)(topic)  # classified like any Kafka error
     finally:
         await admin.close()
     return created

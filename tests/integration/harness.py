@@ -14,11 +14,12 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka import TopicPartition
+from aiokafka.admin import NewTopic
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from coupon_stream.connectors import clients
 from coupon_stream.ops import status
 from coupon_stream.ops.settings import Settings
 
@@ -72,18 +73,26 @@ class Pipeline:
     name: str = field(default_factory=lambda: "t" + uuid.uuid4().hex[:10])
     workers: list[Worker] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)
+    bootstrap: str = BOOTSTRAP
+    db_url: str = MYSQL_URL
+    # How the test itself reaches Kafka and the database (COUPON_* security settings): on a
+    # secured cluster, as an administrator, whatever the workers are allowed.
+    admin_env: dict[str, str] = field(default_factory=dict)
+    # Input and dead-letter topics start with the app id unless told otherwise; on a
+    # secured cluster they must not, or the app id's prefixed ACL would cover them.
+    topic_prefix: str = ""
 
     @property
     def orders_topic(self) -> str:
-        return f"{self.name}-orders"
+        return f"{self.topic_prefix}{self.name}-orders"
 
     @property
     def refunds_topic(self) -> str:
-        return f"{self.name}-refunds"
+        return f"{self.topic_prefix}{self.name}-refunds"
 
     @property
     def dlq_topic(self) -> str:
-        return f"{self.name}-dlq"
+        return f"{self.topic_prefix}{self.name}-dlq"
 
     @property
     def table(self) -> str:
@@ -96,8 +105,8 @@ class Pipeline:
     def env(self, index: int, port: int) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
-            COUPON_BROKER=f"kafka://{BOOTSTRAP}",
-            COUPON_DB_URL=MYSQL_URL,
+            COUPON_BROKER=f"kafka://{self.bootstrap}",
+            COUPON_DB_URL=self.db_url,
             COUPON_APP_ID=self.name,
             COUPON_ORDERS_TOPIC=self.orders_topic,
             COUPON_REFUNDS_TOPIC=self.refunds_topic,
@@ -114,7 +123,7 @@ class Pipeline:
     # -- topics ----------------------------------------------------------------------------
 
     async def create_topics(self, orders: int = 3, refunds: int = 2) -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+        admin = clients.admin(self.admin)
         await admin.start()
         try:
             await admin.create_topics(
@@ -128,7 +137,7 @@ class Pipeline:
 
     async def produce(self, messages: list[tuple[str, int | None, bytes]]) -> None:
         """Send (topic, partition or None, value) in order; wait for every ack."""
-        producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", linger_ms=5)
+        producer = clients.producer(self.admin, acks="all", linger_ms=5)
         await producer.start()
         try:
             futures = [await producer.send(t, value=v, partition=p) for t, p, v in messages]
@@ -175,13 +184,25 @@ class Pipeline:
 
     async def lag(self) -> dict[TopicPartition, int]:
         """Messages not yet committed by the service's consumer groups, per partition."""
-        return (await status.lag(self.settings))[0]
+        return (await status.lag(self.admin))[0]
 
     @property
     def settings(self) -> Settings:
         """The Settings a worker of this pipeline reads from its environment."""
         env = self.env(0, 0)
         return Settings(**{k[7:].lower(): v for k, v in env.items() if k.startswith("COUPON_")})
+
+    @property
+    def admin(self) -> Settings:
+        """The worker's Settings with the test's own credentials (`admin_env`)."""
+        env = {k: v for k, v in self.env(0, 0).items() if not k.startswith("COUPON_KAFKA_")}
+        env = {k: v for k, v in env.items() if not k.startswith("COUPON_DB_")}
+        env |= {"COUPON_BROKER": self.bootstrap, "COUPON_DB_URL": self.db_url, **self.admin_env}
+        return Settings(**{k[7:].lower(): v for k, v in env.items() if k.startswith("COUPON_")})
+
+    def _engine(self):  # noqa: ANN202
+        tls = self.admin.db_tls()
+        return create_async_engine(self.db_url, connect_args={"ssl": tls} if tls else {})
 
     async def wait_quiescent(self, timeout: float = 240.0) -> None:
         """Until every input and by-buyer partition is fully committed, twice in a row.
@@ -207,7 +228,7 @@ class Pipeline:
         raise AssertionError(f"not quiescent after {timeout}s; lag {last}\n{tails}")
 
     async def table_rows(self) -> set[tuple]:
-        engine = create_async_engine(MYSQL_URL)
+        engine = self._engine()
         try:
             async with engine.connect() as conn:
                 result = await conn.execute(
@@ -221,7 +242,7 @@ class Pipeline:
             await engine.dispose()
 
     async def drop_table(self) -> None:
-        engine = create_async_engine(MYSQL_URL)
+        engine = self._engine()
         try:
             async with engine.begin() as conn:
                 await conn.execute(text(f"DROP TABLE IF EXISTS `{self.table}`"))
@@ -229,8 +250,8 @@ class Pipeline:
             await engine.dispose()
 
     async def dead_letters(self) -> list[tuple[bytes | None, dict[str, bytes]]]:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=BOOTSTRAP, auto_offset_reset="earliest", enable_auto_commit=False
+        consumer = clients.consumer(
+            self.admin, auto_offset_reset="earliest", enable_auto_commit=False
         )
         await consumer.start()
         try:

@@ -139,3 +139,26 @@ def test_grafana_provisioning_matches_the_compose_mounts_and_the_dashboard(servi
         assert pos["x"] + pos["w"] <= 24, panel["title"]
     for var in dashboard["templating"]["list"]:
         assert var["datasource"]["uid"] in uids
+
+
+def test_the_secured_compose_variant_is_settings_the_worker_accepts(tmp_path):
+    """docker-compose.secured.yml: every variable a setting, every file a mounted secret."""
+    from tests import certs
+
+    secured = yaml.safe_load((ROOT / "docker-compose.secured.yml").read_text())
+    worker = secured["services"]["worker"]
+    env = env_of(worker)
+    assert set(env) <= SETTINGS_ENV
+    mounted = {f"/run/secrets/{s['target']}": s["source"] for s in worker["secrets"]}
+    files = {k: v for k, v in env.items() if k.endswith("_FILE")}
+    assert set(files.values()) == set(mounted)
+    assert {s: secured["secrets"][s]["file"] for s in mounted.values()}  # each one declared
+    # The worker takes them: certificates stand in for the mounted files, the interpolated
+    # passwords for the operator's.
+    pem = certs.make(tmp_path)["ca"].cert
+    values = {
+        k: str(pem) if k in files else re.sub(r"\$\{[^}]*\}", "pw", v) for k, v in env.items()
+    }
+    s = Settings(**{k[len("COUPON_") :].lower(): v for k, v in values.items()})
+    assert s.kafka_security_protocol == "SASL_SSL" and s.kafka_tls() is not None
+    assert s.db_tls() is not None
