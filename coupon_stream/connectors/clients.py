@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -108,6 +109,8 @@ async def check_kafka_access(settings: Settings, timeout: float = 15.0) -> None:
                 timeout,
             )
         except Exception as exc:  # noqa: BLE001 - a refusal raises below, the rest is an outage
+            if refusal(exc) is None and "ssl_context" in auth:
+                exc = await _tls_refusal(host, int(port), auth["ssl_context"], timeout) or exc
             refused = kafka_refused(settings, exc, f"connecting to {server}") or refused
             if refused is None:
                 log.warning("Kafka broker %s did not answer: %r", server, exc)
@@ -116,3 +119,31 @@ async def check_kafka_access(settings: Settings, timeout: float = 15.0) -> None:
         return
     if refused is not None:
         raise refused
+
+
+async def _tls_refusal(
+    host: str, port: int, context: ssl.SSLContext, timeout: float
+) -> ssl.SSLError | None:
+    """The alert of a broker that refused our client certificate, if that is what happened.
+
+    With TLS 1.3 a broker that wants a client certificate refuses it after the handshake
+    has completed on our side, so aiokafka only sees the connection closed, as in an
+    outage. A handshake of our own, then a short read, receives the alert itself.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port, ssl=context)
+    except ssl.SSLError as exc:
+        return exc
+    except (OSError, TimeoutError):
+        return None
+    try:
+        async with asyncio.timeout(2):
+            await reader.read(1)  # a broker that accepted us waits for a request: times out
+    except ssl.SSLError as exc:
+        return exc
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        writer.close()
+    return None

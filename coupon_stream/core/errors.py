@@ -177,7 +177,11 @@ def refusal(exc: BaseException) -> str | None:
         if isinstance(e, ssl.SSLCertVerificationError):
             return f"the server's certificate did not verify: {e.verify_message or e}"
         if isinstance(e, ssl.SSLError) and _TLS_ALERTS.search(str(e)):
-            return f"the TLS handshake was refused: {getattr(e, 'reason', None) or e}"
+            alert = getattr(e, "reason", None) or e
+            return (
+                f"the server refused the TLS handshake ({alert}): a client certificate it "
+                "requires is missing, or not one it trusts"
+            )
         if isinstance(e, KAFKA_AUTHENTICATION):
             return f"authentication failed: {str(e) or type(e).__name__}"
         for kind, resource in KAFKA_AUTHORIZATION.items():

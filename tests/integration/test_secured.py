@@ -168,9 +168,7 @@ def wait_exit(worker: Worker, timeout: float = 60.0) -> tuple[int, float]:
 def critical_lines(worker: Worker) -> list[str]:
     """The service's CRITICAL lines (Faust adds its own "We experienced a crash!" on exit)."""
     return [
-        line
-        for line in worker.log.read_text().splitlines()
-        if "[CRITICAL] coupon_stream." in line
+        line for line in worker.log.read_text().splitlines() if "[CRITICAL] coupon_stream." in line
     ]
 
 
@@ -223,9 +221,7 @@ async def test_a_wrong_password_stops_the_worker_saying_why(secure_pipeline, sec
     print(f"wrong password: exit {code} after {took:.1f} s: {line}")
 
 
-async def test_a_broker_ca_that_did_not_sign_its_certificate_is_refused(
-    secure_pipeline, secured
-):
+async def test_a_broker_ca_that_did_not_sign_its_certificate_is_refused(secure_pipeline, secured):
     p = secure_pipeline
     p.extra_env["COUPON_KAFKA_CA_FILE"] = f"{secured['COUPON_SECURE_CERTS']}/other-ca.pem"
     worker = p.start_worker()
@@ -237,9 +233,7 @@ async def test_a_broker_ca_that_did_not_sign_its_certificate_is_refused(
     assert_no_password(worker, secured["COUPON_SECURE_PASSWORD"])
 
 
-async def test_a_database_ca_that_did_not_sign_its_certificate_is_refused(
-    secure_pipeline, secured
-):
+async def test_a_database_ca_that_did_not_sign_its_certificate_is_refused(secure_pipeline, secured):
     p = secure_pipeline
     await p.create_topics()
     grant_readme_acls(p, secured["COUPON_SECURE_USER"])
@@ -299,3 +293,26 @@ async def test_mutual_tls_on_a_second_listener(secure_pipeline, secured):
     await p.wait_quiescent()
     assert await p.table_rows() == reference.evaluate(data.orders, data.refunds)
     assert critical_lines(p.workers[0]) == []
+
+
+async def test_a_client_certificate_the_broker_does_not_trust_is_refused(secure_pipeline, secured):
+    p = secure_pipeline
+    certs = secured["COUPON_SECURE_CERTS"]
+    p.extra_env = worker_env(
+        secured,
+        COUPON_BROKER=f"kafka://{secured['COUPON_SECURE_MTLS_BOOTSTRAP']}",
+        COUPON_KAFKA_SECURITY_PROTOCOL="SSL",
+        COUPON_KAFKA_CERT_FILE=f"{certs}/rogue-client.pem",  # CN=coupon, another CA
+        COUPON_KAFKA_KEY_FILE=f"{certs}/rogue-client.key",
+    )
+    for name in ("SASL_MECHANISM", "USERNAME", "PASSWORD"):
+        del p.extra_env[f"COUPON_KAFKA_{name}"]
+    worker = p.start_worker()
+    code, _ = wait_exit(worker)
+    assert code == 3, worker.tail()
+    [line] = critical_lines(worker)
+    assert (
+        f"refused the client certificate {certs}/rogue-client.pem while connecting to "
+        f"{secured['COUPON_SECURE_MTLS_BOOTSTRAP']}: the server refused the TLS handshake "
+        "(SSLV3_ALERT_CERTIFICATE_UNKNOWN)"
+    ) in line

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -150,3 +152,52 @@ def test_an_acl_refusal_names_what_the_worker_needs() -> None:
     )
     assert "ALL on topics and groups prefixed shop" in str(group)
     assert clients.kafka_refused(s, errors.KafkaConnectionError("down"), "x") is None
+
+
+async def test_a_broker_that_refuses_our_client_certificate_is_a_refusal(pems, tmp_path):
+    """TLS 1.3: the refusal comes after our side of the handshake, as a closed connection."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=pems["ca"].cert)
+    context.load_cert_chain(pems["server"].cert, pems["server"].key)
+    context.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: only clients the test CA signed
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    done = threading.Event()
+
+    def serve() -> None:
+        # A blocking server, like the broker: it sends the alert before it closes.
+        while not done.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                try:
+                    with context.wrap_socket(conn, server_side=True) as tls:
+                        tls.settimeout(3)
+                        tls.recv(1)  # a client it accepted: wait for a request
+                except (ssl.SSLError, OSError):
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    broker = f"127.0.0.1:{listener.getsockname()[1]}"
+    rogue = certs.make(tmp_path / "rogue", ca_name="rogue CA")["client"]
+
+    def mtls(cert: certs.Pem | None) -> Settings:
+        return Settings(
+            broker=broker,
+            kafka_security_protocol="SSL",
+            kafka_ca_file=pems["ca"].cert,
+            kafka_cert_file=cert.cert if cert else None,
+            kafka_key_file=cert.key if cert else None,
+        )
+
+    try:
+        for cert in (None, rogue):
+            with pytest.raises(AccessRefused, match="the server refused the TLS handshake"):
+                await clients.check_kafka_access(mtls(cert), timeout=5)
+        await clients.check_kafka_access(mtls(pems["client"]), timeout=3)  # not refused
+    finally:
+        done.set()
+        thread.join()
+        listener.close()
