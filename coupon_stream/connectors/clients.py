@@ -58,16 +58,18 @@ def admin(settings: Settings, **options: Any) -> AIOKafkaAdminClient:
     )
 
 
-def kafka_refused(settings: Settings, exc: BaseException, doing: str) -> AccessRefused | None:
+def kafka_refused(
+    settings: Settings, exc: BaseException, doing: str, *, worker: bool = True
+) -> AccessRefused | None:
     """`exc` as an AccessRefused naming the brokers, the user and what was refused, or None.
 
-    `doing` says what the service was doing, e.g. "reading topics a, b in group g": with an
-    ACL refusal (the resource in `exc`) it names the operation that needs granting.
+    `doing` says what was being done, e.g. "running the intake"; for the worker (`worker`)
+    an ACL refusal also names the operations the worker needs on the refused resource.
     """
     what = refusal(exc)
     if what is None:
         return None
-    if isinstance(exc, tuple(KAFKA_AUTHORIZATION)):
+    if worker and isinstance(exc, tuple(KAFKA_AUTHORIZATION)):
         resources = [str(a) for a in exc.args if isinstance(a, str)]
         resources += [str(t) for a in exc.args if isinstance(a, list | set) for t in a]
         needs = sorted({needed(settings, r) for r in resources})

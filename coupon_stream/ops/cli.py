@@ -25,6 +25,12 @@ EXIT_CONFIG = 2
 EXIT_REFUSED = 3
 # The commands that talk to Kafka: a refused login is said at once, not retried as an outage.
 KAFKA_COMMANDS = ("produce", "status", "topics")
+# What the operator commands that need more than the worker's ACLs do (README, "ACLs").
+OPERATIONS = {
+    "topics": "creating the input topics (CREATE on them, which the worker's ACLs do not "
+    "grant: run it as an administrator)",
+    "produce": "writing the input topics (WRITE on them, which the worker's ACLs do not grant)",
+}
 
 
 def load_settings() -> Settings:
@@ -226,8 +232,8 @@ def main(argv: list[str] | None = None) -> None:
         if refusal(exc) is None:
             raise
         refused = exc if isinstance(exc, AccessRefused) else None
-        doing = f"running `coupon-stream {args.command}`"
-        refused = refused or clients.kafka_refused(load_settings(), exc, doing)
+        doing = OPERATIONS.get(args.command, f"running `coupon-stream {args.command}`")
+        refused = refused or clients.kafka_refused(load_settings(), exc, doing, worker=False)
         print(f"coupon-stream {args.command}: access refused: {refused}", file=sys.stderr)
         raise SystemExit(EXIT_REFUSED) from None
 

@@ -97,9 +97,9 @@ class Settings(BaseSettings):
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
         None, description="SASL mechanism; required with SASL_PLAINTEXT and SASL_SSL"
     )
-    kafka_username: str | None = Field(None, description="SASL user of the service")
+    kafka_username: str | None = Field(None, min_length=1, description="SASL user of the service")
     kafka_password: SecretStr | None = Field(
-        None, description="SASL password (a secret: never logged)"
+        None, min_length=1, description="SASL password (a secret: never logged)"
     )
     kafka_ca_file: Path | None = Field(
         None,

@@ -206,8 +206,10 @@ async def test_pipeline_with_the_readme_acls_equals_the_reference_through_kill_9
     p.kill(second, signal.SIGTERM)
 
 
-async def test_a_wrong_password_stops_the_worker_saying_why(secure_pipeline, secured):
+@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-512", "PLAIN"])
+async def test_a_wrong_password_stops_the_worker_saying_why(secure_pipeline, secured, mechanism):
     p = secure_pipeline
+    p.extra_env["COUPON_KAFKA_SASL_MECHANISM"] = mechanism
     p.extra_env["COUPON_KAFKA_PASSWORD"] = "not-the-password"
     worker = p.start_worker()
     code, took = wait_exit(worker)

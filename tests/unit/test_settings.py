@@ -88,6 +88,7 @@ def pems(tmp_path):
         ),
         ({"kafka_security_protocol": "TLS"}, "kafka_security_protocol"),
         ({"kafka_sasl_mechanism": "GSSAPI"}, "kafka_sasl_mechanism"),
+        ({"kafka_username": ""}, "kafka_username\n  String should have at least 1 character"),
     ],
 )
 def test_kafka_security_that_could_not_work_is_refused(monkeypatch, values, said):
@@ -153,3 +154,25 @@ def test_the_kafka_password_is_never_shown(monkeypatch, caplog):
     with pytest.raises(ValidationError) as refused:
         Settings()
     assert "hunter2" not in str(refused.value)
+
+
+def test_the_cli_names_the_refused_setting_and_nothing_else(monkeypatch, capsys):
+    from coupon_stream.ops.cli import EXIT_CONFIG, load_settings
+
+    monkeypatch.setenv("COUPON_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("COUPON_KAFKA_PASSWORD", "hunter2")
+    monkeypatch.setenv("COUPON_PARTITIONS", "0")
+    with pytest.raises(SystemExit) as exited:
+        load_settings()
+    assert exited.value.code == EXIT_CONFIG
+    assert capsys.readouterr().err.splitlines() == [
+        "coupon-stream: configuration refused: COUPON_PARTITIONS: Input should be greater "
+        "than or equal to 1",
+    ]
+    monkeypatch.delenv("COUPON_PARTITIONS")
+    with pytest.raises(SystemExit):
+        load_settings()
+    assert capsys.readouterr().err == (
+        "coupon-stream: configuration refused: Value error, COUPON_KAFKA_SECURITY_PROTOCOL="
+        "SASL_SSL needs COUPON_KAFKA_SASL_MECHANISM, COUPON_KAFKA_USERNAME\n"
+    )
