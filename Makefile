@@ -39,6 +39,7 @@ down:
 
 lint: install
 	$(BIN)/ruff check coupon_stream tests bench
+	$(BIN)/lint-imports
 
 unit: install
 	$(BIN)/pytest -q tests/unit

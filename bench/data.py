@@ -1,4 +1,4 @@
-"""The bench's input: `coupon_stream.ops.dataset.generate` in chunks, encoded in worker processes.
+"""The bench's input: `coupon_stream.tools.dataset.generate` in chunks, encoded in worker processes.
 
 A dataset of N orders is the union of chunks of at most `size` orders, chunk k being
 `generate(size, seed=seed + k, buyers=N // 4, skew=skew)`. Every chunk draws from the same
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import gc
 
-from coupon_stream.ops.dataset import Skew, generate, jsonl
+from coupon_stream.tools.dataset import Skew, generate, jsonl
 
 CHUNK_ORDERS = 250_000
 

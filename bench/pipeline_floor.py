@@ -25,9 +25,9 @@ from aiokafka.admin import NewTopic
 
 from coupon_stream.connectors.kafka import KafkaOut
 from coupon_stream.core.records import Source
-from coupon_stream.ops import status
-from coupon_stream.ops.settings import Settings
+from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.intake import route, split_rows
+from coupon_stream.tools import status
 
 # The service's mean changelog value (a buyer's kept records) on the bench dataset, bytes.
 CHANGELOG_VALUE = b"x" * 360

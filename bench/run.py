@@ -47,10 +47,10 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from bench.data import CHUNK_ORDERS, chunk_sizes, encoded_chunk
 from bench.pipeline_floor import pipeline_floor
-from coupon_stream.ops import status
-from coupon_stream.ops.dataset import Skew
-from coupon_stream.ops.producer import bulk_producer
-from coupon_stream.ops.settings import Settings
+from coupon_stream.foundation.settings import Settings
+from coupon_stream.tools import status
+from coupon_stream.tools.dataset import Skew
+from coupon_stream.tools.producer import bulk_producer
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -234,7 +234,7 @@ async def send_values(
 ) -> int:
     """Send values without keys, each to a random partition, in whole batches; all acked.
 
-    What `coupon_stream.ops.producer.send_all` does (the default partitioner also picks a random
+    What `coupon_stream.tools.producer.send_all` does (the default partitioner also picks a random
     partition for a message without a key), five times faster: the bench sends ~11M.
     """
     rng = random.Random(seed)

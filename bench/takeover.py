@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from bench.run import BOOTSTRAP, DB_URL, RESULTS, ROOT, Proc, machine, settings_for
 from coupon_stream.core.records import Contribution, partition_for_buyer
 from coupon_stream.core.state import BuyerState
-from coupon_stream.ops import status
+from coupon_stream.tools import status
 
 ENTRIES_PER_BUYER = 4
 PROBE_BASE = 7_000_000_000

@@ -35,11 +35,12 @@ from coupon_stream.connectors.store import (
     PartitionStore,
     RocksStore,
 )
-from coupon_stream.core.errors import AccessRefused, Backoff, Fault, classify
-from coupon_stream.ops import metrics
-from coupon_stream.ops.health import StallWatch
-from coupon_stream.ops.logs import Worker, logging_config
-from coupon_stream.ops.settings import STATE_TABLES, Settings
+from coupon_stream.core.state import STATE_TABLES
+from coupon_stream.foundation import metrics
+from coupon_stream.foundation.errors import AccessRefused, Backoff, Fault, classify
+from coupon_stream.foundation.health import StallWatch
+from coupon_stream.foundation.logs import Worker, logging_config
+from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.checkpoint import Checkpointer
 from coupon_stream.pipeline.intake import Intake
 from coupon_stream.pipeline.sink import ResultSink

@@ -17,8 +17,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.conn import create_conn
 
-from coupon_stream.core.errors import KAFKA_AUTHORIZATION, AccessRefused, refusal
-from coupon_stream.ops.settings import Settings
+from coupon_stream.foundation.errors import KAFKA_AUTHORIZATION, AccessRefused, refusal
+from coupon_stream.foundation.settings import Settings
 
 log = logging.getLogger(__name__)
 

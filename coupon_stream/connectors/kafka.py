@@ -17,9 +17,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from coupon_stream.connectors import clients
-from coupon_stream.core.errors import is_too_large
-from coupon_stream.ops import metrics
-from coupon_stream.ops.settings import Settings
+from coupon_stream.foundation import metrics
+from coupon_stream.foundation.errors import is_too_large
+from coupon_stream.foundation.settings import Settings
 
 if TYPE_CHECKING:
     from coupon_stream.core.state import ResultRow

@@ -24,7 +24,7 @@ from contextlib import aclosing
 from typing import Any, Protocol
 
 from coupon_stream.connectors.store import PartitionStore
-from coupon_stream.ops import metrics
+from coupon_stream.foundation import metrics
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,1 @@
-"""Pure logic, no I/O: what a record is, how it changes the state, which errors can go away."""
+"""Pure logic, no I/O: what a record is and how it changes the state."""

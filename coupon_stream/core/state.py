@@ -24,6 +24,11 @@ import orjson
 
 from coupon_stream.core.records import INT64_MAX, INT64_MIN, Row, encode_json
 
+# The state tables, both partitioned by buyer: kept copy per (buyer, order, pay_status) and
+# running sums per (buyer, day); and the version of their layout, kept in each partition.
+STATE_TABLES = ("entries", "days")
+STATE_FORMAT = 2
+
 # Positions in a Row: (buyer_id, biz_order_id, pay_status, effect_time, yuan, created, modified)
 BUYER, ORDER, STATUS, ROW_DAY, ROW_YUAN, ROW_CREATED, ROW_MODIFIED = range(7)
 # Positions in an entry payload.

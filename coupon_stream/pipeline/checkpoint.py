@@ -41,7 +41,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from coupon_stream.connectors.kafka import DeadLetter, KafkaOut, row_dead_letter
-from coupon_stream.core.errors import Backoff, Fault, classify
 from coupon_stream.core.records import encode_json
 from coupon_stream.core.state import (
     DAY,
@@ -49,6 +48,7 @@ from coupon_stream.core.state import (
     MAX_MODIFIED,
     MIN_CREATED,
     NEXT_OFFSET_KEY,
+    STATE_FORMAT,
     ResultRow,
     buyer_prefix,
     day_key,
@@ -56,9 +56,10 @@ from coupon_stream.core.state import (
     extrema,
     parse_day_key,
 )
-from coupon_stream.ops import metrics
-from coupon_stream.ops.health import StallWatch
-from coupon_stream.ops.settings import STATE_FORMAT, Settings
+from coupon_stream.foundation import metrics
+from coupon_stream.foundation.errors import Backoff, Fault, classify
+from coupon_stream.foundation.health import StallWatch
+from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.sink import ResultSink, RowKey
 from coupon_stream.pipeline.state_stage import Pending, Session, Slot, StateStage, TableCache
 

@@ -26,7 +26,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.schema import CreateTable
 
-from coupon_stream.core.errors import (
+from coupon_stream.core.records import MAX_TIMESTAMP_CHARS
+from coupon_stream.core.state import ResultRow
+from coupon_stream.foundation import metrics
+from coupon_stream.foundation.errors import (
     AccessRefused,
     Backoff,
     Fault,
@@ -35,10 +38,7 @@ from coupon_stream.core.errors import (
     reason,
     refusal,
 )
-from coupon_stream.core.records import MAX_TIMESTAMP_CHARS
-from coupon_stream.core.state import ResultRow
-from coupon_stream.ops import metrics
-from coupon_stream.ops.settings import Settings
+from coupon_stream.foundation.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -327,8 +327,8 @@ class ResultSink:
     ) -> bool:
         """Run `fn` until it works (True), or until `wanted()` is false before a retry.
 
-        Transient errors (see `coupon_stream.core.errors`) are retried with backoff; a permanent
-        one raises `_Refused` at once, since running the same statement again cannot help.
+        Transient errors (see `coupon_stream.foundation.errors`) are retried with backoff; a
+        permanent one raises `_Refused` at once: running the same statement again cannot help.
         """
         backoff = Backoff(0.1, self.max_backoff)
         failures = 0

@@ -19,7 +19,6 @@ from typing import Any, NamedTuple
 
 from coupon_stream.connectors.kafka import DeadLetter, KafkaOut, PartitionReader
 from coupon_stream.connectors.store import PartitionStore
-from coupon_stream.core.errors import Backoff, Fault, classify
 from coupon_stream.core.records import Row, decode_rows, encode_rows
 from coupon_stream.core.state import (
     BUYER,
@@ -29,6 +28,7 @@ from coupon_stream.core.state import (
     NEXT_OFFSET_KEY,
     ORDER,
     ROW_DAY,
+    STATE_FORMAT,
     STATUS,
     WATERMARK_KEY,
     Day,
@@ -43,8 +43,9 @@ from coupon_stream.core.state import (
     parse_day_key,
     retention_cutoff,
 )
-from coupon_stream.ops import metrics
-from coupon_stream.ops.settings import STATE_FORMAT, Settings
+from coupon_stream.foundation import metrics
+from coupon_stream.foundation.errors import Backoff, Fault, classify
+from coupon_stream.foundation.settings import Settings
 
 log = logging.getLogger(__name__)
 

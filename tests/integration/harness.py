@@ -20,8 +20,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from coupon_stream.connectors import clients
-from coupon_stream.ops import status
-from coupon_stream.ops.settings import Settings
+from coupon_stream.foundation.settings import Settings
+from coupon_stream.tools import status
 
 BOOTSTRAP = os.environ.get("COUPON_TEST_BOOTSTRAP", "127.0.0.1:9092")
 MYSQL_URL = os.environ.get(

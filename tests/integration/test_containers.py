@@ -32,7 +32,7 @@ import pytest
 import yaml
 from aiokafka.admin import AIOKafkaAdminClient
 
-from coupon_stream.ops.dataset import generate
+from coupon_stream.tools.dataset import generate
 from tests import reference
 from tests.integration.harness import BOOTSTRAP, REPO, Pipeline, Worker, free_port
 from tests.integration.test_pipeline import BAD_ORDERS, BAD_REFUNDS

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coupon_stream.ops.dataset import generate
-from coupon_stream.ops.settings import STATE_TABLES
+from coupon_stream.core.state import STATE_TABLES
+from coupon_stream.tools.dataset import generate
 from tests import reference
 from tests.integration.harness import record, service
 from tests.integration.test_pipeline import BAD_ORDERS, BAD_REFUNDS

@@ -9,7 +9,7 @@ import signal
 import orjson
 import pytest
 
-from coupon_stream.ops.dataset import generate
+from coupon_stream.tools.dataset import generate
 from tests import reference
 from tests.integration.harness import record
 

@@ -13,8 +13,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from coupon_stream.ops import status
-from coupon_stream.ops.settings import Settings
+from coupon_stream.foundation.settings import Settings
+from coupon_stream.tools import status
 from tests.integration.harness import BOOTSTRAP, WORKER, free_port
 
 pytestmark = pytest.mark.integration

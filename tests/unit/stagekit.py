@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 from coupon_stream.connectors.store import MemoryStore
 from coupon_stream.core.records import Row, encode_rows
-from coupon_stream.core.state import ResultRow
-from coupon_stream.ops.settings import STATE_TABLES, Settings
+from coupon_stream.core.state import STATE_TABLES, ResultRow
+from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.checkpoint import Checkpointer
 from coupon_stream.pipeline.sink import WriteResult
 from coupon_stream.pipeline.state_stage import StateStage, TableCache

@@ -16,13 +16,14 @@ from coupon_stream.app import CouponStream
 from coupon_stream.core.records import decode_rows, encode_rows
 from coupon_stream.core.state import (
     NEXT_OFFSET_KEY,
+    STATE_TABLES,
     Record,
     ResultRow,
     day_key,
     entry_key,
 )
-from coupon_stream.ops import metrics
-from coupon_stream.ops.settings import STATE_TABLES, Settings
+from coupon_stream.foundation import metrics
+from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline import state_stage
 from coupon_stream.pipeline.sink import WriteResult
 

@@ -14,8 +14,8 @@ from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
 from coupon_stream.app import broker_credentials
 from coupon_stream.connectors import clients
-from coupon_stream.core.errors import AccessRefused
-from coupon_stream.ops.settings import Settings
+from coupon_stream.foundation.errors import AccessRefused
+from coupon_stream.foundation.settings import Settings
 from tests import certs
 
 SASL = {"kafka_sasl_mechanism": "SCRAM-SHA-512", "kafka_username": "coupon"}

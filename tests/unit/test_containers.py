@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from coupon_stream.ops.settings import Settings
+from coupon_stream.foundation.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from coupon_stream.ops.dataset import Dataset, generate, jsonl
+from coupon_stream.tools.dataset import Dataset, generate, jsonl
 
 
 def orders_per_buyer(data: Dataset) -> Counter[str]:

@@ -12,7 +12,7 @@ from aiokafka import errors as kafka
 from asyncmy import errors as asyncmy
 from sqlalchemy import exc as sa
 
-from coupon_stream.core.errors import (
+from coupon_stream.foundation.errors import (
     Backoff,
     Fault,
     classify,

@@ -7,8 +7,8 @@ import logging
 import pytest
 from prometheus_client import REGISTRY
 
-from coupon_stream.ops.health import StallWatch
-from coupon_stream.ops.status import legacy_state_dirs
+from coupon_stream.foundation.health import StallWatch
+from coupon_stream.tools.status import legacy_state_dirs
 
 
 class Clock:
@@ -82,7 +82,7 @@ def test_recovery_by_commit(watch, clock, caplog):
     clock.now += 61
     assert watch.check({0: 5}) == [0]
     watch.committed(0)
-    with caplog.at_level(logging.WARNING, logger="coupon_stream.ops.health"):
+    with caplog.at_level(logging.WARNING, logger="coupon_stream.foundation.health"):
         assert watch.check({0: 3}) == []
     assert gauge(0) == 0
     assert watch.stalled == frozenset()
@@ -101,7 +101,7 @@ def test_log_names_partition_and_last_error_once(watch, clock, caplog):
     watch.failed(1, "MessageSizeTooLargeError: value of 2 MiB")
     watch.failed(None, "database unreachable")
     clock.now += 75
-    with caplog.at_level(logging.ERROR, logger="coupon_stream.ops.health"):
+    with caplog.at_level(logging.ERROR, logger="coupon_stream.foundation.health"):
         watch.check({1: 42, 2: 7})
         clock.now += 10
         watch.check({1: 42, 2: 7})  # still stalled: no second line
@@ -117,7 +117,7 @@ def test_commit_clears_the_old_error(watch, clock, caplog):
     watch.failed(0, "boom")
     watch.committed(0)
     clock.now += 61
-    with caplog.at_level(logging.ERROR, logger="coupon_stream.ops.health"):
+    with caplog.at_level(logging.ERROR, logger="coupon_stream.foundation.health"):
         assert watch.check({0: 1}) == [0]
     assert "boom" not in caplog.text
     assert "last commit 61 s ago" in caplog.text
@@ -157,8 +157,8 @@ def test_legacy_state_dirs(tmp_path):
 
 
 async def test_check_deployment_refuses_local_legacy_state_without_kafka(tmp_path):
-    from coupon_stream.ops.settings import Settings
-    from coupon_stream.ops.status import DeploymentError, check_deployment
+    from coupon_stream.foundation.settings import Settings
+    from coupon_stream.tools.status import DeploymentError, check_deployment
 
     (tmp_path / "v1" / "tables" / "buyers-0.db").mkdir(parents=True)
     # An unreachable broker: the local check must answer before Kafka is asked.

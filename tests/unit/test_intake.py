@@ -23,8 +23,8 @@ from coupon_stream.connectors.kafka import (
 )
 from coupon_stream.core.records import Source, decode_rows, partition_for_buyer
 from coupon_stream.core.state import ResultRow
-from coupon_stream.ops import metrics
-from coupon_stream.ops.settings import Settings
+from coupon_stream.foundation import metrics
+from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.intake import (
     MAX_MESSAGE_BYTES,
     MAX_RECORD_BYTES,

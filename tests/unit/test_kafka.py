@@ -6,7 +6,7 @@ import pytest
 from aiokafka.errors import KafkaConnectionError
 
 from coupon_stream.connectors.kafka import PartitionReader
-from coupon_stream.ops.settings import Settings
+from coupon_stream.foundation.settings import Settings
 
 
 async def test_a_reader_whose_start_failed_starts_again_on_the_next_call():

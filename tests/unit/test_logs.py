@@ -6,7 +6,7 @@ import logging
 
 from faust.utils import terminal
 
-from coupon_stream.ops.logs import Worker
+from coupon_stream.foundation.logs import Worker
 
 
 def test_worker_root_logger_takes_the_log_level_and_gets_no_spinner():

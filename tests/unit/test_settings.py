@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from coupon_stream.ops.settings import Settings
+from coupon_stream.foundation.settings import Settings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -38,7 +38,7 @@ def test_invalid_values_are_clear_errors(monkeypatch):
 def test_every_metric_is_documented_in_the_readme():
     from prometheus_client.metrics import MetricWrapperBase
 
-    from coupon_stream.ops import metrics
+    from coupon_stream.foundation import metrics
 
     exported = {
         m._name + ("_total" if m._type == "counter" else "")
@@ -157,7 +157,7 @@ def test_the_kafka_password_is_never_shown(monkeypatch, caplog):
 
 
 def test_the_cli_names_the_refused_setting_and_nothing_else(monkeypatch, capsys):
-    from coupon_stream.ops.cli import EXIT_CONFIG, load_settings
+    from coupon_stream.tools.cli import EXIT_CONFIG, load_settings
 
     monkeypatch.setenv("COUPON_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
     monkeypatch.setenv("COUPON_KAFKA_PASSWORD", "hunter2")

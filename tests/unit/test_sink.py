@@ -11,7 +11,7 @@ import sqlalchemy
 from sqlalchemy.exc import OperationalError
 
 from coupon_stream.core.state import ResultRow
-from coupon_stream.ops import metrics
+from coupon_stream.foundation import metrics
 from coupon_stream.pipeline.sink import ResultSink, WriteResult
 
 

@@ -19,7 +19,7 @@ from coupon_stream.core.state import (
     parse_day_key,
     retention_cutoff,
 )
-from coupon_stream.ops.dataset import generate, jsonl
+from coupon_stream.tools.dataset import generate, jsonl
 from tests import reference
 from tests.unit.stagekit import Crash, World
 

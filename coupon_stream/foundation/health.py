@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 
-from coupon_stream.ops.metrics import PARTITION_STALLED
+from coupon_stream.foundation.metrics import PARTITION_STALLED
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from aiokafka import AIOKafkaProducer
 from tqdm import tqdm
 
 from coupon_stream.connectors import clients
-from coupon_stream.ops.settings import Settings
+from coupon_stream.foundation.settings import Settings
 
 WINDOW = 20_000  # sends in flight before we wait for acknowledgements
 

@@ -10,10 +10,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
-# The state tables, both partitioned by buyer: kept copy per (buyer, order, pay_status) and
-# running sums per (buyer, day). See coupon_stream.core.state.
-STATE_TABLES = ("entries", "days")
-STATE_FORMAT = 2
+from coupon_stream.core.state import STATE_TABLES
 
 
 class Settings(BaseSettings):

@@ -14,9 +14,9 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from coupon_stream.connectors import clients
-from coupon_stream.core.errors import AccessRefused, refusal
-from coupon_stream.ops.logs import logging_config
-from coupon_stream.ops.settings import Settings
+from coupon_stream.foundation.errors import AccessRefused, refusal
+from coupon_stream.foundation.logs import logging_config
+from coupon_stream.foundation.settings import Settings
 
 log = logging.getLogger("coupon_stream.cli")
 
@@ -46,13 +46,13 @@ def load_settings() -> Settings:
 
 
 def _worker(extra: list[str]) -> None:
-    from coupon_stream.ops.status import (
+    from coupon_stream.pipeline.sink import ResultSink
+    from coupon_stream.tools.status import (
         DeploymentError,
         check_deployment,
         create_internal_topics,
         end_offsets_by_topic,
     )
-    from coupon_stream.pipeline.sink import ResultSink
 
     settings = load_settings()
     logging.config.dictConfig(logging_config(settings.log_format, settings.log_level))
@@ -111,7 +111,7 @@ def _collect_garbage_less_often() -> None:
 
 
 def _produce(args: argparse.Namespace) -> None:
-    from coupon_stream.ops.producer import read_lines, send_all
+    from coupon_stream.tools.producer import read_lines, send_all
 
     settings = load_settings()
     batches = []
@@ -126,7 +126,7 @@ def _produce(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from coupon_stream.ops.dataset import generate, write
+    from coupon_stream.tools.dataset import generate, write
 
     dataset = generate(args.orders, seed=args.seed)
     orders, refunds = write(dataset, args.out)
@@ -169,7 +169,7 @@ def _show(args: argparse.Namespace) -> None:
 
 
 def _status(args: argparse.Namespace) -> None:
-    from coupon_stream.ops import status
+    from coupon_stream.tools import status
 
     settings = load_settings()
     if args.until_idle:
@@ -179,7 +179,7 @@ def _status(args: argparse.Namespace) -> None:
 
 
 def _topics(args: argparse.Namespace) -> None:
-    from coupon_stream.ops.status import create_input_topics
+    from coupon_stream.tools.status import create_input_topics
 
     settings = load_settings()
     created = asyncio.run(create_input_topics(settings, args.partitions))

@@ -18,8 +18,9 @@ from aiokafka.errors import TopicAlreadyExistsError, for_code
 
 from coupon_stream.connectors import clients
 from coupon_stream.connectors.kafka import behind
-from coupon_stream.core.errors import retry
-from coupon_stream.ops.settings import STATE_FORMAT, STATE_TABLES, Settings
+from coupon_stream.core.state import STATE_FORMAT, STATE_TABLES
+from coupon_stream.foundation.errors import retry
+from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.sink import ResultSink
 
 

@@ -1,0 +1,1 @@
+"""Below the pipeline, imported by every layer above: settings, metrics, logs, errors, health."""

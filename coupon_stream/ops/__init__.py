@@ -1,1 +1,0 @@
-"""Operator tools: settings, command line, status, metrics, health, logs, demo data."""
