@@ -144,11 +144,14 @@ class KafkaOut:
         key: bytes | None = None,
         partition: int | None = None,
         headers: list[tuple[str, bytes]] | None = None,
-    ) -> asyncio.Future:
+    ) -> asyncio.Future[Any]:
         producer = await self.producer()
-        return await producer.send(topic, value, key=key, partition=partition, headers=headers)
+        sent: asyncio.Future[Any] = await producer.send(
+            topic, value, key=key, partition=partition, headers=headers
+        )
+        return sent
 
-    async def dead_letter(self, dead: DeadLetter) -> asyncio.Future:
+    async def dead_letter(self, dead: DeadLetter) -> asyncio.Future[Any]:
         """Send a dead letter; the returned future resolves once Kafka has acknowledged it.
 
         A dead letter Kafka refuses as too large (a source message near the 1 MiB limit
@@ -171,7 +174,7 @@ class KafkaOut:
             return await self._send_truncated(dead, exc)  # refused by the client's size check
         return asyncio.ensure_future(self._delivered(dead, sent))
 
-    async def _delivered(self, dead: DeadLetter, sent: asyncio.Future) -> Any:
+    async def _delivered(self, dead: DeadLetter, sent: asyncio.Future[Any]) -> Any:
         try:
             return await sent
         except Exception as exc:
@@ -179,7 +182,7 @@ class KafkaOut:
                 raise
             return await (await self._send_truncated(dead, exc))  # refused by the broker
 
-    async def _send_truncated(self, dead: DeadLetter, exc: BaseException) -> asyncio.Future:
+    async def _send_truncated(self, dead: DeadLetter, exc: BaseException) -> asyncio.Future[Any]:
         key, value, headers = truncated(dead)
         metrics.DEAD_LETTERS_TRUNCATED.inc()
         log.error(
@@ -196,7 +199,7 @@ class KafkaOut:
 
     async def send_records(
         self, topic: str, partition: int, records: Iterable[tuple[bytes, bytes | None]]
-    ) -> list[tuple[asyncio.Future, int]]:
+    ) -> list[tuple[asyncio.Future[Any], int]]:
         """Send keyed records to one partition as few record batches (one append each).
 
         Returns each batch's delivery future (its metadata carries the batch's first

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from contextlib import aclosing
 from typing import Any, Protocol
 
@@ -37,7 +37,7 @@ class ChangelogReader(Protocol):
 
     def batches(
         self, topic: str, ranges: Mapping[int, tuple[int, int]]
-    ) -> AsyncIterator[tuple[int, list[Any], int]]: ...
+    ) -> AsyncGenerator[tuple[int, list[Any], int]]: ...
 
 
 async def catch_up(

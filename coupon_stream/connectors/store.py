@@ -75,7 +75,8 @@ class RocksStore:
         return self._store._db_for_partition(partition)
 
     def get_many(self, partition: int, keys: Sequence[bytes]) -> list[bytes | None]:
-        return self._db(partition).get(list(keys))
+        values: list[bytes | None] = self._db(partition).get(list(keys))
+        return values
 
     def write(self, partition: int, items: Mapping[bytes, bytes | None]) -> None:
         batch = WriteBatch(raw_mode=True)
@@ -104,7 +105,8 @@ class RocksStore:
             self._store.set_persisted_offset(TP(self._changelog_topic, partition), offset)
 
     def persisted_offset(self, partition: int) -> int | None:
-        return self._store.persisted_offset(TP(self._changelog_topic, partition))
+        offset: int | None = self._store.persisted_offset(TP(self._changelog_topic, partition))
+        return offset
 
     def is_open(self, partition: int) -> bool:
         """Whether Faust opened this partition's database for this worker (active copies)."""

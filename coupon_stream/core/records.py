@@ -60,9 +60,10 @@ def _buyer_id(value: Any) -> int:
         if not _INTEGER.fullmatch(value):
             raise ValueError("is not an integer")
         value = int(value)
-    if not INT64_MIN <= value <= INT64_MAX:
+    number: int = value
+    if not INT64_MIN <= number <= INT64_MAX:
         raise ValueError("does not fit a signed 64-bit BIGINT")
-    return value
+    return number
 
 
 def _amount(value: Any) -> float:
@@ -195,7 +196,8 @@ def encode_rows(rows: list[Row]) -> bytes:
 
 
 def decode_rows(raw: bytes) -> list[Row]:
-    return orjson.loads(raw)
+    rows: list[Row] = orjson.loads(raw)
+    return rows
 
 
 class _PlainOrder(msgspec.Struct, gc=False):
@@ -214,7 +216,7 @@ class _PlainRefund(_PlainOrder, gc=False):
     amount: float = msgspec.field(name="refund_fee")
 
 
-_PLAIN = {
+_PLAIN: dict[Source, msgspec.json.Decoder[_PlainOrder]] = {
     Source.ORDERS: msgspec.json.Decoder(_PlainOrder),
     Source.REFUNDS: msgspec.json.Decoder(_PlainRefund),
 }
@@ -241,13 +243,15 @@ def _day(text: str) -> int | None:
 
 def _fast_row(plain: _PlainOrder) -> Row | None:
     """The row of a plainly valid record, or None if pydantic must look at it."""
-    buyer = plain.buyer_id
-    if type(buyer) is str:
-        if not (len(buyer) <= 18 and buyer.isascii() and buyer.isdigit()):
+    buyer_id = plain.buyer_id
+    if isinstance(buyer_id, str):
+        if not (len(buyer_id) <= 18 and buyer_id.isascii() and buyer_id.isdigit()):
             return None
-        buyer = int(buyer)
-    elif not 0 <= buyer <= INT64_MAX:
-        return None
+        buyer = int(buyer_id)
+    else:
+        buyer = buyer_id
+        if not 0 <= buyer <= INT64_MAX:
+            return None
     amount = plain.amount
     if not -_MAX_EXACT < amount < _MAX_EXACT:
         return None

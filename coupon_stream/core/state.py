@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass
 from datetime import date, timedelta
 from enum import StrEnum
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 import orjson
 
@@ -30,14 +30,21 @@ STATE_TABLES = ("entries", "days")
 STATE_FORMAT = 2
 
 # Positions in a Row: (buyer_id, biz_order_id, pay_status, effect_time, yuan, created, modified)
-BUYER, ORDER, STATUS, ROW_DAY, ROW_YUAN, ROW_CREATED, ROW_MODIFIED = range(7)
+# Literal, so that indexing a Row with them keeps each field's type.
+BUYER: Final = 0
+ORDER: Final = 1
+STATUS: Final = 2
+ROW_DAY: Final = 3
+ROW_YUAN: Final = 4
+ROW_CREATED: Final = 5
+ROW_MODIFIED: Final = 6
 # Positions in an entry payload.
 DAY, YUAN, CREATED, MODIFIED = range(4)
 # Positions in a day payload.
 SUM, COUNT, MIN_CREATED, MAX_MODIFIED = range(4)
 
-Entry = list  # [effect_time, yuan, gmt_create, gmt_modified]
-Day = list  # [cumulate_amount, entries, min gmt_create, max gmt_modified]
+Entry = list[Any]  # [effect_time, yuan, gmt_create, gmt_modified]
+Day = list[Any]  # [cumulate_amount, entries, min gmt_create, max gmt_modified]
 
 # Partition metadata keys of the `days` table; day keys are always 12 bytes, these are not.
 FORMAT_KEY = b"~format"

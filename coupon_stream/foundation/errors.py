@@ -202,7 +202,7 @@ _TLS_ALERTS = re.compile(
 )
 
 
-def _flat(args: tuple) -> list[object]:
+def _flat(args: tuple[object, ...]) -> list[object]:
     out: list[object] = []
     for a in args:
         out += _flat(tuple(a)) if isinstance(a, list | tuple | set | frozenset) else [a]
@@ -270,7 +270,7 @@ def reason(exc: BaseException) -> str:
     """The database's or broker's own words for `exc`, on one line (for logs and dead letters)."""
     orig = getattr(exc, "orig", None) or exc
     code = mysql_code(orig)
-    args = getattr(orig, "args", ())
+    args: tuple[object, ...] = getattr(orig, "args", ())
     if code is not None and len(args) > 1:
         text = f"{code}: {args[1]}"
     else:

@@ -8,11 +8,13 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
     Column,
     Connection,
+    Insert,
     MetaData,
     PrimaryKeyConstraint,
     String,
@@ -128,10 +130,10 @@ class ResultSink:
         self.max_backoff = 2.0
 
     @staticmethod
-    def _make_upsert(url: str):  # noqa: ANN205 - returns a dialect-specific statement builder
+    def _make_upsert(url: str) -> Callable[[Table], Insert]:
         if url.startswith("mysql"):
 
-            def build(table: Table) -> object:
+            def build(table: Table) -> Insert:
                 stmt = mysql.insert(table)
                 return stmt.on_duplicate_key_update(
                     gmt_create=stmt.inserted.gmt_create,
@@ -141,7 +143,7 @@ class ResultSink:
 
         elif url.startswith("sqlite"):
 
-            def build(table: Table) -> object:
+            def build(table: Table) -> Insert:
                 stmt = sqlite.insert(table)
                 return stmt.on_conflict_do_update(
                     index_elements=["buyer_id", "effect_time"],
@@ -391,7 +393,7 @@ class ResultSink:
         self.available = True
         metrics.SINK_AVAILABLE.set(1)
 
-    async def fetch_all(self) -> list[tuple]:
+    async def fetch_all(self) -> list[tuple[Any, ...]]:
         """All rows, ordered by key (for `coupon-stream show` and tests)."""
         assert self._engine is not None
         t = self.table

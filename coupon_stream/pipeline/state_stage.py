@@ -75,7 +75,7 @@ class Session(NamedTuple):
     start: int
 
 
-Slot = list  # [value at the last checkpoint, current value]
+Slot = list[Any]  # [value at the last checkpoint, current value]
 
 
 class TableCache:
@@ -139,9 +139,9 @@ class TableCache:
             for key, raw in self.store.items(partition, prefix):
                 values[key] = Record.read(raw, *_as_of(session))
         for key, slot in self.flushing.get(partition, {}).items():
-            values = found.get(key[:size])
-            if values is not None:
-                values[key] = slot[1]
+            prefixed = found.get(key[:size])
+            if prefixed is not None:
+                prefixed[key] = slot[1]
         return found
 
     def drop(self) -> None:
@@ -171,7 +171,8 @@ class _View:
         self._load_day = load_day
 
     def get_entry(self, key: bytes) -> Entry | None:
-        return self.entries[key][1]  # loaded with the message
+        entry: Entry | None = self.entries[key][1]  # loaded with the message
+        return entry
 
     def put_entry(self, key: bytes, value: Entry | None) -> None:
         self.entries[key][1] = value
@@ -180,7 +181,8 @@ class _View:
         slot = self.days.get(key)
         if slot is None:  # the old day of a copy that moves days
             slot = self._load_day(key)[key]
-        return slot[1]
+        day: Day | None = slot[1]
+        return day
 
     def put_day(self, key: bytes, value: Day | None) -> None:
         self.days[key][1] = value
@@ -341,7 +343,7 @@ class StateStage:
 
     async def _read(
         self, partition: int, start: int, end: int, when: str = "before a later one"
-    ) -> list[tuple[int, bytes, int | None]]:
+    ) -> list[tuple[int, bytes, int]]:
         """The messages in [start, end) the consumer did not deliver, from Kafka."""
         if start >= end:
             return []

@@ -9,6 +9,7 @@ import logging
 import logging.config
 import sys
 from pathlib import Path
+from typing import Any
 
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
@@ -139,7 +140,7 @@ def _show(args: argparse.Namespace) -> None:
 
     settings = load_settings()
 
-    async def fetch() -> list[tuple]:
+    async def fetch() -> list[tuple[Any, ...]]:
         sink = ResultSink.of(settings)
         await sink.start()
         try:

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from itertools import accumulate
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 
@@ -41,8 +41,8 @@ SKEWS: tuple[Skew, ...] = ("uniform", "zipf", "hot")
 
 @dataclass
 class Dataset:
-    orders: list[dict]
-    refunds: list[dict]
+    orders: list[dict[str, Any]]
+    refunds: list[dict[str, Any]]
 
 
 def _ts(t: datetime) -> str:
@@ -50,7 +50,7 @@ def _ts(t: datetime) -> str:
     return t.isoformat(" ")
 
 
-def _copies(rng: random.Random, record: dict, share: float) -> list[dict]:
+def _copies(rng: random.Random, record: dict[str, Any], share: float) -> list[dict[str, Any]]:
     """The record plus re-sent copies; a copy differs only in a later gmt_modified."""
     out = [record]
     if rng.random() < share:
@@ -62,7 +62,9 @@ def _copies(rng: random.Random, record: dict, share: float) -> list[dict]:
     return out
 
 
-def _shuffle_nearby(rng: random.Random, items: list[dict], window: int = 50) -> list[dict]:
+def _shuffle_nearby(
+    rng: random.Random, items: list[dict[str, Any]], window: int = 50
+) -> list[dict[str, Any]]:
     """Local shuffle: copies usually follow their original but sometimes come first."""
     keyed = [(i + rng.uniform(0, window), item) for i, item in enumerate(items)]
     keyed.sort(key=lambda pair: pair[0])
@@ -118,14 +120,16 @@ def generate(
     rng = random.Random(seed)
     n_buyers = buyers or max(1, orders // 4)
     pick_buyer = _buyer_picker(rng, skew, n_buyers, hot_share)
-    order_rows: list[dict] = []
-    refund_rows: list[dict] = []
+    order_rows: list[dict[str, Any]] = []
+    refund_rows: list[dict[str, Any]] = []
     for i in range(orders):
         buyer = pick_buyer()
         day = rng.choice(DAYS)
         pay_time = day + timedelta(seconds=rng.randrange(86_400))
         created = pay_time - timedelta(seconds=rng.randint(0, 900))
-        fee = rng.choice((rng.randint(1, 99), rng.randint(100, 50_000), rng.randint(100, 50_000)))
+        fee: float = rng.choice(
+            (rng.randint(1, 99), rng.randint(100, 50_000), rng.randint(100, 50_000))
+        )
         if rng.random() < 0.3:
             fee += 0.5  # a DOUBLE that is not a whole number of cents still truncates
         order = {
@@ -169,7 +173,7 @@ def generate(
     return Dataset(_shuffle_nearby(rng, order_rows), _shuffle_nearby(rng, refund_rows))
 
 
-def jsonl(records: list[dict]) -> Iterator[bytes]:
+def jsonl(records: list[dict[str, Any]]) -> Iterator[bytes]:
     for record in records:
         yield orjson.dumps(record)
 

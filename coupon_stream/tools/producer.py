@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from tqdm import tqdm
@@ -48,7 +49,7 @@ async def send_all(
     try:
         with tqdm(total=total, unit="msg", disable=not progress, desc="produce") as bar:
             for topic, values in batches:
-                pending: list[asyncio.Future] = []
+                pending: list[asyncio.Future[Any]] = []
                 for value in values:
                     pending.append(await producer.send(topic, value=value, partition=partition))
                     if len(pending) >= WINDOW:

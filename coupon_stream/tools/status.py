@@ -10,6 +10,7 @@ import asyncio
 import time
 import urllib.request
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -61,7 +62,7 @@ async def lag(settings: Settings) -> tuple[dict[TopicPartition, int], int]:
             if not tps:
                 continue
             ends = await consumer.end_offsets(tps)
-            committed = await retry(lambda group=group: admin.list_consumer_group_offsets(group))
+            committed = await retry(partial(admin.list_consumer_group_offsets, group))
             for tp in tps:
                 lags[tp] = behind(ends[tp], committed[tp].offset if tp in committed else None)
         dead = sum((await consumer.end_offsets(dlq)).values()) if dlq else 0
