@@ -40,6 +40,7 @@ down:
 lint: install
 	$(BIN)/ruff check coupon_stream tests bench
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 unit: install
 	$(BIN)/pytest -q tests/unit

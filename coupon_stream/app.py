@@ -17,29 +17,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
-import faust
 from aiokafka.errors import ConsumerStoppedError, KafkaError
-from faust.stores.rocksdb import RocksDBOptions
-from faust.types import TP, EventT
 from prometheus_client import generate_latest
 
-from coupon_stream.connectors import clients, restore
+from coupon_stream.connectors import clients, engine, restore
+from coupon_stream.connectors.engine import TP, Event, Stream
 from coupon_stream.connectors.kafka import KafkaOut, PartitionReader, behind
 from coupon_stream.connectors.restore import ChangelogReader
-from coupon_stream.connectors.store import (
-    LookupTunedOptions,
-    MemoryStore,
-    PartitionStore,
-    RocksStore,
-)
+from coupon_stream.connectors.store import MemoryStore, PartitionStore
 from coupon_stream.core.state import STATE_TABLES
 from coupon_stream.foundation import metrics
 from coupon_stream.foundation.errors import AccessRefused, Backoff, Fault, classify
 from coupon_stream.foundation.health import StallWatch
-from coupon_stream.foundation.logs import Worker, logging_config
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.checkpoint import Checkpointer
 from coupon_stream.pipeline.intake import Intake
@@ -72,58 +64,31 @@ class CouponStream:
         changelog_ends: dict[str, dict[int, int]] | None = None,
     ) -> None:
         s = self.settings = settings
-        self.app = faust.App(
-            s.app_id,
-            broker=s.broker,
-            broker_credentials=broker_credentials(s),
-            store=store,
-            datadir=str(s.data_dir),
-            topic_partitions=s.partitions,
-            web_port=s.web_port,
-            web_bind=s.web_host,
-            web_host=s.web_host,
-            # The port serves operators: /metrics and /health only. Faust's views would show
-            # any buyer's kept orders (/table) and the assignment (/router) to anyone.
-            web_tables_enabled=False,
-            web_router_enabled=False,
-            web_graph_enabled=False,
-            web_stats_enabled=False,
-            table_standby_replicas=s.standby_replicas,
-            topic_replication_factor=s.replication_factor,
-            broker_session_timeout=s.session_timeout,
-            broker_heartbeat_interval=max(0.5, s.session_timeout / 10),
-            logging_config=logging_config(s.log_format, s.log_level),
-            Worker=Worker,
-            Table=StateTable,
-            consumer_auto_offset_reset="earliest",
-            key_serializer="raw",
-            value_serializer="raw",
-        )
+        self.app = engine.build_app(s, store=store)
         self.out = out or KafkaOut(s)
         self.sink = sink or ResultSink.of(s)
         self._sink_started = False
-        self._acker: faust.StreamT | None = None
+        self._acker: Stream | None = None
         raw: dict[str, Any] = {"key_serializer": "raw", "value_serializer": "raw"}
         self.by_buyer = self.app.topic(
             s.by_buyer_topic, partitions=s.partitions, internal=True, **raw
         )
         rocks = store.startswith("rocksdb")
         self.caches: dict[str, TableCache] = {}
+        self.tables: dict[str, engine.StateTable] = {}
         for name in STATE_TABLES:
-            table = self.app.Table(
+            table = self.tables[name] = engine.state_table(
+                self.app,
                 name,
-                partitions=s.partitions,
-                options=_rocksdb_options(s) if rocks else None,
+                options=engine.rocksdb_options(s) if rocks else None,
                 help=TABLE_HELP[name],
-                key_type=bytes,
-                value_type=bytes,
-                on_changelog_event=self._on_restored,
+                on_restored=self._on_restored,
+                before_recovery=self._bulk_restore,
             )
-            changelog = table.changelog_topic.get_topic_name()
+            changelog = engine.changelog_topic(table)
             partitions: PartitionStore = (
-                RocksStore(table.data, changelog) if rocks else MemoryStore()
+                engine.RocksStore(table.data, changelog) if rocks else MemoryStore()
             )
-            table.before_recovery = self._bulk_restore
             self.caches[name] = TableCache(name, partitions, changelog)
         self.reader = reader or PartitionReader(s)
         self.restore_reader = restore_reader or PartitionReader(s)
@@ -135,7 +100,7 @@ class CouponStream:
             self.caches["days"],
             self.out,
             self.reader,
-            assignment=lambda: None if self.app.rebalancing else self.app.rebalancing_count,
+            assignment=self._assignment,
         )
         self.stalls = StallWatch(s.stall_seconds)
         self.checkpointer = Checkpointer(
@@ -150,10 +115,14 @@ class CouponStream:
         self.intake = Intake(s, self.out)
         self.state_agent = self.app.agent(self.by_buyer, name="state")(self._apply)
         self.app.task(self._run_intake)
-        self.app.on_before_shutdown.connect(self._stop_out)
+        engine.on_before_shutdown(self.app, self._stop_out)
         self._register_pages()
 
-    async def _on_restored(self, event: EventT) -> None:
+    def _assignment(self) -> int | None:
+        """Which assignment this is (None while rebalancing): work of an older one is void."""
+        return None if self.app.rebalancing else int(self.app.rebalancing_count)
+
+    async def _on_restored(self, event: Event) -> None:
         """Counts changelog records read back into local state (recovery and standbys)."""
         metrics.STATE_RESTORED.inc()
 
@@ -167,11 +136,11 @@ class CouponStream:
         catch-up, it must not crash the worker on its way out.
         """
         store = next(c.store for c in self.caches.values() if c.changelog_topic == changelog)
-        actives = self.app.assignor.assigned_actives()
+        actives = engine.active_partitions(self.app, changelog)
         partitions = sorted(
             tp.partition
             for tp in newly_assigned
-            if tp.topic == changelog and tp in actives and store.is_open(tp.partition)
+            if tp.topic == changelog and tp.partition in actives and store.is_open(tp.partition)
         )
         # Only the first assignment may trust them: the ends only grow, so a stale hint can
         # only make it leave a restore to Faust's recovery, never skip a record.
@@ -186,7 +155,7 @@ class CouponStream:
                 changelog,
                 partitions,
                 budget=self.settings.bulk_restore_seconds,
-                still_current=lambda: self.app.consumer_generation_id == generation_id,
+                still_current=lambda: engine.generation(self.app) == generation_id,
                 ends_hint=hint,
             )
         except (KafkaError, OSError) as exc:
@@ -214,9 +183,9 @@ class CouponStream:
             log.critical("access refused, stopping the worker: %s", refused)
         else:
             log.critical("%s failed for good, stopping the worker: %r", what, exc)
-        await self.app.crash(refused or exc)
+        await engine.crash(self.app, refused or exc)
 
-    async def _stop_out(self, app: faust.App, **kwargs: Any) -> None:
+    async def _stop_out(self) -> None:
         """After the consumers stopped: deliver what is still in flight, then close."""
         await self.out.stop()
         await self.reader.stop()
@@ -224,16 +193,15 @@ class CouponStream:
 
     # -- state stage --------------------------------------------------------------------------
 
-    async def _apply(self, stream: faust.StreamT) -> None:
+    async def _apply(self, stream: Stream) -> None:
         try:
             await self.start_sink()
         except Exception as exc:
             await self.stop_worker("the result sink", exc)
             raise
-        self._acker = manual = stream.noack()
+        self._acker = manual = engine.manual_acks(stream)
         flusher = asyncio.ensure_future(self._flush_periodically())
         try:
-            committed = self.app.consumer._committed_offset  # Faust's view after its seek
             async for event in manual.events():
                 msg = event.message
                 try:
@@ -242,12 +210,12 @@ class CouponStream:
                         msg.partition,
                         msg.offset,
                         event,
-                        committed.get(msg.tp),
+                        engine.committed_offset(self.app, msg.tp),  # Faust's, after its seek
                         received_ms=int(msg.timestamp * 1000) if msg.timestamp else None,
                     )
                 except StateFormatError as exc:
                     log.critical("%s", exc)
-                    await self.app.crash(exc)
+                    await engine.crash(self.app, exc)
                     return
                 except Exception as exc:
                     await self.stop_worker("the state agent", exc)
@@ -283,14 +251,15 @@ class CouponStream:
         Faust would commit them as it hands the partitions over: those are released.
         """
         for token in tokens:
-            if not isinstance(token, faust.types.EventT):
+            if not engine.is_event(token):
                 continue  # a ReadBack: applied from Kafka, no event to acknowledge
+            event = cast(Event, token)
             if committed and self._acker is not None:
-                await self._acker.ack(token)
+                await self._acker.ack(event)
             else:
-                self.app.consumer._unacked_messages.discard(token.message)
+                engine.release(self.app, event)
 
-    async def commit_partitions(self, offsets: dict[int, int]) -> bool:
+    async def commit_partitions(self, offsets: Mapping[int, int]) -> bool:
         """Commit by-buyer offsets, retrying what can succeed; False once not ours."""
         topic = self.by_buyer.get_topic_name()
         backoff = Backoff()
@@ -304,9 +273,15 @@ class CouponStream:
                 self.stalls.failed(None, f"offset commit failed: {exc!r}")
                 await backoff.sleep()
 
-    async def commit(self, offsets: dict[Any, int]) -> bool:
-        # Faust's commit of explicit offsets: only partitions still assigned are committed.
-        return bool(await self.app.consumer._commit_offsets(offsets))
+    async def commit(self, offsets: dict[TP, int]) -> bool:
+        """Whether any partition's offset was committed.
+
+        A partial commit (some partitions revoked meanwhile) counts as committed: the
+        revoked partitions' events are acknowledged too, but Faust commits only what it is
+        assigned, and their next owner replays them from the offset committed before, which
+        the state reads as of (docs/design.md, "The checkpoint").
+        """
+        return bool(await engine.commit(self.app, offsets))
 
     async def start_sink(self) -> None:
         if not self._sink_started:
@@ -322,16 +297,10 @@ class CouponStream:
         app = self.app
         watched = {self.by_buyer.get_topic_name()}
 
-        @app.timer(interval=5.0)
         async def export_lag() -> None:
             """Messages behind each assigned partition's end: by-buyer, intake and standby."""
-            consumer = app.consumer
-
             def export(tp: TP, done: int) -> int | None:
-                try:
-                    end = consumer.highwater(tp)
-                except Exception:  # noqa: BLE001 - not known yet right after assignment
-                    return None
+                end = engine.highwater(app, tp)
                 if end is None:
                     return None
                 lag = behind(end, done)
@@ -339,65 +308,60 @@ class CouponStream:
                 return lag
 
             by_buyer: dict[int, int] = {}
-            for tp in consumer.assignment():
+            for tp in engine.assignment(app):
                 if tp.topic in watched:
-                    lag = export(tp, consumer._committed_offset.get(tp) or 0)
+                    lag = export(tp, engine.committed_offset(app, tp) or 0)
                     if lag is not None:
                         by_buyer[tp.partition] = lag
             if not self.sink.available and self.sink.last_error:
                 self.stalls.failed(None, self.sink.last_error)
             self.stalls.check(by_buyer)
             # A standby copy is as current as the last changelog offset Faust applied to it.
-            recovery = app.tables.recovery
-            for tp in recovery.standby_tps:
-                applied = recovery.standby_offsets.get(tp)
-                export(tp, 0 if applied is None else applied + 1)
+            for tp, position in engine.standby_positions(app).items():
+                export(tp, position)
             for tp, n in self.intake.lag().items():
                 metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(n)
 
-        @app.timer(interval=TAIL_CHECK_SECONDS)
         async def repair_undelivered_tails() -> None:
             """Read back by-buyer messages the consumer moved past when none came after them."""
             if app.rebalancing or self._acker is None:
                 return
-            consumer = app.consumer
-            mine = {tp.partition: tp for tp in consumer.assignment() if tp.topic in watched}
+            mine = {tp.partition: tp for tp in engine.assignment(app) if tp.topic in watched}
             if not mine:
                 return
             try:  # from the broker: the consumer's own view stops with its fetches
                 ends = await self.reader.end_offsets(self.settings.by_buyer_topic, mine)
                 for partition, end in ends.items():
-                    committed = consumer._committed_offset.get(mine[partition])
+                    committed = engine.committed_offset(app, mine[partition])
                     await self.stage.repair_tail(partition, end, committed)
             except KafkaError as exc:
                 log.warning("tail check skipped, Kafka did not answer: %r", exc)
             except Exception:  # a timer that raises stops the worker; this check can wait
                 log.exception("tail check failed; trying again in %.0f s", TAIL_CHECK_SECONDS)
 
-        @app.timer(interval=10.0)
         async def export_state_size() -> None:
             """Keys held in local RocksDB per table and partition (active and standby copies)."""
             for name in STATE_TABLES:
-                for partition, db in getattr(app.tables[name].data, "_dbs", {}).items():
-                    try:
-                        keys = db.property_int_value("rocksdb.estimate-num-keys")
-                    except Exception:  # noqa: BLE001 - not a rocksdict store
-                        continue
-                    metrics.STATE_KEYS.labels(name, str(partition)).set(keys or 0)
+                for partition, keys in engine.key_counts(self.tables[name]).items():
+                    metrics.STATE_KEYS.labels(name, str(partition)).set(keys)
 
-        @app.on_partitions_assigned.connect
-        async def assigned(app: faust.App, assigned: set, **kwargs: Any) -> None:
+        async def assigned(assigned: set[TP]) -> None:
             mine = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned if tp.topic in watched)
             self.stalls.assigned(tp.partition for tp in assigned if tp.topic in watched)
             metrics.REBALANCES.inc()
             log.info("assigned %d partitions: %s", len(mine), ", ".join(mine))
 
-        @app.on_partitions_revoked.connect
-        async def revoked(app: faust.App, revoked: set, **kwargs: Any) -> None:
+        async def revoked(revoked: set[TP]) -> None:
             await self._acknowledge(await self.stage.forget(), False)
             self.stalls.revoked()
             metrics.CONSUMER_LAG.clear()
             log.info("revoked %d partitions", len(revoked))
+
+        engine.every(app, 5.0, export_lag)
+        engine.every(app, TAIL_CHECK_SECONDS, repair_undelivered_tails)
+        engine.every(app, 10.0, export_state_size)
+        engine.on_assigned(app, assigned)
+        engine.on_revoked(app, revoked)
 
         @app.page("/metrics")
         async def metrics_page(web: Any, request: Any) -> Any:
@@ -416,7 +380,7 @@ class CouponStream:
         """Ready when not rebalancing, tables recovered, the database answers, and no
         partition is stalled (lag, and nothing committed for COUPON_STALL_SECONDS)."""
         app = self.app
-        recovered = bool(app.tables.recovery.completed.is_set()) if app.tables else False
+        recovered = engine.recovered(app)
         database = await self.sink.ping()
         rebalancing = bool(app.rebalancing)
         stalled = sorted(self.stalls.stalled)
@@ -427,55 +391,3 @@ class CouponStream:
             "rebalancing": rebalancing,
             "stalled_partitions": stalled,
         }
-
-
-class StateTable(faust.Table):
-    """Faust's table, with a hook that runs after local partitions open, before recovery,
-    and RocksDB filters tuned for lookups of absent keys (`store.LookupTunedOptions`)."""
-
-    before_recovery: Callable[[str, set[TP], int], Awaitable[None]] | None = None
-
-    def _new_store(self) -> Any:
-        store = super()._new_store()
-        options = getattr(store, "rocksdb_options", None)
-        if isinstance(options, RocksDBOptions):
-            store.rocksdb_options = LookupTunedOptions.like(options)
-        return store
-
-    async def on_rebalance(
-        self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP], generation_id: int = 0
-    ) -> None:
-        await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
-        if self.before_recovery is not None:
-            changelog = self.changelog_topic.get_topic_name()
-            await self.before_recovery(changelog, newly_assigned, generation_id)
-
-
-def broker_credentials(s: Settings) -> faust.types.auth.CredentialsT | None:
-    """Faust's form of `clients.kafka_auth`: its consumer, producer and admin connect alike."""
-    auth = clients.kafka_auth(s)
-    protocol = auth["security_protocol"]
-    if protocol == "PLAINTEXT":
-        return None
-    if protocol == "SSL":
-        return faust.SSLCredentials(auth["ssl_context"])
-    return faust.SASLCredentials(
-        username=auth["sasl_plain_username"],
-        password=auth["sasl_plain_password"],
-        mechanism=auth["sasl_mechanism"],
-        ssl_context=auth.get("ssl_context"),
-    )
-
-
-def _rocksdb_options(s: Settings) -> dict[str, Any]:
-    """RocksDB sizes per table partition.
-
-    Faust's defaults (a 2 GiB block cache and up to 3 x 64 MiB memtables) are per partition,
-    so a worker holding 8 partitions could grow past 17 GiB; these settings bound it.
-    """
-    mib = 1024 * 1024
-    return {
-        "driver": "rocksdict",
-        "write_buffer_size": s.rocksdb_write_buffer_mb * mib,
-        "block_cache_size": s.rocksdb_block_cache_mb * mib,
-    }

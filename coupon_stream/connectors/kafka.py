@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -260,7 +260,7 @@ class PartitionReader:
 
     async def batches(
         self, topic: str, ranges: Mapping[int, tuple[int, int]]
-    ) -> AsyncIterator[tuple[int, list[Any], int]]:
+    ) -> AsyncGenerator[tuple[int, list[Any], int]]:
         """Yield (partition, records, next offset) until each [start, end) range is read.
 
         Records at or past a range's end are left out; offsets the log no longer holds

@@ -39,6 +39,8 @@ class ChangelogReader(Protocol):
         self, topic: str, ranges: Mapping[int, tuple[int, int]]
     ) -> AsyncGenerator[tuple[int, list[Any], int]]: ...
 
+    async def stop(self) -> None: ...
+
 
 async def catch_up(
     reader: ChangelogReader,

@@ -6,7 +6,6 @@ import logging
 import time
 from typing import Any
 
-import faust
 import orjson
 
 
@@ -40,20 +39,3 @@ def logging_config(fmt: str, level: str) -> dict[str, Any]:
         },
         "root": {"handlers": ["console"], "level": level.upper()},
     }
-
-
-class Worker(faust.Worker):
-    """Faust's worker without its terminal spinner.
-
-    At a log level of WARN or above, Faust ticks a spinner on every log record and to get
-    them sets the root logger to DEBUG: every debug call of Faust, aiokafka and mode then
-    built a LogRecord and ran the handlers (about 7% of a worker's CPU while restoring a
-    changelog). Here the root logger takes the worker's `--loglevel` (from
-    `COUPON_LOG_LEVEL` unless given) and nothing below it is ever built.
-    """
-
-    def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
-        self.spinner = None
-        super().on_setup_root_logger(logger, level)
-        if level:
-            logger.setLevel(level)

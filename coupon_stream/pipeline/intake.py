@@ -128,7 +128,7 @@ class Intake:
             settings.orders_topic: Source.ORDERS,
             settings.refunds_topic: Source.REFUNDS,
         }
-        self._lock = asyncio.Lock()  # a batch is sent and committed before partitions move
+        self.in_flight = asyncio.Lock()  # a batch is sent and committed before partitions move
         self.consumer: AIOKafkaConsumer | None = None
         self.committed: dict[TopicPartition, int] = {}  # for the lag gauge
 
@@ -151,7 +151,7 @@ class Intake:
             while True:
                 batches = await consumer.getmany(timeout_ms=500, max_records=s.intake_batch)
                 if batches:
-                    async with self._lock:
+                    async with self.in_flight:
                         await self.forward_until_sent(batches)
                         await self._commit(consumer, batches)
         except Exception as exc:
@@ -267,7 +267,7 @@ class _CommitFirst(ConsumerRebalanceListener):
         self.intake = intake
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        async with self.intake._lock:
+        async with self.intake.in_flight:
             for tp in revoked:
                 self.intake.committed.pop(tp, None)
 

@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 
-from coupon_stream.connectors import clients
+from coupon_stream.connectors import clients, engine
 from coupon_stream.connectors.kafka import behind
 from coupon_stream.core.state import STATE_FORMAT, STATE_TABLES
 from coupon_stream.foundation.errors import retry
@@ -38,10 +38,8 @@ class Status:
 
 
 async def partitions_of(consumer: AIOKafkaConsumer, topics: list[str]) -> list[TopicPartition]:
-    await consumer._client.force_metadata_update()
-    return [
-        TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())
-    ]
+    found = await engine.topic_partitions(consumer, topics)
+    return [TopicPartition(t, p) for t in topics for p in sorted(found[t])]
 
 
 async def lag(settings: Settings) -> tuple[dict[TopicPartition, int], int]:
@@ -273,19 +271,13 @@ async def check_deployment(settings: Settings) -> None:
     consumer = clients.consumer(settings)
     try:
         await consumer.start()
-        # Without subscriptions this asks for all topics' metadata: asking for named topics
-        # could auto-create them on a broker with auto.create.topics.enable.
-        await consumer._client.force_metadata_update()
-        cluster = consumer._client.cluster
-        counts: dict[str, int] = {}
-        for topic in (settings.by_buyer_topic, *settings.changelog_topics.values()):
-            parts = cluster.partitions_for_topic(topic)
-            if parts:
-                counts[topic] = len(parts)
+        legacy = settings.legacy_changelog_topic
+        state = [settings.by_buyer_topic, *settings.changelog_topics.values()]
+        found = await engine.topic_partitions(consumer, [*state, legacy])
+        counts = {topic: len(found[topic]) for topic in state if found[topic]}
         if any(n != settings.partitions for n in counts.values()):
             raise DeploymentError(_partition_message(settings, counts))
-        legacy = settings.legacy_changelog_topic
-        parts = cluster.partitions_for_topic(legacy)
+        parts = found[legacy]
         if parts:
             ends = await consumer.end_offsets([TopicPartition(legacy, p) for p in parts])
             records = sum(ends.values())

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
-from coupon_stream.app import broker_credentials
 from coupon_stream.connectors import clients
+from coupon_stream.connectors.engine import broker_credentials
 from coupon_stream.foundation.errors import AccessRefused
 from coupon_stream.foundation.settings import Settings
 from tests import certs

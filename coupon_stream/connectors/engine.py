@@ -1,0 +1,394 @@
+"""The one boundary to Faust and to aiokafka's internals.
+
+No other module imports `faust` or reaches into a private attribute of Faust or aiokafka
+(`make lint` checks the imports). What the service needs of them is offered here in its own
+words, each with the contract it relies on, and `tests/unit/test_engine.py` runs every one
+against the real objects: an upgrade that renames one fails there, by name. The versions
+this was checked against are pinned in `pyproject.toml`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any, cast
+
+import faust
+import rocksdict
+from faust.stores.rocksdb import RocksDBOptions
+from faust.types import TP, EventT, StreamT
+from rocksdict import WriteBatch
+
+from coupon_stream.connectors import clients
+from coupon_stream.foundation.logs import logging_config
+from coupon_stream.foundation.settings import Settings
+
+__all__ = ["TP", "Event", "Stream"]
+
+Event = EventT[Any]
+Stream = StreamT[bytes]
+
+# Bits a key of each SST file's whole-key filter; and the share of a memtable's size
+# given to a filter over its keys.
+FILTER_BITS_PER_KEY = 10
+MEMTABLE_FILTER_RATIO = 0.1
+
+
+def build_app(settings: Settings, *, store: str) -> faust.App:
+    """The Faust app of one worker: its consumer group, tables, web port and clients."""
+    s = settings
+    return faust.App(
+        s.app_id,
+        broker=s.broker,
+        broker_credentials=broker_credentials(s),
+        store=store,
+        datadir=str(s.data_dir),
+        topic_partitions=s.partitions,
+        web_port=s.web_port,
+        web_bind=s.web_host,
+        web_host=s.web_host,
+        # The port serves operators: /metrics and /health only. Faust's views would show
+        # any buyer's kept orders (/table) and the assignment (/router) to anyone.
+        web_tables_enabled=False,
+        web_router_enabled=False,
+        web_graph_enabled=False,
+        web_stats_enabled=False,
+        table_standby_replicas=s.standby_replicas,
+        topic_replication_factor=s.replication_factor,
+        broker_session_timeout=s.session_timeout,
+        broker_heartbeat_interval=max(0.5, s.session_timeout / 10),
+        logging_config=logging_config(s.log_format, s.log_level),
+        Worker=Worker,
+        Table=StateTable,
+        consumer_auto_offset_reset="earliest",
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+
+
+def broker_credentials(s: Settings) -> faust.types.auth.CredentialsT | None:
+    """Faust's form of `clients.kafka_auth`: its consumer, producer and admin connect alike."""
+    auth = clients.kafka_auth(s)
+    protocol = auth["security_protocol"]
+    if protocol == "PLAINTEXT":
+        return None
+    if protocol == "SSL":
+        return faust.SSLCredentials(auth["ssl_context"])
+    return faust.SASLCredentials(
+        username=auth["sasl_plain_username"],
+        password=auth["sasl_plain_password"],
+        mechanism=auth["sasl_mechanism"],
+        ssl_context=auth.get("ssl_context"),
+    )
+
+
+def rocksdb_options(s: Settings) -> dict[str, Any]:
+    """RocksDB sizes per table partition.
+
+    Faust's defaults (a 2 GiB block cache and up to 3 x 64 MiB memtables) are per partition,
+    so a worker holding 8 partitions could grow past 17 GiB; these settings bound it.
+    """
+    mib = 1024 * 1024
+    return {
+        "driver": "rocksdict",
+        "write_buffer_size": s.rocksdb_write_buffer_mb * mib,
+        "block_cache_size": s.rocksdb_block_cache_mb * mib,
+    }
+
+
+# -- wiring: what the app registers -------------------------------------------------------------
+
+
+def state_table(
+    app: faust.App,
+    name: str,
+    *,
+    options: dict[str, Any] | None,
+    help: str,
+    on_restored: Callable[[Event], Awaitable[None]],
+    before_recovery: Callable[[str, set[TP], int], Awaitable[None]],
+) -> StateTable:
+    """A bytes -> bytes table partitioned like the by-buyer topic, RocksDB-tuned."""
+    table = cast(
+        StateTable,
+        app.Table(
+            name,
+            partitions=app.conf.topic_partitions,
+            options=options,
+            help=help,
+            key_type=bytes,
+            value_type=bytes,
+            on_changelog_event=on_restored,
+        ),
+    )
+    table.before_recovery = before_recovery
+    return table
+
+
+def manual_acks(stream: Stream) -> Stream:
+    """The stream with acknowledgement left to the caller (`ack`, or `release`)."""
+    acked: Stream = cast(Any, stream).noack()
+    return acked
+
+
+def every(app: faust.App, seconds: float, fn: Callable[[], Awaitable[None]]) -> None:
+    app.timer(interval=seconds)(fn)
+
+
+def on_assigned(app: faust.App, fn: Callable[[set[TP]], Awaitable[None]]) -> None:
+    """Run `fn` with the newly assigned partitions after every rebalance."""
+
+    async def assigned(sender: Any, assigned: set[TP], **kwargs: Any) -> None:
+        await fn(assigned)
+
+    app.on_partitions_assigned.connect(assigned)  # type: ignore[arg-type]
+
+
+def on_revoked(app: faust.App, fn: Callable[[set[TP]], Awaitable[None]]) -> None:
+    """Run `fn` with the revoked partitions at the start of every rebalance."""
+
+    async def revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
+        await fn(revoked)
+
+    app.on_partitions_revoked.connect(revoked)  # type: ignore[arg-type]
+
+
+def on_before_shutdown(app: faust.App, fn: Callable[[], Awaitable[None]]) -> None:
+    """Run `fn` once the consumers have stopped, before the worker exits."""
+
+    async def before_shutdown(sender: Any, **kwargs: Any) -> None:
+        await fn()
+
+    app.on_before_shutdown.connect(before_shutdown)  # type: ignore[arg-type]
+
+
+# -- the consumer: offsets, acknowledgements, assignment --------------------------------------
+
+
+def committed_offset(app: faust.App, tp: TP) -> int | None:
+    """The offset Faust's consumer last committed or sought to for `tp` (its own view)."""
+    offset: int | None = _consumer(app)._committed_offset.get(tp)
+    return offset
+
+
+async def commit(app: faust.App, offsets: Mapping[TP, int]) -> set[TP]:
+    """Commit explicit offsets; return the partitions whose offsets were committed.
+
+    Faust commits only partitions still assigned: a revoked one is left out (its next
+    owner replays from the offset committed before, which the state reads as of). So the
+    result is exactly what Kafka holds now; a partition missing from it was not committed.
+    """
+    consumer = _consumer(app)
+    committable = {tp: o for tp, o in offsets.items() if tp in consumer.assignment()}
+    if not committable or not await consumer._commit_offsets(committable):
+        return set()
+    return set(committable)
+
+
+def is_event(token: object) -> bool:
+    return isinstance(token, EventT)
+
+
+def release(app: faust.App, event: Event) -> None:
+    """Forget an event without acknowledging it, so no rebalance commits past it.
+
+    Faust waits for acknowledgements before it hands partitions over, and acknowledged
+    events are committed on the way; an event whose checkpoint was not committed must be
+    neither: it is dropped from the consumer's unacknowledged set instead.
+    """
+    _consumer(app)._unacked_messages.discard(event.message)
+
+
+def _consumer(app: faust.App) -> Any:
+    """Faust's consumer, whose private attributes its type does not declare."""
+    return app.consumer
+
+
+def highwater(app: faust.App, tp: TP) -> int | None:
+    """The end offset of an assigned partition as of the last fetch, or None if not known."""
+    try:
+        end: int | None = app.consumer.highwater(tp)
+    except Exception:  # noqa: BLE001 - not known yet right after assignment
+        return None
+    return end
+
+
+def assignment(app: faust.App) -> set[TP]:
+    return set(app.consumer.assignment())
+
+
+def active_partitions(app: faust.App, topic: str) -> set[int]:
+    """Partitions of `topic` assigned to this worker as active (not standby) copies."""
+    return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic}
+
+
+def generation(app: faust.App) -> int:
+    generation_id: int = app.consumer_generation_id
+    return generation_id
+
+
+def recovered(app: faust.App) -> bool:
+    """Whether the tables' recovery after the last assignment has completed."""
+    tables: Any = app.tables
+    return bool(tables.recovery.completed.is_set()) if tables else False
+
+
+def standby_positions(app: faust.App) -> dict[TP, int]:
+    """The next changelog offset each standby copy will apply (0 if none applied yet)."""
+    recovery = cast(Any, app.tables).recovery
+    return {
+        tp: (0 if (applied := recovery.standby_offsets.get(tp)) is None else applied + 1)
+        for tp in recovery.standby_tps
+    }
+
+
+async def crash(app: faust.App, exc: BaseException) -> None:
+    await app.crash(exc)
+
+
+# -- tables and their local RocksDB ------------------------------------------------------------
+
+
+class LookupTunedOptions(RocksDBOptions):
+    """Faust's RocksDB options, with filters for what the state stage asks most: absent keys.
+
+    Nearly every record looks up an entry that does not exist yet. Faust's default filter
+    (3 bits a key, one per data block) still reads the index of every file for such a key;
+    a whole-key filter per file and one over the memtables answer most of them without
+    reading a block (docs/performance.md). Files written with the old filter stay readable.
+    """
+
+    @classmethod
+    def like(cls, options: RocksDBOptions) -> LookupTunedOptions:
+        given = {k: v for k, v in vars(options).items() if k != "extra_options"}
+        return cls(**given, **options.extra_options)
+
+    def as_options(self) -> Any:
+        options = super().as_options()
+        if self.use_rocksdict:
+            table = rocksdict.BlockBasedOptions()
+            table.set_bloom_filter(FILTER_BITS_PER_KEY, block_based=False)
+            table.set_block_cache(rocksdict.Cache(self.block_cache_size))
+            table.set_index_type(rocksdict.BlockBasedIndexType.binary_search())
+            options.set_block_based_table_factory(table)
+            options.set_memtable_prefix_bloom_ratio(MEMTABLE_FILTER_RATIO)
+            options.set_memtable_whole_key_filtering(True)
+        return options
+
+
+class StateTable(faust.Table):  # type: ignore[type-arg]
+    """Faust's table, with a hook that runs after local partitions open, before recovery,
+    and RocksDB filters tuned for lookups of absent keys (`LookupTunedOptions`)."""
+
+    before_recovery: Callable[[str, set[TP], int], Awaitable[None]] | None = None
+
+    def _new_store(self) -> Any:
+        store: Any = super()._new_store()
+        options = getattr(store, "rocksdb_options", None)
+        if isinstance(options, RocksDBOptions):
+            store.rocksdb_options = LookupTunedOptions.like(options)
+        return store
+
+    async def on_rebalance(
+        self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP], generation_id: int = 0
+    ) -> None:
+        await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
+        if self.before_recovery is not None:
+            changelog = self.changelog_topic.get_topic_name()
+            await self.before_recovery(changelog, newly_assigned, generation_id)
+
+
+def changelog_topic(table: faust.Table) -> str:  # type: ignore[type-arg]
+    name: str = table.changelog_topic.get_topic_name()
+    return name
+
+
+def key_counts(table: faust.Table) -> dict[int, int]:  # type: ignore[type-arg]
+    """RocksDB's estimate of the keys in each open partition of a table (active, standby)."""
+    counts = {}
+    for partition, db in getattr(table.data, "_dbs", {}).items():
+        try:
+            counts[partition] = db.property_int_value("rocksdb.estimate-num-keys") or 0
+        except Exception:  # noqa: BLE001 - not a rocksdict store
+            continue
+    return counts
+
+
+class RocksStore:
+    """The partitions of a Faust `rocksdb://` table store (rocksdict driver), in batches."""
+
+    def __init__(self, faust_store: Any, changelog_topic: str) -> None:
+        self._store = faust_store
+        self._changelog_topic = changelog_topic
+
+    def _db(self, partition: int) -> Any:
+        return self._store._db_for_partition(partition)
+
+    def get_many(self, partition: int, keys: Sequence[bytes]) -> list[bytes | None]:
+        values: list[bytes | None] = self._db(partition).get(list(keys))
+        return values
+
+    def write(self, partition: int, items: Mapping[bytes, bytes | None]) -> None:
+        batch = WriteBatch(raw_mode=True)
+        for key, value in items.items():
+            if value is None:
+                batch.delete(key)
+            else:
+                batch.put(key, value)
+        self._db(partition).write(batch)
+
+    def items(self, partition: int, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        """Keys in order, from `prefix` on while they start with it (Faust's own key left out)."""
+        offset_key = self._store.offset_key
+        for key, value in self._db(partition).items(from_key=prefix or None):
+            if not key.startswith(prefix):
+                return
+            if key != offset_key:
+                yield key, value
+
+    def persist_offset(self, partition: int, offset: int) -> None:
+        """Remember the changelog offset the local copy holds, so a restart reads only past it.
+
+        Skipped once the partition has moved away (Faust closed its database).
+        """
+        if self.is_open(partition):
+            self._store.set_persisted_offset(TP(self._changelog_topic, partition), offset)
+
+    def persisted_offset(self, partition: int) -> int | None:
+        offset: int | None = self._store.persisted_offset(TP(self._changelog_topic, partition))
+        return offset
+
+    def is_open(self, partition: int) -> bool:
+        """Whether Faust opened this partition's database for this worker (active copies)."""
+        return partition in self._store._dbs
+
+
+# -- the worker process ------------------------------------------------------------------------
+
+
+class Worker(faust.Worker):
+    """Faust's worker without its terminal spinner.
+
+    At a log level of WARN or above, Faust ticks a spinner on every log record and to get
+    them sets the root logger to DEBUG: every debug call of Faust, aiokafka and mode then
+    built a LogRecord and ran the handlers (about 7% of a worker's CPU while restoring a
+    changelog). Here the root logger takes the worker's `--loglevel` (from
+    `COUPON_LOG_LEVEL` unless given) and nothing below it is ever built.
+    """
+
+    def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+        self.spinner = None
+        super().on_setup_root_logger(logger, level)
+        if level:
+            logger.setLevel(level)
+
+
+# -- aiokafka ----------------------------------------------------------------------------------
+
+
+async def topic_partitions(consumer: Any, topics: Sequence[str]) -> dict[str, set[int]]:
+    """Each topic's partitions from fresh metadata of all topics (none named: naming one
+    could auto-create it on a broker with auto.create.topics.enable); a missing topic: {}."""
+    client = consumer._client
+    await client.force_metadata_update()
+    return {t: set(client.cluster.partitions_for_topic(t) or ()) for t in topics}
