@@ -30,7 +30,7 @@ from coupon_stream.connectors.restore import ChangelogReader
 from coupon_stream.connectors.store import MemoryStore, PartitionStore
 from coupon_stream.core.state import STATE_TABLES
 from coupon_stream.foundation import metrics
-from coupon_stream.foundation.errors import AccessRefused, Backoff, Fault, classify
+from coupon_stream.foundation.errors import AccessRefused, retry
 from coupon_stream.foundation.health import StallWatch
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.checkpoint import Checkpointer
@@ -262,16 +262,15 @@ class CouponStream:
     async def commit_partitions(self, offsets: Mapping[int, int]) -> bool:
         """Commit by-buyer offsets, retrying what can succeed; False once not ours."""
         topic = self.by_buyer.get_topic_name()
-        backoff = Backoff()
-        while True:
-            try:
-                return await self.commit({TP(topic, p): o for p, o in offsets.items()})
-            except Exception as exc:  # noqa: BLE001 - classified below
-                if classify(exc) is Fault.PERMANENT or self.app.rebalancing:
-                    log.warning("offset commit failed, the messages will be replayed: %r", exc)
-                    return False
-                self.stalls.failed(None, f"offset commit failed: {exc!r}")
-                await backoff.sleep()
+        try:
+            return await retry(
+                lambda: self.commit({TP(topic, p): o for p, o in offsets.items()}),
+                wanted=lambda: not self.app.rebalancing,
+                failed=lambda exc, _: self.stalls.failed(None, f"offset commit failed: {exc!r}"),
+            )
+        except Exception as exc:  # noqa: BLE001 - permanent, or given up in a rebalance
+            log.warning("offset commit failed, the messages will be replayed: %r", exc)
+            return False
 
     async def commit(self, offsets: dict[TP, int]) -> bool:
         """Whether any partition's offset was committed.

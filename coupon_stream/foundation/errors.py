@@ -295,25 +295,39 @@ class Backoff:
         self.delay = min(delay * 2, self.maximum)
         return delay
 
-    def reset(self) -> None:
-        """Start again from `first` (after a success)."""
-        self.delay = self.first
+
+
+class GivenUp(Exception):
+    """A retry stopped because what it was doing is no longer wanted (a rebalance)."""
 
 
 async def retry(
-    call: Callable[[], Awaitable[T]], timeout: float = 60.0, backoff: Backoff | None = None
+    call: Callable[[], Awaitable[T]],
+    *,
+    backoff: Backoff | None = None,
+    timeout: float | None = None,
+    wanted: Callable[[], bool] | None = None,
+    failed: Callable[[BaseException, float], None] | None = None,
 ) -> T:
-    """Run `call` until it works, retrying transient errors for up to `timeout` seconds.
+    """Run `call` until it works: the one retry loop, for every stage and tool.
 
-    For one-shot operator calls (creating topics, reading offsets), where a fresh cluster
-    may have no group coordinator yet; the stages retry for as long as it takes instead.
+    A permanent error (`classify`) raises at once. After a transient one, `wanted()` false
+    raises `GivenUp` (from that error), as does nothing else; past `timeout` seconds the
+    error itself is raised; otherwise `failed(error, delay)` is told, then the next attempt
+    follows after `delay`. Callers say only what they do between attempts.
     """
-    deadline = time.monotonic() + timeout
-    backoff = backoff or Backoff(0.2, 1.0)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    backoff = backoff or Backoff()
     while True:
         try:
             return await call()
         except Exception as exc:  # noqa: BLE001 - classified here
-            if classify(exc) is Fault.PERMANENT or time.monotonic() > deadline:
+            if classify(exc) is Fault.PERMANENT:
                 raise
+            if deadline is not None and time.monotonic() > deadline:
+                raise
+            if wanted is not None and not wanted():
+                raise GivenUp(f"given up after {exc!r}") from exc
+            if failed is not None:
+                failed(exc, backoff.delay)
             await backoff.sleep()

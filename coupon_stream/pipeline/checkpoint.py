@@ -57,7 +57,7 @@ from coupon_stream.core.state import (
     parse_day_key,
 )
 from coupon_stream.foundation import metrics
-from coupon_stream.foundation.errors import Backoff, Fault, classify
+from coupon_stream.foundation.errors import Fault, GivenUp, classify, retry
 from coupon_stream.foundation.health import StallWatch
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.sink import ResultSink, RowKey
@@ -253,38 +253,40 @@ class Checkpointer:
         self, snap: _Snapshot, cache: TableCache, partition: int, items: dict[bytes, bytes | None]
     ) -> int:
         """Send one table partition's records until Kafka has them all; the last offset."""
-        backoff = Backoff()
-        while True:
-            try:
-                sent = await self.out.send_records(cache.changelog_topic, partition, items.items())
-                last = -1
-                for meta, n in zip(
-                    await asyncio.gather(*(f for f, _ in sent)), (n for _, n in sent), strict=True
-                ):
-                    last = max(last, meta.offset + n - 1)  # a batch's metadata: first offset
-                return last
-            except Exception as exc:  # noqa: BLE001 - classified below
-                if classify(exc) is Fault.PERMANENT:
-                    log.critical(
-                        "changelog %s[%d] refused %d records for good: %r",
-                        cache.changelog_topic,
-                        partition,
-                        len(items),
-                        exc,
-                    )
-                    raise
-                if not self._wanted(snap):
-                    raise _GivenUp from exc
-                metrics.CHANGELOG_RETRIES.inc()
-                self.stalls.failed(partition, f"changelog {cache.changelog_topic}: {exc!r}")
-                delay = await backoff.sleep()
-                log.error(
-                    "changelog %s[%d] append failed, sent again after %.1f s: %r",
-                    cache.changelog_topic,
-                    partition,
-                    delay,
-                    exc,
-                )
+
+        async def send() -> int:
+            sent = await self.out.send_records(cache.changelog_topic, partition, items.items())
+            last = -1
+            for meta, n in zip(
+                await asyncio.gather(*(f for f, _ in sent)), (n for _, n in sent), strict=True
+            ):
+                last = max(last, meta.offset + n - 1)  # a batch's metadata: first offset
+            return last
+
+        def failed(exc: BaseException, delay: float) -> None:
+            metrics.CHANGELOG_RETRIES.inc()
+            self.stalls.failed(partition, f"changelog {cache.changelog_topic}: {exc!r}")
+            log.error(
+                "changelog %s[%d] append failed, sent again in %.1f s: %r",
+                cache.changelog_topic,
+                partition,
+                delay,
+                exc,
+            )
+
+        try:
+            return await retry(send, wanted=lambda: self._wanted(snap), failed=failed)
+        except GivenUp as given_up:
+            raise _GivenUp from given_up
+        except Exception as exc:
+            log.critical(
+                "changelog %s[%d] refused %d records for good: %r",
+                cache.changelog_topic,
+                partition,
+                len(items),
+                exc,
+            )
+            raise
 
     def _local(self, snap: _Snapshot) -> None:
         for cache in self.tables:
@@ -301,8 +303,10 @@ class Checkpointer:
 
     async def _dead_letters(self, letters: list[DeadLetter]) -> None:
         """Send the dead letters and wait for Kafka to have them, retrying what can succeed."""
-        backoff = Backoff()
-        while letters:
+
+        async def send_left() -> None:
+            """Send those not delivered yet; raise a permanent error first, if any."""
+            nonlocal letters
             sent = [await self.out.dead_letter(d) for d in letters]
             results = await asyncio.gather(*sent, return_exceptions=True)
             failed = [
@@ -310,18 +314,17 @@ class Checkpointer:
                 for d, r in zip(letters, results, strict=True)
                 if isinstance(r, BaseException)
             ]
-            for _, exc in failed:
-                if classify(exc) is Fault.PERMANENT:
-                    raise exc
             letters = [d for d, _ in failed]
-            if letters:
-                delay = await backoff.sleep()
-                log.error(
-                    "%d dead letters not delivered, sent again after %.1f s: %r",
-                    len(letters),
-                    delay,
-                    failed[0][1],
-                )
+            errors = sorted((r for _, r in failed), key=lambda e: classify(e) is Fault.TRANSIENT)
+            if errors:
+                raise errors[0]
+
+        await retry(
+            send_left,
+            failed=lambda exc, delay: log.error(
+                "%d dead letters not delivered, sent again in %.1f s: %r", len(letters), delay, exc
+            ),
+        )
 
     def _crash(self, point: str) -> None:
         if self.settings.crash_point == point:

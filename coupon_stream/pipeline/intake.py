@@ -19,6 +19,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -35,7 +36,7 @@ from coupon_stream.core.records import (
     read_row,
 )
 from coupon_stream.foundation import metrics
-from coupon_stream.foundation.errors import Backoff, Fault, classify, refusal
+from coupon_stream.foundation.errors import Backoff, refusal, retry
 from coupon_stream.foundation.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -172,24 +173,23 @@ class Intake:
         record's fault, since `route` bounds records and dead letters are cut to fit
         (`KafkaOut.dead_letter`), so it is the topics' or the broker's configuration.
         """
-        backoff = Backoff(0.1, MAX_RETRY_DELAY)
-        while True:
-            try:
-                await self.forward(batches)
-                return
-            except (KafkaError, OSError) as exc:
-                if classify(exc) is Fault.PERMANENT:
-                    log.error(
-                        "intake: Kafka refused a batch for good (%r); no retry can fix this, "
-                        "check the topics and the broker; stopping",
-                        exc,
-                    )
-                    raise
-                metrics.INTAKE_RETRIES.inc()
-                log.error(
-                    "intake could not forward a batch, retrying in %.1f s: %r", backoff.delay, exc
-                )
-                await backoff.sleep()
+        def failed(exc: BaseException, delay: float) -> None:
+            metrics.INTAKE_RETRIES.inc()
+            log.error("intake could not forward a batch, retrying in %.1f s: %r", delay, exc)
+
+        try:
+            await retry(
+                partial(self.forward, batches),
+                backoff=Backoff(0.1, MAX_RETRY_DELAY),
+                failed=failed,
+            )
+        except Exception as exc:
+            log.error(
+                "intake: Kafka refused a batch for good (%r); no retry can fix this, check the "
+                "topics and the broker; stopping",
+                exc,
+            )
+            raise
 
     async def forward(self, batches: Mapping[TopicPartition, list[Any]]) -> None:
         """Send one fetched batch on and wait until Kafka has acknowledged all of it."""

@@ -34,11 +34,11 @@ from coupon_stream.foundation import metrics
 from coupon_stream.foundation.errors import (
     AccessRefused,
     Backoff,
-    Fault,
-    classify,
+    GivenUp,
     is_deadlock,
     reason,
     refusal,
+    retry,
 )
 from coupon_stream.foundation.settings import Settings
 
@@ -332,60 +332,63 @@ class ResultSink:
         Transient errors (see `coupon_stream.foundation.errors`) are retried with backoff; a
         permanent one raises `_Refused` at once: running the same statement again cannot help.
         """
-        backoff = Backoff(0.1, self.max_backoff)
         failures = 0
         down = False
-        while True:
-            if failures and wanted is not None and not wanted():
+
+        async def attempt() -> None:
+            if what == "write" and failures and failures % 5 == 0:
+                # The table may have been dropped under us; recreating it is harmless.
+                try:
+                    await self._create_table()
+                except (SQLAlchemyError, OSError):
+                    pass
+            await fn(*args)
+
+        def failed(exc: BaseException, delay: float) -> None:
+            nonlocal failures, down
+            failures += 1
+            metrics.SINK_RETRIES.inc()
+            if is_deadlock(exc):
                 log.warning(
-                    "database %s: gave up a %s after %d failed attempts, it is no longer wanted",
+                    "database %s: a %s deadlocked with another worker's and was rolled back; "
+                    "running it again",
                     self._safe_url,
                     what,
-                    failures,
                 )
-                return False
-            try:
-                await fn(*args)
-            except (SQLAlchemyError, OSError) as exc:
-                refused = self._refused(exc)
-                if refused is not None:
-                    raise refused from None  # the account, not the data: stop the worker
-                if classify(exc) is Fault.PERMANENT:
-                    # The database answered, so it is up; its "no" is about the data.
-                    self._up(down, failures)
-                    raise _Refused(exc) from exc
-                failures += 1
-                metrics.SINK_RETRIES.inc()
-                if is_deadlock(exc):
-                    log.warning(
-                        "database %s: a %s deadlocked with another worker's and was rolled "
-                        "back; running it again",
-                        self._safe_url,
-                        what,
-                    )
-                    await backoff.sleep()
-                    continue
-                if not down:
-                    down = True
-                    log.error(
-                        "database %s failed, retrying with backoff until it works: %s: %s",
-                        self._safe_url,
-                        type(exc).__name__,
-                        reason(exc)[:300],
-                    )
-                self.available = False
-                self.last_error = f"database {self._safe_url}: {reason(exc)[:300]}"
-                metrics.SINK_AVAILABLE.set(0)
-                await backoff.sleep()
-                if what == "write" and failures % 5 == 0:
-                    # The table may have been dropped under us; recreating it is harmless.
-                    try:
-                        await self._create_table()
-                    except (SQLAlchemyError, OSError):
-                        pass
-                continue
+                return
+            if not down:
+                down = True
+                log.error(
+                    "database %s failed, retrying with backoff until it works: %s: %s",
+                    self._safe_url,
+                    type(exc).__name__,
+                    reason(exc)[:300],
+                )
+            self.available = False
+            self.last_error = f"database {self._safe_url}: {reason(exc)[:300]}"
+            metrics.SINK_AVAILABLE.set(0)
+
+        try:
+            await retry(
+                attempt, backoff=Backoff(0.1, self.max_backoff), wanted=wanted, failed=failed
+            )
+        except GivenUp:
+            log.warning(
+                "database %s: gave up a %s after %d failed attempts, it is no longer wanted",
+                self._safe_url,
+                what,
+                failures,
+            )
+            return False
+        except (SQLAlchemyError, OSError) as exc:
+            refused = self._refused(exc)
+            if refused is not None:
+                raise refused from None  # the account, not the data: stop the worker
+            # The database answered, so it is up; its "no" is about the data.
             self._up(down, failures)
-            return True
+            raise _Refused(exc) from exc
+        self._up(down, failures)
+        return True
 
     def _up(self, was_down: bool, failures: int) -> None:
         if was_down:

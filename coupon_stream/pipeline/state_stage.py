@@ -15,6 +15,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, NamedTuple
 
 from coupon_stream.connectors.kafka import DeadLetter, KafkaOut, PartitionReader
@@ -44,7 +45,7 @@ from coupon_stream.core.state import (
     retention_cutoff,
 )
 from coupon_stream.foundation import metrics
-from coupon_stream.foundation.errors import Backoff, Fault, classify
+from coupon_stream.foundation.errors import retry
 from coupon_stream.foundation.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -306,16 +307,12 @@ class StateStage:
                 "COUPON_DATA_DIR and replay the input (docs/design.md, 'Migrating state')"
             )
         s = self.settings
-        backoff = Backoff()
-        while True:
-            try:
-                broker = await self.reader.committed(s.app_id, s.by_buyer_topic, partition)
-                break
-            except Exception as exc:  # noqa: BLE001 - classified below
-                if classify(exc) is Fault.PERMANENT:
-                    raise
-                log.warning("committed offset of partition %d not read, again: %r", partition, exc)
-                await backoff.sleep()
+        broker = await retry(
+            partial(self.reader.committed, s.app_id, s.by_buyer_topic, partition),
+            failed=lambda exc, _: log.warning(
+                "committed offset of partition %d not read, again: %r", partition, exc
+            ),
+        )
         if (broker or 0) != (committed or 0):
             log.warning(
                 "%s[%d]: the consumer's committed offset %s is not the group's %s; "

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import NewTopic
@@ -20,9 +22,17 @@ from aiokafka.errors import TopicAlreadyExistsError, for_code
 from coupon_stream.connectors import clients, engine
 from coupon_stream.connectors.kafka import behind
 from coupon_stream.core.state import STATE_FORMAT, STATE_TABLES
-from coupon_stream.foundation.errors import retry
+from coupon_stream.foundation.errors import Backoff, retry
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.sink import ResultSink
+
+T = TypeVar("T")
+
+
+async def _operator_call(call: Callable[[], Awaitable[T]]) -> T:
+    """An operator's one-shot call: retries a fresh cluster's missing group coordinator for
+    a minute, not an outage for ever."""
+    return await retry(call, timeout=60.0, backoff=Backoff(0.2, 1.0))
 
 
 @dataclass
@@ -60,7 +70,7 @@ async def lag(settings: Settings) -> tuple[dict[TopicPartition, int], int]:
             if not tps:
                 continue
             ends = await consumer.end_offsets(tps)
-            committed = await retry(partial(admin.list_consumer_group_offsets, group))
+            committed = await _operator_call(partial(admin.list_consumer_group_offsets, group))
             for tp in tps:
                 lags[tp] = behind(ends[tp], committed[tp].offset if tp in committed else None)
         dead = sum((await consumer.end_offsets(dlq)).values()) if dlq else 0
@@ -208,7 +218,7 @@ async def create_topics(settings: Settings, topics: list[NewTopic]) -> list[str]
     await admin.start()
     created = []
     try:
-        response = await retry(lambda: admin.create_topics(topics))
+        response = await _operator_call(lambda: admin.create_topics(topics))
         for topic, code, *_ in response.topic_errors:
             if code == 0:
                 created.append(topic)

@@ -15,11 +15,13 @@ from sqlalchemy import exc as sa
 from coupon_stream.foundation.errors import (
     Backoff,
     Fault,
+    GivenUp,
     classify,
     is_deadlock,
     is_too_large,
     reason,
     refusal,
+    retry,
 )
 
 
@@ -197,15 +199,53 @@ def test_reason_is_the_database_s_own_words_on_one_line() -> None:
     assert reason(kafka.KafkaTimeoutError()) == "KafkaTimeoutError"
 
 
-async def test_backoff_doubles_up_to_its_maximum_and_resets() -> None:
+async def test_backoff_doubles_up_to_its_maximum() -> None:
     backoff = Backoff(0.01, 0.03)
     started = time.perf_counter()
     assert [await backoff.sleep() for _ in range(4)] == [0.01, 0.02, 0.03, 0.03]
     assert time.perf_counter() - started >= 0.09
-    backoff.reset()
-    assert backoff.delay == 0.01
     with pytest.raises(ValueError):
         Backoff(1.0, 0.5)
+
+
+def _failing(*errors: BaseException, result: str = "done"):
+    calls = []
+
+    async def call() -> str:
+        calls.append(len(calls))
+        if len(calls) <= len(errors):
+            raise errors[len(calls) - 1]
+        return result
+
+    return call, calls
+
+
+async def test_retry_runs_a_transient_failure_again_and_says_so_between_attempts() -> None:
+    call, calls = _failing(kafka.KafkaTimeoutError(), TimeoutError())
+    told: list[tuple[str, float]] = []
+    backoff = Backoff(0.001, 0.002)
+    assert await retry(
+        call, backoff=backoff, failed=lambda e, d: told.append((type(e).__name__, d))
+    )
+    assert told == [("KafkaTimeoutError", 0.001), ("TimeoutError", 0.002)] and len(calls) == 3
+
+
+async def test_retry_raises_a_permanent_error_at_once() -> None:
+    call, calls = _failing(kafka.TopicAuthorizationFailedError({"t"}))
+    with pytest.raises(kafka.TopicAuthorizationFailedError):
+        await retry(call, failed=lambda e, d: pytest.fail("a permanent error is not retried"))
+    assert calls == [0]
+
+
+async def test_retry_gives_up_when_no_longer_wanted_and_after_its_timeout() -> None:
+    call, calls = _failing(*[kafka.KafkaTimeoutError()] * 10)
+    with pytest.raises(GivenUp) as given_up:
+        await retry(call, backoff=Backoff(0.001, 0.001), wanted=lambda: len(calls) < 3)
+    assert isinstance(given_up.value.__cause__, kafka.KafkaTimeoutError) and len(calls) == 3
+    call, calls = _failing(*[kafka.KafkaTimeoutError()] * 1000)
+    with pytest.raises(kafka.KafkaTimeoutError):
+        await retry(call, backoff=Backoff(0.001, 0.001), timeout=0.02)
+    assert 3 <= len(calls) < 1000
 
 
 @pytest.mark.parametrize(
