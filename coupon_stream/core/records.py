@@ -280,7 +280,7 @@ def read_row(raw: bytes | None, source: Source) -> Row:
             row = None
         if row is not None:
             return row
-    return row_of(_validate(_decode(raw), source))
+    return row_of(parse_record(raw, source))
 
 
 def row_of(record: PaymentRecord) -> Row:

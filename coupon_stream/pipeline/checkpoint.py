@@ -115,7 +115,7 @@ class Checkpointer:
                 await self._changelog(snap)
             except _GivenUp:
                 return await self._give_up(snap, "Kafka", len(rows))
-            self._local(snap)
+            self._local()
             self._crash("local")
             result = await self.sink.write(rows, still_wanted=lambda: self._wanted(snap))
             if not result.written:
@@ -288,7 +288,7 @@ class Checkpointer:
             )
             raise
 
-    def _local(self, snap: _Snapshot) -> None:
+    def _local(self) -> None:
         for cache in self.tables:
             for partition, items in self._pending_writes[cache].items():
                 if not cache.store.is_open(partition):

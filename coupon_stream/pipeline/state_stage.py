@@ -403,14 +403,13 @@ class StateStage:
             for day in applied.days:
                 touched.add((row[BUYER], day))
             if applied.outcome is Outcome.REFUSED:
-                await self._dead_letter(row, partition, offset, applied.reason, "overflow")
+                self._dead_letter(row, partition, offset, applied.reason, "overflow")
         for outcome, n in outcomes.items():
             if n:
                 metrics.RECORDS.labels(outcome.value).inc(n)
 
-    async def _dead_letter(
-        self, row: Row, partition: int, offset: int, reason: str, kind: str
-    ) -> None:
+    def _dead_letter(self, row: Row, partition: int, offset: int, reason: str, kind: str) -> None:
+        """Set a row aside for the checkpoint to send (it awaits them with the changelogs)."""
         dead = DeadLetter(
             None, encode_rows([row]), self.settings.by_buyer_topic, partition, offset, reason, kind
         )
@@ -449,7 +448,7 @@ class StateStage:
                     f"record was received; with COUPON_STATE_RETENTION_DAYS={days} it would "
                     "close every day before it"
                 )
-                await self._dead_letter(row, partition, offset, reason, "future")
+                self._dead_letter(row, partition, offset, reason, "future")
                 continue
             mark = max(mark, day)
             kept.append(row)
@@ -465,7 +464,7 @@ class StateStage:
                     f"effect_time {row[ROW_DAY]} is older than the retention cutoff {cutoff} "
                     f"(COUPON_STATE_RETENTION_DAYS={days}); the day is closed"
                 )
-                await self._dead_letter(row, partition, offset, reason, "late")
+                self._dead_letter(row, partition, offset, reason, "late")
             else:
                 result.append(row)
         return result
