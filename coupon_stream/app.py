@@ -116,7 +116,8 @@ class CouponStream:
         self.state_agent = self.app.agent(self.by_buyer, name="state")(self._apply)
         self.app.task(self._run_intake)
         engine.on_before_shutdown(self.app, self._stop_out)
-        self._register_pages()
+        self._by_buyer_topic = self.by_buyer.get_topic_name()
+        self._register()
 
     def _assignment(self) -> int | None:
         """Which assignment this is (None while rebalancing): work of an older one is void."""
@@ -290,77 +291,88 @@ class CouponStream:
                 "result table %s ready at %s", self.settings.result_table, self.settings.db_url_safe
             )
 
-    # -- web: metrics and health ------------------------------------------------------------
+    # -- rebalances ----------------------------------------------------------------------------
 
-    def _register_pages(self) -> None:
+    async def _assigned(self, assigned: set[TP]) -> None:
+        mine = sorted(
+            f"{tp.topic}[{tp.partition}]" for tp in assigned if tp.topic == self._by_buyer_topic
+        )
+        self.stalls.assigned(tp.partition for tp in assigned if tp.topic == self._by_buyer_topic)
+        metrics.REBALANCES.inc()
+        log.info("assigned %d partitions: %s", len(mine), ", ".join(mine))
+
+    async def _revoked(self, revoked: set[TP]) -> None:
+        """Forget the revoked partitions' unwritten work: their next owner replays it."""
+        await self._acknowledge(await self.stage.forget(), False)
+        self.stalls.revoked()
+        metrics.CONSUMER_LAG.clear()
+        log.info("revoked %d partitions", len(revoked))
+
+    # -- tail repair ----------------------------------------------------------------------------
+
+    async def _repair_undelivered_tails(self) -> None:
+        """Read back by-buyer messages the consumer moved past when none came after them."""
         app = self.app
-        watched = {self.by_buyer.get_topic_name()}
+        if app.rebalancing or self._acker is None:
+            return
+        mine = {tp.partition: tp for tp in self._assigned_by_buyer()}
+        if not mine:
+            return
+        try:  # from the broker: the consumer's own view stops with its fetches
+            ends = await self.reader.end_offsets(self.settings.by_buyer_topic, mine)
+            for partition, end in ends.items():
+                committed = engine.committed_offset(app, mine[partition])
+                await self.stage.repair_tail(partition, end, committed)
+        except KafkaError as exc:
+            log.warning("tail check skipped, Kafka did not answer: %r", exc)
+        except Exception:  # a timer that raises stops the worker; this check can wait
+            log.exception("tail check failed; trying again in %.0f s", TAIL_CHECK_SECONDS)
 
-        async def export_lag() -> None:
-            """Messages behind each assigned partition's end: by-buyer, intake and standby."""
-            def export(tp: TP, done: int) -> int | None:
-                end = engine.highwater(app, tp)
-                if end is None:
-                    return None
-                lag = behind(end, done)
-                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
-                return lag
+    # -- metrics, stall watch, web pages ------------------------------------------------------
 
-            by_buyer: dict[int, int] = {}
-            for tp in engine.assignment(app):
-                if tp.topic in watched:
-                    lag = export(tp, engine.committed_offset(app, tp) or 0)
-                    if lag is not None:
-                        by_buyer[tp.partition] = lag
-            if not self.sink.available and self.sink.last_error:
-                self.stalls.failed(None, self.sink.last_error)
-            self.stalls.check(by_buyer)
-            # A standby copy is as current as the last changelog offset Faust applied to it.
-            for tp, position in engine.standby_positions(app).items():
-                export(tp, position)
-            for tp, n in self.intake.lag().items():
-                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(n)
+    async def _export_lag(self) -> None:
+        """Messages behind each assigned partition's end: by-buyer, intake and standby."""
+        app = self.app
 
-        async def repair_undelivered_tails() -> None:
-            """Read back by-buyer messages the consumer moved past when none came after them."""
-            if app.rebalancing or self._acker is None:
-                return
-            mine = {tp.partition: tp for tp in engine.assignment(app) if tp.topic in watched}
-            if not mine:
-                return
-            try:  # from the broker: the consumer's own view stops with its fetches
-                ends = await self.reader.end_offsets(self.settings.by_buyer_topic, mine)
-                for partition, end in ends.items():
-                    committed = engine.committed_offset(app, mine[partition])
-                    await self.stage.repair_tail(partition, end, committed)
-            except KafkaError as exc:
-                log.warning("tail check skipped, Kafka did not answer: %r", exc)
-            except Exception:  # a timer that raises stops the worker; this check can wait
-                log.exception("tail check failed; trying again in %.0f s", TAIL_CHECK_SECONDS)
+        def export(tp: TP, done: int) -> int | None:
+            end = engine.highwater(app, tp)
+            if end is None:
+                return None
+            lag = behind(end, done)
+            metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
+            return lag
 
-        async def export_state_size() -> None:
-            """Keys held in local RocksDB per table and partition (active and standby copies)."""
-            for name in STATE_TABLES:
-                for partition, keys in engine.key_counts(self.tables[name]).items():
-                    metrics.STATE_KEYS.labels(name, str(partition)).set(keys)
+        by_buyer: dict[int, int] = {}
+        for tp in self._assigned_by_buyer():
+            lag = export(tp, engine.committed_offset(app, tp) or 0)
+            if lag is not None:
+                by_buyer[tp.partition] = lag
+        if not self.sink.available and self.sink.last_error:
+            self.stalls.failed(None, self.sink.last_error)
+        self.stalls.check(by_buyer)
+        # A standby copy is as current as the last changelog offset Faust applied to it.
+        for tp, position in engine.standby_positions(app).items():
+            export(tp, position)
+        for tp, n in self.intake.lag().items():
+            metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(n)
 
-        async def assigned(assigned: set[TP]) -> None:
-            mine = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned if tp.topic in watched)
-            self.stalls.assigned(tp.partition for tp in assigned if tp.topic in watched)
-            metrics.REBALANCES.inc()
-            log.info("assigned %d partitions: %s", len(mine), ", ".join(mine))
+    async def _export_state_size(self) -> None:
+        """Keys held in local RocksDB per table and partition (active and standby copies)."""
+        for name in STATE_TABLES:
+            for partition, keys in engine.key_counts(self.tables[name]).items():
+                metrics.STATE_KEYS.labels(name, str(partition)).set(keys)
 
-        async def revoked(revoked: set[TP]) -> None:
-            await self._acknowledge(await self.stage.forget(), False)
-            self.stalls.revoked()
-            metrics.CONSUMER_LAG.clear()
-            log.info("revoked %d partitions", len(revoked))
+    def _assigned_by_buyer(self) -> list[TP]:
+        return [tp for tp in engine.assignment(self.app) if tp.topic == self._by_buyer_topic]
 
-        engine.every(app, 5.0, export_lag)
-        engine.every(app, TAIL_CHECK_SECONDS, repair_undelivered_tails)
-        engine.every(app, 10.0, export_state_size)
-        engine.on_assigned(app, assigned)
-        engine.on_revoked(app, revoked)
+    def _register(self) -> None:
+        """Timers, rebalance callbacks and the operators' web pages."""
+        app = self.app
+        engine.every(app, 5.0, self._export_lag)
+        engine.every(app, TAIL_CHECK_SECONDS, self._repair_undelivered_tails)
+        engine.every(app, 10.0, self._export_state_size)
+        engine.on_assigned(app, self._assigned)
+        engine.on_revoked(app, self._revoked)
 
         @app.page("/metrics")
         async def metrics_page(web: Any, request: Any) -> Any:
