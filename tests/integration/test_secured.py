@@ -99,6 +99,21 @@ def worker_env(env: dict[str, str], **overrides: str) -> dict[str, str]:
     return values
 
 
+def mtls_env(env: dict[str, str], cert: str) -> dict[str, str]:
+    """The worker on the mutual-TLS listener, its identity the certificate `cert`.pem."""
+    certs = env["COUPON_SECURE_CERTS"]
+    values = worker_env(
+        env,
+        COUPON_BROKER=f"kafka://{env['COUPON_SECURE_MTLS_BOOTSTRAP']}",
+        COUPON_KAFKA_SECURITY_PROTOCOL="SSL",
+        COUPON_KAFKA_CERT_FILE=f"{certs}/{cert}.pem",
+        COUPON_KAFKA_KEY_FILE=f"{certs}/{cert}.key",
+    )
+    for name in ("SASL_MECHANISM", "USERNAME", "PASSWORD"):
+        del values[f"COUPON_KAFKA_{name}"]
+    return values
+
+
 @pytest.fixture
 async def secure_pipeline(secured, tmp_path):
     env = secured
@@ -274,18 +289,9 @@ async def test_a_denied_input_topic_stops_the_worker_naming_it(secure_pipeline, 
 async def test_mutual_tls_on_a_second_listener(secure_pipeline, secured):
     """The client certificate (CN=coupon) is the identity; the README's ACLs apply to it."""
     p = secure_pipeline
-    certs = secured["COUPON_SECURE_CERTS"]
     await p.create_topics()
     grant_readme_acls(p, secured["COUPON_SECURE_USER"])
-    p.extra_env = worker_env(
-        secured,
-        COUPON_BROKER=f"kafka://{secured['COUPON_SECURE_MTLS_BOOTSTRAP']}",
-        COUPON_KAFKA_SECURITY_PROTOCOL="SSL",
-        COUPON_KAFKA_CERT_FILE=f"{certs}/client.pem",
-        COUPON_KAFKA_KEY_FILE=f"{certs}/client.key",
-    )
-    for name in ("SASL_MECHANISM", "USERNAME", "PASSWORD"):
-        del p.extra_env[f"COUPON_KAFKA_{name}"]
+    p.extra_env = mtls_env(secured, "client")
     data = generate(1000, seed=23)
     p.start_worker()
     await p.produce(
@@ -300,15 +306,7 @@ async def test_mutual_tls_on_a_second_listener(secure_pipeline, secured):
 async def test_a_client_certificate_the_broker_does_not_trust_is_refused(secure_pipeline, secured):
     p = secure_pipeline
     certs = secured["COUPON_SECURE_CERTS"]
-    p.extra_env = worker_env(
-        secured,
-        COUPON_BROKER=f"kafka://{secured['COUPON_SECURE_MTLS_BOOTSTRAP']}",
-        COUPON_KAFKA_SECURITY_PROTOCOL="SSL",
-        COUPON_KAFKA_CERT_FILE=f"{certs}/rogue-client.pem",  # CN=coupon, another CA
-        COUPON_KAFKA_KEY_FILE=f"{certs}/rogue-client.key",
-    )
-    for name in ("SASL_MECHANISM", "USERNAME", "PASSWORD"):
-        del p.extra_env[f"COUPON_KAFKA_{name}"]
+    p.extra_env = mtls_env(secured, "rogue-client")  # CN=coupon, signed by another CA
     worker = p.start_worker()
     code, _ = wait_exit(worker)
     assert code == 3, worker.tail()
