@@ -9,75 +9,15 @@ ones.
 
 from __future__ import annotations
 
-import asyncio
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 from coupon_stream.connectors.store import MemoryStore
 from coupon_stream.core.records import Row, encode_rows
-from coupon_stream.core.state import STATE_TABLES, ResultRow
+from coupon_stream.core.state import STATE_TABLES
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.checkpoint import Checkpointer
-from coupon_stream.pipeline.sink import WriteResult
 from coupon_stream.pipeline.state_stage import StateStage, TableCache
-
-
-class Crash(BaseException):
-    """The worker died here (a BaseException: nothing in the service catches it)."""
-
-
-class Meta:
-    def __init__(self, offset: int) -> None:
-        self.offset = offset
-
-
-def done(value: object = None) -> asyncio.Future:
-    fut = asyncio.get_running_loop().create_future()
-    fut.set_result(value)
-    return fut
-
-
-class FakeOut:
-    """Changelogs as lists; `crash_after` kills the worker after that many more records."""
-
-    def __init__(self) -> None:
-        self.logs: dict[tuple[str, int], list[tuple[bytes, bytes | None]]] = defaultdict(list)
-        self.dead: list = []
-        self.crash_after: int | None = None
-
-    async def send_records(self, topic, partition, records):
-        log = self.logs[(topic, partition)]
-        first = len(log)
-        records = list(records)
-        for record in records:
-            if self.crash_after is not None:
-                if self.crash_after <= 0:
-                    raise Crash()
-                self.crash_after -= 1
-            log.append(record)
-        return [(done(Meta(first)), len(records))]
-
-    async def dead_letter(self, dead):
-        self.dead.append(dead)
-        return done()
-
-
-class FakeSink:
-    def __init__(self) -> None:
-        self.table: dict[tuple[int, int], ResultRow] = {}
-        self.writes = 0
-
-    async def write(self, rows, still_wanted=None) -> WriteResult:
-        self.writes += 1
-        for key, row in rows.items():
-            if row is None:
-                self.table.pop(key, None)
-            else:
-                self.table[key] = row
-        return WriteResult(True)
-
-    def rows(self) -> set[tuple]:
-        return {tuple(r) for r in self.table.values()}
+from tests.unit.fakes import FakeOut, FakeSink
 
 
 class LogReader:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from aiokafka.errors import ConsumerStoppedError, KafkaTimeoutError
+from aiokafka.errors import ConsumerStoppedError
 from faust.types import TP
 
 from coupon_stream.app import CouponStream
@@ -25,94 +25,7 @@ from coupon_stream.core.state import (
 from coupon_stream.foundation import metrics
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline import state_stage
-from coupon_stream.pipeline.sink import WriteResult
-
-
-class RecordingSink:
-    def __init__(self):
-        self.table: dict[tuple[int, int], ResultRow] = {}
-        self.writes = 0
-
-    async def start(self):
-        pass
-
-    async def ping(self):
-        return True
-
-    async def write(self, rows, still_wanted=None):
-        self.writes += 1
-        for key, row in rows.items():
-            if row is None:
-                self.table.pop(key, None)
-            else:
-                self.table[key] = row
-        return WriteResult(True)
-
-
-class DownSink(RecordingSink):
-    """A database that is down: every attempt fails until the write is no longer wanted."""
-
-    def __init__(self):
-        super().__init__()
-        self.attempts = 0
-        self.attempting = asyncio.Event()
-
-    async def write(self, rows, still_wanted=None):
-        while still_wanted is None or still_wanted():
-            self.attempts += 1
-            self.attempting.set()
-            await asyncio.sleep(0.01)
-        return WriteResult(False)
-
-
-class Meta:
-    def __init__(self, offset):
-        self.offset = offset
-
-
-class RecordingOut:
-    """Records what would go to Kafka.
-
-    `fail_next` makes the next changelog batch fail once after it was sent; `refuse_next`
-    makes the next append raise, as aiokafka does when it cannot queue a batch in time.
-    """
-
-    def __init__(self):
-        self.sent: list[tuple[str, dict]] = []
-        self.changelog: dict[tuple[str, int], list[tuple[bytes, bytes | None]]] = {}
-        self.fail_next = False
-        self.refuse_next = False
-
-    def _done(self, value=None, exc=None):
-        fut = asyncio.get_running_loop().create_future()
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(value)
-        return fut
-
-    async def send(self, topic, value, **kw):
-        self.sent.append((topic, {"value": value, **kw}))
-        return self._done(Meta(len(self.sent)))
-
-    async def dead_letter(self, dead):
-        return await self.send("dlq", dead.value, key=dead.key, headers=dead.headers())
-
-    async def send_records(self, topic, partition, records):
-        records = list(records)
-        if self.refuse_next:
-            self.refuse_next = False
-            raise KafkaTimeoutError()
-        if self.fail_next:
-            self.fail_next = False
-            return [(self._done(exc=KafkaTimeoutError()), len(records))]
-        log = self.changelog.setdefault((topic, partition), [])
-        first = len(log)
-        log.extend(records)
-        return [(self._done(Meta(first)), len(records))]
-
-    def log(self, stream, table, partition=0):
-        return self.changelog.get((stream.stage_cache(table).changelog_topic, partition), [])
+from tests.unit.fakes import DownSink, FakeOut, FakeSink
 
 
 class LogReader:
@@ -142,8 +55,8 @@ def make_stream(tmp_path, **settings):
     cs = CouponStream(
         Settings(app_id="unit", data_dir=tmp_path, **settings),
         store="memory://",
-        sink=RecordingSink(),
-        out=RecordingOut(),
+        sink=FakeSink(),
+        out=FakeOut(),
         reader=LogReader(),
     )
     cs.app.finalize()
@@ -158,7 +71,7 @@ def make_stream(tmp_path, **settings):
         return True
 
     cs.commit = commit
-    cs.out.log = lambda table, partition=0: RecordingOut.log(cs.out, cs, table, partition)
+    cs.out.log = lambda table, p=0: cs.out.logs[(cs.caches[table].changelog_topic, p)]
     return cs
 
 
@@ -232,7 +145,7 @@ async def test_retention_expires_old_days_and_dead_letters_late_and_future_recor
         assert cs.sink.table[(1, 20261101)].cumulate_amount == 5  # the closed day's row stays
         await put(cs, agent, batch(row("late", -5, "y", "4", 20261101, buyer=1)))
         assert cs.sink.table[(1, 20261101)].cumulate_amount == 5
-        dead = [kw for topic, kw in cs.out.sent if topic == "dlq"]
+        dead = cs.out.dead()
         assert len(dead) == 1
         reason = dict(dead[0]["headers"])["coupon.error.reason"]
         assert b"older than the retention cutoff 20261102" in reason
@@ -248,7 +161,7 @@ async def test_a_future_date_under_retention_is_dead_lettered_not_a_watermark(tm
     await cs.flush()
     assert cs.sink.table[(5, 20261107)].cumulate_amount == 5
     assert cs.sink.table[(5, 20261108)].cumulate_amount == 7
-    (dead,) = [kw for topic, kw in cs.out.sent if topic == "dlq"]
+    (dead,) = cs.out.dead()
     assert (
         b"more than 1 day(s) after the record was received"
         in dict(dead["headers"])["coupon.error.reason"]
@@ -263,7 +176,7 @@ async def test_an_overflowing_record_is_dead_lettered_and_the_rest_flows(stream)
     await stream.flush()
     assert stream.sink.table[(5, 20261111)].cumulate_amount == big
     assert stream.sink.table[(6, 20261111)].cumulate_amount == 1
-    (dead,) = [kw for topic, kw in stream.out.sent if topic == "dlq"]
+    (dead,) = stream.out.dead()
     assert b"cumulate_amount would overflow BIGINT" in dict(dead["headers"])["coupon.error.reason"]
     assert stream.committed == {(stream.settings.by_buyer_topic, 0): 2}
 

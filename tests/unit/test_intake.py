@@ -32,6 +32,7 @@ from coupon_stream.pipeline.intake import (
     route,
     split_rows,
 )
+from tests.unit.fakes import FakeOut, done
 
 
 class Record:
@@ -51,34 +52,6 @@ def order(i, buyer, order_id=None, **fields):
             **fields,
         }
     )
-
-
-def done(value=None, exc=None):
-    fut = asyncio.get_running_loop().create_future()
-    if exc is not None:
-        fut.set_exception(exc)
-    else:
-        fut.set_result(value)
-    return fut
-
-
-class FakeOut:
-    """KafkaOut's interface, recording sends; `refuse` makes every send raise it."""
-
-    def __init__(self, refuse=None):
-        self.sent = []
-        self.attempts = 0
-        self.refuse = refuse
-
-    async def send(self, topic, value, **kw):
-        self.attempts += 1
-        if self.refuse is not None:
-            raise self.refuse
-        self.sent.append((topic, value, kw))
-        return done(len(self.sent))
-
-    async def dead_letter(self, dead):
-        return await self.send("dlq", dead.value, key=dead.key, headers=dead.headers())
 
 
 class FakeProducer:
@@ -147,9 +120,10 @@ async def test_a_row_too_large_is_dead_lettered_and_never_sent_on():
         Record("orders", 1, order(1, 1)),
     ]
     await Intake(s, out).forward({TopicPartition("orders", 0): batch})
-    by_buyer = [orjson.loads(v) for topic, v, _ in out.sent if topic == s.by_buyer_topic]
+    by_buyer = [orjson.loads(kw["value"]) for topic, kw in out.sent if topic == s.by_buyer_topic]
     assert [r[1] for rows in by_buyer for r in rows] == ["o1"]
-    ((_, value, kw),) = [sent for sent in out.sent if sent[0] == "dlq"]
+    (kw,) = out.dead()
+    value = kw["value"]
     assert value == batch[0].value
     assert b"record too large" in dict(kw["headers"])["coupon.error.reason"]
 
@@ -242,21 +216,9 @@ def test_a_refused_result_row_becomes_a_dead_letter_of_its_columns():
     assert orjson.loads(deleted.value) == {"buyer_id": 5, "effect_time": 20261111, "deleted": True}
 
 
-class RecordingOut:
-    def __init__(self):
-        self.sent = []
-
-    async def send(self, topic, value, **kw):
-        self.sent.append((topic, {"value": value, **kw}))
-        return done()
-
-    async def dead_letter(self, dead):
-        return await self.send("dlq", dead.value, key=dead.key, headers=dead.headers())
-
-
 async def test_intake_routes_by_buyer_partition_and_dead_letters():
     s = Settings(app_id="unit", partitions=4, orders_topic="orders")
-    out = RecordingOut()
+    out = FakeOut()
     intake = Intake(s, out)
     tp = TopicPartition("orders", 0)
     batch = [Record("orders", i, order(i, b)) for i, b in enumerate([1, 2, 3, 1, 99])]
@@ -295,7 +257,7 @@ async def test_intake_lag_counts_from_the_committed_offset_after_an_assignment()
         def highwater(self, tp):
             return 100
 
-    intake = Intake(Settings(app_id="unit", orders_topic="orders"), RecordingOut())
+    intake = Intake(Settings(app_id="unit", orders_topic="orders"), FakeOut())
     intake.consumer = Consumer()
     await intake.load_committed(intake.consumer.assignment())
     # partition 1 has no commit yet: the group starts it at the beginning of the log

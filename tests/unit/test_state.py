@@ -21,7 +21,8 @@ from coupon_stream.core.state import (
 )
 from coupon_stream.tools.dataset import generate, jsonl
 from tests import reference
-from tests.unit.stagekit import Crash, World
+from tests.unit.fakes import Crash
+from tests.unit.stagekit import World
 
 
 class DictView:

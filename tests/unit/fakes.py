@@ -1,0 +1,129 @@
+"""The unit tests' one set of fakes for the worker's transports: Kafka out, the sink, reads.
+
+They stand in for `KafkaOut`, `ResultSink` and `PartitionReader` only, never for the code
+under test. Each records what it was given, and can fail in the ways the real one does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import Any
+
+from aiokafka.errors import KafkaTimeoutError
+
+from coupon_stream.core.state import ResultRow
+from coupon_stream.pipeline.sink import WriteResult
+
+
+class Crash(BaseException):
+    """The worker died here (a BaseException: nothing in the service catches it)."""
+
+
+class Meta:
+    """What a delivery future resolves to: the (first) offset written."""
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+
+def done(value: object = None, exc: BaseException | None = None) -> asyncio.Future[Any]:
+    fut = asyncio.get_running_loop().create_future()
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(value)
+    return fut
+
+
+class FakeOut:
+    """`KafkaOut`: sends as (topic, {"value", key, partition, headers}), changelogs as lists.
+
+    `refuse` makes every send raise it; `refuse_next` makes the next changelog append raise
+    (aiokafka could not queue it in time); `fail_next` fails the next append after it was
+    sent; `crash_after` kills the worker after that many more changelog records.
+    """
+
+    def __init__(self, refuse: BaseException | None = None) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+        self.attempts = 0
+        self.refuse = refuse
+        self.logs: dict[tuple[str, int], list[tuple[bytes, bytes | None]]] = defaultdict(list)
+        self.refuse_next = False
+        self.fail_next = False
+        self.crash_after: int | None = None
+
+    async def send(self, topic: str, value: bytes | None, **kw: Any) -> asyncio.Future[Any]:
+        self.attempts += 1
+        if self.refuse is not None:
+            raise self.refuse
+        self.sent.append((topic, {"value": value, **kw}))
+        return done(Meta(len(self.sent)))
+
+    async def dead_letter(self, dead: Any) -> asyncio.Future[Any]:
+        return await self.send("dlq", dead.value, key=dead.key, headers=dead.headers())
+
+    def dead(self) -> list[dict[str, Any]]:
+        return [kw for topic, kw in self.sent if topic == "dlq"]
+
+    async def send_records(
+        self, topic: str, partition: int, records: Any
+    ) -> list[tuple[asyncio.Future[Any], int]]:
+        records = list(records)
+        if self.refuse_next:
+            self.refuse_next = False
+            raise KafkaTimeoutError()
+        if self.fail_next:
+            self.fail_next = False
+            return [(done(exc=KafkaTimeoutError()), len(records))]
+        log = self.logs[(topic, partition)]
+        first = len(log)
+        for record in records:
+            if self.crash_after is not None:
+                if self.crash_after <= 0:
+                    raise Crash()
+                self.crash_after -= 1
+            log.append(record)
+        return [(done(Meta(first)), len(records))]
+
+
+class FakeSink:
+    """`ResultSink`: the table as a dict of (buyer_id, effect_time) -> row."""
+
+    def __init__(self) -> None:
+        self.table: dict[tuple[int, int], ResultRow] = {}
+        self.writes = 0
+
+    async def start(self) -> None:
+        pass
+
+    async def ping(self) -> bool:
+        return True
+
+    async def write(self, rows: Any, still_wanted: Any = None) -> WriteResult:
+        self.writes += 1
+        for key, row in rows.items():
+            if row is None:
+                self.table.pop(key, None)
+            else:
+                self.table[key] = row
+        return WriteResult(True)
+
+    def rows(self) -> set[tuple[Any, ...]]:
+        return {tuple(r) for r in self.table.values()}
+
+
+class DownSink(FakeSink):
+    """A database that is down: every attempt fails until the write is no longer wanted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts = 0
+        self.attempting = asyncio.Event()
+
+    async def write(self, rows: Any, still_wanted: Any = None) -> WriteResult:
+        while still_wanted is None or still_wanted():
+            self.attempts += 1
+            self.attempting.set()
+            await asyncio.sleep(0.01)
+        return WriteResult(False)
