@@ -93,3 +93,9 @@ class World:
             if n % every == 0:
                 await worker.checkpoint.run()
         await worker.checkpoint.run()
+
+
+def r(order="o1", status="2", day=20261111, yuan=10, gc="2026-11-11 00:00:00",
+      gm="2026-11-11 00:00:05", buyer=7):  # fmt: skip
+    """A row: (buyer_id, biz_order_id, pay_status, effect_time, yuan, created, modified)."""
+    return [buyer, order, status, day, yuan, gc, gm]

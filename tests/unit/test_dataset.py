@@ -6,9 +6,11 @@ import hashlib
 import statistics
 from collections import Counter
 
+import orjson
 import pytest
 
 from coupon_stream.tools.dataset import Dataset, generate, jsonl
+from tests import reference
 
 
 def orders_per_buyer(data: Dataset) -> Counter[str]:
@@ -82,3 +84,14 @@ def test_bad_arguments():
         generate(10, skew="pareto")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="hot_share"):
         generate(10, skew="hot", hot_share=1.5)
+
+
+def test_dataset_has_the_interesting_cases():
+    data = generate(2000, seed=3)
+    rows = reference.evaluate(data.orders, data.refunds)
+    orders = {(o["biz_order_id"], o["pay_status"]) for o in data.orders}
+    assert len(data.orders) > len(orders)  # re-sent copies
+    assert any(r["refund_fee"] < 0 for r in data.refunds)
+    keys = {(int(o["buyer_id"]), int(o["pay_time"][:10].replace("-", ""))) for o in data.orders}
+    assert len(keys) > len(rows) > 0
+    assert orjson.loads(next(jsonl(data.orders)))["buyer_id"]

@@ -8,7 +8,6 @@ import pytest
 from prometheus_client import REGISTRY
 
 from coupon_stream.foundation.health import StallWatch
-from coupon_stream.tools.status import legacy_state_dirs
 
 
 class Clock:
@@ -142,27 +141,3 @@ def test_reassignment_restarts_the_clock(watch, clock):
 def test_unassigned_partitions_are_not_judged(watch, clock):
     clock.now += 61
     assert watch.check({7: 5}) == []
-
-
-def test_legacy_state_dirs(tmp_path):
-    assert legacy_state_dirs(tmp_path) == []
-    tables = tmp_path / "v1" / "tables"
-    tables.mkdir(parents=True)
-    (tables / "entries-0.db").mkdir()
-    (tables / "days-0.db").mkdir()
-    assert legacy_state_dirs(tmp_path) == []
-    (tables / "buyers-0.db").mkdir()
-    (tables / "buyers-3.db").mkdir()
-    assert legacy_state_dirs(tmp_path) == [tables / "buyers-0.db", tables / "buyers-3.db"]
-
-
-async def test_check_deployment_refuses_local_legacy_state_without_kafka(tmp_path):
-    from coupon_stream.foundation.settings import Settings
-    from coupon_stream.tools.status import DeploymentError, check_deployment
-
-    (tmp_path / "v1" / "tables" / "buyers-0.db").mkdir(parents=True)
-    # An unreachable broker: the local check must answer before Kafka is asked.
-    settings = Settings(data_dir=tmp_path, broker="kafka://127.0.0.1:1")
-    with pytest.raises(DeploymentError, match="format 1") as info:
-        await check_deployment(settings)
-    assert "buyers-0.db" in str(info.value) and "COUPON_APP_ID" in str(info.value)
