@@ -8,7 +8,7 @@ Two tables, both partitioned by buyer (docs/design.md, "State"):
   `[cumulate_amount, kept entries, MIN(gmt_create), MAX(gmt_modified)]`.
 
 A record changes its entry and at most two days, so applying it costs the same whatever its
-buyer's history. Stored values are versioned `Record`s (see `Record.as_of`), which is what
+buyer's history. Stored values are versioned `Versioned`s (see `Versioned.as_of`), which is what
 makes a checkpoint that a crash cut in half harmless.
 """
 
@@ -79,7 +79,7 @@ def is_day_key(key: bytes) -> bool:
     return len(key) == _DAY_KEY.size and key not in META_KEYS
 
 
-class Record(NamedTuple):
+class Versioned(NamedTuple):
     """A stored value: the key's value as of by-buyer offset `version`, and before it.
 
     `current` is the value after every by-buyer message below `version` (the end of the
@@ -89,14 +89,14 @@ class Record(NamedTuple):
     start; `as_of` reads each one back at the committed offset, so they agree again.
     """
 
-    session: int
+    sid: int  # the session that wrote it (`state_stage.Session.sid`)
     version: int
     current: Any
     previous: Any
 
-    def as_of(self, committed: int, session: int) -> Any:
-        """The value at by-buyer offset `committed`, as read by worker session `session`."""
-        if self.version > committed and self.session != session:
+    def as_of(self, committed: int, sid: int) -> Any:
+        """The value at by-buyer offset `committed`, as read by worker session `sid`."""
+        if self.version > committed and self.sid != sid:
             return self.previous  # written by a checkpoint that was never committed
         return self.current
 
@@ -104,14 +104,15 @@ class Record(NamedTuple):
         return encode_json(self)
 
     @classmethod
-    def decode(cls, raw: bytes) -> Record:
+    def decode(cls, raw: bytes) -> Versioned:
         return cls(*orjson.loads(raw))
 
     @staticmethod
-    def read(raw: bytes, committed: int, session: int) -> Any:
-        """`decode(raw).as_of(committed, session)` without building the tuple (hot path)."""
-        sid, version, current, previous = orjson.loads(raw)
-        return previous if version > committed and sid != session else current
+    def read(raw: bytes, committed: int, sid: int) -> Any:
+        """`decode(raw).as_of(committed, sid)` without building the tuple (hot path; a test
+        holds the two equal)."""
+        writer, version, current, previous = orjson.loads(raw)
+        return previous if version > committed and writer != sid else current
 
 
 class Outcome(StrEnum):

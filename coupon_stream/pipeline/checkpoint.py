@@ -9,7 +9,7 @@ COUPON_MAX_PENDING_ROWS result rows wait. One runs at a time, in this order:
 2. Derive: a day whose MIN(gmt_create) or MAX(gmt_modified) lost the entry holding it is
    recomputed from the day's entries (the one step whose cost grows with a buyer's
    history, and only for such a replacement); then the result row of every touched day.
-3. Changelog: every changed key of both tables, as `Record(session, end offset, current,
+3. Changelog: every changed key of both tables, as `Versioned(sid, end offset, current,
    previous)`, each key once; real deletes for the keys the last checkpoint deleted; the
    partition's next-offset mark. Waits until Kafka has acknowledged all of it, and the
    dead letters of the records applied.
@@ -22,7 +22,7 @@ Why a crash anywhere is harmless: nothing is committed before steps 3 to 5 are d
 a crash replays the checkpoint's messages from the committed offset. Replay is
 deterministic, so the keys a cut-short checkpoint did write hold true values as of its end,
 the others as of its start. Each stored value carries the one before the checkpoint, and
-`state.Record.as_of` reads a value that a checkpoint of another session wrote past the
+`state.Versioned.as_of` reads a value that a checkpoint of another session wrote past the
 committed offset as that previous value: every key reads as of the committed offset, and
 the replay counts each record once. MySQL is only ever behind, and the replay re-sends
 every touched row. docs/design.md spells this out; tests/integration/test_faults.py kills a
@@ -226,7 +226,7 @@ class Checkpointer:
                         continue
                     if session is None or end is None:
                         raise RuntimeError(f"{cache.name}[{partition}] changed outside a session")
-                    out[key] = encode_json((session.sid, end, current, base))  # a Record
+                    out[key] = encode_json((session.sid, end, current, base))  # a Versioned
                 if out:
                     per_partition[partition] = out
                     metrics.STATE_WRITES.labels(cache.name).inc(len(out))

@@ -35,7 +35,7 @@ from coupon_stream.core.state import (
     Day,
     Entry,
     Outcome,
-    Record,
+    Versioned,
     apply_row,
     day_key,
     entry_key,
@@ -69,7 +69,7 @@ class Session(NamedTuple):
     """This worker's hold of one partition, from its assignment to its revocation.
 
     `start` is the committed by-buyer offset it began from: stored values written past it
-    by another session belong to a checkpoint that never committed (`Record.as_of`).
+    by another session belong to a checkpoint that never committed (`Versioned.as_of`).
     """
 
     sid: int
@@ -109,7 +109,7 @@ class TableCache:
                 missing.append(key)
         if missing:
             for key, raw in zip(missing, self.store.get_many(partition, missing), strict=True):
-                value = None if raw is None else Record.read(raw, *_as_of(session))
+                value = None if raw is None else Versioned.read(raw, *_as_of(session))
                 dirty[key] = [value, value]
         return dirty
 
@@ -124,7 +124,7 @@ class TableCache:
                     yield key, slot[1]
         for key, raw in self.store.items(partition):
             if key not in seen and key not in META_KEYS:
-                yield key, Record.read(raw, *_as_of(session))
+                yield key, Versioned.read(raw, *_as_of(session))
 
     def with_prefixes(
         self, partition: int, session: Session, prefixes: Iterable[bytes]
@@ -138,7 +138,7 @@ class TableCache:
         size = len(next(iter(found)))
         for prefix, values in found.items():
             for key, raw in self.store.items(partition, prefix):
-                values[key] = Record.read(raw, *_as_of(session))
+                values[key] = Versioned.read(raw, *_as_of(session))
         for key, slot in self.flushing.get(partition, {}).items():
             prefixed = found.get(key[:size])
             if prefixed is not None:
@@ -297,7 +297,7 @@ class StateStage:
 
         The session's start must be the offset the group has really committed: reading
         back from an earlier one would roll back values of committed checkpoints
-        (`Record.as_of`). So it comes from the broker, not from the consumer's view.
+        (`Versioned.as_of`). So it comes from the broker, not from the consumer's view.
         """
         mark, fmt = self.days.store.get_many(partition, [NEXT_OFFSET_KEY, FORMAT_KEY])
         if fmt is not None and int(fmt) != STATE_FORMAT:

@@ -17,8 +17,8 @@ from coupon_stream.core.records import decode_rows, encode_rows
 from coupon_stream.core.state import (
     NEXT_OFFSET_KEY,
     STATE_TABLES,
-    Record,
     ResultRow,
+    Versioned,
     day_key,
     entry_key,
 )
@@ -87,7 +87,7 @@ async def put(stream, agent, value, partition=0):
 
 def stored(stream, table, key, partition=0):
     (raw,) = stream.caches[table].store.get_many(partition, [key])
-    return None if raw is None else Record.decode(raw).current
+    return None if raw is None else Versioned.decode(raw).current
 
 
 def row(order, yuan, gm, status="2", day=20261111, buyer=5, gc="2026-11-11 00:00:00"):
@@ -191,7 +191,7 @@ async def test_a_failed_changelog_send_is_sent_again_before_anything_is_committe
     assert metrics.CHANGELOG_RETRIES._value.get() == retries + 1
     log = dict(stream.out.log("days"))
     raw = log[day_key(5, 20261111)]
-    assert Record.decode(raw).current[0] == 101
+    assert Versioned.decode(raw).current[0] == 101
     assert stream.sink.table[(5, 20261111)].cumulate_amount == 101
     store = stream.caches["days"].store
     assert store.offsets[0] == len(stream.out.log("days")) - 1

@@ -3,8 +3,8 @@
 from coupon_stream.core.records import INT64_MAX
 from coupon_stream.core.state import (
     Outcome,
-    Record,
     ResultRow,
+    Versioned,
     apply_row,
     day_key,
     day_row,
@@ -113,11 +113,11 @@ def test_keys_are_bounded_and_sort_by_buyer():
 
 
 def test_a_value_written_past_the_committed_offset_by_another_session_reads_as_before():
-    rec = Record(session=1, version=10, current=["new"], previous=["old"])
-    assert rec.as_of(committed=10, session=2) == ["new"]  # that checkpoint was committed
-    assert rec.as_of(committed=4, session=2) == ["old"]  # it never was: roll it back
-    assert rec.as_of(committed=4, session=1) == ["new"]  # our own, not yet committed
-    assert Record.decode(rec.encode()) == rec
+    rec = Versioned(sid=1, version=10, current=["new"], previous=["old"])
+    assert rec.as_of(committed=10, sid=2) == ["new"]  # that checkpoint was committed
+    assert rec.as_of(committed=4, sid=2) == ["old"]  # it never was: roll it back
+    assert rec.as_of(committed=4, sid=1) == ["new"]  # our own, not yet committed
+    assert Versioned.decode(rec.encode()) == rec
 
 
 def test_retention_cutoff_crosses_months_and_leap_days_and_never_raises():
@@ -155,6 +155,6 @@ def test_reference_truncates_per_record_before_summing():
 
 
 def test_the_fast_read_of_a_record_is_as_of():
-    for rec in (Record(1, 10, ["n"], ["o"]), Record(2, 3, None, ["o"])):
+    for rec in (Versioned(1, 10, ["n"], ["o"]), Versioned(2, 3, None, ["o"])):
         for committed, session in ((10, 2), (4, 2), (4, 1), (2, 5)):
-            assert Record.read(rec.encode(), committed, session) == rec.as_of(committed, session)
+            assert Versioned.read(rec.encode(), committed, session) == rec.as_of(committed, session)
