@@ -201,7 +201,7 @@ class CouponStream:
             await self.stop_worker("the result sink", exc)
             raise
         self._acker = manual = engine.manual_acks(stream)
-        flusher = asyncio.ensure_future(self._flush_periodically())
+        periodic = asyncio.ensure_future(self._checkpoint_periodically())
         try:
             async for event in manual.events():
                 msg = event.message
@@ -222,16 +222,16 @@ class CouponStream:
                     await self.stop_worker("the state agent", exc)
                     raise
                 if self.stage.pending.rows() >= self.settings.max_pending_rows:
-                    await self.flush()  # backpressure: stop consuming until the sink catches up
+                    await self.checkpoint()  # backpressure: consume no more until it is done
         finally:
-            flusher.cancel()
+            periodic.cancel()
 
-    async def _flush_periodically(self) -> None:
+    async def _checkpoint_periodically(self) -> None:
         while True:
             await asyncio.sleep(self.settings.flush_interval)
-            await self.flush()
+            await self.checkpoint()
 
-    async def flush(self) -> None:
+    async def checkpoint(self) -> None:
         """One checkpoint (see `checkpoint`); one that fails for good stops the worker.
 
         It only raises for an error that no retry can fix, and carrying on would leave the

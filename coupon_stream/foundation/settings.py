@@ -36,7 +36,10 @@ class Settings(BaseSettings):
     partitions: int = Field(8, ge=1, description="partitions of the by-buyer topic and tables")
     data_dir: Path = Path("coupon-stream-data")
     flush_interval: float = Field(
-        0.2, gt=0, description="seconds between flushes of coalesced rows to the database"
+        0.2,
+        gt=0,
+        description="seconds between checkpoints (changelogs, local state, the result table, "
+        "then the offsets); the name is kept for existing deployments",
     )
     max_pending_rows: int = Field(
         20_000, ge=1, description="rows waiting for the database before consumption pauses"

@@ -82,7 +82,7 @@ def stream(tmp_path):
 
 async def put(stream, agent, value, partition=0):
     await agent.put(value, partition=partition)
-    await stream.flush()
+    await stream.checkpoint()
 
 
 def stored(stream, table, key, partition=0):
@@ -158,7 +158,7 @@ async def test_a_future_date_under_retention_is_dead_lettered_not_a_watermark(tm
     await cs.stage.add(batch(row("o1", 5, "x", day=20261107)), 0, 0, "t0", 0, received)
     await cs.stage.add(batch(row("bot", 5, "x", day=99991231)), 0, 1, "t1", 0, received)
     await cs.stage.add(batch(row("o2", 7, "x", day=20261108)), 0, 2, "t2", 0, received)
-    await cs.flush()
+    await cs.checkpoint()
     assert cs.sink.table[(5, 20261107)].cumulate_amount == 5
     assert cs.sink.table[(5, 20261108)].cumulate_amount == 7
     (dead,) = cs.out.dead()
@@ -173,7 +173,7 @@ async def test_an_overflowing_record_is_dead_lettered_and_the_rest_flows(stream)
     big = (2**63 - 1) // 10 * 6
     await stream.stage.add(batch(row("o1", big, "x"), row("o2", big, "x")), 0, 0, "t0")
     await stream.stage.add(batch(row("o3", 1, "x", buyer=6)), 0, 1, "t1")
-    await stream.flush()
+    await stream.checkpoint()
     assert stream.sink.table[(5, 20261111)].cumulate_amount == big
     assert stream.sink.table[(6, 20261111)].cumulate_amount == 1
     (dead,) = stream.out.dead()
@@ -187,7 +187,7 @@ async def test_a_failed_changelog_send_is_sent_again_before_anything_is_committe
         stream.out.fail_next = True
         await agent.put(batch(row("o1", 100, "2026-11-11 00:00:09")))
         await agent.put(batch(row("o2", 1, "2026-11-11 00:00:10")))
-        await stream.flush()
+        await stream.checkpoint()
     assert metrics.CHANGELOG_RETRIES._value.get() == retries + 1
     log = dict(stream.out.log("days"))
     raw = log[day_key(5, 20261111)]
@@ -218,7 +218,7 @@ async def test_a_message_skipped_by_the_consumer_is_read_back_and_applied(stream
     assert stream.reader.reads == [(2, 1, 3)]
     await stream.stage.add(log[(2, 1)], 2, 1, "t1")  # a late redelivery changes nothing
     assert stream.reader.reads == [(2, 1, 3)]
-    await stream.flush()
+    await stream.checkpoint()
     assert stream.sink.table[(9, 20261111)].cumulate_amount == 40
     assert stream.caches["days"].store.get_many(2, [NEXT_OFFSET_KEY]) == [b"4"]
     assert stream.committed == {(stream.settings.by_buyer_topic, 2): 4}
@@ -239,12 +239,12 @@ async def test_after_a_rebalance_the_first_message_must_be_the_committed_one(str
     for offset in range(6):
         await stream.stage.add(log[(1, offset)], 1, offset, f"a{offset}")
         if offset == 1:
-            await stream.flush()  # commits 2
+            await stream.checkpoint()  # commits 2
     await stream.stage.forget()  # rebalance before the next checkpoint
     await stream.stage.add(log[(1, 4)], 1, 4, "b4", committed=2)  # 2 and 3 not delivered
     assert stream.reader.reads[-1] == (1, 2, 4)
     await stream.stage.add(log[(1, 5)], 1, 5, "b5", committed=2)
-    await stream.flush()
+    await stream.checkpoint()
     assert stream.sink.table[(4, 20261111)].cumulate_amount == 6  # each record once
 
 
@@ -261,10 +261,10 @@ async def test_a_write_retrying_when_a_rebalance_starts_is_given_up_uncommitted(
     cs = make_stream(tmp_path, partitions=1)
     cs.sink = cs.checkpointer.sink = DownSink()
     await cs.stage.add(batch(row("o1", 100, "x")), 0, 0, "t0")
-    flush = asyncio.ensure_future(cs.flush())
+    checkpoint = asyncio.ensure_future(cs.checkpoint())
     await cs.sink.attempting.wait()
     cs.app.on_rebalance_start()
-    await asyncio.wait_for(flush, 5)
+    await asyncio.wait_for(checkpoint, 5)
     assert cs.sink.table == {} and cs.committed == {}
     assert cs.stage.sessions == {}  # its partitions start over from the committed offset
     # the state and its changelog keep the record, written past the committed offset
@@ -302,7 +302,7 @@ async def test_a_tail_the_consumer_never_delivered_is_read_back_once_the_partiti
         log[(0, offset)] = batch(row(f"o{offset}", 5, "x", buyer=7))
     await stream.stage.add(log[(0, 0)], 0, 0, "t0")
     await stream.stage.add(log[(0, 1)], 0, 1, "t1")  # 2 and 3 never come
-    await stream.flush()
+    await stream.checkpoint()
 
     await stream.stage.repair_tail(0, 4, committed=0)
     assert stream.reader.reads == []  # it applied a message just now: still flowing
@@ -315,7 +315,7 @@ async def test_a_tail_the_consumer_never_delivered_is_read_back_once_the_partiti
 
     await stream.stage.repair_tail(0, 4, committed=0)
     assert stream.reader.reads == [(0, 2, 4)]
-    await stream.flush()
+    await stream.checkpoint()
     assert stream.sink.table[(7, 20261111)].cumulate_amount == 20
     assert stream.committed == {(stream.settings.by_buyer_topic, 0): 4}
     await stream.stage.repair_tail(0, 4, committed=0)
@@ -354,9 +354,9 @@ async def test_a_session_starts_at_the_offset_the_group_committed_not_the_consum
         log[(1, offset)] = batch(row(f"o{offset}", 1, "2026-11-11 00:00:01", buyer=4))
     await stream.stage.add(log[(1, 0)], 1, 0, "a0")
     await stream.stage.add(log[(1, 1)], 1, 1, "a1")
-    await stream.flush()  # commits 2
+    await stream.checkpoint()  # commits 2
     await stream.stage.forget()  # a restart: the consumer's view is not loaded yet
     await stream.stage.add(log[(1, 3)], 1, 3, "b3", committed=None)
     assert stream.reader.reads[-1] == (1, 2, 3)  # from the group's 2, not from 0
-    await stream.flush()
+    await stream.checkpoint()
     assert stream.sink.table[(4, 20261111)].cumulate_amount == 4
