@@ -187,6 +187,14 @@ def critical_lines(worker: Worker) -> list[str]:
     ]
 
 
+def refused_at_start(worker: Worker) -> tuple[str, float]:
+    """The one CRITICAL line of a worker that refused to start (exit 3), and how soon."""
+    code, took = wait_exit(worker)
+    assert code == 3, worker.tail()
+    [line] = critical_lines(worker)
+    return line, took
+
+
 def assert_no_password(worker: Worker, *secrets: str) -> None:
     text = worker.log.read_text(errors="replace")
     for secret in secrets:
@@ -227,24 +235,20 @@ async def test_a_wrong_password_stops_the_worker_saying_why(secure_pipeline, sec
     p.extra_env["COUPON_KAFKA_SASL_MECHANISM"] = mechanism
     p.extra_env["COUPON_KAFKA_PASSWORD"] = "not-the-password"
     worker = p.start_worker()
-    code, took = wait_exit(worker)
-    assert code == 3, worker.tail()
-    [line] = critical_lines(worker)
+    line, took = refused_at_start(worker)
     assert (
         f"access refused, not starting: Kafka {p.bootstrap} (SASL_SSL) refused coupon while "
         f"connecting to {p.bootstrap}: authentication failed: "
     ) in line
     assert_no_password(worker, "not-the-password", secured["COUPON_SECURE_PASSWORD"])
-    print(f"wrong password: exit {code} after {took:.1f} s: {line}")
+    print(f"wrong password: exit 3 after {took:.1f} s: {line}")
 
 
 async def test_a_broker_ca_that_did_not_sign_its_certificate_is_refused(secure_pipeline, secured):
     p = secure_pipeline
     p.extra_env["COUPON_KAFKA_CA_FILE"] = f"{secured['COUPON_SECURE_CERTS']}/other-ca.pem"
     worker = p.start_worker()
-    code, _ = wait_exit(worker)
-    assert code == 3, worker.tail()
-    [line] = critical_lines(worker)
+    line, _ = refused_at_start(worker)
     assert "refused coupon while connecting" in line
     assert "the server's certificate did not verify" in line
     assert_no_password(worker, secured["COUPON_SECURE_PASSWORD"])
@@ -256,9 +260,7 @@ async def test_a_database_ca_that_did_not_sign_its_certificate_is_refused(secure
     grant_readme_acls(p, secured["COUPON_SECURE_USER"])
     p.extra_env["COUPON_DB_CA_FILE"] = f"{secured['COUPON_SECURE_CERTS']}/other-ca.pem"
     worker = p.start_worker()
-    code, _ = wait_exit(worker)
-    assert code == 3, worker.tail()
-    [line] = critical_lines(worker)
+    line, _ = refused_at_start(worker)
     assert (
         "access refused, not starting: database mysql+asyncmy://coupons:***@127.0.0.1:3307/"
         "coupons refused user coupons: the server's certificate did not verify"
@@ -308,9 +310,7 @@ async def test_a_client_certificate_the_broker_does_not_trust_is_refused(secure_
     certs = secured["COUPON_SECURE_CERTS"]
     p.extra_env = mtls_env(secured, "rogue-client")  # CN=coupon, signed by another CA
     worker = p.start_worker()
-    code, _ = wait_exit(worker)
-    assert code == 3, worker.tail()
-    [line] = critical_lines(worker)
+    line, _ = refused_at_start(worker)
     assert (
         f"refused the client certificate {certs}/rogue-client.pem while connecting to "
         f"{secured['COUPON_SECURE_MTLS_BOOTSTRAP']}: the server refused the TLS handshake "
