@@ -127,6 +127,8 @@ def settings_for(run: str, topics: str, partitions: int, data_dir: Path, port: i
 def env_of(s: Settings) -> dict[str, str]:
     env = dict(os.environ)
     for name, value in s.model_dump().items():
+        if value is None:
+            continue  # unset (no Kafka security): the worker's default
         raw = value.get_secret_value() if hasattr(value, "get_secret_value") else value
         env[f"COUPON_{name.upper()}"] = str(raw.value if hasattr(raw, "value") else raw)
     return env

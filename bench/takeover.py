@@ -1,10 +1,11 @@
 """How long partitions stay unprocessed when a worker dies, with and without standbys.
 
 `python -m bench.takeover [--entries 1000000]`: writes a state of N dedup entries straight
-into the state table's changelog, starts two workers (COUPON_STANDBY_REPLICAS 0 or 1),
-waits until they have restored it (and, with standbys, mirrored it), kills one with
-SIGKILL, and measures the time from the kill until a probe record for every partition is
-visible in MySQL again. Results go to bench/results/takeover-<ts>.{json,md}.
+into the state tables' changelogs (format 2: entries and days), starts two workers
+(COUPON_STANDBY_REPLICAS 0 or 1), waits until they have restored it (and, with standbys,
+mirrored it), kills one with SIGKILL, and measures the time from the kill until a probe
+record for every partition is visible in MySQL again. Results go to
+bench/results/takeover-<ts>.{json,md}.
 """
 
 from __future__ import annotations
@@ -14,56 +15,72 @@ import asyncio
 import json
 import time
 
-from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from bench.run import BOOTSTRAP, DB_URL, RESULTS, ROOT, Proc, machine, settings_for
-from coupon_stream.core.records import Contribution, partition_for_buyer
-from coupon_stream.core.state import BuyerState
+from bench.run import DB_URL, RESULTS, ROOT, Proc, machine, settings_for
+from coupon_stream.connectors import clients
+from coupon_stream.connectors.kafka import KafkaOut
+from coupon_stream.core.records import partition_for_buyer
+from coupon_stream.core.state import (
+    FORMAT_KEY,
+    NEXT_OFFSET_KEY,
+    STATE_FORMAT,
+    Versioned,
+    day_key,
+    entry_key,
+)
+from coupon_stream.foundation.settings import Settings
 from coupon_stream.tools import status
 
 ENTRIES_PER_BUYER = 4
+CHUNK_BUYERS = 50_000
+DAY = 20261111
+CREATED = "2026-11-11 00:00:00"
 PROBE_BASE = 7_000_000_000
 
 
-async def synthesize_state(changelog: str, partitions: int, entries: int) -> int:
-    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
-    await admin.start()
+async def synthesize_state(settings: Settings, entries: int) -> int:
+    """Write a format-2 state of `entries` kept entries straight into both changelogs.
+
+    What a checkpoint would have written (docs/design.md, "State"): per buyer, its entries
+    and its one day, each a `Versioned` value at by-buyer offset 0, plus each partition's
+    meta; a worker restores it as if the input had been processed. Returns the records.
+    """
+    await status.create_internal_topics(settings)
+    topics = settings.changelog_topics
+    partitions = settings.partitions
+    out = KafkaOut(settings)
+    written = 0
     try:
-        await admin.create_topics(
-            [NewTopic(changelog, partitions, 1, topic_configs={"cleanup.policy": "compact"})]
-        )
-    finally:
-        await admin.close()
-    producer = AIOKafkaProducer(
-        bootstrap_servers=BOOTSTRAP, linger_ms=20, max_batch_size=1024 * 1024
-    )
-    await producer.start()
-    buyers = entries // ENTRIES_PER_BUYER
-    try:
-        pending = []
-        for b in range(1, buyers + 1):
-            state = BuyerState(b)
-            for k in range(ENTRIES_PER_BUYER):
-                c = Contribution(f"s{b}-{k}", "2", 20261111, 1, "2026-11-11 00:00:00", None)
-                state.kept[(c.biz_order_id, c.pay_status)] = c
-            pending.append(
-                await producer.send(
-                    changelog,
-                    key=str(b).encode(),
-                    value=state.encode(),
-                    partition=partition_for_buyer(b, partitions),
+        buyers = range(1, entries // ENTRIES_PER_BUYER + 1)
+        for first in range(0, len(buyers), CHUNK_BUYERS):
+            tables: dict[str, dict[int, list[tuple[bytes, bytes]]]] = {"entries": {}, "days": {}}
+            for b in buyers[first : first + CHUNK_BUYERS]:
+                q = partition_for_buyer(b, partitions)
+                tables["entries"].setdefault(q, []).extend(
+                    (
+                        entry_key(b, f"s{b}-{k}", "2"),
+                        Versioned(0, 0, [DAY, 1, CREATED, None], None).encode(),
+                    )
+                    for k in range(ENTRIES_PER_BUYER)
                 )
-            )
-            if len(pending) >= 20_000:
-                await asyncio.gather(*pending)
-                pending.clear()
-        await asyncio.gather(*pending)
+                day = [ENTRIES_PER_BUYER, ENTRIES_PER_BUYER, CREATED, None]
+                tables["days"].setdefault(q, []).append(
+                    (day_key(b, DAY), Versioned(0, 0, day, None).encode())
+                )
+            if first == 0:
+                for q in range(partitions):
+                    meta = [(FORMAT_KEY, str(STATE_FORMAT).encode()), (NEXT_OFFSET_KEY, b"0")]
+                    tables["days"].setdefault(q, []).extend(meta)
+            for name, per_partition in tables.items():
+                for q, records in per_partition.items():
+                    sent = await out.send_records(topics[name], q, records)
+                    await asyncio.gather(*(f for f, _ in sent))
+                    written += len(records)
     finally:
-        await producer.stop()
-    return buyers
+        await out.stop()
+    return written
 
 
 def probe_buyers(partitions: int, round_: int) -> dict[int, int]:
@@ -82,14 +99,14 @@ async def scenario(standbys: int, entries: int, partitions: int, stamp: str) -> 
     tmp.mkdir(parents=True, exist_ok=True)
     base = settings_for(run, run, partitions, tmp, 0)
     await status.create_input_topics(base, partitions)
-    changelog_records = await synthesize_state(f"{run}-buyers-changelog", partitions, entries)
+    changelog_records = await synthesize_state(base, entries)
     procs = []
     for i in range(2):
         s = settings_for(run, run, partitions, tmp / f"w{i}", 6170 + i + 2 * standbys)
         s.standby_replicas = standbys
         procs.append(Proc(s, tmp / f"w{i}.log"))
     engine = create_async_engine(DB_URL)
-    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, linger_ms=1)
+    producer = clients.producer(base, linger_ms=1)
     await producer.start()
     try:
         started = time.perf_counter()
@@ -143,7 +160,7 @@ async def scenario(standbys: int, entries: int, partitions: int, stamp: str) -> 
             round_ += 1
         return {
             "standby_replicas": standbys,
-            "dedup_entries": changelog_records * ENTRIES_PER_BUYER,
+            "dedup_entries": entries // ENTRIES_PER_BUYER * ENTRIES_PER_BUYER,
             "changelog_records": changelog_records,
             "both_workers_ready_s": round(ready_s, 1),
             "state_and_standbys_restored_s": round(restored_s, 1),
