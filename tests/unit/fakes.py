@@ -11,6 +11,7 @@ from collections import defaultdict
 from typing import Any
 
 from aiokafka.errors import KafkaTimeoutError
+from faust.types import TP
 
 from coupon_stream.core.state import ResultRow
 from coupon_stream.pipeline.sink import WriteResult
@@ -127,3 +128,44 @@ class DownSink(FakeSink):
             self.attempting.set()
             await asyncio.sleep(0.01)
         return WriteResult(False)
+
+
+class MemoryGroup:
+    """Faust's Kafka transport for one consumer group, in memory (kstreams' test client idea).
+
+    Installed under Faust's real consumer (`attach`), it replaces only the aiokafka thread
+    that talks to the broker: Faust's commit, acknowledgement and release code runs as in
+    production (`_commit_offsets` and its partial-commit rule, the unacked set, the
+    consumer's committed view), and the offsets land here instead of in Kafka.
+    """
+
+    def __init__(self, topic: str, partitions: int) -> None:
+        self.topic = topic
+        self.assigned = {TP(topic, p) for p in range(partitions)}
+        self.offsets: dict[TP, int] = {}
+        self.commits = 0
+
+    @classmethod
+    def attach(cls, app: Any, topic: str, partitions: int) -> MemoryGroup:
+        group = cls(topic, partitions)
+        app.consumer._thread = group
+        return group
+
+    def assignment(self) -> set[TP]:
+        return set(self.assigned)
+
+    async def commit(self, offsets: dict[TP, int]) -> bool:
+        self.commits += 1
+        self.offsets.update(offsets)
+        return True
+
+    def highwater(self, tp: TP) -> int | None:
+        return None
+
+    def committed(self) -> dict[int, int]:
+        """What Kafka holds for the group: partition -> next offset to read."""
+        return {tp.partition: o for tp, o in self.offsets.items() if tp.topic == self.topic}
+
+    async def read(self, group: str, topic: str, partition: int) -> int | None:
+        """The group's committed offset as a `PartitionReader.committed` would read it."""
+        return self.offsets.get(TP(topic, partition))
