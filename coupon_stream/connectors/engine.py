@@ -23,8 +23,9 @@ from coupon_stream.connectors import clients
 from coupon_stream.foundation.logs import logging_config
 from coupon_stream.foundation.settings import Settings
 
-__all__ = ["TP", "Event", "Stream"]
+__all__ = ["TP", "App", "Event", "Stream"]
 
+App = faust.App
 Event = EventT[Any]
 Stream = StreamT[bytes]
 
@@ -165,7 +166,7 @@ def on_before_shutdown(app: faust.App, fn: Callable[[], Awaitable[None]]) -> Non
 # -- the consumer: offsets, acknowledgements, assignment --------------------------------------
 
 
-def committed_offset(app: faust.App, tp: TP) -> int | None:
+def consumer_committed(app: faust.App, tp: TP) -> int | None:
     """The offset Faust's consumer last committed or sought to for `tp` (its own view)."""
     offset: int | None = _consumer(app)._committed_offset.get(tp)
     return offset

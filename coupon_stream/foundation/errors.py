@@ -296,7 +296,6 @@ class Backoff:
         return delay
 
 
-
 class GivenUp(Exception):
     """A retry stopped because what it was doing is no longer wanted (a rebalance)."""
 

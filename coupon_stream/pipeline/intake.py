@@ -173,6 +173,7 @@ class Intake:
         record's fault, since `route` bounds records and dead letters are cut to fit
         (`KafkaOut.dead_letter`), so it is the topics' or the broker's configuration.
         """
+
         def failed(exc: BaseException, delay: float) -> None:
             metrics.INTAKE_RETRIES.inc()
             log.error("intake could not forward a batch, retrying in %.1f s: %r", delay, exc)

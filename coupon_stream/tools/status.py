@@ -85,9 +85,7 @@ async def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
     return (await end_offsets_by_topic(settings, [topic]))[topic]
 
 
-async def end_offsets_by_topic(
-    settings: Settings, topics: list[str]
-) -> dict[str, dict[int, int]]:
+async def end_offsets_by_topic(settings: Settings, topics: list[str]) -> dict[str, dict[int, int]]:
     """Topic -> partition -> end offset, with one connection; a missing topic maps to {}."""
     consumer = clients.consumer(settings)
     try:

@@ -146,12 +146,12 @@ async def test_a_shutdown_during_a_bulk_restore_ends_it_without_a_crash(tmp_path
             yield  # an async generator, like PartitionReader.batches
 
     cs = make_stream(tmp_path, partitions=2)
-    cs.restore_reader = StoppedReader()
+    cs.rebalances.reader = StoppedReader()
     changelog = cs.caches["entries"].changelog_topic
     tps = {TP(changelog, 0), TP(changelog, 1)}
     cs.app.assignor.assigned_actives = lambda: tps
-    with caplog.at_level("INFO", logger="coupon_stream.app"):
-        await cs._bulk_restore(changelog, tps, generation_id=cs.app.consumer_generation_id)
+    with caplog.at_level("INFO", logger="coupon_stream.app.rebalance"):
+        await cs.rebalances.bulk_restore(changelog, tps, generation_id=cs.app.consumer_generation_id)
     assert "bulk restore stopped: the worker is shutting down" in caplog.text
 
 
@@ -161,7 +161,7 @@ async def test_readiness_reports_a_stalled_partition(stream):
     stream.stalls.assigned([0])
     now[0] = 10**6  # long after the assignment, nothing committed
     stream.stalls.check({0: 5})
-    status = await stream.readiness()
+    status = await stream.observe.readiness()
     assert status["stalled_partitions"] == [0] and not status["ready"]
 
 

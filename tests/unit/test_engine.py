@@ -31,7 +31,7 @@ def app(tmp_path):
 def test_the_consumer_keeps_committed_offsets_and_unacked_messages(app):
     consumer = app.consumer  # Faust's aiokafka consumer, not started
     tp = TP("engine-test-payments-by-buyer", 1)
-    assert engine.committed_offset(app, tp) is None  # Consumer._committed_offset
+    assert engine.consumer_committed(app, tp) is None  # Consumer._committed_offset
     message = faust.types.Message(tp.topic, tp.partition, 7, 0.0, 0, {}, None, b"v", None)
     consumer.track_message(message)
     assert message in consumer._unacked_messages

@@ -1,0 +1,106 @@
+"""What an operator sees of a worker: lag and state-size gauges, /metrics and /health."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import generate_latest
+
+from coupon_stream.connectors import engine
+from coupon_stream.connectors.engine import TP
+from coupon_stream.connectors.kafka import behind
+from coupon_stream.core.state import STATE_TABLES
+from coupon_stream.foundation import metrics
+from coupon_stream.foundation.health import StallWatch
+from coupon_stream.pipeline.intake import Intake
+from coupon_stream.pipeline.sink import ResultSink
+
+# aiohttp wants the charset apart from the content type; the exposition format is UTF-8.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4"
+
+
+class Observe:
+    def __init__(
+        self,
+        app: engine.App,
+        topic: str,
+        tables: dict[str, engine.StateTable],
+        sink: ResultSink,
+        stalls: StallWatch,
+        intake: Intake,
+    ) -> None:
+        self.app = app
+        self.topic = topic
+        self.tables = tables
+        self.sink = sink
+        self.stalls = stalls
+        self.intake = intake
+
+    def register(self) -> None:
+        app = self.app
+        engine.every(app, 5.0, self.export_lag)
+        engine.every(app, 10.0, self.export_state_size)
+
+        @app.page("/metrics")
+        async def metrics_page(web: Any, request: Any) -> Any:
+            return web.bytes(generate_latest(), content_type=METRICS_CONTENT_TYPE)
+
+        @app.page("/health/live")
+        async def live(web: Any, request: Any) -> Any:
+            return web.json({"status": "alive", "time": time.time()})
+
+        @app.page("/health/ready")
+        async def ready(web: Any, request: Any) -> Any:
+            status = await self.readiness()
+            return web.json(status, status=200 if status["ready"] else 503)
+
+    async def export_lag(self) -> None:
+        """Messages behind each assigned partition's end: by-buyer, intake and standby."""
+        app = self.app
+
+        def export(tp: TP, done: int) -> int | None:
+            end = engine.highwater(app, tp)
+            if end is None:
+                return None
+            lag = behind(end, done)
+            metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
+            return lag
+
+        by_buyer: dict[int, int] = {}
+        for tp in engine.assignment(app):
+            if tp.topic != self.topic:
+                continue
+            lag = export(tp, engine.consumer_committed(app, tp) or 0)
+            if lag is not None:
+                by_buyer[tp.partition] = lag
+        if not self.sink.available and self.sink.last_error:
+            self.stalls.failed(None, self.sink.last_error)
+        self.stalls.check(by_buyer)
+        # A standby copy is as current as the last changelog offset Faust applied to it.
+        for tp, position in engine.standby_positions(app).items():
+            export(tp, position)
+        for tp, n in self.intake.lag().items():
+            metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(n)
+
+    async def export_state_size(self) -> None:
+        """Keys held in local RocksDB per table and partition (active and standby copies)."""
+        for name in STATE_TABLES:
+            for partition, keys in engine.key_counts(self.tables[name]).items():
+                metrics.STATE_KEYS.labels(name, str(partition)).set(keys)
+
+    async def readiness(self) -> dict[str, Any]:
+        """Ready when not rebalancing, tables recovered, the database answers, and no
+        partition is stalled (lag, and nothing committed for COUPON_STALL_SECONDS)."""
+        app = self.app
+        recovered = engine.recovered(app)
+        database = await self.sink.ping()
+        rebalancing = bool(app.rebalancing)
+        stalled = sorted(self.stalls.stalled)
+        return {
+            "ready": recovered and database and not rebalancing and not stalled,
+            "tables_recovered": recovered,
+            "database": database,
+            "rebalancing": rebalancing,
+            "stalled_partitions": stalled,
+        }
