@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -34,7 +35,9 @@ CHANGELOG_VALUE = b"x" * 360
 FETCH = {"max_partition_fetch_bytes": 4 * 1024 * 1024, "fetch_max_bytes": 16 * 1024 * 1024}
 
 
-async def pipeline_floor(bootstrap: str, topics: str, total: int, partitions: int) -> dict:
+async def pipeline_floor(
+    bootstrap: str, topics: str, total: int, partitions: int
+) -> dict[str, Any]:
     """Run the pass-through until every valid row is back; CPU seconds and wall time."""
     run = f"{topics}-floor{time.time_ns()}"
     s = Settings(

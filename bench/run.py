@@ -39,6 +39,7 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -68,7 +69,7 @@ GOAL_CPU_GROWTH_AT_4X = 1.2  # CPU per event at 4x the input, at most this times
 GOAL_OF_RAW_FLOOR = 0.2  # one worker on the skewed default, at least this share of raw floor
 
 
-def machine() -> dict:
+def machine() -> dict[str, Any]:
     model = next(
         (
             line.split(":", 1)[1].strip()
@@ -171,7 +172,7 @@ class MachineCpu:
         sample["busy"] = (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
         return sample
 
-    def since_start(self, total: int, elapsed: float) -> dict:
+    def since_start(self, total: int, elapsed: float) -> dict[str, Any]:
         end = self._sample()
         used = {k: end[k] - self.start[k] for k in end if k in self.start}
         out = {
@@ -217,7 +218,7 @@ class Proc:
             raise RuntimeError(f"worker exited with {self.proc.returncode}")
         try:
             url = f"http://127.0.0.1:{self.settings.web_port}/health/ready"
-            return urllib.request.urlopen(url, timeout=2).status == 200
+            return bool(urllib.request.urlopen(url, timeout=2).status == 200)
         except OSError:
             return False
 
@@ -241,7 +242,7 @@ async def send_values(
     """
     rng = random.Random(seed)
     batches = [producer.create_batch() for _ in range(partitions)]
-    acks: list[asyncio.Future] = []
+    acks: list[asyncio.Future[Any]] = []
     for value in values:
         p = rng.randrange(partitions)
         if batches[p].append(key=None, value=value, timestamp=None) is None:  # full
@@ -343,7 +344,7 @@ class Progress:
             return  # a worker's web server is not up yet
         self.samples.append((at, consumed, applied))
 
-    def split(self, elapsed: float) -> dict:
+    def split(self, elapsed: float) -> dict[str, Any]:
         done = next(((t, a) for t, c, a in self.samples if c >= self.total), None)
         if done is None or not self.samples:
             return {}
@@ -361,7 +362,7 @@ class Progress:
 
 async def run_workers(
     run: str, topics: str, partitions: int, n: int, total: int, tmp: Path
-) -> dict:
+) -> dict[str, Any]:
     procs = [
         Proc(
             settings_for(run, topics, partitions, tmp / f"{run}-{i}", 6100 + i),
@@ -408,7 +409,9 @@ async def run_workers(
             p.stop()
 
 
-async def latency(run: str, partitions: int, rate: int, seconds: float, tmp: Path) -> dict:
+async def latency(
+    run: str, partitions: int, rate: int, seconds: float, tmp: Path
+) -> dict[str, Any]:
     """Produce at a fixed rate; time from send to the row being visible in MySQL."""
     topics = f"{run}-lat"
     s = settings_for(run, topics, partitions, tmp / run, 6150)
@@ -430,9 +433,9 @@ async def latency(run: str, partitions: int, rate: int, seconds: float, tmp: Pat
                     try:
                         rows = await conn.execute(text(f"SELECT buyer_id FROM `{s.result_table}`"))
                     except Exception:  # noqa: BLE001 - table not created yet
-                        rows = []
+                        rows = None
                     now = time.perf_counter()
-                    for (buyer,) in rows:
+                    for (buyer,) in rows or ():
                         seen.setdefault(buyer, now)
                 await asyncio.sleep(0.02)
 
@@ -477,7 +480,7 @@ async def latency(run: str, partitions: int, rate: int, seconds: float, tmp: Pat
         proc.stop()
 
 
-async def restore(run: str, topics: str, partitions: int, tmp: Path) -> dict:
+async def restore(run: str, topics: str, partitions: int, tmp: Path) -> dict[str, Any]:
     """A worker with empty local state for an app whose changelogs are full."""
     s = settings_for(run, topics, partitions, tmp / f"{run}-restore", 6160)
     changelogs = list(s.changelog_topics.values())
@@ -525,7 +528,7 @@ def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
 
-def compare(result: dict) -> None:
+def compare(result: dict[str, Any]) -> None:
     """Ratios to the raw floor and to the uniform run, and the issue's goals, into `result`."""
     floor = result["raw_floor_events_per_s"]
     runs = {r["label"]: r for r in result["runs"]}
@@ -564,7 +567,7 @@ def _row(cells: list[object]) -> str:
     return "| " + " | ".join("-" if c is None else str(c) for c in cells) + " |"
 
 
-def markdown(result: dict) -> str:
+def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     floor = result["raw_floor_events_per_s"]
     lines = [
@@ -685,7 +688,7 @@ class Bench:
 
     async def workers(
         self, label: str, run: str, topics: str, n: int, orders: int, total: int, skew: Skew
-    ) -> dict:
+    ) -> dict[str, Any]:
         self.say(f"{label}: {n} worker(s) on {total} messages ...")
         result = await run_workers(run, topics, self.args.partitions, n, total, self.tmp)
         self.say(f"{label}: {result['events_per_s']} events/s")

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import time
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -93,7 +94,7 @@ def probe_buyers(partitions: int, round_: int) -> dict[int, int]:
     return found
 
 
-async def scenario(standbys: int, entries: int, partitions: int, stamp: str) -> dict:
+async def scenario(standbys: int, entries: int, partitions: int, stamp: str) -> dict[str, Any]:
     run = f"takeover-{stamp}-s{standbys}"
     tmp = ROOT / ".local" / "bench" / run
     tmp.mkdir(parents=True, exist_ok=True)
@@ -152,9 +153,9 @@ async def scenario(standbys: int, entries: int, partitions: int, stamp: str) -> 
                         )
                     )
                 except Exception:  # noqa: BLE001 - table not created yet
-                    rows = []
+                    rows = None
                 now = time.perf_counter()
-                for (b,) in rows:
+                for (b,) in rows or ():
                     q = partition_for_buyer(b, partitions)
                     seen.setdefault(q, now - killed)
             round_ += 1

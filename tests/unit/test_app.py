@@ -151,7 +151,9 @@ async def test_a_shutdown_during_a_bulk_restore_ends_it_without_a_crash(tmp_path
     tps = {TP(changelog, 0), TP(changelog, 1)}
     cs.app.assignor.assigned_actives = lambda: tps
     with caplog.at_level("INFO", logger="coupon_stream.app.rebalance"):
-        await cs.rebalances.bulk_restore(changelog, tps, generation_id=cs.app.consumer_generation_id)
+        await cs.rebalances.bulk_restore(
+            changelog, tps, generation_id=cs.app.consumer_generation_id
+        )
     assert "bulk restore stopped: the worker is shutting down" in caplog.text
 
 
