@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 from coupon_stream.app.observe import Observe
-from coupon_stream.app.rebalance import Rebalances
+from coupon_stream.app.rebalance import Rebalances, Restorer
 from coupon_stream.app.tail_repair import TailRepair
 from coupon_stream.connectors import clients, engine
 from coupon_stream.connectors.engine import TP, Event, Stream
@@ -57,7 +57,6 @@ class CouponStream:
         out: KafkaOut | None = None,
         reader: PartitionReader | None = None,
         restore_reader: ChangelogReader | None = None,
-        changelog_ends: dict[str, dict[int, int]] | None = None,
     ) -> None:
         s = self.settings = settings
         self.app = engine.build_app(s, store=store)
@@ -79,7 +78,6 @@ class CouponStream:
                 options=engine.rocksdb_options(s) if rocks else None,
                 help=TABLE_HELP[name],
                 on_restored=self._on_restored,
-                before_recovery=self._before_recovery,
             )
             changelog = engine.changelog_topic(table)
             partitions: PartitionStore = (
@@ -111,20 +109,24 @@ class CouponStream:
         self.app.task(self._run_intake)
         engine.on_before_shutdown(self.app, self._stop_out)
         topic = self.by_buyer.get_topic_name()
+        self.restorer = Restorer(
+            {c.changelog_topic: (name, c.store) for name, c in self.caches.items()},
+            self.restore_reader,
+        )
         self.rebalances = Rebalances(
             s,
             self.app,
             self.stage,
             self.stalls,
-            {c.changelog_topic: c.store for c in self.caches.values()},
-            self.restore_reader,
+            self.restorer,
             release=lambda tokens: self._acknowledge(tokens, False),
-            changelog_ends=changelog_ends,
         )
         self.tail_repair = TailRepair(
             self.app, self.stage, self.reader, topic, consuming=lambda: self._acker is not None
         )
-        self.observe = Observe(self.app, topic, self.tables, self.sink, self.stalls, self.intake)
+        self.observe = Observe(
+            self.app, topic, self.tables, self.sink, self.stalls, self.intake, self.restorer
+        )
         for room in (self.rebalances, self.tail_repair, self.observe):
             room.register()
 
@@ -132,13 +134,8 @@ class CouponStream:
         """Which assignment this is (None while rebalancing): work of an older one is void."""
         return None if self.app.rebalancing else int(self.app.rebalancing_count)
 
-    async def _before_recovery(
-        self, changelog: str, newly_assigned: set[TP], generation_id: int
-    ) -> None:
-        await self.rebalances.bulk_restore(changelog, newly_assigned, generation_id)
-
     async def _on_restored(self, event: Event) -> None:
-        """Counts changelog records read back into local state (recovery and standbys)."""
+        """Counts changelog records Faust's own recovery read (what the bulk restore left)."""
         metrics.STATE_RESTORED.inc()
 
     async def _run_intake(self) -> None:
@@ -165,6 +162,7 @@ class CouponStream:
 
     async def _stop_out(self) -> None:
         """After the consumers stopped: deliver what is still in flight, then close."""
+        await self.restorer.cancel()
         await self.out.stop()
         await self.reader.stop()
         await self.restore_reader.stop()

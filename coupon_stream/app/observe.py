@@ -7,6 +7,7 @@ from typing import Any
 
 from prometheus_client import generate_latest
 
+from coupon_stream.app.rebalance import Restorer
 from coupon_stream.connectors import engine
 from coupon_stream.connectors.engine import TP
 from coupon_stream.connectors.kafka import behind
@@ -29,7 +30,9 @@ class Observe:
         sink: ResultSink,
         stalls: StallWatch,
         intake: Intake,
+        restorer: Restorer,
     ) -> None:
+        self.restorer = restorer
         self.app = app
         self.topic = topic
         self.tables = tables
@@ -77,9 +80,9 @@ class Observe:
         if not self.sink.available and self.sink.last_error:
             self.stalls.failed(None, self.sink.last_error)
         self.stalls.check(by_buyer)
-        # A standby copy is as current as the last changelog offset Faust applied to it.
-        for tp, position in engine.standby_positions(app).items():
-            export(tp, position)
+        # A standby copy is as current as the last changelog offset its mirror applied.
+        for tp, lag in self.restorer.standby_lag.items():
+            metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
         for tp, n in self.intake.lag().items():
             metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(n)
 
@@ -90,16 +93,24 @@ class Observe:
                 metrics.STATE_KEYS.labels(name, str(partition)).set(keys)
 
     async def readiness(self) -> dict[str, Any]:
-        """Ready when not rebalancing, tables recovered, the database answers, and no
-        partition is stalled (lag, and nothing committed for COUPON_STALL_SECONDS)."""
+        """Ready when not rebalancing, tables restored, the database answers, and no
+        partition is stalled (lag, and nothing committed for COUPON_STALL_SECONDS).
+
+        While tables restore, the body names each partition still restoring, with its
+        records left and an estimate of the seconds to go at the restore's rate so far.
+        """
         app = self.app
         recovered = engine.recovered(app)
         database = await self.sink.ping()
         rebalancing = bool(app.rebalancing)
         stalled = sorted(self.stalls.stalled)
+        progress = self.restorer.progress
+        restoring = progress.restoring()
         return {
             "ready": recovered and database and not rebalancing and not stalled,
             "tables_recovered": recovered,
+            "restoring": restoring,
+            "restore_records_per_second": round(progress.rate()) if restoring else None,
             "database": database,
             "rebalancing": rebalancing,
             "stalled_partitions": stalled,

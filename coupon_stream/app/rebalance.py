@@ -1,20 +1,25 @@
 """What a worker does when its partitions move: the assignment, the revocation, the restore.
 
-Faust calls these from its rebalance: they must return quickly (the consumer sends no
-heartbeat meanwhile), and anything left unwritten by the revoked partitions is forgotten,
-not finished: their next owner replays it from the committed offset.
+Faust calls the callbacks from its rebalance, where the consumer sends no heartbeat: they
+return at once. Anything left unwritten by revoked partitions is forgotten, not finished:
+their next owner replays it from the committed offset. The restore of the tables runs after
+the callback, in the background (`Restorer`); Faust's recovery waits for it
+(`engine.on_restore`) and keeps every by-buyer partition paused until it is done.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections import defaultdict
 from collections.abc import Awaitable, Callable
 
 from aiokafka.errors import ConsumerStoppedError, KafkaError
 
-from coupon_stream.connectors import engine, restore
+from coupon_stream.connectors import engine
 from coupon_stream.connectors.engine import TP
-from coupon_stream.connectors.restore import ChangelogReader
+from coupon_stream.connectors.restore import ChangelogReader, Progress, catch_up
 from coupon_stream.connectors.store import PartitionStore
 from coupon_stream.foundation import metrics
 from coupon_stream.foundation.health import StallWatch
@@ -23,9 +28,118 @@ from coupon_stream.pipeline.state_stage import StateStage
 
 log = logging.getLogger(__name__)
 
+# How often a standby copy reads what its changelog gained: its lag behind the active.
+MIRROR_SECONDS = 1.0
+
+
+class Restorer:
+    """Reads assigned table partitions' changelogs in bulk, in a background task.
+
+    On each assignment the task restores the active copies to their changelogs' ends (the
+    by-buyer partitions wait for it), then mirrors the standby copies for as long as the
+    assignment lasts: Faust's consumer never fetches them. A rebalance cancels it; what it
+    wrote stays, with its offsets, and the next restore continues from there.
+    """
+
+    def __init__(
+        self, stores: dict[str, tuple[str, PartitionStore]], reader: ChangelogReader
+    ) -> None:
+        self.stores = stores  # changelog topic -> (table, its partitions)
+        self.reader = reader
+        self.task: asyncio.Task[None] | None = None
+        self.progress = Progress("restore")
+        self.standby_lag: dict[TP, int] = {}
+
+    def plan(self, actives: set[TP], standbys: set[TP]) -> asyncio.Event:
+        """Start restoring; the event is set once the active copies are read (or given up)."""
+        restored = asyncio.Event()
+        previous = self.task
+        self.task = asyncio.ensure_future(self._run(actives, standbys, restored, previous))
+        return restored
+
+    async def cancel(self) -> None:
+        task, self.task = self.task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _run(
+        self,
+        actives: set[TP],
+        standbys: set[TP],
+        restored: asyncio.Event,
+        previous: asyncio.Task[None] | None,
+    ) -> None:
+        try:
+            if previous is not None and not previous.done():
+                previous.cancel()  # it must not write on while this one reads
+                await asyncio.gather(previous, return_exceptions=True)
+            self.progress.clear()
+            self.progress = Progress("restore")
+            self.standby_lag.clear()
+            await self._restore_actives(actives)
+        except ConsumerStoppedError:
+            log.info("restore stopped: the worker is shutting down")
+            return
+        except (KafkaError, OSError) as exc:
+            log.warning("bulk restore stopped, Faust's recovery reads the rest: %r", exc)
+        finally:
+            restored.set()
+        if standbys:
+            await self._mirror(standbys)
+
+    async def _restore_actives(self, actives: set[TP]) -> None:
+        started = time.monotonic()
+        progress = self.progress
+        for topic, partitions in self._by_topic(actives).items():
+            table, store = self.stores[topic]
+            await catch_up(self.reader, store, table, topic, partitions, progress)
+        if actives:
+            elapsed = time.monotonic() - started
+            log.info(
+                "restored %d changelog records into %d active partitions in %.1f s "
+                "(%.0f records/s)",
+                progress.applied,
+                len(actives),
+                elapsed,
+                progress.applied / elapsed if elapsed else 0.0,
+            )
+
+    async def _mirror(self, standbys: set[TP]) -> None:
+        """Keep the standby copies within about MIRROR_SECONDS of their changelogs."""
+        by_topic = self._by_topic(standbys)
+        log.info("mirroring %d standby partitions in bulk", len(standbys))
+        failing = False
+        while True:
+            try:
+                for topic, partitions in by_topic.items():
+                    table, store = self.stores[topic]
+                    parts = await catch_up(
+                        self.reader, store, table, topic, partitions, Progress("standby")
+                    )
+                    for p, part in parts.items():
+                        self.standby_lag[TP(topic, p)] = part.left
+                if failing:
+                    log.info("standby mirror reading again")
+                failing = False
+            except ConsumerStoppedError:
+                return
+            except (KafkaError, OSError) as exc:
+                if not failing:  # once per outage: it reads again when Kafka answers
+                    log.warning("standby mirror could not read its changelogs: %r", exc)
+                failing = True
+            await asyncio.sleep(MIRROR_SECONDS)
+
+    def _by_topic(self, tps: set[TP]) -> dict[str, list[int]]:
+        grouped: dict[str, list[int]] = defaultdict(list)
+        for tp in tps:
+            if tp.topic in self.stores:
+                grouped[tp.topic].append(tp.partition)
+        return grouped
+
 
 class Rebalances:
-    """The rebalance callbacks of one worker, and the bulk restore of its tables."""
+    """The rebalance callbacks of one worker."""
 
     def __init__(
         self,
@@ -33,25 +147,21 @@ class Rebalances:
         app: engine.App,
         stage: StateStage,
         stalls: StallWatch,
-        stores: dict[str, PartitionStore],
-        reader: ChangelogReader,
+        restorer: Restorer,
         release: Callable[[list[object]], Awaitable[None]],
-        changelog_ends: dict[str, dict[int, int]] | None = None,
     ) -> None:
         self.settings = settings
         self.app = app
         self.stage = stage
         self.stalls = stalls
-        self.stores = stores  # by changelog topic
-        self.reader = reader
+        self.restorer = restorer
         self.release = release
-        # Read before the app starts: the first assignment trusts them (see `bulk_restore`).
-        self._changelog_ends_at_start = changelog_ends
         self.by_buyer_topic = settings.by_buyer_topic
 
     def register(self) -> None:
         engine.on_assigned(self.app, self.assigned)
         engine.on_revoked(self.app, self.revoked)
+        engine.on_restore(self.app, self.restorer.plan)
 
     async def assigned(self, assigned: set[TP]) -> None:
         mine = sorted(
@@ -63,44 +173,8 @@ class Rebalances:
 
     async def revoked(self, revoked: set[TP]) -> None:
         """Forget the revoked partitions' unwritten work: their next owner replays it."""
+        await self.restorer.cancel()  # before Faust closes the revoked partitions' stores
         await self.release(await self.stage.forget())
         self.stalls.revoked()
         metrics.CONSUMER_LAG.clear()
         log.info("revoked %d partitions", len(revoked))
-
-    async def bulk_restore(
-        self, changelog: str, newly_assigned: set[TP], generation_id: int
-    ) -> None:
-        """Catch a table's newly assigned active partitions up in bulk (see `restore`).
-
-        Only a speed-up: on any Kafka error Faust's own recovery reads what is left. A
-        shutdown stops the reader under it (a SIGTERM during a rebalance): that ends the
-        catch-up, it must not crash the worker on its way out.
-        """
-        store = self.stores[changelog]
-        actives = engine.active_partitions(self.app, changelog)
-        partitions = sorted(
-            tp.partition
-            for tp in newly_assigned
-            if tp.topic == changelog and tp.partition in actives and store.is_open(tp.partition)
-        )
-        # Only the first assignment may trust them: the ends only grow, so a stale hint can
-        # only make it leave a restore to Faust's recovery, never skip a record.
-        hints = self._changelog_ends_at_start or {}
-        hint = hints.pop(changelog, None)
-        if not partitions or not self.settings.bulk_restore_seconds:
-            return
-        try:
-            await restore.catch_up(
-                self.reader,
-                store,
-                changelog,
-                partitions,
-                budget=self.settings.bulk_restore_seconds,
-                still_current=lambda: engine.generation(self.app) == generation_id,
-                ends_hint=hint,
-            )
-        except (KafkaError, OSError) as exc:
-            log.warning("bulk restore stopped, Faust's recovery reads the rest: %r", exc)
-        except ConsumerStoppedError:
-            log.info("bulk restore stopped: the worker is shutting down")

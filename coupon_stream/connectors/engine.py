@@ -9,6 +9,7 @@ this was checked against are pinned in `pyproject.toml`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, cast
@@ -16,6 +17,8 @@ from typing import Any, cast
 import faust
 import rocksdict
 from faust.stores.rocksdb import RocksDBOptions
+from faust.tables.manager import TableManager
+from faust.tables.recovery import Recovery
 from faust.types import TP, EventT, StreamT
 from rocksdict import WriteBatch
 
@@ -61,6 +64,7 @@ def build_app(settings: Settings, *, store: str) -> faust.App:
         logging_config=logging_config(s.log_format, s.log_level),
         Worker=Worker,
         Table=StateTable,
+        TableManager=Tables,
         consumer_auto_offset_reset="earliest",
         key_serializer="raw",
         value_serializer="raw",
@@ -107,7 +111,6 @@ def state_table(
     options: dict[str, Any] | None,
     help: str,
     on_restored: Callable[[Event], Awaitable[None]],
-    before_recovery: Callable[[str, set[TP], int], Awaitable[None]],
 ) -> StateTable:
     """A bytes -> bytes table partitioned like the by-buyer topic, RocksDB-tuned."""
     table = cast(
@@ -122,7 +125,6 @@ def state_table(
             on_changelog_event=on_restored,
         ),
     )
-    table.before_recovery = before_recovery
     return table
 
 
@@ -234,15 +236,6 @@ def recovered(app: faust.App) -> bool:
     return bool(tables.recovery.completed.is_set()) if tables else False
 
 
-def standby_positions(app: faust.App) -> dict[TP, int]:
-    """The next changelog offset each standby copy will apply (0 if none applied yet)."""
-    recovery = cast(Any, app.tables).recovery
-    return {
-        tp: (0 if (applied := recovery.standby_offsets.get(tp)) is None else applied + 1)
-        for tp in recovery.standby_tps
-    }
-
-
 async def crash(app: faust.App, exc: BaseException) -> None:
     await app.crash(exc)
 
@@ -278,10 +271,7 @@ class LookupTunedOptions(RocksDBOptions):
 
 
 class StateTable(faust.Table):  # type: ignore[type-arg]
-    """Faust's table, with a hook that runs after local partitions open, before recovery,
-    and RocksDB filters tuned for lookups of absent keys (`LookupTunedOptions`)."""
-
-    before_recovery: Callable[[str, set[TP], int], Awaitable[None]] | None = None
+    """Faust's table, with RocksDB filters tuned for lookups of absent keys."""
 
     def _new_store(self) -> Any:
         store: Any = super()._new_store()
@@ -289,14 +279,6 @@ class StateTable(faust.Table):  # type: ignore[type-arg]
         if isinstance(options, RocksDBOptions):
             store.rocksdb_options = LookupTunedOptions.like(options)
         return store
-
-    async def on_rebalance(
-        self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP], generation_id: int = 0
-    ) -> None:
-        await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
-        if self.before_recovery is not None:
-            changelog = self.changelog_topic.get_topic_name()
-            await self.before_recovery(changelog, newly_assigned, generation_id)
 
 
 def changelog_topic(table: faust.Table) -> str:  # type: ignore[type-arg]
@@ -362,6 +344,86 @@ class RocksStore:
     def is_open(self, partition: int) -> bool:
         """Whether Faust opened this partition's database for this worker (active copies)."""
         return partition in self._store._dbs
+
+
+# -- recovery: the bulk restore ahead of Faust's ---------------------------------------------
+
+# Given the changelog partitions just assigned as active and as standby copies, starts their
+# restore in the background and returns the event it sets once the actives are read.
+Planner = Callable[[set[TP], set[TP]], asyncio.Event]
+
+
+def on_restore(app: faust.App, planner: Planner) -> None:
+    """Restore assigned table partitions with `planner` before Faust's recovery runs.
+
+    Faust's recovery starts only once the event it returns is set, and then reads only what
+    is left past the offsets the restore persisted (normally nothing). Standby copies are
+    left to the planner entirely: Faust's consumer never fetches them.
+    """
+    cast(Tables, app.tables).planner = planner
+
+
+class BulkRecovery(Recovery):
+    """Faust's recovery, held back until the worker's own bulk restore has run.
+
+    Faust applies changelogs a record at a time (~a queue wait and a task per record). Here
+    the rebalance callback only hands the assigned changelog partitions to the planner and
+    returns, so the consumer keeps heartbeating; Faust's recovery loop (outside the callback)
+    then waits at its first step for the planner's event, re-reads the offsets the restore
+    persisted, and reads the rest the usual way. A new rebalance interrupts the wait as it
+    interrupts any step of Faust's recovery (its `signal_recovery_start`).
+    """
+
+    def __init__(self, app: Any, tables: Any, **kwargs: Any) -> None:
+        super().__init__(app, tables, **kwargs)
+        self._restored: asyncio.Event | None = None
+
+    async def on_rebalance(
+        self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP], generation_id: int = 0
+    ) -> None:
+        await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
+        planner = cast(Tables, self.tables).planner
+        if planner is None or generation_id != self.app.consumer_generation_id:
+            return  # no planner, or Faust ignored a stale rebalance
+        standbys = set(self.standby_tps)
+        # In place: Faust's recovery loops hold these very objects.
+        for tp in standbys:
+            self.standby_tps.discard(tp)
+            self.standby_offsets.pop(tp, None)
+            self.standby_highwaters.pop(tp, None)
+        for tps in self.standbys_for_table.values():
+            tps.difference_update(standbys)
+        self._restored = planner(set(self.active_tps), standbys)
+
+    async def _wait(self, coro: Any, timeout: Any = None) -> None:
+        restored = self._restored
+        if restored is not None:
+            try:
+                # No timeout: mode treats one as a stop and ends the recovery loop for good.
+                await super()._wait(restored.wait(), timeout=None)
+            except BaseException:
+                if asyncio.iscoroutine(coro):
+                    coro.close()
+                raise
+            if self._restored is restored:
+                self._restored = None
+                for tp in self.active_tps:  # where the restore left each active copy
+                    offset = self.tp_to_table[tp].persisted_offset(tp)
+                    if offset is not None:
+                        self.active_offsets[tp] = offset
+        await super()._wait(coro, timeout)
+
+
+class Tables(TableManager):
+    """Faust's table manager with the bulk restore's recovery (`BulkRecovery`)."""
+
+    planner: Planner | None = None
+
+    @property
+    def recovery(self) -> Recovery:
+        if self._recovery is None:
+            self._recovery = BulkRecovery(self.app, self, beacon=self.beacon, loop=self.loop)
+        return self._recovery
 
 
 # -- the worker process ------------------------------------------------------------------------

@@ -1,26 +1,25 @@
-"""Bulk catch-up of newly assigned table partitions from their changelog, before Faust's recovery.
+"""Bulk restore of table partitions from their changelogs, in the background.
 
-Faust's recovery applies the changelog a record at a time (a queue wait and a task per
-record, ~6k records/s here), so a worker taking over a partition without a standby copy spent
-most of the takeover in it. When a partition is assigned, this reads its changelog from the
-local copy's persisted offset to the log's end with a plain consumer, writes it in RocksDB
-WriteBatches and persists the offset reached. Faust's recovery then starts from there and
-reads only what is left.
+Faust's recovery applies a changelog a record at a time (a queue wait and a task per
+record); a worker taking over partitions without a local copy spent most of the takeover
+there. This reads each changelog partition from the local copy's persisted offset to the
+log's end with a plain consumer (no group), writes each fetched batch as one RocksDB
+WriteBatch (later records of a key replace earlier ones, as in the log) and persists the
+offset reached. It decodes nothing.
 
-It runs inside the group's assignment callback, where aiokafka sends no heartbeats, so it stops
-after a time budget well inside the session timeout and leaves the rest to Faust. Stopping
-anywhere is safe: the local copy then holds the changelog up to the offset it persisted, which
-is exactly what Faust's recovery expects to find. Any wait in that callback also holds Faust's
-recovery up (by ~3 s here), so when end offsets read at start-up show nothing worth reading,
-the first assignment returns without asking Kafka.
+Stopping anywhere (a rebalance cancels it, a shutdown stops the reader) is safe: the local
+copy then holds the changelog up to the offset it persisted, which is where the next restore,
+this worker's or Faust's own, starts. Data is written before its offset, so a crash between
+the two re-reads a batch: applying the same records again in order changes nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from contextlib import aclosing
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from coupon_stream.connectors.store import PartitionStore
@@ -28,8 +27,7 @@ from coupon_stream.foundation import metrics
 
 log = logging.getLogger(__name__)
 
-# Below this many records Faust's own recovery is about as quick as starting a bulk read.
-MIN_RECORDS = 1_000
+PROGRESS_LOG_SECONDS = 5.0
 
 
 class ChangelogReader(Protocol):
@@ -42,66 +40,120 @@ class ChangelogReader(Protocol):
     async def stop(self) -> None: ...
 
 
+@dataclass
+class Part:
+    """One changelog partition being read: from `start` to `end`, now at `reached`."""
+
+    table: str
+    partition: int
+    start: int
+    end: int
+    reached: int
+
+    @property
+    def left(self) -> int:
+        return max(0, self.end - self.reached)
+
+
+@dataclass
+class Progress:
+    """What a restore has left, per table partition, and how fast it goes: for the logs, the
+    `coupon_state_restore_remaining_records` gauge and the readiness body."""
+
+    what: str = "restore"
+    parts: dict[tuple[str, int], Part] = field(default_factory=dict)
+    applied: int = 0
+    started: float = field(default_factory=time.monotonic)
+    _logged: float = field(default_factory=time.monotonic)
+
+    def add(self, part: Part) -> None:
+        self.parts[(part.table, part.partition)] = part
+        self._export(part)
+
+    def reached(self, table: str, partition: int, position: int, records: int) -> None:
+        part = self.parts[(table, partition)]
+        part.reached = position
+        self.applied += records
+        self._export(part)
+        now = time.monotonic()
+        if now - self._logged >= PROGRESS_LOG_SECONDS:
+            self._logged = now
+            log.info(
+                "%s: %d records left in %d partitions, %.0f records/s, about %.0f s to go",
+                self.what,
+                self.left(),
+                sum(1 for p in self.parts.values() if p.left),
+                self.rate(),
+                self.eta() or 0.0,
+            )
+
+    def left(self) -> int:
+        return sum(p.left for p in self.parts.values())
+
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return self.applied / elapsed if elapsed > 0 else 0.0
+
+    def eta(self) -> float | None:
+        """Seconds to go at the rate so far (None before the first records)."""
+        rate = self.rate()
+        return self.left() / rate if rate else None
+
+    def restoring(self) -> list[dict[str, Any]]:
+        """The partitions with records left, for /health/ready."""
+        rate = self.rate()
+        return [
+            {
+                "table": p.table,
+                "partition": p.partition,
+                "records_left": p.left,
+                "eta_seconds": round(p.left / rate, 1) if rate else None,
+            }
+            for p in sorted(self.parts.values(), key=lambda p: (p.table, p.partition))
+            if p.left
+        ]
+
+    def clear(self) -> None:
+        for part in self.parts.values():
+            try:
+                metrics.STATE_RESTORE_REMAINING.remove(part.table, str(part.partition))
+            except KeyError:
+                pass  # never exported, or cleared already
+        self.parts.clear()
+
+    def _export(self, part: Part) -> None:
+        metrics.STATE_RESTORE_REMAINING.labels(part.table, str(part.partition)).set(part.left)
+
+
 async def catch_up(
     reader: ChangelogReader,
     store: PartitionStore,
+    table: str,
     topic: str,
     partitions: Iterable[int],
-    *,
-    budget: float,
-    still_current: Callable[[], bool],
-    ends_hint: Mapping[int, int] | None = None,
-    min_records: int = MIN_RECORDS,
-) -> dict[int, int]:
-    """Apply each partition's changelog past its persisted offset; return records applied.
-
-    Stops early once `budget` seconds have passed or `still_current()` turns false (the group
-    rebalanced again); what was applied so far stays, with its offset. With `ends_hint`
-    (end offsets read earlier) showing nothing worth reading, it returns without a request:
-    a wait in the assignment callback, however short, holds up Faust's own recovery after it.
-    """
-
-    def worth_reading(ends: Mapping[int, int]) -> dict[int, tuple[int, int]]:
-        ranges = {}
-        for partition in partitions:
-            persisted = store.persisted_offset(partition)
-            start = 0 if persisted is None else persisted + 1  # the reader skips compacted
-            end = ends.get(partition, 0)
-            if end - start >= min_records:
-                ranges[partition] = (start, end)
-        return ranges
-
-    if ends_hint is not None and not worth_reading(ends_hint):
-        return {}
-    started = time.monotonic()
-    ranges = worth_reading(await reader.end_offsets(topic, partitions))
+    progress: Progress,
+) -> dict[int, Part]:
+    """Apply each partition's changelog past its persisted offset, to the end it has now."""
+    partitions = sorted(partitions)
+    ends = await reader.end_offsets(topic, partitions)
+    ranges = {}
+    parts = {}
+    for partition in partitions:
+        persisted = store.persisted_offset(partition)
+        start = 0 if persisted is None else persisted + 1  # the reader skips compacted
+        end = ends.get(partition, 0)
+        parts[partition] = part = Part(table, partition, start, end, start)
+        progress.add(part)
+        if end > start:
+            ranges[partition] = (start, end)
     if not ranges:
-        return {}
-    applied = dict.fromkeys(ranges, 0)
-    reached: dict[int, int] = {}
+        return parts
     async with aclosing(reader.batches(topic, ranges)) as batches:
         async for partition, records, position in batches:
             if records:
-                # Later records of a key replace earlier ones, as in the log itself.
                 store.write(partition, {r.key: r.value for r in records})
-                applied[partition] += len(records)
                 metrics.STATE_RESTORED.inc(len(records))
                 metrics.STATE_BULK_RESTORED.inc(len(records))
             store.persist_offset(partition, position - 1)
-            reached[partition] = position
-            if time.monotonic() - started > budget or not still_current():
-                break
-    elapsed = time.monotonic() - started
-    total = sum(applied.values())
-    left = sum(end - reached.get(p, start) for p, (start, end) in ranges.items())
-    log.info(
-        "bulk restore of %s partitions %s: %d records in %.1f s (%d records/s); %d offsets "
-        "left to Faust's recovery",
-        topic,
-        ",".join(map(str, sorted(ranges))),
-        total,
-        elapsed,
-        total / elapsed if elapsed else 0,
-        left,
-    )
-    return applied
+            progress.reached(table, partition, position, len(records))
+    return parts

@@ -77,7 +77,13 @@ STATE_RESTORED = Counter(
 )
 STATE_BULK_RESTORED = Counter(
     "coupon_state_bulk_restored_records_total",
-    "Of those, records read in bulk on assignment, before Faust's record-by-record recovery",
+    "Of those, records read in bulk (the restore on assignment and the standby mirror); "
+    "its rate is the restore's speed",
+)
+STATE_RESTORE_REMAINING = Gauge(
+    "coupon_state_restore_remaining_records",
+    "Changelog records an assigned active partition still has to read before it processes",
+    ["table", "partition"],
 )
 STATE_KEYS = Gauge(
     "coupon_state_keys",

@@ -55,12 +55,6 @@ class Settings(BaseSettings):
     session_timeout: float = Field(
         10.0, gt=0, description="seconds before the group drops a worker that stopped heartbeating"
     )
-    bulk_restore_seconds: float = Field(
-        3.0,
-        ge=0,
-        description="seconds an assignment may spend reading changelogs in bulk before Faust's "
-        "recovery takes over (0 = off); at most a third of session_timeout",
-    )
     replication_factor: int = Field(1, ge=1, description="for the topics the service creates")
     state_retention_days: int = Field(
         0, ge=0, description="drop state of days older than this many days (0 = keep forever)"
@@ -128,17 +122,6 @@ class Settings(BaseSettings):
     @classmethod
     def _broker_scheme(cls, value: str) -> str:
         return value if "://" in value else f"kafka://{value}"
-
-    @model_validator(mode="after")
-    def _bulk_restore_within_session(self) -> Settings:
-        # It runs in the assignment callback, where no heartbeats are sent.
-        if self.bulk_restore_seconds > self.session_timeout / 3:
-            raise ValueError(
-                f"bulk_restore_seconds ({self.bulk_restore_seconds}) must be at most a third of "
-                f"session_timeout ({self.session_timeout}): the group sends no heartbeats "
-                "while it runs"
-            )
-        return self
 
     @model_validator(mode="after")
     def _kafka_security(self) -> Settings:

@@ -52,30 +52,26 @@ def _worker(extra: list[str]) -> None:
         DeploymentError,
         check_deployment,
         create_internal_topics,
-        end_offsets_by_topic,
     )
 
     settings = load_settings()
     logging.config.dictConfig(logging_config(settings.log_format, settings.log_level))
 
-    async def prepare() -> dict[str, dict[int, int]]:
-        """Refuse a bad deployment, create the internal topics, note the changelogs' ends."""
+    async def prepare() -> None:
+        """Refuse a bad deployment, create the internal topics."""
         await clients.check_kafka_access(settings)
         await ResultSink.of(settings).check_access()
         try:
             await check_deployment(settings)
             await create_internal_topics(settings)
-            topics = list(settings.changelog_topics.values())
-            return await end_offsets_by_topic(settings, topics)
         except KafkaError as exc:
             refused = clients.kafka_refused(settings, exc, "preparing the internal topics")
             if refused is not None:
                 raise refused from exc
             raise
 
-    changelog_ends: dict[str, dict[int, int]] | None
     try:
-        changelog_ends = asyncio.run(asyncio.wait_for(prepare(), 60))
+        asyncio.run(asyncio.wait_for(prepare(), 60))
     except AccessRefused as exc:
         log.critical("access refused, not starting: %s", exc)
         raise SystemExit(EXIT_REFUSED) from None
@@ -87,10 +83,9 @@ def _worker(extra: list[str]) -> None:
     except (TimeoutError, OSError, RuntimeError, KafkaError) as exc:
         # Faust creates them itself when it can reach the broker.
         print(f"could not create the internal topics before start: {exc!r}", file=sys.stderr)
-        changelog_ends = None
     from coupon_stream.app import CouponStream  # after the checks: a refusal comes fast
 
-    stream = CouponStream(settings, changelog_ends=changelog_ends)
+    stream = CouponStream(settings)
     if not any(a in ("-l", "--loglevel") or a.startswith("--loglevel=") for a in extra):
         extra = ["--loglevel", settings.log_level, *extra]
     sys.argv = ["coupon-stream", "worker", *extra]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiokafka.errors import KafkaTimeoutError
 from faust.types import TP
@@ -169,3 +169,44 @@ class MemoryGroup:
     async def read(self, group: str, topic: str, partition: int) -> int | None:
         """The group's committed offset as a `PartitionReader.committed` would read it."""
         return self.offsets.get(TP(topic, partition))
+
+
+class Record(NamedTuple):
+    offset: int
+    key: bytes
+    value: bytes | None
+
+
+class Changelog:
+    """Partitions as lists of records; `first` is where compaction or retention left the log."""
+
+    def __init__(self, logs: dict[int, list[Record]], first: dict[int, int] | None = None):
+        self.logs = logs
+        self.first = first or {}
+        self.fetch = 3  # records per fetched batch
+        self.asked: dict[int, tuple[int, int]] = {}
+        self.hold_after: int | None = None  # batches; then wait for `release`
+        self.release = asyncio.Event()
+
+    async def end_offsets(self, topic, partitions):
+        return {p: len(self.logs[p]) for p in partitions}
+
+    async def batches(self, topic, ranges):
+        self.asked = dict(ranges)
+        sent = 0
+        for partition, (start, end) in ranges.items():
+            offset = max(start, self.first.get(partition, 0))
+            while offset < end:
+                if sent == self.hold_after:
+                    await self.release.wait()
+                records = self.logs[partition][offset : min(offset + self.fetch, end)]
+                offset += len(records)
+                sent += 1
+                yield partition, records, offset
+
+    async def stop(self):
+        pass
+
+
+def log_of(*pairs: tuple[bytes, bytes | None]) -> list[Record]:
+    return [Record(i, k, v) for i, (k, v) in enumerate(pairs)]

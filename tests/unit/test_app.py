@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 
-from aiokafka.errors import ConsumerStoppedError
 from faust.types import TP
 
 from coupon_stream.core.records import decode_rows
@@ -132,29 +131,6 @@ async def test_a_write_retrying_when_a_rebalance_starts_is_given_up_uncommitted(
     assert cs.stage.sessions == {}  # its partitions start over from the committed offset
     # the state and its changelog keep the record, written past the committed offset
     assert stored(cs, "days", day_key(5, 20261111))[0] == 100
-
-
-async def test_a_shutdown_during_a_bulk_restore_ends_it_without_a_crash(tmp_path, caplog):
-    """SIGTERM while an assignment reads changelogs in bulk: the reader is stopped under it."""
-
-    class StoppedReader:
-        async def end_offsets(self, topic, partitions):
-            return {p: 50_000 for p in partitions}
-
-        async def batches(self, topic, ranges):
-            raise ConsumerStoppedError()
-            yield  # an async generator, like PartitionReader.batches
-
-    cs = make_stream(tmp_path, partitions=2)
-    cs.rebalances.reader = StoppedReader()
-    changelog = cs.caches["entries"].changelog_topic
-    tps = {TP(changelog, 0), TP(changelog, 1)}
-    cs.app.assignor.assigned_actives = lambda: tps
-    with caplog.at_level("INFO", logger="coupon_stream.app.rebalance"):
-        await cs.rebalances.bulk_restore(
-            changelog, tps, generation_id=cs.app.consumer_generation_id
-        )
-    assert "bulk restore stopped: the worker is shutting down" in caplog.text
 
 
 async def test_readiness_reports_a_stalled_partition(stream):

@@ -134,5 +134,3 @@ async def test_an_old_format_partition_is_refused(tmp_path):
     worker.stores["days"].write(0, {b"~format": b"1"})
     with pytest.raises(StateFormatError, match="format 1.*COUPON_APP_ID"):
         await world.run(worker, every=1)
-
-

@@ -6,12 +6,14 @@ Each test names the private attribute or behaviour of Faust or aiokafka that
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 
 import faust
 import pytest
 from aiokafka import AIOKafkaConsumer
+from faust.tables.recovery import RebalanceAgain
 from faust.utils import terminal
 
 from coupon_stream.connectors import engine
@@ -56,7 +58,55 @@ def test_assignment_recovery_and_standbys_before_any_rebalance(app):
     assert engine.active_partitions(app, "engine-test-entries-changelog") == set()
     assert engine.generation(app) == 0  # no group joined yet
     assert not engine.recovered(app)
-    assert engine.standby_positions(app) == {}  # Recovery.standby_tps, .standby_offsets
+
+
+async def test_faust_s_recovery_waits_for_the_bulk_restore_and_starts_where_it_left(app):
+    """Recovery.on_rebalance, .active_tps/.standby_tps/.active_offsets, ._wait, and the
+    table manager's .recovery built from the app's TableManager."""
+    table = app.Table("entries", partitions=2, key_type=bytes, value_type=bytes)
+    changelog = engine.changelog_topic(table)
+    active, standby = TP(changelog, 0), TP(changelog, 1)
+    app.assignor.assigned_actives = lambda: {active}
+    app.assignor.assigned_standbys = lambda: {standby}
+    recovery = app.tables.recovery
+    assert isinstance(recovery, engine.BulkRecovery)
+    planned = []
+    done = asyncio.Event()
+
+    def planner(actives, standbys):
+        planned.append((actives, standbys))
+        return done
+
+    engine.on_restore(app, planner)
+    gen = app.consumer_generation_id
+    await recovery.on_rebalance({active, standby}, set(), {active, standby}, gen)
+    assert planned == [({active}, {standby})]
+    assert recovery.active_tps == {active}
+    assert recovery.standby_tps == set() and standby not in recovery.standby_offsets
+    assert recovery.signal_recovery_start.is_set()  # Faust's recovery loop is woken...
+    recovery.signal_recovery_start.clear()  # (as the loop does when it starts a cycle)
+    step = asyncio.ensure_future(recovery._wait(asyncio.sleep(0)))
+    await asyncio.sleep(0.05)
+    assert not step.done()  # ...and holds at its first step until the restore is done
+    table.data.set_persisted_offset(active, 41)  # where the bulk restore left the copy
+    done.set()
+    await asyncio.wait_for(step, 5)
+    assert recovery.active_offsets[active] == 41  # Faust reads only what is past it
+
+
+async def test_a_rebalance_interrupts_the_wait_for_the_bulk_restore(app):
+    table = app.Table("days", partitions=2, key_type=bytes, value_type=bytes)
+    app.assignor.assigned_actives = lambda: {TP(engine.changelog_topic(table), 0)}
+    app.assignor.assigned_standbys = lambda: set()
+    engine.on_restore(app, lambda actives, standbys: asyncio.Event())
+    recovery = app.tables.recovery
+    await recovery.on_rebalance(set(), set(), set(), app.consumer_generation_id)
+    recovery.signal_recovery_start.clear()
+    step = asyncio.ensure_future(recovery._wait(asyncio.sleep(0)))
+    await asyncio.sleep(0.05)
+    recovery.signal_recovery_start.set()  # the next rebalance
+    with pytest.raises(RebalanceAgain):  # Faust's recovery loop starts its next cycle
+        await asyncio.wait_for(step, 5)
 
 
 def test_rocks_store_on_a_real_faust_table(app, tmp_path):
@@ -89,9 +139,7 @@ def test_rocks_store_on_a_real_faust_table(app, tmp_path):
 
 def test_state_tables_open_rocksdb_with_whole_key_filters(app, tmp_path):
     """The worker's tables keep Faust's sizes and add the filters for absent keys."""
-    table = app.Table(
-        "days", options={"driver": "rocksdict", "write_buffer_size": 4 * 1024 * 1024}
-    )
+    table = app.Table("days", options={"driver": "rocksdict", "write_buffer_size": 4 * 1024 * 1024})
     store = table.data
     assert isinstance(table, engine.StateTable)
     assert isinstance(store.rocksdb_options, LookupTunedOptions)  # Table._new_store

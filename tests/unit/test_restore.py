@@ -1,58 +1,25 @@
-"""Bulk catch-up from the changelog, against an in-memory log and store."""
+"""The bulk restore of changelog partitions, against an in-memory log and store."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import asyncio
 
-import pytest
-
-from coupon_stream.connectors.restore import catch_up
+from coupon_stream.connectors.restore import Progress, catch_up
 from coupon_stream.connectors.store import MemoryStore
+from coupon_stream.foundation import metrics
+from tests.unit.fakes import Changelog, log_of
 
 TOPIC = "app-buyers-changelog"
-
-
-class Record(NamedTuple):
-    offset: int
-    key: bytes
-    value: bytes | None
-
-
-class Changelog:
-    """Partitions as lists of records; `first` is where compaction or retention left the log."""
-
-    def __init__(self, logs: dict[int, list[Record]], first: dict[int, int] | None = None):
-        self.logs = logs
-        self.first = first or {}
-        self.fetch = 3  # records per fetched batch
-        self.asked: dict[int, tuple[int, int]] = {}
-
-    async def end_offsets(self, topic, partitions):
-        return {p: len(self.logs[p]) for p in partitions}
-
-    async def batches(self, topic, ranges):
-        self.asked = dict(ranges)
-        for partition, (start, end) in ranges.items():
-            offset = max(start, self.first.get(partition, 0))
-            while offset < end:
-                records = self.logs[partition][offset : min(offset + self.fetch, end)]
-                offset += len(records)
-                yield partition, records, offset
-
-
-def log_of(*pairs: tuple[bytes, bytes | None]) -> list[Record]:
-    return [Record(i, k, v) for i, (k, v) in enumerate(pairs)]
 
 
 def restored(store: MemoryStore, partition: int) -> dict[bytes, bytes]:
     return dict(store.items(partition))
 
 
-async def run(log: Changelog, store: MemoryStore, partitions=(0,), **kwargs):
-    kwargs.setdefault("budget", 60.0)
-    kwargs.setdefault("still_current", lambda: True)
-    kwargs.setdefault("min_records", 1)
-    return await catch_up(log, store, TOPIC, partitions, **kwargs)
+async def run(log: Changelog, store: MemoryStore, partitions=(0,), progress=None):
+    progress = progress or Progress()
+    parts = await catch_up(log, store, "entries", TOPIC, partitions, progress)
+    return {p: part.reached - part.start for p, part in parts.items()}, progress
 
 
 async def test_applies_the_log_past_the_persisted_offset_in_order():
@@ -62,47 +29,62 @@ async def test_applies_the_log_past_the_persisted_offset_in_order():
     store = MemoryStore()
     store.write(0, {b"1": b"a"})
     store.persist_offset(0, 0)
-    assert await run(log, store) == {0: 4}
+    read, progress = await run(log, store)
+    assert read == {0: 4} and progress.applied == 4
     assert log.asked == {0: (1, 5)}
     assert restored(store, 0) == {b"1": b"c", b"3": b"d"}  # later values win, None deletes
-    assert store.persisted_offset(0) == 4
+    assert store.persisted_offset(0) == 4  # Faust's convention: the last record applied
 
 
 async def test_starts_where_the_log_starts_when_its_head_was_compacted_away():
     log = Changelog({0: log_of(*[(b"k%d" % i, b"v%d" % i) for i in range(6)])}, first={0: 4})
     store = MemoryStore()
-    assert await run(log, store) == {0: 2}
+    _, progress = await run(log, store)
+    assert progress.applied == 2
     assert restored(store, 0) == {b"k4": b"v4", b"k5": b"v5"}
     assert store.persisted_offset(0) == 5
 
 
-async def test_leaves_short_tails_to_faust():
-    log = Changelog({0: log_of((b"1", b"a"), (b"2", b"b")), 1: log_of(*[(b"x", b"y")] * 5)})
+async def test_a_copy_that_is_current_reads_nothing():
+    log = Changelog({0: log_of((b"1", b"a"), (b"2", b"b")), 1: []})
     store = MemoryStore()
-    assert await run(log, store, partitions=(0, 1), min_records=3) == {1: 5}
-    assert restored(store, 0) == {}
-    assert store.persisted_offset(0) is None
+    store.persist_offset(0, 1)
+    read, _ = await run(log, store, partitions=(0, 1))
+    assert read == {0: 0, 1: 0} and log.asked == {}
 
 
-@pytest.mark.parametrize("stop", ["budget", "rebalanced"])
-async def test_stopping_early_keeps_a_prefix_with_its_offset(stop):
+async def test_a_cancelled_restore_keeps_a_prefix_with_its_offset_and_the_next_goes_on():
     log = Changelog({0: log_of(*[(b"k%d" % i, b"v%d" % i) for i in range(10)])})
+    log.hold_after = 1  # one batch of 3, then a rebalance cancels it
     store = MemoryStore()
-    if stop == "budget":
-        applied = await run(log, store, budget=-1)
-    else:
-        applied = await run(log, store, still_current=lambda: False)
-    assert applied == {0: 3}  # one fetched batch
+    task = asyncio.ensure_future(run(log, store))
+    while store.persisted_offset(0) is None:
+        await asyncio.sleep(0)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
     assert restored(store, 0) == {b"k0": b"v0", b"k1": b"v1", b"k2": b"v2"}
-    assert store.persisted_offset(0) == 2  # Faust's recovery goes on from offset 3
+    assert store.persisted_offset(0) == 2
+    log.hold_after = None
+    read, _ = await run(log, store)
+    assert read == {0: 7} and log.asked == {0: (3, 10)}
+    assert len(restored(store, 0)) == 10
 
 
-async def test_an_empty_changelog_at_start_up_costs_no_request():
-    class Unreachable(Changelog):
-        async def end_offsets(self, topic, partitions):
-            raise AssertionError("asked Kafka")
-
-    log = Unreachable({0: []})
-    assert await run(log, MemoryStore(), ends_hint={0: 0}, min_records=1) == {}
-    log = Changelog({0: log_of((b"1", b"a"), (b"2", b"b"))})  # grew since the hint
-    assert await run(log, MemoryStore(), ends_hint={0: 1}, min_records=1) == {0: 2}
+async def test_progress_tells_what_is_left_per_partition():
+    log = Changelog({0: log_of(*[(b"a", b"1")] * 6), 1: log_of(*[(b"b", b"2")] * 4)})
+    log.hold_after = 2
+    progress = Progress()
+    task = asyncio.ensure_future(run(log, MemoryStore(), partitions=(0, 1), progress=progress))
+    while progress.applied < 6:
+        await asyncio.sleep(0)
+    left = metrics.STATE_RESTORE_REMAINING.labels("entries", "1")._value.get()
+    assert left == 4
+    (restoring,) = progress.restoring()
+    assert restoring["table"] == "entries" and restoring["partition"] == 1
+    assert restoring["records_left"] == 4 and restoring["eta_seconds"] is not None
+    log.release.set()
+    await task
+    assert progress.restoring() == [] and progress.left() == 0
+    progress.clear()  # the next assignment's restore starts with no stale gauges
+    gauges = metrics.STATE_RESTORE_REMAINING.collect()[0].samples
+    assert not [g for g in gauges if g.labels == {"table": "entries", "partition": "1"}]

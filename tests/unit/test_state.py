@@ -1,5 +1,3 @@
-
-
 from coupon_stream.core.records import INT64_MAX
 from coupon_stream.core.state import (
     Outcome,
