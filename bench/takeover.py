@@ -41,12 +41,15 @@ CREATED = "2026-11-11 00:00:00"
 PROBE_BASE = 7_000_000_000
 
 
-async def synthesize_state(settings: Settings, entries: int) -> int:
+async def synthesize_state(
+    settings: Settings, entries: int, *, first_buyer: int = 1, meta: bool = True
+) -> int:
     """Write a format-2 state of `entries` kept entries straight into both changelogs.
 
     What a checkpoint would have written (docs/design.md, "State"): per buyer, its entries
     and its one day, each a `Versioned` value at by-buyer offset 0, plus each partition's
-    meta; a worker restores it as if the input had been processed. Returns the records.
+    meta (unless `meta` is false: state added next to a real one, whose meta must stand);
+    a worker restores it as if the input had been processed. Returns the records written.
     """
     await status.create_internal_topics(settings)
     topics = settings.changelog_topics
@@ -54,7 +57,7 @@ async def synthesize_state(settings: Settings, entries: int) -> int:
     out = KafkaOut(settings)
     written = 0
     try:
-        buyers = range(1, entries // ENTRIES_PER_BUYER + 1)
+        buyers = range(first_buyer, first_buyer + entries // ENTRIES_PER_BUYER)
         for first in range(0, len(buyers), CHUNK_BUYERS):
             tables: dict[str, dict[int, list[tuple[bytes, bytes]]]] = {"entries": {}, "days": {}}
             for b in buyers[first : first + CHUNK_BUYERS]:
@@ -70,10 +73,10 @@ async def synthesize_state(settings: Settings, entries: int) -> int:
                 tables["days"].setdefault(q, []).append(
                     (day_key(b, DAY), Versioned(0, 0, day, None).encode())
                 )
-            if first == 0:
+            if first == 0 and meta:
                 for q in range(partitions):
-                    meta = [(FORMAT_KEY, str(STATE_FORMAT).encode()), (NEXT_OFFSET_KEY, b"0")]
-                    tables["days"].setdefault(q, []).extend(meta)
+                    marks = [(FORMAT_KEY, str(STATE_FORMAT).encode()), (NEXT_OFFSET_KEY, b"0")]
+                    tables["days"].setdefault(q, []).extend(marks)
             for name, per_partition in tables.items():
                 for q, records in per_partition.items():
                     sent = await out.send_records(topics[name], q, records)

@@ -19,7 +19,7 @@ from aiokafka.errors import ConsumerStoppedError, KafkaError
 
 from coupon_stream.connectors import engine
 from coupon_stream.connectors.engine import TP
-from coupon_stream.connectors.restore import ChangelogReader, Progress, catch_up
+from coupon_stream.connectors.restore import ChangelogReader, Progress, catch_up, measure, read
 from coupon_stream.connectors.store import PartitionStore
 from coupon_stream.foundation import metrics
 from coupon_stream.foundation.health import StallWatch
@@ -89,21 +89,33 @@ class Restorer:
             await self._mirror(standbys)
 
     async def _restore_actives(self, actives: set[TP]) -> None:
+        if not actives:
+            return
         started = time.monotonic()
         progress = self.progress
-        for topic, partitions in self._by_topic(actives).items():
+        by_topic = self._by_topic(actives)
+        parts = {}  # every range first: progress and readiness show the whole restore
+        for topic, partitions in by_topic.items():
             table, store = self.stores[topic]
-            await catch_up(self.reader, store, table, topic, partitions, progress)
-        if actives:
-            elapsed = time.monotonic() - started
-            log.info(
-                "restored %d changelog records into %d active partitions in %.1f s "
-                "(%.0f records/s)",
-                progress.applied,
-                len(actives),
-                elapsed,
-                progress.applied / elapsed if elapsed else 0.0,
-            )
+            parts[topic] = await measure(self.reader, store, table, topic, partitions, progress)
+        log.info(
+            "restoring %d changelog records into %d active partitions: %s",
+            progress.left(),
+            len(actives),
+            ", ".join(
+                f"{p.table}[{p.partition}] {p.left}" for ps in parts.values() for p in ps.values()
+            ),
+        )
+        for topic, topic_parts in parts.items():
+            await read(self.reader, self.stores[topic][1], topic, topic_parts, progress)
+        elapsed = time.monotonic() - started
+        log.info(
+            "restored %d changelog records into %d active partitions in %.1f s (%.0f records/s)",
+            progress.applied,
+            len(actives),
+            elapsed,
+            progress.applied / elapsed if elapsed else 0.0,
+        )
 
     async def _mirror(self, standbys: set[TP]) -> None:
         """Keep the standby copies within about MIRROR_SECONDS of their changelogs."""

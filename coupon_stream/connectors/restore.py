@@ -125,6 +125,47 @@ class Progress:
         metrics.STATE_RESTORE_REMAINING.labels(part.table, str(part.partition)).set(part.left)
 
 
+async def measure(
+    reader: ChangelogReader,
+    store: PartitionStore,
+    table: str,
+    topic: str,
+    partitions: Iterable[int],
+    progress: Progress,
+) -> dict[int, Part]:
+    """Each partition's range to read, from past its persisted offset to the end it has now."""
+    partitions = sorted(partitions)
+    ends = await reader.end_offsets(topic, partitions)
+    parts = {}
+    for partition in partitions:
+        persisted = store.persisted_offset(partition)
+        start = 0 if persisted is None else persisted + 1  # the reader skips compacted
+        parts[partition] = part = Part(table, partition, start, ends.get(partition, 0), start)
+        progress.add(part)
+    return parts
+
+
+async def read(
+    reader: ChangelogReader,
+    store: PartitionStore,
+    topic: str,
+    parts: Mapping[int, Part],
+    progress: Progress,
+) -> None:
+    """Apply the measured ranges, a fetched batch at a time, each followed by its offset."""
+    ranges = {p: (part.start, part.end) for p, part in parts.items() if part.end > part.start}
+    if not ranges:
+        return
+    async with aclosing(reader.batches(topic, ranges)) as batches:
+        async for partition, records, position in batches:
+            if records:
+                store.write(partition, {r.key: r.value for r in records})
+                metrics.STATE_RESTORED.inc(len(records))
+                metrics.STATE_BULK_RESTORED.inc(len(records))
+            store.persist_offset(partition, position - 1)
+            progress.reached(parts[partition].table, partition, position, len(records))
+
+
 async def catch_up(
     reader: ChangelogReader,
     store: PartitionStore,
@@ -134,26 +175,6 @@ async def catch_up(
     progress: Progress,
 ) -> dict[int, Part]:
     """Apply each partition's changelog past its persisted offset, to the end it has now."""
-    partitions = sorted(partitions)
-    ends = await reader.end_offsets(topic, partitions)
-    ranges = {}
-    parts = {}
-    for partition in partitions:
-        persisted = store.persisted_offset(partition)
-        start = 0 if persisted is None else persisted + 1  # the reader skips compacted
-        end = ends.get(partition, 0)
-        parts[partition] = part = Part(table, partition, start, end, start)
-        progress.add(part)
-        if end > start:
-            ranges[partition] = (start, end)
-    if not ranges:
-        return parts
-    async with aclosing(reader.batches(topic, ranges)) as batches:
-        async for partition, records, position in batches:
-            if records:
-                store.write(partition, {r.key: r.value for r in records})
-                metrics.STATE_RESTORED.inc(len(records))
-                metrics.STATE_BULK_RESTORED.inc(len(records))
-            store.persist_offset(partition, position - 1)
-            progress.reached(table, partition, position, len(records))
+    parts = await measure(reader, store, table, topic, partitions, progress)
+    await read(reader, store, topic, parts, progress)
     return parts
