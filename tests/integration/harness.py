@@ -294,6 +294,33 @@ class Pipeline:
             await asyncio.sleep(0.5)
         raise AssertionError("no progress:\n" + "\n\n".join(w.tail() for w in self.workers))
 
+    async def by_buyer_committed(self) -> dict[int, int]:
+        """The state group's committed offset per by-buyer partition, from the broker."""
+        admin = clients.admin(self.admin)
+        await admin.start()
+        try:
+            offsets = await admin.list_consumer_group_offsets(self.name)
+        finally:
+            await admin.close()
+        return {
+            tp.partition: m.offset for tp, m in offsets.items() if tp.topic == self.by_buyer_topic
+        }
+
+    async def wait_every_partition_moves(self, timeout: float = 120.0) -> float:
+        """Until every by-buyer partition with lag now has committed past where it is now
+        (each partition processed again, whoever owns it); seconds waited."""
+        began = time.monotonic()
+        lag = await self.lag()
+        behind = {tp.partition for tp, n in lag.items() if tp.topic == self.by_buyer_topic and n}
+        start = await self.by_buyer_committed()
+        while time.monotonic() < began + timeout:
+            self.assert_workers_alive()
+            now = await self.by_buyer_committed()
+            if all(now.get(q, -1) > start.get(q, -1) for q in behind):
+                return time.monotonic() - began
+            await asyncio.sleep(0.25)
+        raise AssertionError(f"partitions {sorted(behind)} not all processed again")
+
     async def wait_ready(self, worker: Worker, timeout: float = 120.0) -> float:
         """Until /health/ready answers 200 (tables recovered, database up); seconds taken."""
         began = time.monotonic()
