@@ -30,6 +30,8 @@ import multiprocessing
 import os
 import platform
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,7 +61,7 @@ BOOTSTRAP = "127.0.0.1:9092"
 DB_URL = os.environ.get(
     "COUPON_BENCH_DB_URL", "mysql+asyncmy://coupons:coupons@127.0.0.1:3306/coupons"
 )
-WORKER = [str(Path(sys.executable).with_name("coupon-stream")), "worker", "--loglevel", "warn"]
+WORKER = [str(Path(sys.executable).with_name("coupon-stream")), "worker"]
 SEED = 1
 DEFAULT_ORDERS = 1_000_000
 QUICK_ORDERS = 20_000
@@ -185,10 +187,10 @@ class MachineCpu:
 
 
 class Proc:
-    def __init__(self, s: Settings, log: Path) -> None:
+    def __init__(self, s: Settings, log: Path, loglevel: str = "warn") -> None:
         self.settings = s
         self.proc = subprocess.Popen(
-            [*WORKER, "--web-port", str(s.web_port)],
+            [*WORKER, "--loglevel", loglevel, "--web-port", str(s.web_port)],
             env=env_of(s),
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
@@ -221,6 +223,12 @@ class Proc:
             return bool(urllib.request.urlopen(url, timeout=2).status == 200)
         except OSError:
             return False
+
+    def kill(self) -> None:
+        """`kill -9`: no shutdown, no leaving the group."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -480,29 +488,57 @@ async def latency(
         proc.stop()
 
 
+RESTORED = re.compile(r"restored (\d+) changelog records into \d+ active partitions in ([\d.]+) s")
+RESTORE_CASES = ("empty data dir", "kill -9, same data dir", "kill -9, data dir gone")
+
+
+def restore_of(log: Path) -> tuple[int, float]:
+    """The records and seconds of the last restore a worker's log reports (0, 0.0 if none)."""
+    found = RESTORED.findall(log.read_text(errors="replace"))
+    return (int(found[-1][0]), float(found[-1][1])) if found else (0, 0.0)
+
+
 async def restore(run: str, topics: str, partitions: int, tmp: Path) -> dict[str, Any]:
-    """A worker with empty local state for an app whose changelogs are full."""
+    """One worker's app whose changelogs are full: a worker with empty local state; then
+    `kill -9` and a worker on the same data dir; then `kill -9` and one with the dir gone.
+
+    Each reports its time to ready (the session timeout included after a kill: the group
+    waits that long for the dead member) and its restore's own records/s from the log.
+    """
     s = settings_for(run, topics, partitions, tmp / f"{run}-restore", 6160)
     changelogs = list(s.changelog_topics.values())
     written = sum([await status.records_in(Settings(broker=BOOTSTRAP), t) for t in changelogs])
     present = sum([await records_present(t) for t in changelogs])
-    proc = Proc(s, tmp / f"{run}-restore.log")
-    start = time.perf_counter()
-    try:
-        while not proc.ready():
-            await asyncio.sleep(0.1)
-        elapsed = time.perf_counter() - start
-        read = proc.metric("coupon_state_restored_records_total")
-        bulk = proc.metric("coupon_state_bulk_restored_records_total")
-    finally:
-        proc.stop()
+    cases: dict[str, Any] = {}
+    for i, case in enumerate(RESTORE_CASES):
+        if case.endswith("data dir gone"):
+            shutil.rmtree(s.data_dir, ignore_errors=True)
+        log = tmp / f"{run}-restore-{i}.log"
+        proc = Proc(s, log, loglevel="info")  # the restore's own line gives its rate
+        start = time.perf_counter()
+        try:
+            while not proc.ready():
+                await asyncio.sleep(0.1)
+            elapsed = time.perf_counter() - start
+            read = proc.metric("coupon_state_restored_records_total")
+            bulk = proc.metric("coupon_state_bulk_restored_records_total")
+        finally:
+            if i < len(RESTORE_CASES) - 1:
+                proc.kill()
+            else:
+                proc.stop()
+        records, seconds = restore_of(log)
+        cases[case] = {
+            "seconds_to_ready": round(elapsed, 2),
+            "records_restored": records,
+            "restore_s": seconds,
+            "restore_records_per_s": round(records / seconds) if seconds else None,
+            "records_read_by_faust_recovery": int(read - bulk),
+        }
     return {
         "changelog_records_written": written,
-        "changelog_records_read": present,
-        "records_read_in_bulk": int(bulk),
-        "records_read_by_faust_recovery": int(read - bulk),
-        "seconds_to_ready": round(elapsed, 2),
-        "records_per_s": round(present / elapsed),
+        "changelog_records_present": present,
+        "cases": cases,
     }
 
 
@@ -653,15 +689,39 @@ def markdown(result: dict[str, Any]) -> str:
             f"p50 {lat.get('p50_ms')} ms, p99 {lat.get('p99_ms')} ms "
             f"({lat.get('seen')}/{lat.get('messages')} seen)"
         )
-    rs = result.get("restore")
-    if rs:
+    floor = result["raw_floor_events_per_s"]
+    for label, rs in result.get("restores", {}).items():
+        lines += [
+            "",
+            f"Restore of the {label} state ({rs['changelog_records_present']} changelog records "
+            f"present of {rs['changelog_records_written']} written; the rest compacted away), "
+            f"one worker, 8 partitions, session timeout 10 s:",
+            "",
+            "| case | s to ready | records restored | restore s | restore records/s "
+            "| ratio to raw floor | read by Faust's recovery |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for case, c in rs["cases"].items():
+            rate = c["restore_records_per_s"]
+            lines.append(
+                _row(
+                    [
+                        case,
+                        c["seconds_to_ready"],
+                        c["records_restored"],
+                        c["restore_s"],
+                        rate,
+                        _ratio(rate, floor) if rate else None,
+                        c["records_read_by_faust_recovery"],
+                    ]
+                )
+            )
+    for t in result.get("takeover", []):
         lines.append(
-            f"\nChangelog restore, empty local state (skewed, one worker's app): "
-            f"{rs['changelog_records_read']} records "
-            f"(of {rs['changelog_records_written']} written; the rest compacted away) "
-            f"in {rs['seconds_to_ready']} s to ready = {rs['records_per_s']} records/s, "
-            f"worker start included ({rs['records_read_in_bulk']} read in bulk, "
-            f"{rs['records_read_by_faust_recovery']} by Faust's recovery)"
+            f"\nTakeover, 2 workers, {t['changelog_records']} changelog records, "
+            f"{t['standby_replicas']} standby: both ready {t['both_workers_ready_s']} s, "
+            f"every partition processing again {t['all_partitions_processing_again_after_kill_s']}"
+            " s after kill -9"
         )
     return "\n".join(lines)
 
@@ -740,10 +800,10 @@ async def main() -> None:
         runs.append(
             await b.workers("skewed, 2 workers", f"{topics}-w2", topics, 2, orders, total, "zipf")
         )
-    rs = None
+    restores: dict[str, Any] = {}
     if not args.quick:
-        b.say("restore ...")
-        rs = await restore(f"{topics}-w1", topics, args.partitions, b.tmp)
+        b.say("restore of the default state ...")
+        restores["default"] = await restore(f"{topics}-w1", topics, args.partitions, b.tmp)
     hot_topics = f"{b.prefix}-hot"
     hot_total = await b.load(hot_topics, orders, "hot")
     runs.append(await b.workers("hot", f"{hot_topics}-w1", hot_topics, 1, orders, hot_total, "hot"))
@@ -752,6 +812,18 @@ async def main() -> None:
     runs.append(
         await b.workers("skewed 4x", f"{x4_topics}-w1", x4_topics, 1, 4 * orders, x4_total, "zipf")
     )
+    takeover: list[dict[str, Any]] = []
+    if not args.quick:
+        b.say("restore of the 4x state ...")
+        restores["4x"] = await restore(f"{x4_topics}-w1", x4_topics, args.partitions, b.tmp)
+        from bench.takeover import ENTRIES_PER_BUYER, scenario  # it imports this module
+
+        # A synthetic state the size of the default one, with and without a standby.
+        records = restores["default"]["changelog_records_present"]
+        entries = records * ENTRIES_PER_BUYER // (ENTRIES_PER_BUYER + 1)
+        for standbys in (0, 1):
+            b.say(f"takeover, {standbys} standby ...")
+            takeover.append(await scenario(standbys, entries, args.partitions, b.stamp))
     lat = None
     if not args.quick:
         b.say("latency ...")
@@ -768,7 +840,8 @@ async def main() -> None:
         "raw_floor_events_per_s": round(floor),
         "pipeline_floor": pipe,
         "runs": runs,
-        "restore": rs,
+        "restores": restores,
+        "takeover": takeover,
         "latency": lat,
         "bench_seconds": round(time.perf_counter() - b.began),
     }

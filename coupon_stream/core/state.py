@@ -62,6 +62,12 @@ def buyer_prefix(buyer_id: int) -> bytes:
     return _BUYER.pack(buyer_id + _BIAS)
 
 
+def buyer_of_key(key: bytes) -> int:
+    """The buyer an entry or day key belongs to (every state key but the meta starts so)."""
+    buyer: int = _BUYER.unpack_from(key)[0]
+    return buyer - _BIAS
+
+
 def entry_key(buyer_id: int, order: str, status: str) -> bytes:
     return _BUYER.pack(buyer_id + _BIAS) + encode_json((order, status))
 

@@ -1,4 +1,4 @@
-"""`coupon-stream` command line: worker, produce, generate, show, status, topics."""
+"""`coupon-stream` command line: worker, produce, generate, show, status, topics, rescale."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ log = logging.getLogger("coupon_stream.cli")
 EXIT_CONFIG = 2
 EXIT_REFUSED = 3
 # The commands that talk to Kafka: a refused login is said at once, not retried as an outage.
-KAFKA_COMMANDS = ("produce", "status", "topics")
+KAFKA_COMMANDS = ("produce", "status", "topics", "rescale")
 # What the operator commands that need more than the worker's ACLs do (README, "ACLs").
 OPERATIONS = {
     "topics": "creating the input topics (CREATE on them, which the worker's ACLs do not "
@@ -182,6 +182,17 @@ def _topics(args: argparse.Namespace) -> None:
     print(f"created: {', '.join(created) or 'none (both exist)'}")
 
 
+def _rescale(args: argparse.Namespace) -> None:
+    from coupon_stream.tools.rescale import RescaleRefused, rescale
+
+    settings = load_settings()
+    try:
+        asyncio.run(rescale(settings, args.partitions, args.to_app_id))
+    except RescaleRefused as exc:
+        print(f"coupon-stream rescale: refused: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["worker"]:
@@ -219,6 +230,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--partitions", type=int, default=8)
     p.set_defaults(func=_topics)
+    p = sub.add_parser(
+        "rescale",
+        help="move the stopped app's state (COUPON_APP_ID) to a new app id with another "
+        "partition count; run again with the same arguments after an interruption",
+    )
+    p.add_argument("--partitions", type=int, required=True, help="the new partition count")
+    p.add_argument("--to-app-id", required=True, help="the new app id (no state yet)")
+    p.set_defaults(func=_rescale)
     args = parser.parse_args(argv)
     try:
         if args.command in KAFKA_COMMANDS:

@@ -81,6 +81,12 @@ class Pipeline:
     # Input and dead-letter topics start with the app id unless told otherwise; on a
     # secured cluster they must not, or the app id's prefixed ACL would cover them.
     topic_prefix: str = ""
+    # The workers' COUPON_APP_ID, when not `name` (another app on the same input and table).
+    app_id: str = ""
+
+    @property
+    def app(self) -> str:
+        return self.app_id or self.name
 
     @property
     def orders_topic(self) -> str:
@@ -100,14 +106,14 @@ class Pipeline:
 
     @property
     def by_buyer_topic(self) -> str:
-        return f"{self.name}-payments-by-buyer"
+        return f"{self.app}-payments-by-buyer"
 
     def env(self, index: int, port: int) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
             COUPON_BROKER=f"kafka://{self.bootstrap}",
             COUPON_DB_URL=self.db_url,
-            COUPON_APP_ID=self.name,
+            COUPON_APP_ID=self.app,
             COUPON_ORDERS_TOPIC=self.orders_topic,
             COUPON_REFUNDS_TOPIC=self.refunds_topic,
             COUPON_DLQ_TOPIC=self.dlq_topic,
@@ -299,7 +305,7 @@ class Pipeline:
         admin = clients.admin(self.admin)
         await admin.start()
         try:
-            offsets = await admin.list_consumer_group_offsets(self.name)
+            offsets = await admin.list_consumer_group_offsets(self.app)
         finally:
             await admin.close()
         return {

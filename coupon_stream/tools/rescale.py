@@ -1,0 +1,379 @@
+"""`coupon-stream rescale`: an app's state moved to a new app id with another partition count.
+
+Faust, Kafka Streams and Quix Streams refuse a change of partition count; Flink rescales
+through a savepoint because its state is split in key groups. Here every state key starts
+with its buyer, so the state of the old partitions can be routed again: each key goes to
+`partition_for_buyer(buyer, Q)`, the partition its buyer's records will arrive in.
+
+It is offline, like Flink's stop-with-savepoint: the old app's workers are stopped, and the
+old by-buyer topic fully applied. The order, each step safe to run again:
+
+1. Refuse while a member is in either of the old app's groups, while the old by-buyer topic
+   has lag (forwarded records the state stage has not applied would be lost), or when the
+   new app id holds state this rescale did not write.
+2. Mark the new app's `<new app id>-rescale` topic: this rescale, from where, to how many.
+3. Create the new app's by-buyer topic and changelogs, Q partitions each.
+4. Per old partition, both changelogs read to their end, each key's last value read as of
+   the state group's committed offset (as a takeover reads it: `Versioned.as_of`), written
+   to its new partition as a value at by-buyer offset 0; then the partition is marked done.
+5. Each new partition's metadata: the state format, next by-buyer offset 0 (the new topic
+   is empty), the newest watermark of the old partitions (retention).
+6. The new intake group's committed offsets on the input topics = the old intake group's.
+7. Marked finished.
+
+Killed anywhere, the same command goes on: partitions marked done are skipped, a partition
+cut short is written again (the later copy of a key is the same value), steps 5 to 7 are
+idempotent. The result table is left alone: it is right, and the new workers keep it right.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiokafka import TopicPartition
+from aiokafka.admin import NewTopic
+from aiokafka.structs import OffsetAndMetadata
+
+from coupon_stream.connectors import clients
+from coupon_stream.connectors.kafka import KafkaOut, PartitionReader, behind
+from coupon_stream.core.records import partition_for_buyer
+from coupon_stream.core.state import (
+    FORMAT_KEY,
+    META_KEYS,
+    NEXT_OFFSET_KEY,
+    STATE_FORMAT,
+    STATE_TABLES,
+    WATERMARK_KEY,
+    Versioned,
+    buyer_of_key,
+)
+from coupon_stream.foundation.settings import Settings
+from coupon_stream.tools import status
+
+log = logging.getLogger(__name__)
+
+MARK_KEY = b"rescale"
+NO_SESSION = -1  # no worker session wrote anything: `as_of` reads the committed value
+
+
+class RescaleRefused(RuntimeError):
+    """The rescale would lose or mix state; the message says what to do instead."""
+
+
+@dataclass
+class Mark:
+    """The rescale's progress, kept in the new app's `<app id>-rescale` topic."""
+
+    source: str
+    source_partitions: int
+    partitions: int
+    done: list[int] = field(default_factory=list)
+    records: int = 0
+    watermark: Any = None  # the newest old partition's watermark value (retention)
+    finished: bool = False
+
+    def encode(self) -> bytes:
+        return orjson.dumps(self.__dict__)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Mark:
+        return cls(**orjson.loads(raw))
+
+
+def target(settings: Settings, app_id: str, partitions: int) -> Settings:
+    """The new app's settings: the old ones with another app id and partition count."""
+    return settings.model_copy(update={"app_id": app_id, "partitions": partitions})
+
+
+def mark_topic(settings: Settings) -> str:
+    return f"{settings.app_id}-rescale"
+
+
+async def rescale(
+    settings: Settings,
+    partitions: int,
+    to_app_id: str,
+    say: Callable[[str], None] | None = None,
+) -> Mark:
+    """Run (or go on with) the rescale of `settings.app_id` to `to_app_id`; the final mark."""
+    say = say or (lambda line: print(line, flush=True))  # progress, even into a pipe
+    old, new = settings, target(settings, to_app_id, partitions)
+    if new.app_id == old.app_id:
+        raise RescaleRefused("--to-app-id must differ from COUPON_APP_ID")
+    began = time.monotonic()
+    await refuse_live_or_lagging(old)
+    mark = await claim(old, new)
+    if mark.finished:
+        say(f"{old.app_id} was already rescaled to {new.app_id} ({mark.records} records)")
+        return mark
+    await status.create_internal_topics(new)
+    committed = await state_committed(old)
+    reader = PartitionReader(old)
+    out = KafkaOut(new)
+    try:
+        for p in range(old.partitions):
+            if p in mark.done:
+                continue
+            started = time.monotonic()
+            moved = await move_partition(reader, out, old, new, p, committed.get(p, 0), mark)
+            mark.done.append(p)
+            mark.records += moved
+            await write_mark(out, new, mark)
+            seconds = time.monotonic() - started
+            say(
+                f"partition {p + 1}/{old.partitions}: {moved} records in {seconds:.1f} s "
+                f"({moved / seconds if seconds else 0:.0f} records/s)"
+            )
+        await write_meta(out, new, mark)
+        await copy_intake_offsets(old, new)
+        mark.finished = True
+        await write_mark(out, new, mark)
+    finally:
+        await reader.stop()
+        await out.stop()
+    seconds = time.monotonic() - began
+    say(
+        f"moved {mark.records} records from {old.app_id} ({old.partitions} partitions) to "
+        f"{new.app_id} ({new.partitions} partitions) in {seconds:.1f} s. Start the new "
+        f"workers with COUPON_APP_ID={new.app_id} COUPON_PARTITIONS={new.partitions} "
+        "(and the other settings unchanged): coupon-stream worker"
+    )
+    return mark
+
+
+async def refuse_live_or_lagging(old: Settings) -> None:
+    admin = clients.admin(old)
+    await admin.start()
+    try:
+        live = []
+        for group in (old.app_id, old.intake_group):
+            # One group a request: aiokafka misreads a response describing several.
+            (described,) = await admin.describe_consumer_groups([group])
+            live += [g[1] for g in described.groups if g[5]]  # (.., group, .., members)
+    finally:
+        await admin.close()
+    if live:
+        raise RescaleRefused(
+            f"consumer group(s) {', '.join(live)} still have members: stop every worker of "
+            f"{old.app_id} first (a rescale reads a state no worker changes)"
+        )
+    lag = await by_buyer_lag(old)
+    if any(lag.values()):
+        behind_by = ", ".join(f"{p}: {n}" for p, n in sorted(lag.items()) if n)
+        raise RescaleRefused(
+            f"{old.by_buyer_topic} has records the state stage has not applied (partition: "
+            f"lag {behind_by}); they would be lost. Start the workers until `coupon-stream "
+            f"status` shows no lag on {old.by_buyer_topic}, then stop them"
+        )
+
+
+async def by_buyer_lag(old: Settings) -> dict[int, int]:
+    ends = await status.end_offsets(old, old.by_buyer_topic)
+    committed = await state_committed(old)
+    return {p: behind(end, committed.get(p)) for p, end in ends.items()}
+
+
+async def state_committed(settings: Settings) -> dict[int, int]:
+    """The state group's committed offset per by-buyer partition (absent: none)."""
+    admin = clients.admin(settings)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(settings.app_id)
+    finally:
+        await admin.close()
+    return {
+        tp.partition: meta.offset
+        for tp, meta in offsets.items()
+        if tp.topic == settings.by_buyer_topic and meta.offset >= 0
+    }
+
+
+async def claim(old: Settings, new: Settings) -> Mark:
+    """This rescale's mark in the new app id: found (a run to go on with) or written.
+
+    Refused when the new app id holds anything else: state topics without a mark, a mark of
+    another rescale, or a state group that has committed (its workers have run since).
+    """
+    found = await read_mark(new)
+    wanted = Mark(old.app_id, old.partitions, new.partitions)
+    if found is not None:
+        same = (found.source, found.source_partitions, found.partitions) == (
+            wanted.source,
+            wanted.source_partitions,
+            wanted.partitions,
+        )
+        if not same:
+            raise RescaleRefused(
+                f"{new.app_id} holds a rescale of {found.source} ({found.source_partitions} "
+                f"partitions) to {found.partitions} partitions; choose another --to-app-id"
+            )
+        if await state_committed(new):
+            raise RescaleRefused(
+                f"workers of {new.app_id} have run since its rescale: its state is its own now"
+            )
+        return found
+    topics = [new.by_buyer_topic, *new.changelog_topics.values()]
+    existing = await status.end_offsets_by_topic(new, topics)
+    if any(existing.values()) or await state_committed(new):
+        held = ", ".join(t for t, ends in existing.items() if ends) or "committed offsets"
+        raise RescaleRefused(
+            f"{new.app_id} already holds state ({held}); a rescale writes only into a new "
+            "app id: choose another --to-app-id"
+        )
+    compact = {"cleanup.policy": "compact"}
+    topic = NewTopic(mark_topic(new), 1, new.replication_factor, topic_configs=compact)
+    await status.create_topics(new, [topic])
+    out = KafkaOut(new)
+    try:
+        await write_mark(out, new, wanted)
+    finally:
+        await out.stop()
+    return wanted
+
+
+async def read_mark(new: Settings) -> Mark | None:
+    topic = mark_topic(new)
+    ends = (await status.end_offsets_by_topic(new, [topic]))[topic]
+    if not ends or not ends.get(0):
+        return None
+    reader = PartitionReader(new)
+    try:
+        records = await reader.read(topic, 0, 0, ends[0])
+    finally:
+        await reader.stop()
+    return Mark.decode(records[-1][1]) if records else None
+
+
+async def write_mark(out: KafkaOut, new: Settings, mark: Mark) -> None:
+    fut = await out.send(mark_topic(new), mark.encode(), key=MARK_KEY, partition=0)
+    await fut
+
+
+async def partition_state(
+    reader: PartitionReader, topic: str, partition: int, committed: int
+) -> dict[bytes, Any]:
+    """A changelog partition's keys and values as of the committed by-buyer offset.
+
+    The log read to its end, each key's last record kept, then read as a takeover reads it
+    (`Versioned.as_of`); keys deleted as of then are left out, the meta keys kept as stored.
+    """
+    end = (await reader.end_offsets(topic, [partition])).get(partition, 0)
+    latest: dict[bytes, bytes] = {}
+    async for _, records, _ in reader.batches(topic, {partition: (0, end)}):
+        for r in records:
+            if r.value is None:
+                latest.pop(r.key, None)
+            else:
+                latest[r.key] = r.value
+    state: dict[bytes, Any] = {}
+    for key, raw in latest.items():
+        if key in (FORMAT_KEY, NEXT_OFFSET_KEY):
+            state[key] = raw
+        elif (value := as_of(raw, committed)) is not None:
+            state[key] = value
+    return state
+
+
+async def read_state(settings: Settings) -> dict[str, dict[bytes, Any]]:
+    """Both tables of an app, every partition, as of the state group's committed offsets:
+    what its workers would hold after a takeover (meta keys left out)."""
+    committed = await state_committed(settings)
+    reader = PartitionReader(settings)
+    try:
+        tables: dict[str, dict[bytes, Any]] = {t: {} for t in STATE_TABLES}
+        for table in STATE_TABLES:
+            for p in range(settings.partitions):
+                topic = settings.changelog_topics[table]
+                state = await partition_state(reader, topic, p, committed.get(p, 0))
+                tables[table].update((k, v) for k, v in state.items() if k not in META_KEYS)
+        return tables
+    finally:
+        await reader.stop()
+
+
+async def move_partition(
+    reader: PartitionReader,
+    out: KafkaOut,
+    old: Settings,
+    new: Settings,
+    partition: int,
+    committed: int,
+    mark: Mark,
+) -> int:
+    """Route one old partition's state, both tables, to the new partitions; records written."""
+    written = 0
+    for table in STATE_TABLES:
+        state = await partition_state(reader, old.changelog_topics[table], partition, committed)
+        routed: dict[int, list[tuple[bytes, bytes]]] = defaultdict(list)
+        for key, value in state.items():
+            if key in META_KEYS:
+                if key == WATERMARK_KEY:
+                    mark.watermark = newest(mark.watermark, value)
+                continue
+            q = partition_for_buyer(buyer_of_key(key), new.partitions)
+            routed[q].append((key, at_start(value)))
+        sent = []
+        for q, items in routed.items():
+            sent += await out.send_records(new.changelog_topics[table], q, items)
+            written += len(items)
+        await asyncio.gather(*(f for f, _ in sent))
+    return written
+
+
+def as_of(raw: bytes, committed: int) -> Any:
+    """A stored value as a takeover reads it at the committed offset."""
+    return Versioned.read(raw, committed, NO_SESSION)
+
+
+def at_start(value: Any) -> bytes:
+    """The value as the new app's state before its first by-buyer message (offset 0)."""
+    return Versioned(0, 0, value, None).encode()
+
+
+def newest(a: Any, b: Any) -> Any:
+    """The later of two watermark values (`[_, newest effect_time, ...]`), None if neither."""
+    if a is None or (b is not None and b[1] > a[1]):
+        return b
+    return a
+
+
+async def write_meta(out: KafkaOut, new: Settings, mark: Mark) -> None:
+    """Each new partition's metadata keys in its days changelog."""
+    meta = [(FORMAT_KEY, str(STATE_FORMAT).encode()), (NEXT_OFFSET_KEY, b"0")]
+    if mark.watermark is not None:
+        meta.append((WATERMARK_KEY, at_start(mark.watermark)))
+    sent = []
+    for q in range(new.partitions):
+        sent += await out.send_records(new.changelog_topics["days"], q, meta)
+    await asyncio.gather(*(f for f, _ in sent))
+
+
+async def copy_intake_offsets(old: Settings, new: Settings) -> None:
+    """The new intake group goes on where the old one stopped on the input topics."""
+    admin = clients.admin(old)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(old.intake_group)
+    finally:
+        await admin.close()
+    wanted = {
+        TopicPartition(tp.topic, tp.partition): OffsetAndMetadata(meta.offset, "")
+        for tp, meta in offsets.items()
+        if meta.offset >= 0
+    }
+    if not wanted:
+        return
+    consumer = clients.consumer(new, group_id=new.intake_group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign(list(wanted))
+        await consumer.commit(wanted)
+    finally:
+        await consumer.stop()
