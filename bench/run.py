@@ -7,9 +7,12 @@ bench/results/<ts>.json and .md. In one invocation, in this order:
   - load the default dataset (`--orders` orders, buyers Zipf-like: `skew="zipf"`), measure
     the raw consume floor and the pipeline floor on it;
   - one worker on a uniform dataset of the same size (the baseline), then one worker on the
-    default dataset, then two workers on it, then a restore of the one-worker state;
+    default dataset, then two workers on it;
   - one worker on a hot-buyer dataset (30% of the orders on one buyer), same size;
   - one worker on a Zipf-like dataset of 4x the orders;
+  - restores of the default and the 4x state (empty data dir, kill -9 with and without the
+    data dir), a rescale of the default state to twice its partitions, and takeovers of a
+    state that size by a second worker with and without a standby;
   - latency at a fixed rate.
 
 Each worker run reports events/s, worker CPU s per 1M events (numerically the same as CPU
@@ -542,6 +545,26 @@ async def restore(run: str, topics: str, partitions: int, tmp: Path) -> dict[str
     }
 
 
+async def rescale_bench(
+    run: str, topics: str, partitions: int, tmp: Path, floor: float
+) -> dict[str, Any]:
+    """`coupon-stream rescale` of a stopped, drained app's state to twice its partitions."""
+    from coupon_stream.tools.rescale import rescale
+
+    s = settings_for(run, topics, partitions, tmp / f"{run}-rescale", 6160)
+    started = time.perf_counter()
+    mark = await rescale(s, 2 * partitions, f"{run}-x2", say=lambda line: None)
+    seconds = time.perf_counter() - started
+    return {
+        "from_partitions": partitions,
+        "to_partitions": 2 * partitions,
+        "records": mark.records,
+        "seconds": round(seconds, 2),
+        "records_per_s": round(mark.records / seconds),
+        "ratio_to_raw_floor": _ratio(mark.records / seconds, floor),
+    }
+
+
 async def records_present(topic: str) -> int:
     """Records a topic still holds: what a restore reads once compaction has run."""
     consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP, enable_auto_commit=False)
@@ -716,6 +739,14 @@ def markdown(result: dict[str, Any]) -> str:
                     ]
                 )
             )
+    rsc = result.get("rescale")
+    if rsc:
+        lines.append(
+            f"\nRescale of the default state, {rsc['from_partitions']} -> "
+            f"{rsc['to_partitions']} partitions (`coupon-stream rescale`): {rsc['records']} "
+            f"records in {rsc['seconds']} s = {rsc['records_per_s']} records/s, "
+            f"{rsc['ratio_to_raw_floor']} of the raw floor"
+        )
     for t in result.get("takeover", []):
         lines.append(
             f"\nTakeover, 2 workers, {t['changelog_records']} changelog records, "
@@ -813,7 +844,10 @@ async def main() -> None:
         await b.workers("skewed 4x", f"{x4_topics}-w1", x4_topics, 1, 4 * orders, x4_total, "zipf")
     )
     takeover: list[dict[str, Any]] = []
+    rescaled = None
     if not args.quick:
+        b.say("rescale of the default state ...")
+        rescaled = await rescale_bench(f"{topics}-w1", topics, args.partitions, b.tmp, floor)
         b.say("restore of the 4x state ...")
         restores["4x"] = await restore(f"{x4_topics}-w1", x4_topics, args.partitions, b.tmp)
         from bench.takeover import ENTRIES_PER_BUYER, scenario  # it imports this module
@@ -842,6 +876,7 @@ async def main() -> None:
         "runs": runs,
         "restores": restores,
         "takeover": takeover,
+        "rescale": rescaled,
         "latency": lat,
         "bench_seconds": round(time.perf_counter() - b.began),
     }
