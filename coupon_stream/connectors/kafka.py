@@ -244,6 +244,9 @@ class PartitionReader:
                     auto_offset_reset="earliest",  # a start the log no longer holds: its first
                     max_partition_fetch_bytes=4 * 1024 * 1024,
                     fetch_max_bytes=16 * 1024 * 1024,
+                    # The ranges read here exist: a partition read to its end, still
+                    # assigned, would hold up the next range's first fetch this long.
+                    fetch_max_wait_ms=50,
                 )
                 try:
                     await consumer.start()

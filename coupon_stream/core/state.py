@@ -53,6 +53,7 @@ NEXT_OFFSET_KEY = b"~next-offset"  # the by-buyer offset after the last checkpoi
 META_KEYS = frozenset({FORMAT_KEY, WATERMARK_KEY, NEXT_OFFSET_KEY})
 
 _BUYER = struct.Struct(">Q")
+BUYER_BYTES: Final = _BUYER.size  # every entry and day key starts with its buyer
 _DAY_KEY = struct.Struct(">QI")
 _BIAS = 2**63  # signed buyer ids as unsigned, so keys sort (and prefix-scan) by buyer
 

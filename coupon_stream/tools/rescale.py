@@ -30,9 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +48,7 @@ from coupon_stream.connectors import clients
 from coupon_stream.connectors.kafka import KafkaOut, PartitionReader, behind
 from coupon_stream.core.records import partition_for_buyer
 from coupon_stream.core.state import (
+    BUYER_BYTES,
     FORMAT_KEY,
     META_KEYS,
     NEXT_OFFSET_KEY,
@@ -60,6 +64,8 @@ from coupon_stream.tools import status
 log = logging.getLogger(__name__)
 
 MARK_KEY = b"rescale"
+MAX_PROCESSES = 8
+Moved = tuple[int, Any]  # records written, the old partition's watermark value
 NO_SESSION = -1  # no worker session wrote anything: `as_of` reads the committed value
 
 
@@ -115,28 +121,40 @@ async def rescale(
         return mark
     await status.create_internal_topics(new)
     committed = await state_committed(old)
-    reader = PartitionReader(old)
+    left = [p for p in range(old.partitions) if p not in mark.done]
     out = KafkaOut(new)
+    # CPU-bound (the records' bytes pass through Python): a process per core, each moving
+    # one old partition at a time.
+    processes = max(1, min(len(left), os.cpu_count() or 1, MAX_PROCESSES))
+    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
     try:
-        for p in range(old.partitions):
-            if p in mark.done:
-                continue
-            started = time.monotonic()
-            moved = await move_partition(reader, out, old, new, p, committed.get(p, 0), mark)
-            mark.done.append(p)
-            mark.records += moved
-            await write_mark(out, new, mark)
-            seconds = time.monotonic() - started
-            say(
-                f"partition {p + 1}/{old.partitions}: {moved} records in {seconds:.1f} s "
-                f"({moved / seconds if seconds else 0:.0f} records/s)"
-            )
+        loop = asyncio.get_running_loop()
+        running = {
+            loop.run_in_executor(pool, move_in_process, old, new, p, committed.get(p, 0)): p
+            for p in left
+        }
+        started = time.monotonic()
+        while running:
+            finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for job in finished:
+                p = running.pop(job)
+                moved, watermark = job.result()
+                mark.done.append(p)
+                mark.records += moved
+                mark.watermark = newest(mark.watermark, watermark)
+                await write_mark(out, new, mark)
+                seconds = time.monotonic() - started
+                say(
+                    f"old partition {p}: {moved} records moved ({len(mark.done)}/"
+                    f"{old.partitions} done, {seconds:.1f} s, "
+                    f"{mark.records / seconds if seconds else 0:.0f} records/s)"
+                )
         await write_meta(out, new, mark)
         await copy_intake_offsets(old, new)
         mark.finished = True
         await write_mark(out, new, mark)
     finally:
-        await reader.stop()
+        pool.shutdown(wait=True, cancel_futures=True)
         await out.stop()
     seconds = time.monotonic() - began
     say(
@@ -256,29 +274,17 @@ async def write_mark(out: KafkaOut, new: Settings, mark: Mark) -> None:
     await fut
 
 
-async def partition_state(
-    reader: PartitionReader, topic: str, partition: int, committed: int
-) -> dict[bytes, Any]:
-    """A changelog partition's keys and values as of the committed by-buyer offset.
-
-    The log read to its end, each key's last record kept, then read as a takeover reads it
-    (`Versioned.as_of`); keys deleted as of then are left out, the meta keys kept as stored.
-    """
+async def latest(reader: PartitionReader, topic: str, partition: int) -> dict[bytes, bytes]:
+    """A changelog partition read to the end it has now: each key's last stored value."""
     end = (await reader.end_offsets(topic, [partition])).get(partition, 0)
-    latest: dict[bytes, bytes] = {}
+    values: dict[bytes, bytes] = {}
     async for _, records, _ in reader.batches(topic, {partition: (0, end)}):
         for r in records:
             if r.value is None:
-                latest.pop(r.key, None)
+                values.pop(r.key, None)
             else:
-                latest[r.key] = r.value
-    state: dict[bytes, Any] = {}
-    for key, raw in latest.items():
-        if key in (FORMAT_KEY, NEXT_OFFSET_KEY):
-            state[key] = raw
-        elif (value := as_of(raw, committed)) is not None:
-            state[key] = value
-    return state
+                values[r.key] = r.value
+    return values
 
 
 async def read_state(settings: Settings) -> dict[str, dict[bytes, Any]]:
@@ -290,12 +296,30 @@ async def read_state(settings: Settings) -> dict[str, dict[bytes, Any]]:
         tables: dict[str, dict[bytes, Any]] = {t: {} for t in STATE_TABLES}
         for table in STATE_TABLES:
             for p in range(settings.partitions):
-                topic = settings.changelog_topics[table]
-                state = await partition_state(reader, topic, p, committed.get(p, 0))
-                tables[table].update((k, v) for k, v in state.items() if k not in META_KEYS)
+                values = await latest(reader, settings.changelog_topics[table], p)
+                for key, raw in values.items():
+                    if key in META_KEYS:
+                        continue
+                    value = as_of(raw, committed.get(p, 0))
+                    if value is not None:
+                        tables[table][key] = value
         return tables
     finally:
         await reader.stop()
+
+
+def move_in_process(old: Settings, new: Settings, partition: int, committed: int) -> Moved:
+    """`move_partition` in a process of the rescale's pool, with clients of its own."""
+
+    async def move() -> Moved:
+        reader, out = PartitionReader(old), KafkaOut(new)
+        try:
+            return await move_partition(reader, out, old, new, partition, committed)
+        finally:
+            await reader.stop()
+            await out.stop()
+
+    return asyncio.run(move())
 
 
 async def move_partition(
@@ -305,26 +329,54 @@ async def move_partition(
     new: Settings,
     partition: int,
     committed: int,
-    mark: Mark,
-) -> int:
-    """Route one old partition's state, both tables, to the new partitions; records written."""
+) -> Moved:
+    """Route one old partition's changelogs, record by record in log order, to the new
+    partitions; the records written and the partition's watermark value (or None).
+
+    Every record of a key goes to one new partition, in the order of the old log, so each
+    key ends with its last value, as in the old one: no key needs to be held in memory.
+    """
     written = 0
+    watermark = None
+    sent = []
+    routes: dict[bytes, int] = {}  # a buyer's key prefix -> its new partition
     for table in STATE_TABLES:
-        state = await partition_state(reader, old.changelog_topics[table], partition, committed)
-        routed: dict[int, list[tuple[bytes, bytes]]] = defaultdict(list)
-        for key, value in state.items():
-            if key in META_KEYS:
-                if key == WATERMARK_KEY:
-                    mark.watermark = newest(mark.watermark, value)
-                continue
-            q = partition_for_buyer(buyer_of_key(key), new.partitions)
-            routed[q].append((key, at_start(value)))
-        sent = []
-        for q, items in routed.items():
-            sent += await out.send_records(new.changelog_topics[table], q, items)
-            written += len(items)
-        await asyncio.gather(*(f for f, _ in sent))
-    return written
+        topic = old.changelog_topics[table]
+        end = (await reader.end_offsets(topic, [partition])).get(partition, 0)
+        async for _, records, _ in reader.batches(topic, {partition: (0, end)}):
+            routed: dict[int, list[tuple[bytes, bytes | None]]] = defaultdict(list)
+            for r in records:
+                key = r.key
+                if key in META_KEYS:
+                    if key == WATERMARK_KEY and r.value is not None:
+                        watermark = as_of(r.value, committed)
+                    continue
+                value = None if r.value is None else rebased(r.value, committed)
+                q = routes.get(prefix := key[:BUYER_BYTES])
+                if q is None:
+                    q = routes[prefix] = partition_for_buyer(buyer_of_key(key), new.partitions)
+                routed[q].append((key, value))
+            for q, items in routed.items():
+                sent += await out.send_records(new.changelog_topics[table], q, items)
+                written += len(items)
+    await asyncio.gather(*(f for f, _ in sent))
+    return written, watermark
+
+
+def rebased(raw: bytes, committed: int) -> bytes | None:
+    """A stored value as the new app's state before its first by-buyer message, or None (a
+    delete) if the key is absent as of the committed offset.
+
+    The usual value (version at or below the committed offset: read as `current`) only has
+    its session and version replaced by 0, 0, as bytes: nothing else is decoded, and the
+    `previous` it keeps is never read again (no offset is below 0). Any other goes through
+    `as_of`.
+    """
+    _, version, rest = raw.split(b",", 2)
+    if int(version) <= committed:
+        return None if rest.startswith(b"null,") else b"[0,0," + rest
+    value = as_of(raw, committed)
+    return None if value is None else at_start(value)
 
 
 def as_of(raw: bytes, committed: int) -> Any:
