@@ -62,6 +62,7 @@ class Restorer:
         if task is not None and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        self.progress.clear()  # its partitions may not be this worker's any more
 
     async def _run(
         self,
@@ -127,7 +128,12 @@ class Restorer:
                 for topic, partitions in by_topic.items():
                     table, store = self.stores[topic]
                     parts = await catch_up(
-                        self.reader, store, table, topic, partitions, Progress("standby")
+                        self.reader,
+                        store,
+                        table,
+                        topic,
+                        partitions,
+                        Progress("standby catch-up", export=False),
                     )
                     for p, part in parts.items():
                         self.standby_lag[TP(topic, p)] = part.left

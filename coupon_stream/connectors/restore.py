@@ -61,6 +61,7 @@ class Progress:
     `coupon_state_restore_remaining_records` gauge and the readiness body."""
 
     what: str = "restore"
+    export: bool = True  # to the gauge (active copies; a standby's lag is a lag gauge)
     parts: dict[tuple[str, int], Part] = field(default_factory=dict)
     applied: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -122,7 +123,8 @@ class Progress:
         self.parts.clear()
 
     def _export(self, part: Part) -> None:
-        metrics.STATE_RESTORE_REMAINING.labels(part.table, str(part.partition)).set(part.left)
+        if self.export:
+            metrics.STATE_RESTORE_REMAINING.labels(part.table, str(part.partition)).set(part.left)
 
 
 async def measure(

@@ -114,6 +114,10 @@ async def rescale(
     if new.app_id == old.app_id:
         raise RescaleRefused("--to-app-id must differ from COUPON_APP_ID")
     began = time.monotonic()
+    try:  # the old app's topics must have the partition count its settings say
+        await status.check_deployment(old)
+    except status.DeploymentError as exc:
+        raise RescaleRefused(str(exc)) from None
     await refuse_live_or_lagging(old)
     mark = await claim(old, new)
     if mark.finished:
