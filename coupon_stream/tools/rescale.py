@@ -137,7 +137,7 @@ async def rescale(
             loop.run_in_executor(pool, move_in_process, old, new, p, committed.get(p, 0)): p
             for p in left
         }
-        started = time.monotonic()
+        started, moved_now = time.monotonic(), 0
         while running:
             finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
             for job in finished:
@@ -145,13 +145,14 @@ async def rescale(
                 moved, watermark = job.result()
                 mark.done.append(p)
                 mark.records += moved
+                moved_now += moved
                 mark.watermark = newest(mark.watermark, watermark)
                 await write_mark(out, new, mark)
                 seconds = time.monotonic() - started
                 say(
                     f"old partition {p}: {moved} records moved ({len(mark.done)}/"
                     f"{old.partitions} done, {seconds:.1f} s, "
-                    f"{mark.records / seconds if seconds else 0:.0f} records/s)"
+                    f"{moved_now / seconds if seconds else 0:.0f} records/s)"
                 )
         await write_meta(out, new, mark)
         await copy_intake_offsets(old, new)
@@ -202,19 +203,25 @@ async def by_buyer_lag(old: Settings) -> dict[int, int]:
     return {p: behind(end, committed.get(p)) for p, end in ends.items()}
 
 
-async def state_committed(settings: Settings) -> dict[int, int]:
-    """The state group's committed offset per by-buyer partition (absent: none)."""
+async def group_offsets(settings: Settings, group: str) -> dict[TopicPartition, int]:
+    """The offsets `group` has committed, from the broker (none: left out)."""
     admin = clients.admin(settings)
     await admin.start()
     try:
-        offsets = await admin.list_consumer_group_offsets(settings.app_id)
+        offsets = await admin.list_consumer_group_offsets(group)
     finally:
         await admin.close()
     return {
-        tp.partition: meta.offset
+        TopicPartition(tp.topic, tp.partition): meta.offset
         for tp, meta in offsets.items()
-        if tp.topic == settings.by_buyer_topic and meta.offset >= 0
+        if meta.offset >= 0
     }
+
+
+async def state_committed(settings: Settings) -> dict[int, int]:
+    """The state group's committed offset per by-buyer partition (absent: none)."""
+    offsets = await group_offsets(settings, settings.app_id)
+    return {tp.partition: o for tp, o in offsets.items() if tp.topic == settings.by_buyer_topic}
 
 
 async def claim(old: Settings, new: Settings) -> Mark:
@@ -413,23 +420,13 @@ async def write_meta(out: KafkaOut, new: Settings, mark: Mark) -> None:
 
 async def copy_intake_offsets(old: Settings, new: Settings) -> None:
     """The new intake group goes on where the old one stopped on the input topics."""
-    admin = clients.admin(old)
-    await admin.start()
-    try:
-        offsets = await admin.list_consumer_group_offsets(old.intake_group)
-    finally:
-        await admin.close()
-    wanted = {
-        TopicPartition(tp.topic, tp.partition): OffsetAndMetadata(meta.offset, "")
-        for tp, meta in offsets.items()
-        if meta.offset >= 0
-    }
-    if not wanted:
+    offsets = await group_offsets(old, old.intake_group)
+    if not offsets:
         return
     consumer = clients.consumer(new, group_id=new.intake_group, enable_auto_commit=False)
     await consumer.start()
     try:
-        consumer.assign(list(wanted))
-        await consumer.commit(wanted)
+        consumer.assign(list(offsets))
+        await consumer.commit({tp: OffsetAndMetadata(o, "") for tp, o in offsets.items()})
     finally:
         await consumer.stop()

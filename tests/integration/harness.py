@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from coupon_stream.connectors import clients
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.tools import status
+from coupon_stream.tools.rescale import state_committed
 
 BOOTSTRAP = os.environ.get("COUPON_TEST_BOOTSTRAP", "127.0.0.1:9092")
 MYSQL_URL = os.environ.get(
@@ -302,15 +303,7 @@ class Pipeline:
 
     async def by_buyer_committed(self) -> dict[int, int]:
         """The state group's committed offset per by-buyer partition, from the broker."""
-        admin = clients.admin(self.admin)
-        await admin.start()
-        try:
-            offsets = await admin.list_consumer_group_offsets(self.app)
-        finally:
-            await admin.close()
-        return {
-            tp.partition: m.offset for tp, m in offsets.items() if tp.topic == self.by_buyer_topic
-        }
+        return await state_committed(self.admin)
 
     async def wait_every_partition_moves(self, timeout: float = 120.0) -> float:
         """Until every by-buyer partition with lag now has committed past where it is now
