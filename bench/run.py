@@ -372,15 +372,13 @@ class Progress:
 
 
 async def run_workers(
-    run: str, topics: str, partitions: int, n: int, total: int, tmp: Path
+    run: str, topics: str, partitions: int, n: int, total: int, tmp: Path, standbys: int = 0
 ) -> dict[str, Any]:
-    procs = [
-        Proc(
-            settings_for(run, topics, partitions, tmp / f"{run}-{i}", 6100 + i),
-            tmp / f"{run}-{i}.log",
-        )
-        for i in range(n)
-    ]
+    procs = []
+    for i in range(n):
+        s = settings_for(run, topics, partitions, tmp / f"{run}-{i}", 6100 + i)
+        s.standby_replicas = standbys
+        procs.append(Proc(s, tmp / f"{run}-{i}.log"))
     start = time.monotonic()  # the clock of `wait_idle`'s answer
     machine_cpu = MachineCpu()
     try:
@@ -778,10 +776,18 @@ class Bench:
         return total
 
     async def workers(
-        self, label: str, run: str, topics: str, n: int, orders: int, total: int, skew: Skew
+        self,
+        label: str,
+        run: str,
+        topics: str,
+        n: int,
+        orders: int,
+        total: int,
+        skew: Skew,
+        standbys: int = 0,
     ) -> dict[str, Any]:
         self.say(f"{label}: {n} worker(s) on {total} messages ...")
-        result = await run_workers(run, topics, self.args.partitions, n, total, self.tmp)
+        result = await run_workers(run, topics, self.args.partitions, n, total, self.tmp, standbys)
         self.say(f"{label}: {result['events_per_s']} events/s")
         return {"label": label, "skew": skew, "orders": orders, "events": total, **result}
 
@@ -830,6 +836,18 @@ async def main() -> None:
     if not (args.skip_two or args.quick):
         runs.append(
             await b.workers("skewed, 2 workers", f"{topics}-w2", topics, 2, orders, total, "zipf")
+        )
+        runs.append(  # what a standby copy of every partition costs at full rate
+            await b.workers(
+                "skewed, 2 workers, 1 standby",
+                f"{topics}-w2s",
+                topics,
+                2,
+                orders,
+                total,
+                "zipf",
+                standbys=1,
+            )
         )
     restores: dict[str, Any] = {}
     if not args.quick:
