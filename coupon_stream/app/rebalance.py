@@ -22,6 +22,7 @@ from coupon_stream.connectors.engine import TP
 from coupon_stream.connectors.restore import ChangelogReader, Progress, catch_up, measure, read
 from coupon_stream.connectors.store import PartitionStore
 from coupon_stream.foundation import metrics
+from coupon_stream.foundation.errors import Backoff, retry
 from coupon_stream.foundation.health import StallWatch
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.state_stage import StateStage
@@ -119,34 +120,39 @@ class Restorer:
         )
 
     async def _mirror(self, standbys: set[TP]) -> None:
-        """Keep the standby copies within about MIRROR_SECONDS of their changelogs."""
-        by_topic = self._by_topic(standbys)
+        """Keep the standby copies within about MIRROR_SECONDS of their changelogs.
+
+        An outage is waited out (the one `retry`: a warning per attempt, the attempts
+        backing off to one a minute); an error that cannot go away (a refused read) ends the
+        mirror, loudly: the copies then stay as they are, and a takeover restores the rest.
+        """
         log.info("mirroring %d standby partitions in bulk", len(standbys))
-        failing = False
+        by_topic = self._by_topic(standbys)
+
+        def failed(exc: BaseException, delay: float) -> None:
+            log.warning("standby mirror could not read, again in %.0f s: %r", delay, exc)
+
         while True:
             try:
-                for topic, partitions in by_topic.items():
-                    table, store = self.stores[topic]
-                    parts = await catch_up(
-                        self.reader,
-                        store,
-                        table,
-                        topic,
-                        partitions,
-                        Progress("standby catch-up", export=False),
-                    )
-                    for p, part in parts.items():
-                        self.standby_lag[TP(topic, p)] = part.left
-                if failing:
-                    log.info("standby mirror reading again")
-                failing = False
+                await retry(
+                    lambda: self._catch_up_standbys(by_topic),
+                    backoff=Backoff(MIRROR_SECONDS, 60.0),
+                    failed=failed,
+                )
             except ConsumerStoppedError:
+                return  # the worker is stopping
+            except Exception as exc:  # noqa: BLE001 - permanent: `retry` classified it
+                log.error("standby mirror stopped, the copies are no longer kept current: %r", exc)
                 return
-            except (KafkaError, OSError) as exc:
-                if not failing:  # once per outage: it reads again when Kafka answers
-                    log.warning("standby mirror could not read its changelogs: %r", exc)
-                failing = True
             await asyncio.sleep(MIRROR_SECONDS)
+
+    async def _catch_up_standbys(self, by_topic: dict[str, list[int]]) -> None:
+        for topic, partitions in by_topic.items():
+            table, store = self.stores[topic]
+            progress = Progress("standby catch-up", export=False)
+            parts = await catch_up(self.reader, store, table, topic, partitions, progress)
+            for p, part in parts.items():
+                self.standby_lag[TP(topic, p)] = part.left
 
     def _by_topic(self, tps: set[TP]) -> dict[str, list[int]]:
         grouped: dict[str, list[int]] = defaultdict(list)

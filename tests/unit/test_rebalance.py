@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-from aiokafka.errors import ConsumerStoppedError, KafkaConnectionError
+from aiokafka.errors import (
+    ConsumerStoppedError,
+    KafkaConnectionError,
+    TopicAuthorizationFailedError,
+)
 
 from coupon_stream.app import rebalance
 from coupon_stream.app.rebalance import Restorer
@@ -111,3 +115,18 @@ async def test_a_shutdown_during_the_restore_ends_it_without_a_crash(caplog):
         await asyncio.wait_for(restored.wait(), 5)
         await asyncio.wait_for(r.task, 5)  # no mirror after it: the task ended
     assert "restore stopped: the worker is shutting down" in caplog.text
+
+
+async def test_the_mirror_waits_out_an_outage_and_stops_for_a_refusal(monkeypatch, caplog):
+    monkeypatch.setattr(rebalance, "MIRROR_SECONDS", 0.01)
+    r, reader, stores = restorer()
+    reader.fail = KafkaConnectionError()
+    r.plan(set(), {TP(ENTRIES, 1)})
+    while "standby mirror could not read" not in caplog.text:
+        await asyncio.sleep(0.01)
+    reader.fail = None  # Kafka is back
+    while stores[ENTRIES].persisted_offset(1) != 6:
+        await asyncio.sleep(0.01)
+    reader.fail = TopicAuthorizationFailedError()  # an ACL took the read away: for good
+    await asyncio.wait_for(r.task, 5)
+    assert "standby mirror stopped" in caplog.text
