@@ -8,8 +8,10 @@ Data flow (one way):
 
 Intake sends each batch's valid records as one message per owning partition, so every state
 event holds records of one partition only: the partition of the tables (and of their
-changelogs) that holds those buyers. Faust owns the tables' assignment, recovery and standby
-replicas; the state stage and the checkpoint read and write them a batch at a time.
+changelogs) that holds those buyers. Faust owns the tables' assignment; their restore and
+standby copies are read in bulk by the `Restorer` (`rebalance.py`), and the state stage and
+the checkpoint read and write them a batch at a time. The rooms: `rebalance.py` (partitions
+moving), `tail_repair.py` (messages the consumer skipped), `observe.py` (gauges, /health).
 """
 
 from __future__ import annotations
