@@ -26,15 +26,16 @@ from coupon_stream.app.rebalance import Rebalances, Restorer
 from coupon_stream.app.tail_repair import TailRepair
 from coupon_stream.connectors import clients, engine
 from coupon_stream.connectors.engine import TP, Event, Stream
-from coupon_stream.connectors.kafka import KafkaOut, PartitionReader
+from coupon_stream.connectors.kafka import ChangelogWriter, KafkaOut, PartitionReader
 from coupon_stream.connectors.restore import ChangelogReader
 from coupon_stream.connectors.store import MemoryStore, PartitionStore
 from coupon_stream.core.state import STATE_TABLES
 from coupon_stream.foundation import metrics
-from coupon_stream.foundation.errors import AccessRefused, retry
+from coupon_stream.foundation.errors import AccessRefused, NotHeld, retry
 from coupon_stream.foundation.health import StallWatch
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.checkpoint import Checkpointer
+from coupon_stream.pipeline.fencing import Claims
 from coupon_stream.pipeline.intake import Intake
 from coupon_stream.pipeline.sink import ResultSink
 from coupon_stream.pipeline.state_stage import StateFormatError, StateStage, TableCache
@@ -59,6 +60,7 @@ class CouponStream:
         out: KafkaOut | None = None,
         reader: PartitionReader | None = None,
         restore_reader: ChangelogReader | None = None,
+        changelogs: ChangelogWriter | None = None,
     ) -> None:
         s = self.settings = settings
         self.app = engine.build_app(s, store=store)
@@ -88,12 +90,15 @@ class CouponStream:
             self.caches[name] = TableCache(name, partitions, changelog)
         self.reader = reader or PartitionReader(s)
         self.restore_reader = restore_reader or PartitionReader(s)
+        self.changelogs = changelogs or ChangelogWriter(s)
         self.stage = StateStage(
             s,
             self.caches["entries"],
             self.caches["days"],
             self.out,
             self.reader,
+            Claims(self.changelogs, self.sink),
+            confirm=self._confirm,
             assignment=self._assignment,
         )
         self.stalls = StallWatch(s.stall_seconds)
@@ -101,6 +106,7 @@ class CouponStream:
             s,
             self.stage,
             self.out,
+            self.changelogs,
             self.sink,
             commit=self.commit_partitions,
             acknowledge=self._acknowledge,
@@ -165,6 +171,7 @@ class CouponStream:
     async def _stop_out(self) -> None:
         """After the consumers stopped: deliver what is still in flight, then close."""
         await self.restorer.cancel()
+        await self.changelogs.release()
         await self.out.stop()
         await self.reader.stop()
         await self.restore_reader.stop()
@@ -195,6 +202,12 @@ class CouponStream:
                     log.critical("%s", exc)
                     await engine.crash(self.app, exc)
                     return
+                except NotHeld as exc:
+                    # A session this worker may not begin: the message is left to the
+                    # partition's owner in the group's current generation.
+                    log.warning("%s: message %s@%d left to its owner", exc, msg.tp, msg.offset)
+                    await self._acknowledge([event], False)
+                    continue
                 except Exception as exc:
                     await self.stop_worker("the state agent", exc)
                     raise
@@ -249,6 +262,11 @@ class CouponStream:
         except Exception as exc:  # noqa: BLE001 - permanent, or given up in a rebalance
             log.warning("offset commit failed, the messages will be replayed: %r", exc)
             return False
+
+    async def _confirm(self, partition: int, offset: int) -> bool:
+        """Commit the group's own offset of a partition again: whether Kafka took it, i.e.
+        whether this worker owns the partition in the group's current generation."""
+        return await self.commit_partitions({partition: offset})
 
     async def commit(self, offsets: dict[TP, int]) -> bool:
         """Whether any partition's offset was committed.

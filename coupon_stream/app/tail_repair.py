@@ -15,6 +15,7 @@ from aiokafka.errors import KafkaError
 
 from coupon_stream.connectors import engine
 from coupon_stream.connectors.kafka import PartitionReader
+from coupon_stream.foundation.errors import NotHeld
 from coupon_stream.pipeline.state_stage import StateStage
 
 log = logging.getLogger(__name__)
@@ -54,5 +55,7 @@ class TailRepair:
                 await self.stage.repair_tail(partition, end, committed)
         except KafkaError as exc:
             log.warning("tail check skipped, Kafka did not answer: %r", exc)
+        except NotHeld as exc:
+            log.warning("tail check skipped: %s", exc)
         except Exception:  # a timer that raises stops the worker; this check can wait
             log.exception("tail check failed; trying again in %.0f s", TAIL_CHECK_SECONDS)

@@ -19,6 +19,7 @@ import rocksdict
 from faust.stores.rocksdb import RocksDBOptions
 from faust.tables.manager import TableManager
 from faust.tables.recovery import Recovery
+from faust.transport.drivers import aiokafka as faust_kafka
 from faust.types import TP, EventT, StreamT
 from rocksdict import WriteBatch
 
@@ -28,7 +29,6 @@ from coupon_stream.foundation.settings import Settings
 
 __all__ = ["TP", "App", "Event", "Stream"]
 
-App = faust.App
 Event = EventT[Any]
 Stream = StreamT[bytes]
 
@@ -38,10 +38,38 @@ FILTER_BITS_PER_KEY = 10
 MEMTABLE_FILTER_RATIO = 0.1
 
 
-def build_app(settings: Settings, *, store: str) -> faust.App:
+class _ReadCommittedThread(faust_kafka.AIOKafkaConsumerThread):
+    """Faust's consumer thread, whose aiokafka consumer reads committed records only.
+
+    The changelogs are written in transactions (`kafka.ChangelogWriter`): a fenced owner's
+    aborted records stay in the log, and Faust's recovery must not apply them. Read
+    committed, its end offsets are the last stable offsets, which the bulk restore reads to.
+    """
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        consumer._isolation_level = "read_committed"  # read by its Fetcher, built at start
+        return consumer
+
+
+class _Consumer(faust_kafka.Consumer):
+    def _new_consumer_thread(self) -> faust_kafka.AIOKafkaConsumerThread:
+        return _ReadCommittedThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class App(faust.App):
+    """Faust's app, with the read-committed consumer (`_ReadCommittedThread`)."""
+
+    def _new_transport(self) -> Any:
+        transport = super()._new_transport()
+        transport.Consumer = _Consumer
+        return transport
+
+
+def build_app(settings: Settings, *, store: str) -> App:
     """The Faust app of one worker: its consumer group, tables, web port and clients."""
     s = settings
-    return faust.App(
+    return App(
         s.app_id,
         broker=s.broker,
         broker_credentials=broker_credentials(s),

@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import InvalidProducerEpoch, ProducerFenced
 
 from coupon_stream.connectors import clients
 from coupon_stream.foundation import metrics
-from coupon_stream.foundation.errors import is_too_large
+from coupon_stream.foundation.errors import Fenced, NotHeld, is_too_large
 from coupon_stream.foundation.settings import Settings
 
 if TYPE_CHECKING:
@@ -200,25 +201,140 @@ class KafkaOut:
     async def send_records(
         self, topic: str, partition: int, records: Iterable[tuple[bytes, bytes | None]]
     ) -> list[tuple[asyncio.Future[Any], int]]:
-        """Send keyed records to one partition as few record batches (one append each).
+        """`send_batches` on the worker's producer (not transactional: tools and benches)."""
+        return await send_batches(await self.producer(), topic, partition, records)
 
-        Returns each batch's delivery future (its metadata carries the batch's first
-        offset) with the number of records in it. A per-message `send` runs the producer's
-        Python path once per record; a record batch runs it once per batch.
-        """
-        producer = await self.producer()
-        sent = []
-        batch = producer.create_batch()
-        for key, value in records:
-            if batch.append(key=key, value=value, timestamp=None) is None:
-                n = batch.record_count()
-                sent.append((await producer.send_batch(batch, topic, partition=partition), n))
-                batch = producer.create_batch()
-                batch.append(key=key, value=value, timestamp=None)
-        if batch.record_count():
+
+async def send_batches(
+    producer: AIOKafkaProducer,
+    topic: str,
+    partition: int,
+    records: Iterable[tuple[bytes, bytes | None]],
+) -> list[tuple[asyncio.Future[Any], int]]:
+    """Send keyed records to one partition as few record batches (one append each).
+
+    Returns each batch's delivery future (its metadata carries the batch's first
+    offset) with the number of records in it. A per-message `send` runs the producer's
+    Python path once per record; a record batch runs it once per batch.
+    """
+    sent = []
+    batch = producer.create_batch()
+    for key, value in records:
+        if batch.append(key=key, value=value, timestamp=None) is None:
             n = batch.record_count()
             sent.append((await producer.send_batch(batch, topic, partition=partition), n))
-        return sent
+            batch = producer.create_batch()
+            batch.append(key=key, value=value, timestamp=None)
+    if batch.record_count():
+        n = batch.record_count()
+        sent.append((await producer.send_batch(batch, topic, partition=partition), n))
+    return sent
+
+
+async def last_offset(sent: list[tuple[asyncio.Future[Any], int]]) -> int:
+    """Once Kafka has every batch of `send_batches`: the offset of the last record (-1: none)."""
+    last = -1
+    metas = await asyncio.gather(*(f for f, _ in sent))
+    for meta, (_, n) in zip(metas, sent, strict=True):
+        last = max(last, meta.offset + n - 1)
+    return last
+
+
+# How long one changelog transaction may take before it counts as failed.
+TRANSACTION_SECONDS = 30.0
+
+
+class ChangelogWriter:
+    """Appends to the state changelogs: one transactional producer per owned partition.
+
+    Partition p of every changelog is written under the transactional id
+    `<app_id>-changelog-p` only, whichever worker owns it. `claim` starts that id's producer:
+    the broker then fences the previous owner's producer (its epoch is older) and aborts its
+    open transaction (KIP-98), so no append of the previous owner lands after the claim.
+    Readers read committed records only (`clients`, the Faust consumer in `engine`).
+    A producer is started only by `claim`, never again by a failed append: a worker cut
+    off from the brokers must not take a partition back from its new owner on its own.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._producers: dict[int, AIOKafkaProducer] = {}
+
+    def transactional_id(self, partition: int) -> str:
+        return f"{self.settings.app_id}-changelog-{partition}"
+
+    def holds(self, partition: int) -> bool:
+        return partition in self._producers
+
+    async def claim(self, partition: int) -> None:
+        """Take partition `partition`'s changelogs over: older owners' appends are fenced."""
+        await self.release(partition)
+        producer = clients.producer(
+            self.settings,
+            transactional_id=self.transactional_id(partition),
+            acks="all",
+            linger_ms=0,
+            max_batch_size=256 * 1024,
+            client_id=f"{self.settings.app_id}-changelog-{partition}",
+        )
+        try:
+            await producer.start()  # InitProducerId: the broker bumps the id's epoch
+        except BaseException:
+            await producer.stop()
+            raise
+        self._producers[partition] = producer
+
+    async def append(
+        self, partition: int, records: Mapping[str, Mapping[bytes, bytes | None]]
+    ) -> dict[str, int]:
+        """Append each topic's records to its partition `partition`, in one transaction.
+
+        Returns the last offset written per topic. Raises `Fenced` if a newer owner claimed
+        the partition, and `NotHeld` if the producer is not usable any more (a failure
+        that left its transaction neither committed nor aborted): in both cases nothing of
+        the transaction is visible to readers, and the partition must be claimed again.
+        """
+        producer = self._producers.get(partition)
+        if producer is None:
+            raise NotHeld(partition, "its changelogs are not claimed by this worker")
+        try:
+            async with asyncio.timeout(TRANSACTION_SECONDS):
+                await producer.begin_transaction()
+                sent = {
+                    topic: await send_batches(producer, topic, partition, items.items())
+                    for topic, items in records.items()
+                }
+                last = {topic: await last_offset(batches) for topic, batches in sent.items()}
+                await producer.commit_transaction()
+            return last
+        except (ProducerFenced, InvalidProducerEpoch) as exc:
+            await self.release(partition)
+            raise Fenced(partition, "its changelogs") from exc
+        except Exception as exc:
+            if not await self._aborted(producer):
+                await self.release(partition)
+                raise NotHeld(partition, f"its changelog transaction failed: {exc!r}") from exc
+            raise  # aborted: the same producer may try again
+
+    async def _aborted(self, producer: AIOKafkaProducer) -> bool:
+        """Abort a failed transaction; False if that failed too (the producer is unusable)."""
+        try:
+            async with asyncio.timeout(TRANSACTION_SECONDS):
+                await producer.abort_transaction()
+        except Exception as exc:  # noqa: BLE001 - any failure leaves the producer unusable
+            log.info("changelog transaction not aborted: %r", exc)
+            return False
+        return True
+
+    async def release(self, partition: int | None = None) -> None:
+        """Stop the producer of `partition` (None: of every partition), e.g. on revocation."""
+        for p in list(self._producers) if partition is None else [partition]:
+            producer = self._producers.pop(p, None)
+            if producer is not None:
+                try:
+                    await producer.stop()
+                except Exception as exc:  # noqa: BLE001 - it is gone either way
+                    log.info("changelog producer of partition %d stopped with %r", p, exc)
 
 
 class PartitionReader:
@@ -247,6 +363,9 @@ class PartitionReader:
                     # The ranges read here exist: a partition read to its end, still
                     # assigned, would hold up the next range's first fetch this long.
                     fetch_max_wait_ms=50,
+                    # Changelogs are written in transactions: a fenced owner's aborted
+                    # records must never be restored, and ends are the last stable offsets.
+                    isolation_level="read_committed",
                 )
                 try:
                     await consumer.start()

@@ -116,3 +116,10 @@ DEAD_LETTERS_TRUNCATED = Counter(
     "Dead letters Kafka refused as too large, sent again with the value cut to 64 KiB "
     "(header coupon.value.truncated holds the original length)",
 )
+CHECKPOINTS_FENCED = Counter(
+    "coupon_checkpoints_fenced_total",
+    "Checkpoints dropped because a store refused them: `fenced` when a newer owner had claimed "
+    "a partition (docs/design.md, 'Fencing'), `not held` when this worker's claim was lost "
+    "(a changelog transaction neither committed nor aborted); their messages are replayed",
+    ["why"],
+)

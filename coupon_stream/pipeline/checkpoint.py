@@ -40,7 +40,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from coupon_stream.connectors.kafka import DeadLetter, KafkaOut, row_dead_letter
+from coupon_stream.connectors.kafka import ChangelogWriter, DeadLetter, KafkaOut, row_dead_letter
 from coupon_stream.core.records import encode_json
 from coupon_stream.core.state import (
     DAY,
@@ -57,7 +57,7 @@ from coupon_stream.core.state import (
     parse_day_key,
 )
 from coupon_stream.foundation import metrics
-from coupon_stream.foundation.errors import Fault, GivenUp, classify, retry
+from coupon_stream.foundation.errors import Fault, Fenced, GivenUp, NotHeld, classify, retry
 from coupon_stream.foundation.health import StallWatch
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.sink import ResultSink, RowKey
@@ -87,6 +87,7 @@ class Checkpointer:
         settings: Settings,
         stage: StateStage,
         out: KafkaOut,
+        changelogs: ChangelogWriter,
         sink: ResultSink,
         commit: Callable[[Mapping[int, int]], Awaitable[bool]],
         acknowledge: Callable[[list[object], bool], Awaitable[None]],
@@ -96,6 +97,7 @@ class Checkpointer:
         self.stage = stage
         self.tables = (stage.entries, stage.days)
         self.out = out
+        self.changelogs = changelogs
         self.sink = sink
         self._commit = commit
         self._acknowledge = acknowledge
@@ -113,11 +115,17 @@ class Checkpointer:
             metrics.SINK_PENDING.set(len(rows) + self.stage.pending.rows())
             try:
                 await self._changelog(snap)
+                self._local()
+                self._crash("local")
+                result = await self.sink.write(
+                    rows,
+                    still_wanted=lambda: self._wanted(snap),
+                    epochs=self.stage.claims.epochs_of(snap.pending.next_offset),
+                )
             except _GivenUp:
                 return await self._give_up(snap, "Kafka", len(rows))
-            self._local()
-            self._crash("local")
-            result = await self.sink.write(rows, still_wanted=lambda: self._wanted(snap))
+            except NotHeld as lost:
+                return await self._drop(snap, lost, len(rows))
             if not result.written:
                 return await self._give_up(snap, "the database", len(rows))
             await self._dead_letters(
@@ -163,6 +171,34 @@ class Checkpointer:
             rows,
             len(snap.pending.tokens),
         )
+        self._release(snap)
+        await self._acknowledge(snap.pending.tokens, False)
+        await self.stage.forget()
+        return False
+
+    async def _drop(self, snap: _Snapshot, lost: NotHeld, rows: int) -> bool:
+        """A store refused the checkpoint: a newer owner claimed a partition, or this worker
+        cannot tell any more. Nothing more of it is written; every partition's owner (this
+        worker too, after it claims them again) replays it from the committed offset."""
+        what = "fenced" if isinstance(lost, Fenced) else "not held"
+        metrics.CHECKPOINTS_FENCED.labels(what).inc()
+        if isinstance(lost, Fenced):
+            log.warning(
+                "fenced: %s; this worker's checkpoint of %d rows and %d messages is dropped "
+                "(the partition's owner replays them) and its partitions are claimed again",
+                lost,
+                rows,
+                len(snap.pending.tokens),
+            )
+        else:
+            log.error(
+                "%s; the checkpoint of %d rows and %d messages is dropped and replayed after "
+                "the partitions are claimed again",
+                lost,
+                rows,
+                len(snap.pending.tokens),
+            )
+        self.stalls.failed(lost.partition, str(lost))
         self._release(snap)
         await self._acknowledge(snap.pending.tokens, False)
         await self.stage.forget()
@@ -239,54 +275,63 @@ class Checkpointer:
 
     async def _changelog(self, snap: _Snapshot) -> None:
         self._pending_writes = writes = self._writes(snap)
-        self._confirmed: dict[TableCache, dict[int, int]] = {}
-        for cache in self.tables:
-            offsets = self._confirmed[cache] = {}
-            for partition, items in writes[cache].items():
-                offsets[partition] = await self._append(snap, cache, partition, items)
-            if cache is self.stage.entries:
-                self._crash("changelog-entries")
+        self._confirmed: dict[TableCache, dict[int, int]] = {c: {} for c in self.tables}
+        partitions = sorted({p for cache in self.tables for p in writes[cache]})
+        appends = [asyncio.ensure_future(self._append(snap, p, writes)) for p in partitions]
+        try:
+            for i, done in enumerate(asyncio.as_completed(appends)):
+                await done
+                if i == 0:
+                    self._crash("changelog-entries")  # some partitions' changelogs written
+        finally:
+            for task in appends:
+                task.cancel()
+            await asyncio.gather(*appends, return_exceptions=True)
         await self._dead_letters(snap.pending.dead_letters)
         self._crash("changelog")
 
     async def _append(
-        self, snap: _Snapshot, cache: TableCache, partition: int, items: dict[bytes, bytes | None]
-    ) -> int:
-        """Send one table partition's records until Kafka has them all; the last offset."""
-
-        async def send() -> int:
-            sent = await self.out.send_records(cache.changelog_topic, partition, items.items())
-            last = -1
-            for meta, n in zip(
-                await asyncio.gather(*(f for f, _ in sent)), (n for _, n in sent), strict=True
-            ):
-                last = max(last, meta.offset + n - 1)  # a batch's metadata: first offset
-            return last
+        self,
+        snap: _Snapshot,
+        partition: int,
+        writes: dict[TableCache, dict[int, dict[bytes, bytes | None]]],
+    ) -> None:
+        """One partition's records of both tables, in one transaction, until Kafka has them."""
+        records = {
+            c.changelog_topic: writes[c][partition] for c in self.tables if partition in writes[c]
+        }
 
         def failed(exc: BaseException, delay: float) -> None:
             metrics.CHANGELOG_RETRIES.inc()
-            self.stalls.failed(partition, f"changelog {cache.changelog_topic}: {exc!r}")
+            self.stalls.failed(partition, f"changelog of partition {partition}: {exc!r}")
             log.error(
-                "changelog %s[%d] append failed, sent again in %.1f s: %r",
-                cache.changelog_topic,
+                "changelog append of partition %d failed, sent again in %.1f s: %r",
                 partition,
                 delay,
                 exc,
             )
 
         try:
-            return await retry(send, wanted=lambda: self._wanted(snap), failed=failed)
+            last = await retry(
+                lambda: self.changelogs.append(partition, records),
+                wanted=lambda: self._wanted(snap),
+                failed=failed,
+            )
         except GivenUp as given_up:
             raise _GivenUp from given_up
+        except NotHeld:
+            raise
         except Exception as exc:
             log.critical(
-                "changelog %s[%d] refused %d records for good: %r",
-                cache.changelog_topic,
+                "changelog of partition %d refused %d records for good: %r",
                 partition,
-                len(items),
+                sum(len(r) for r in records.values()),
                 exc,
             )
             raise
+        for cache in self.tables:
+            if cache.changelog_topic in last:
+                self._confirmed[cache][partition] = last[cache.changelog_topic]
 
     def _local(self) -> None:
         for cache in self.tables:

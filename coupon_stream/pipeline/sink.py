@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -15,6 +17,7 @@ from sqlalchemy import (
     Column,
     Connection,
     Insert,
+    Integer,
     MetaData,
     PrimaryKeyConstraint,
     String,
@@ -34,6 +37,7 @@ from coupon_stream.foundation import metrics
 from coupon_stream.foundation.errors import (
     AccessRefused,
     Backoff,
+    Fenced,
     GivenUp,
     is_deadlock,
     reason,
@@ -81,6 +85,25 @@ def result_table(name: str, metadata: MetaData | None = None) -> Table:
     )
 
 
+def fence_table(result: str, metadata: MetaData | None = None) -> Table:
+    """Each app's owner epoch per by-buyer partition, beside the result table it guards.
+
+    The owner of a partition raises its epoch when it claims it (`ResultSink.claim`); every
+    write checks, in its own transaction, that the epochs it holds are still the table's
+    (docs/design.md, "Fencing").
+    """
+    return Table(
+        f"{result}_fence",
+        metadata or MetaData(),
+        Column("app_id", String(249), nullable=False),
+        Column("partition_id", Integer, nullable=False, autoincrement=False),
+        Column("epoch", BigInteger, nullable=False),
+        Column("owner", String(255)),
+        PrimaryKeyConstraint("app_id", "partition_id"),
+        mysql_charset="utf8mb4",
+    )
+
+
 def _engine(url: str, tls: ssl.SSLContext | None) -> AsyncEngine:
     # A statement that hangs (a server gone silent) fails after READ_TIMEOUT and is retried,
     # well before Faust's 60 s rebalance timeout could hand its partitions to another worker.
@@ -98,12 +121,38 @@ def _engine(url: str, tls: ssl.SSLContext | None) -> AsyncEngine:
 class _DriverSql:
     upsert: str
     table: str
+    fences: str
     mark: str  # the driver's placeholder
+    mysql: bool
 
     def delete(self, n: int) -> str:
         """DELETE of `n` (buyer_id, effect_time) keys in one statement."""
         keys = ", ".join([f"({self.mark}, {self.mark})"] * n)
         return f"DELETE FROM {self.table} WHERE (buyer_id, effect_time) IN ({keys})"
+
+    def epochs(self, n: int) -> str:
+        """The epochs of `n` partitions of one app, share-locked until the transaction ends:
+        a claim (an UPDATE) waits for the write that checked them, or the write sees it."""
+        marks = ", ".join([self.mark] * n)
+        lock = " LOCK IN SHARE MODE" if self.mysql else ""  # SQLite: one writer at a time
+        return (
+            f"SELECT partition_id, epoch FROM {self.fences} "
+            f"WHERE app_id = {self.mark} AND partition_id IN ({marks}){lock}"
+        )
+
+    @property
+    def claim(self) -> str:
+        m = self.mark
+        insert = (
+            f"INSERT INTO {self.fences} (app_id, partition_id, epoch, owner) "
+            f"VALUES ({m}, {m}, 1, {m})"
+        )
+        if self.mysql:
+            return insert + " ON DUPLICATE KEY UPDATE epoch = epoch + 1, owner = VALUES(owner)"
+        return (
+            insert + " ON CONFLICT (app_id, partition_id) DO UPDATE SET epoch = epoch + 1, "
+            "owner = excluded.owner"
+        )
 
 
 class ResultSink:
@@ -115,13 +164,21 @@ class ResultSink:
     """
 
     def __init__(
-        self, url: str, table_name: str, safe_url: str = "", tls: ssl.SSLContext | None = None
+        self,
+        url: str,
+        table_name: str,
+        safe_url: str = "",
+        tls: ssl.SSLContext | None = None,
+        app_id: str = "coupon-stream",
     ) -> None:
         self._url = url
         self._safe_url = safe_url or "<database>"
         self._user = make_url(url).username or "<none>"
         self._tls = tls
+        self.app_id = app_id
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.table = result_table(table_name)
+        self.fences = fence_table(table_name)
         self._engine: AsyncEngine | None = None
         self._upsert = self._make_upsert(url)(self.table)
         self._sql: _DriverSql | None = None
@@ -166,6 +223,7 @@ class ResultSink:
             settings.result_table,
             settings.db_url_safe,
             settings.db_tls(),
+            settings.app_id,
         )
 
     def _refused(self, exc: BaseException) -> AccessRefused | None:
@@ -211,8 +269,9 @@ class ResultSink:
     def _create_if_missing(self, conn: Connection) -> None:
         # Checked first, since MySQL warns on every CREATE of a table that exists; IF NOT
         # EXISTS still, since workers that start together race between check and create.
-        if not inspect(conn).has_table(self.table.name):
-            conn.execute(CreateTable(self.table, if_not_exists=True))
+        for table in (self.table, self.fences):
+            if not inspect(conn).has_table(table.name):
+                conn.execute(CreateTable(table, if_not_exists=True))
 
     async def ping(self) -> bool:
         """True if the database answers now (for readiness)."""
@@ -230,8 +289,13 @@ class ResultSink:
         self,
         rows: Mapping[RowKey, ResultRow | None],
         still_wanted: Callable[[], bool] | None = None,
+        epochs: Mapping[int, int] | None = None,
     ) -> WriteResult:
         """Upsert the rows that are present, delete the keys mapped to None, in one commit.
+
+        `epochs`: the by-buyer partitions the rows come from, each with the epoch this worker
+        claimed it with (`claim`). The same transaction checks them first and raises
+        `Fenced`, writing nothing, if a newer owner has claimed one since.
 
         Returns `written=False` if `still_wanted()` turns false between two attempts (the
         database is down during a rebalance); nothing is written then, unless the batch was
@@ -247,7 +311,8 @@ class ResultSink:
             return WriteResult(True)
         result = WriteResult(True)
         started = time.perf_counter()
-        if not await self._write_split(list(rows.items()), result.rejected, still_wanted):
+        fence = dict(epochs or {})
+        if not await self._write_split(list(rows.items()), result.rejected, still_wanted, fence):
             metrics.SINK_ABANDONED.inc(len(rows))
             result.written = False
             return result
@@ -265,18 +330,21 @@ class ResultSink:
         items: list[tuple[RowKey, ResultRow | None]],
         rejected: list[tuple[RowKey, ResultRow | None, str]],
         wanted: Callable[[], bool] | None,
+        epochs: dict[int, int],
     ) -> bool:
         """Write `items` in one transaction, or in halves around rows refused as data."""
         upserts = [r for _, r in items if r is not None]
         deletes = [k for k, r in items if r is None]
         try:
-            return await self._retry("write", self._write_once, upserts, deletes, wanted=wanted)
+            return await self._retry(
+                "write", self._write_once, upserts, deletes, epochs, wanted=wanted
+            )
         except _Refused as refused:
             if len(items) > 1:
                 half = len(items) // 2
                 return await self._write_split(
-                    items[:half], rejected, wanted
-                ) and await self._write_split(items[half:], rejected, wanted)
+                    items[:half], rejected, wanted, epochs
+                ) and await self._write_split(items[half:], rejected, wanted, epochs)
             ((key, row),) = items
             why = reason(refused.error)
             metrics.SINK_REJECTED.inc()
@@ -292,10 +360,18 @@ class ResultSink:
             rejected.append((key, row, why))
             return True
 
-    async def _write_once(self, upserts: list[ResultRow], deletes: Sequence[RowKey]) -> None:
+    async def _write_once(
+        self, upserts: list[ResultRow], deletes: Sequence[RowKey], epochs: dict[int, int]
+    ) -> None:
         assert self._engine is not None
         async with self._engine.begin() as conn:
             sql = self._sql or self._driver_sql(conn.dialect)
+            if epochs:
+                found = await conn.exec_driver_sql(sql.epochs(len(epochs)), (self.app_id, *epochs))
+                now = {int(p): int(e) for p, e in found.all()}
+                for partition, epoch in epochs.items():
+                    if now.get(partition) != epoch:
+                        raise Fenced(partition, "its result rows", now.get(partition))
             for i in range(0, len(upserts), CHUNK):
                 await conn.exec_driver_sql(sql.upsert, upserts[i : i + CHUNK])
                 metrics.SINK_STATEMENTS.inc()
@@ -316,9 +392,37 @@ class ResultSink:
         if tuple(compiled.positiontup or ()) != ResultRow._fields:
             raise RuntimeError(f"upsert parameters {compiled.positiontup} are not ResultRow's")
         mark = "?" if dialect.paramstyle == "qmark" else "%s"
-        table = dialect.identifier_preparer.format_table(self.table)
-        self._sql = _DriverSql(str(compiled), table, mark)
+        quote = dialect.identifier_preparer.format_table
+        self._sql = _DriverSql(
+            str(compiled), quote(self.table), quote(self.fences), mark, dialect.name != "sqlite"
+        )
         return self._sql
+
+    async def claim(self, partition: int) -> int:
+        """Raise this app's epoch of `partition` and return it (the fence's token).
+
+        From then on a write that holds an older epoch of the partition is refused
+        (`write`), whichever worker sends it. Waits for a write that checked the old epoch
+        to commit first (its share lock), so every write lands before or is refused.
+        """
+        epoch = 0
+
+        async def claim_once() -> None:
+            nonlocal epoch
+            assert self._engine is not None
+            async with self._engine.begin() as conn:
+                sql = self._sql or self._driver_sql(conn.dialect)
+                await conn.exec_driver_sql(sql.claim, (self.app_id, partition, self.owner))
+                found = await conn.exec_driver_sql(sql.epochs(1), (self.app_id, partition))
+                epoch = int(found.one()[1])
+
+        if self._engine is None:
+            await self.start()
+        try:
+            await self._retry("claim", claim_once)
+        except _Refused as refused:
+            raise refused.error from None
+        return epoch
 
     async def _retry(
         self,

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, NamedTuple
@@ -45,8 +45,9 @@ from coupon_stream.core.state import (
     retention_cutoff,
 )
 from coupon_stream.foundation import metrics
-from coupon_stream.foundation.errors import retry
+from coupon_stream.foundation.errors import NotHeld, retry
 from coupon_stream.foundation.settings import Settings
+from coupon_stream.pipeline.fencing import Claims
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,8 @@ class StateStage:
         days: TableCache,
         out: KafkaOut,
         reader: PartitionReader,
+        claims: Claims,
+        confirm: Callable[[int, int], Awaitable[bool]],
         assignment: Callable[[], int | None] = lambda: 0,
     ) -> None:
         self.settings = settings
@@ -218,6 +221,10 @@ class StateStage:
         self.days = days
         self.out = out
         self.reader = reader
+        self.claims = claims
+        # Commits the group's own offset of a partition again: False unless this worker
+        # still owns it in the group's current generation (Kafka checks the generation).
+        self.confirm = confirm
         # Which assignment the worker is in; None while a rebalance is in progress.
         self.assignment = assignment
         self.pending = Pending()
@@ -293,11 +300,15 @@ class StateStage:
         return expected
 
     async def _begin(self, partition: int, committed: int | None) -> int:
-        """Begin this worker's session of a partition at the committed offset.
+        """Claim the partition, then begin this worker's session of it at the committed offset.
 
-        The session's start must be the offset the group has really committed: reading
-        back from an earlier one would roll back values of committed checkpoints
-        (`Versioned.as_of`). So it comes from the broker, not from the consumer's view.
+        The claim comes first (`fencing`): from then on no older owner's write lands, so the
+        offset read after it is the last any owner committed, unless this worker is itself
+        the older owner: committing that offset again asks Kafka, which refuses a generation
+        that is gone (`NotHeld`: no session begins, nothing is written). The session's start
+        must be the offset the group has really committed: reading back from an earlier one
+        would roll back values of committed checkpoints (`Versioned.as_of`). So it comes from
+        the broker, not from the consumer's view.
         """
         mark, fmt = self.days.store.get_many(partition, [NEXT_OFFSET_KEY, FORMAT_KEY])
         if fmt is not None and int(fmt) != STATE_FORMAT:
@@ -307,12 +318,20 @@ class StateStage:
                 "COUPON_DATA_DIR and replay the input (docs/design.md, 'Migrating state')"
             )
         s = self.settings
+        await retry(
+            partial(self.claims.claim, partition),
+            failed=lambda exc, _: log.warning(
+                "partition %d not claimed, again: %r", partition, exc
+            ),
+        )
         broker = await retry(
             partial(self.reader.committed, s.app_id, s.by_buyer_topic, partition),
             failed=lambda exc, _: log.warning(
                 "committed offset of partition %d not read, again: %r", partition, exc
             ),
         )
+        if not await self.confirm(partition, broker or 0):
+            raise NotHeld(partition, "the group's generation this worker joined is gone")
         if (broker or 0) != (committed or 0):
             log.warning(
                 "%s[%d]: the consumer's committed offset %s is not the group's %s; "
@@ -359,7 +378,8 @@ class StateStage:
         return skipped
 
     async def forget(self) -> list[object]:
-        """After a rebalance: drop unwritten changes, start new sessions; return the tokens.
+        """After a rebalance: drop unwritten changes and claims, start new sessions; return the
+        tokens.
 
         The dropped messages were not committed, so whoever owns each partition next (maybe
         this worker again) applies them again from the committed offset. Under the apply
@@ -371,6 +391,7 @@ class StateStage:
             self.entries.drop()
             self.days.drop()
             self.sessions.clear()
+            await self.claims.release()
             self._next_to_apply.clear()
             self._last_applied.clear()
             self._assigned_at = time.monotonic()

@@ -44,12 +44,14 @@ class LogReader:
 def make_stream(tmp_path: Any, **settings: Any) -> CouponStream:
     """A CouponStream on memory tables whose consumer group is a `MemoryGroup`."""
     reader = LogReader()
+    out = FakeOut()
     cs = CouponStream(
         Settings(app_id="unit", data_dir=tmp_path, **settings),
         store="memory://",
         sink=FakeSink(),
-        out=FakeOut(),
+        out=out,
         reader=reader,
+        changelogs=out.writer(),  # type: ignore[arg-type]
     )
     cs.app.finalize()
     cs.app.flow_control.resume()

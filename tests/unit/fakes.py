@@ -14,6 +14,7 @@ from aiokafka.errors import KafkaTimeoutError
 from faust.types import TP
 
 from coupon_stream.core.state import ResultRow
+from coupon_stream.foundation.errors import Fenced, NotHeld
 from coupon_stream.pipeline.sink import WriteResult
 
 
@@ -53,6 +54,7 @@ class FakeOut:
         self.refuse_next = False
         self.fail_next = False
         self.crash_after: int | None = None
+        self.txn_epochs: dict[int, int] = {}  # the broker's, per changelog partition
 
     async def send(self, topic: str, value: bytes | None, **kw: Any) -> asyncio.Future[Any]:
         self.attempts += 1
@@ -67,33 +69,74 @@ class FakeOut:
     def dead(self) -> list[dict[str, Any]]:
         return [kw for topic, kw in self.sent if topic == "dlq"]
 
-    async def send_records(
-        self, topic: str, partition: int, records: Any
-    ) -> list[tuple[asyncio.Future[Any], int]]:
-        records = list(records)
-        if self.refuse_next:
-            self.refuse_next = False
-            raise KafkaTimeoutError()
-        if self.fail_next:
-            self.fail_next = False
-            return [(done(exc=KafkaTimeoutError()), len(records))]
-        log = self.logs[(topic, partition)]
-        first = len(log)
-        for record in records:
-            if self.crash_after is not None:
-                if self.crash_after <= 0:
-                    raise Crash()
-                self.crash_after -= 1
-            log.append(record)
-        return [(done(Meta(first)), len(records))]
+    def writer(self) -> FakeChangelogs:
+        """One worker's `ChangelogWriter` onto these changelogs."""
+        return FakeChangelogs(self)
+
+
+class FakeChangelogs:
+    """`ChangelogWriter`: transactions onto a `FakeOut`'s logs, fenced like the broker fences.
+
+    `FakeOut.txn_epochs` is the broker's epoch per transactional id (partition); a claim
+    raises it, and an append of a producer holding an older one raises `Fenced`. A
+    transaction's records become visible (readers read committed) only at its commit, so a
+    crash (`FakeOut.crash_after`) or a failure in the middle leaves none of them.
+    """
+
+    def __init__(self, out: FakeOut) -> None:
+        self.out = out
+        self.held: dict[int, int] = {}
+        self.claims = 0
+
+    def holds(self, partition: int) -> bool:
+        return partition in self.held
+
+    async def claim(self, partition: int) -> None:
+        self.claims += 1
+        epoch = self.out.txn_epochs[partition] = self.out.txn_epochs.get(partition, 0) + 1
+        self.held[partition] = epoch
+
+    async def release(self, partition: int | None = None) -> None:
+        for p in list(self.held) if partition is None else [partition]:
+            self.held.pop(p, None)
+
+    async def append(self, partition: int, records: Any) -> dict[str, int]:
+        out = self.out
+        if partition not in self.held:
+            raise NotHeld(partition, "not claimed")
+        if self.held[partition] != out.txn_epochs.get(partition):
+            del self.held[partition]
+            raise Fenced(partition, "its changelogs")
+        if out.refuse_next or out.fail_next:
+            out.refuse_next = out.fail_next = False
+            raise KafkaTimeoutError()  # aborted: the same producer may try again
+        pending: dict[str, list[tuple[bytes, bytes | None]]] = {}
+        for topic, items in records.items():
+            for record in items.items():
+                if out.crash_after is not None:
+                    if out.crash_after <= 0:
+                        raise Crash()
+                    out.crash_after -= 1
+                pending.setdefault(topic, []).append(record)
+        last = {}
+        for topic, written in pending.items():
+            log = out.logs[(topic, partition)]
+            log.extend(written)
+            last[topic] = len(log) - 1
+        return last
 
 
 class FakeSink:
-    """`ResultSink`: the table as a dict of (buyer_id, effect_time) -> row."""
+    """`ResultSink`: the table as a dict of (buyer_id, effect_time) -> row, and its fence.
+
+    `fence` holds each partition's epoch; `write` refuses, writing nothing, rows whose
+    epochs are not the fence's (as the real sink's transaction does).
+    """
 
     def __init__(self) -> None:
         self.table: dict[tuple[int, int], ResultRow] = {}
         self.writes = 0
+        self.fence: dict[int, int] = {}
 
     async def start(self) -> None:
         pass
@@ -101,7 +144,16 @@ class FakeSink:
     async def ping(self) -> bool:
         return True
 
-    async def write(self, rows: Any, still_wanted: Any = None) -> WriteResult:
+    async def claim(self, partition: int) -> int:
+        epoch = self.fence[partition] = self.fence.get(partition, 0) + 1
+        return epoch
+
+    async def write(
+        self, rows: Any, still_wanted: Any = None, epochs: Any = None
+    ) -> WriteResult:
+        for partition, epoch in (epochs or {}).items():
+            if self.fence.get(partition) != epoch:
+                raise Fenced(partition, "its result rows", self.fence.get(partition))
         self.writes += 1
         for key, row in rows.items():
             if row is None:
@@ -122,7 +174,9 @@ class DownSink(FakeSink):
         self.attempts = 0
         self.attempting = asyncio.Event()
 
-    async def write(self, rows: Any, still_wanted: Any = None) -> WriteResult:
+    async def write(
+        self, rows: Any, still_wanted: Any = None, epochs: Any = None
+    ) -> WriteResult:
         while still_wanted is None or still_wanted():
             self.attempts += 1
             self.attempting.set()

@@ -16,6 +16,7 @@ from coupon_stream.core.records import Row, encode_rows
 from coupon_stream.core.state import STATE_TABLES
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.checkpoint import Checkpointer
+from coupon_stream.pipeline.fencing import Claims
 from coupon_stream.pipeline.state_stage import StateStage, TableCache
 from tests.unit.fakes import FakeOut, FakeSink
 
@@ -69,7 +70,20 @@ class World:
             stores[name] = store
         entries = TableCache("entries", stores["entries"], self.changelog("entries"))
         days = TableCache("days", stores["days"], self.changelog("days"))
-        stage = StateStage(self.settings, entries, days, self.out, LogReader(self))
+        changelogs = self.out.writer()
+
+        async def confirm(partition, offset):
+            return True
+
+        stage = StateStage(
+            self.settings,
+            entries,
+            days,
+            self.out,
+            LogReader(self),
+            Claims(changelogs, self.sink),  # type: ignore[arg-type]
+            confirm=confirm,
+        )
 
         async def commit(offsets):
             self.committed = max(self.committed, offsets[0])
@@ -79,7 +93,13 @@ class World:
             pass
 
         checkpoint = Checkpointer(
-            self.settings, stage, self.out, self.sink, commit=commit, acknowledge=acknowledge
+            self.settings,
+            stage,
+            self.out,
+            changelogs,  # type: ignore[arg-type]
+            self.sink,
+            commit=commit,
+            acknowledge=acknowledge,
         )
         return Worker(stage, checkpoint, stores)
 

