@@ -148,9 +148,7 @@ class FakeSink:
         epoch = self.fence[partition] = self.fence.get(partition, 0) + 1
         return epoch
 
-    async def write(
-        self, rows: Any, still_wanted: Any = None, epochs: Any = None
-    ) -> WriteResult:
+    async def write(self, rows: Any, still_wanted: Any = None, epochs: Any = None) -> WriteResult:
         for partition, epoch in (epochs or {}).items():
             if self.fence.get(partition) != epoch:
                 raise Fenced(partition, "its result rows", self.fence.get(partition))
@@ -174,9 +172,7 @@ class DownSink(FakeSink):
         self.attempts = 0
         self.attempting = asyncio.Event()
 
-    async def write(
-        self, rows: Any, still_wanted: Any = None, epochs: Any = None
-    ) -> WriteResult:
+    async def write(self, rows: Any, still_wanted: Any = None, epochs: Any = None) -> WriteResult:
         while still_wanted is None or still_wanted():
             self.attempts += 1
             self.attempting.set()
