@@ -39,6 +39,7 @@ class Observe:
         self.sink = sink
         self.stalls = stalls
         self.intake = intake
+        self.session_timeout = float(app.conf.broker_session_timeout)
 
     def register(self) -> None:
         app = self.app
@@ -92,6 +93,25 @@ class Observe:
             for partition, keys in engine.key_counts(self.tables[name]).items():
                 metrics.STATE_KEYS.labels(name, str(partition)).set(keys)
 
+    def group(self) -> str | None:
+        """Why this worker is not a member of its state group now, or None if it is.
+
+        A worker that froze or lost the brokers past its session timeout has lost its
+        partitions to the others, whatever it still believes: it is not ready until it has
+        joined again (its writes are fenced meanwhile: docs/design.md, "Fencing").
+        """
+        member, generation, age = engine.membership(self.app)
+        timeout = self.session_timeout
+        if age is not None and age > timeout:
+            return (
+                f"no heartbeat answered for {age:.0f} s (session timeout {timeout:.0f} s): "
+                "the group has handed this worker's partitions to others; it joins again "
+                "once the brokers answer"
+            )
+        if not member:
+            return "not a member of the state group (joining)"
+        return None
+
     async def readiness(self) -> dict[str, Any]:
         """Ready when not rebalancing, tables restored, the database answers, and no
         partition is stalled (lag, and nothing committed for COUPON_STALL_SECONDS).
@@ -106,8 +126,10 @@ class Observe:
         stalled = sorted(self.stalls.stalled)
         progress = self.restorer.progress
         restoring = progress.restoring()
+        group = self.group()
         return {
-            "ready": recovered and database and not rebalancing and not stalled,
+            "ready": recovered and database and not rebalancing and not stalled and not group,
+            "out_of_group": group,
             "tables_recovered": recovered,
             "restoring": restoring,
             "restore_records_per_second": round(progress.rate()) if restoring else None,

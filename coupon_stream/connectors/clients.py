@@ -89,7 +89,7 @@ def needed(settings: Settings, resource: str) -> str:
     if resource == s.dlq_topic:
         return f"WRITE, DESCRIBE, CREATE on topic {resource}"
     if resource.startswith(s.app_id):
-        return f"ALL on topics and groups prefixed {s.app_id}"
+        return f"ALL on topics, groups and transactional ids prefixed {s.app_id}"
     return f"nothing on {resource}: check the COUPON_*_TOPIC settings"
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import faust
 import rocksdict
@@ -62,7 +63,7 @@ class App(faust.App):
 
     def _new_transport(self) -> Any:
         transport = super()._new_transport()
-        transport.Consumer = _Consumer
+        transport.Consumer = _Consumer  # type: ignore[misc]  # this transport's only
         return transport
 
 
@@ -256,6 +257,56 @@ def active_partitions(app: faust.App, topic: str) -> set[int]:
 def generation(app: faust.App) -> int:
     generation_id: int = app.consumer_generation_id
     return generation_id
+
+
+class Membership(NamedTuple):
+    """What this worker's consumer knows of its place in the state group, now."""
+
+    member: bool  # the group knows it: it has a member id, no rejoin is pending
+    generation: int
+    heartbeat_age: float | None  # seconds since the coordinator last answered a heartbeat
+
+
+def membership(app: faust.App) -> Membership:
+    """The consumer's standing in its group, for readiness.
+
+    A worker that froze or lost the brokers past its session timeout still holds its member
+    id until a heartbeat is answered: the age of the last answered one tells. aiokafka keeps
+    that time to itself, so its heartbeat is wrapped here, once per coordinator.
+    """
+    consumer = getattr(_consumer(app)._thread, "_consumer", None)
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is None:
+        return Membership(False, -1, None)
+    beat = getattr(coordinator, "coupon_heartbeat", None)
+    if beat is None:
+        beat = coordinator.coupon_heartbeat = _Heartbeats(coordinator)
+    member = bool(coordinator.member_id) and not coordinator._rejoin_needed_fut.done()
+    return Membership(member, int(coordinator.generation), beat.age())
+
+
+class _Heartbeats:
+    """When an aiokafka group coordinator last had a heartbeat (or a join) answered."""
+
+    def __init__(self, coordinator: Any) -> None:
+        self.coordinator = coordinator
+        self.generation = coordinator.generation
+        self.answered = time.monotonic()
+        original = coordinator._do_heartbeat
+
+        async def heartbeat() -> bool:
+            ok: bool = await original()
+            if ok:
+                self.answered = time.monotonic()
+            return ok
+
+        coordinator._do_heartbeat = heartbeat
+
+    def age(self) -> float:
+        if self.coordinator.generation != self.generation:  # joined again: answered then
+            self.generation = self.coordinator.generation
+            self.answered = time.monotonic()
+        return time.monotonic() - self.answered
 
 
 def recovered(app: faust.App) -> bool:

@@ -259,6 +259,7 @@ class ChangelogWriter:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._producers: dict[int, AIOKafkaProducer] = {}
+        self._open: set[int] = set()  # partitions whose transaction has begun, not ended
 
     def transactional_id(self, partition: int) -> str:
         return f"{self.settings.app_id}-changelog-{partition}"
@@ -293,46 +294,59 @@ class ChangelogWriter:
         the partition, and `NotHeld` if the producer is not usable any more (a failure
         that left its transaction neither committed nor aborted): in both cases nothing of
         the transaction is visible to readers, and the partition must be claimed again.
+        Any other error comes once the transaction is aborted: the same producer may try
+        again.
         """
         producer = self._producers.get(partition)
         if producer is None:
             raise NotHeld(partition, "its changelogs are not claimed by this worker")
         try:
             async with asyncio.timeout(TRANSACTION_SECONDS):
+                if partition in self._open:  # an append cancelled midway left it open
+                    await producer.abort_transaction()
+                    self._open.discard(partition)
                 await producer.begin_transaction()
+                self._open.add(partition)
                 sent = {
                     topic: await send_batches(producer, topic, partition, items.items())
                     for topic, items in records.items()
                 }
                 last = {topic: await last_offset(batches) for topic, batches in sent.items()}
                 await producer.commit_transaction()
+                self._open.discard(partition)
             return last
         except (ProducerFenced, InvalidProducerEpoch) as exc:
             await self.release(partition)
             raise Fenced(partition, "its changelogs") from exc
         except Exception as exc:
-            if not await self._aborted(producer):
-                await self.release(partition)
-                raise NotHeld(partition, f"its changelog transaction failed: {exc!r}") from exc
+            if partition in self._open:
+                await self._abort(partition, producer, exc)
             raise  # aborted: the same producer may try again
 
-    async def _aborted(self, producer: AIOKafkaProducer) -> bool:
-        """Abort a failed transaction; False if that failed too (the producer is unusable)."""
+    async def _abort(self, partition: int, producer: AIOKafkaProducer, cause: Exception) -> None:
+        """Abort a failed transaction; if that fails too, the producer is unusable."""
         try:
             async with asyncio.timeout(TRANSACTION_SECONDS):
                 await producer.abort_transaction()
+            self._open.discard(partition)
+        except (ProducerFenced, InvalidProducerEpoch) as exc:
+            await self.release(partition)
+            raise Fenced(partition, "its changelogs") from exc
         except Exception as exc:  # noqa: BLE001 - any failure leaves the producer unusable
-            log.info("changelog transaction not aborted: %r", exc)
-            return False
-        return True
+            await self.release(partition)
+            raise NotHeld(
+                partition, f"its changelog transaction failed ({cause!r}) and was not aborted"
+            ) from exc
 
     async def release(self, partition: int | None = None) -> None:
         """Stop the producer of `partition` (None: of every partition), e.g. on revocation."""
         for p in list(self._producers) if partition is None else [partition]:
             producer = self._producers.pop(p, None)
+            self._open.discard(p)
             if producer is not None:
                 try:
-                    await producer.stop()
+                    async with asyncio.timeout(TRANSACTION_SECONDS):
+                        await producer.stop()
                 except Exception as exc:  # noqa: BLE001 - it is gone either way
                     log.info("changelog producer of partition %d stopped with %r", p, exc)
 

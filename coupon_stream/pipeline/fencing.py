@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 
 from coupon_stream.connectors.kafka import ChangelogWriter
 from coupon_stream.foundation.errors import NotHeld
@@ -43,7 +44,7 @@ class Claims:
         log.info("partition %d claimed: epoch %d", partition, epoch)
         return epoch
 
-    def epochs_of(self, partitions: set[int] | list[int]) -> dict[int, int]:
+    def epochs_of(self, partitions: Iterable[int]) -> dict[int, int]:
         """The epochs to write `partitions`' rows with; NotHeld if one is not claimed."""
         try:
             return {p: self.epochs[p] for p in partitions}

@@ -368,7 +368,8 @@ class ResultSink:
             sql = self._sql or self._driver_sql(conn.dialect)
             if epochs:
                 found = await conn.exec_driver_sql(sql.epochs(len(epochs)), (self.app_id, *epochs))
-                now = {int(p): int(e) for p, e in found.all()}
+                rows: list[Any] = list(found.all())
+                now = {int(p): int(e) for p, e in rows}
                 for partition, epoch in epochs.items():
                     if now.get(partition) != epoch:
                         raise Fenced(partition, "its result rows", now.get(partition))
@@ -414,7 +415,8 @@ class ResultSink:
                 sql = self._sql or self._driver_sql(conn.dialect)
                 await conn.exec_driver_sql(sql.claim, (self.app_id, partition, self.owner))
                 found = await conn.exec_driver_sql(sql.epochs(1), (self.app_id, partition))
-                epoch = int(found.one()[1])
+                row: Any = found.one()
+                epoch = int(row[1])
 
         if self._engine is None:
             await self.start()

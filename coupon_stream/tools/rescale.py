@@ -11,19 +11,21 @@ old by-buyer topic fully applied. The order, each step safe to run again:
 1. Refuse while a member is in either of the old app's groups, while the old by-buyer topic
    has lag (forwarded records the state stage has not applied would be lost), or when the
    new app id holds state this rescale did not write.
-2. Mark the new app's `<new app id>-rescale` topic: this rescale, from where, to how many.
-3. Create the new app's by-buyer topic and changelogs, Q partitions each.
-4. Per old partition, both changelogs read to their end, each key's last value read as of
+2. Retire the old app: claim every one of its partitions (docs/design.md, "Fencing"), so
+   that none of its workers, not even one frozen past its session, writes again.
+3. Mark the new app's `<new app id>-rescale` topic: this rescale, from where, to how many.
+4. Create the new app's by-buyer topic and changelogs, Q partitions each.
+5. Per old partition, both changelogs read to their end, each key's last value read as of
    the state group's committed offset (as a takeover reads it: `Versioned.as_of`), written
    to its new partition as a value at by-buyer offset 0; then the partition is marked done.
-5. Each new partition's metadata: the state format, next by-buyer offset 0 (the new topic
+6. Each new partition's metadata: the state format, next by-buyer offset 0 (the new topic
    is empty), the newest watermark of the old partitions (retention).
-6. The new intake group's committed offsets on the input topics = the old intake group's.
-7. Marked finished.
+7. The new intake group's committed offsets on the input topics = the old intake group's.
+8. Marked finished.
 
 Killed anywhere, the same command goes on: partitions marked done are skipped, a partition
-cut short is written again (the later copy of a key is the same value), steps 5 to 7 are
-idempotent. The result table is left alone: it is right, and the new workers keep it right.
+cut short is written again (the later copy of a key is the same value), steps 6 to 8 are
+idempotent. The result rows are left alone: they are right, and the new workers keep them right.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from aiokafka.admin import NewTopic
 from aiokafka.structs import OffsetAndMetadata
 
 from coupon_stream.connectors import clients
-from coupon_stream.connectors.kafka import KafkaOut, PartitionReader, behind
+from coupon_stream.connectors.kafka import ChangelogWriter, KafkaOut, PartitionReader, behind
 from coupon_stream.core.records import partition_for_buyer
 from coupon_stream.core.state import (
     BUYER_BYTES,
@@ -59,6 +61,8 @@ from coupon_stream.core.state import (
     buyer_of_key,
 )
 from coupon_stream.foundation.settings import Settings
+from coupon_stream.pipeline.fencing import Claims
+from coupon_stream.pipeline.sink import ResultSink
 from coupon_stream.tools import status
 
 log = logging.getLogger(__name__)
@@ -119,6 +123,7 @@ async def rescale(
     except status.DeploymentError as exc:
         raise RescaleRefused(str(exc)) from None
     await refuse_live_or_lagging(old)
+    await retire(old)
     mark = await claim(old, new)
     if mark.finished:
         say(f"{old.app_id} was already rescaled to {new.app_id} ({mark.records} records)")
@@ -169,6 +174,22 @@ async def rescale(
         "(and the other settings unchanged): coupon-stream worker"
     )
     return mark
+
+
+async def retire(old: Settings) -> None:
+    """Claim every partition of the old app, and keep none: no worker of it writes again.
+
+    One that froze past its session timeout is no member any more, so the live-member check
+    cannot see it; woken, its changelog appends and result rows are fenced like those of
+    any older owner (docs/design.md, "Fencing"), and its open transactions are aborted
+    before the changelogs are read.
+    """
+    sink = ResultSink.of(old)
+    await sink.start()
+    try:
+        await Claims(ChangelogWriter(old), sink).retire(range(old.partitions))
+    finally:
+        await sink.stop()
 
 
 async def refuse_live_or_lagging(old: Settings) -> None:

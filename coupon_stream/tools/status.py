@@ -101,7 +101,8 @@ async def end_offsets_by_topic(settings: Settings, topics: list[str]) -> dict[st
 
 
 async def records_in(settings: Settings, topic: str) -> int:
-    """Records ever written to a topic (end offsets summed); compaction may have removed some."""
+    """Offsets ever used in a topic (end offsets summed): its records, and in a transactional
+    topic (the changelogs) a marker per transaction too; compaction may have removed some."""
     return sum((await end_offsets(settings, topic)).values())
 
 

@@ -150,7 +150,7 @@ def test_an_acl_refusal_names_what_the_worker_needs() -> None:
     group = clients.kafka_refused(
         s, errors.GroupAuthorizationFailedError("shop-intake"), "running the intake"
     )
-    assert "ALL on topics and groups prefixed shop" in str(group)
+    assert "ALL on topics, groups and transactional ids prefixed shop" in str(group)
     assert clients.kafka_refused(s, errors.KafkaConnectionError("down"), "x") is None
 
 
