@@ -1,4 +1,4 @@
-# coupon-stream: make demo | make test | make bench | make up | make secure-up | make down | make image
+# coupon-stream: make demo | make test | make bench | make up | make secure-up | make toxiproxy | make down | make image
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR := .local/demo
 
-.PHONY: install up secure-up down demo test unit integration bench lint clean containers image
+.PHONY: install up secure-up toxiproxy down demo test unit integration bench lint clean containers image
 
 ifeq ($(CI),true)
 # CI on the project's machines: HTTPS goes through a proxy that re-signs TLS, so the image
@@ -33,7 +33,19 @@ up:
 secure-up:
 	bash scripts/secure.sh start
 
+# Toxiproxy (API 127.0.0.1:8474) with the proxy "kafka": 127.0.0.1:9095 -> the broker's
+# PROXIED listener 127.0.0.1:9094, for the network-fault tests (scripts/toxiproxy.sh; the
+# first start builds it with Go into .local/bin). Under CI=true a failure stops the run;
+# elsewhere the tests that need it then skip, saying why.
+toxiproxy:
+ifeq ($(CI),true)
+	bash scripts/toxiproxy.sh start
+else
+	@bash scripts/toxiproxy.sh start || echo "[make] no toxiproxy: the tests through it will skip"
+endif
+
 down:
+	bash scripts/toxiproxy.sh stop || true
 	bash scripts/secure.sh stop || true
 	bash scripts/services.sh down
 
@@ -45,7 +57,7 @@ lint: install
 unit: install
 	$(BIN)/pytest -q tests/unit
 
-integration: install up secure-up containers
+integration: install up secure-up containers toxiproxy
 	$(BIN)/pytest -q tests/integration
 
 # The container test (tests/integration/test_containers.py) builds the images itself
@@ -65,7 +77,7 @@ image: install
 	bash scripts/podman.sh install
 	bash scripts/image.sh all
 
-test: install up secure-up containers
+test: install up secure-up containers toxiproxy
 	$(BIN)/pytest -q -ra tests
 
 bench: install up

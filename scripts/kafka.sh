@@ -12,6 +12,15 @@
 #   logs/               server.log etc. (log4j) and server.out (JVM stdout/stderr)
 #   server.properties   generated from infra/kafka/server.properties
 #   kafka.pid           pid of the running broker
+#
+# Listeners (infra/kafka/server.properties):
+#   127.0.0.1:9092  PLAINTEXT, for clients
+#   127.0.0.1:9093  the KRaft controller
+#   127.0.0.1:9094  PROXIED, advertised as 127.0.0.1:9095: toxiproxy's proxy to this
+#                   listener (scripts/toxiproxy.sh), for the network-fault tests
+#
+# start on a broker that runs with other settings than infra/kafka/server.properties
+# (comments aside) restarts it with the repo's; the data in .local/kafka/data is kept.
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -29,6 +38,7 @@ SERVER_LOG="${LOG_DIR}/server.log"
 
 KAFKA_HOST="127.0.0.1"
 KAFKA_PORT="9092"
+KAFKA_PROXIED_PORT="9094" # the PROXIED listener, behind toxiproxy's 127.0.0.1:9095
 START_TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
 STOP_TIMEOUT="${KAFKA_STOP_TIMEOUT:-30}"
 KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xmx1g -Xms256m}"
@@ -41,7 +51,7 @@ kafka_version() {
 }
 
 port_open() {
-  timeout 2 bash -c "exec 3<>/dev/tcp/${KAFKA_HOST}/${KAFKA_PORT}" 2>/dev/null
+  timeout 2 bash -c "exec 3<>/dev/tcp/${KAFKA_HOST}/${1:-${KAFKA_PORT}}" 2>/dev/null
 }
 
 # Prints the pid of our broker if it is running, else nothing (and returns 1).
@@ -105,10 +115,33 @@ ensure_libs() {
   log "fetched $(find "${LIBS_DIR}" -name '*.jar' | wc -l) jars into .local/kafka/libs in $((SECONDS - t0)) s"
 }
 
+# The broker's properties: the repo's, with log.dirs made absolute.
+render_props() {
+  sed "s|^log\\.dirs=.*|log.dirs=${DATA_DIR}|" "${INFRA_DIR}/server.properties"
+}
+
 write_props() {
   mkdir -p "${DATA_DIR}" "${LOG_DIR}"
-  sed "s|^log\\.dirs=.*|log.dirs=${DATA_DIR}|" "${INFRA_DIR}/server.properties" >"${PROPS_FILE}.tmp"
+  render_props >"${PROPS_FILE}.tmp"
   mv "${PROPS_FILE}.tmp" "${PROPS_FILE}"
+}
+
+# Settings only: no comments or blank lines, sorted.
+settings_of() {
+  { grep -v -E '^[[:space:]]*([#!]|$)' || true; } | sort
+}
+
+# Whether the running broker's properties (.local/kafka/server.properties, written when it
+# was started) set what infra/kafka/server.properties sets now.
+props_current() {
+  [[ -f "${PROPS_FILE}" ]] || return 1
+  cmp -s <(render_props | settings_of) <(settings_of <"${PROPS_FILE}")
+}
+
+# The settings that differ (running broker vs. repo), one per line, for the log.
+props_diff() {
+  diff <(settings_of <"${PROPS_FILE}" 2>/dev/null) <(render_props | settings_of) \
+    | grep -E '^[<>]' | sed 's/^</    running:/; s/^>/    repo:   /' || true
 }
 
 java_base() {
@@ -179,7 +212,7 @@ wait_ready() {
       show_log_tail
       return 1
     fi
-    if port_open && started_since "${offset}"; then
+    if port_open && port_open "${KAFKA_PROXIED_PORT}" && started_since "${offset}"; then
       return 0
     fi
     sleep 1
@@ -191,6 +224,12 @@ wait_ready() {
 
 cmd_start() {
   local pid
+  if pid="$(running_pid)" && ! props_current; then
+    log "broker (pid ${pid}) runs with other settings than infra/kafka/server.properties:"
+    props_diff
+    log "restarting it with the repo's (data in .local/kafka/data is kept)"
+    cmd_stop
+  fi
   if pid="$(running_pid)"; then
     if port_open; then
       log "already running (pid ${pid}) on ${KAFKA_HOST}:${KAFKA_PORT}"
@@ -205,6 +244,9 @@ cmd_start() {
   fi
   if port_open; then
     log "something is already answering on ${KAFKA_HOST}:${KAFKA_PORT} (not started by this script); using it"
+    if ! port_open "${KAFKA_PROXIED_PORT}"; then
+      log "WARNING: it has no PROXIED listener on ${KAFKA_HOST}:${KAFKA_PROXIED_PORT}; tests through toxiproxy cannot reach it"
+    fi
     return 0
   fi
 
@@ -277,8 +319,15 @@ cmd_status() {
   if port_open; then
     if pid="$(running_pid)"; then
       log "running (pid ${pid}) on ${KAFKA_HOST}:${KAFKA_PORT}"
+      if ! props_current; then
+        log "WARNING: with other settings than infra/kafka/server.properties (\`bash scripts/kafka.sh start\` restarts it with the repo's):"
+        props_diff
+      fi
     else
       log "answering on ${KAFKA_HOST}:${KAFKA_PORT} (not started by this script)"
+    fi
+    if ! port_open "${KAFKA_PROXIED_PORT}"; then
+      log "WARNING: no PROXIED listener on ${KAFKA_HOST}:${KAFKA_PROXIED_PORT} (toxiproxy's upstream)"
     fi
     return 0
   fi

@@ -11,6 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.integration.harness import BOOTSTRAP, MYSQL_URL, Pipeline
+from tests.integration.toxiproxy import Toxiproxy
 
 
 async def _check_services() -> list[str]:
@@ -49,3 +50,20 @@ async def pipeline(services, tmp_path):
     yield p
     p.stop_all()
     await p.drop_table()
+
+
+@pytest.fixture
+def kafka_proxy(services):
+    """Toxiproxy's proxy "kafka" (tests/integration/toxiproxy.py), enabled and without
+    toxics, and again so after the test: clients bootstrapping at PROXIED_BOOTSTRAP reach
+    Kafka only through it. From `make toxiproxy` (make test and make integration start it)."""
+    client = Toxiproxy()
+    problems = client.problems()
+    if problems:
+        message = "toxiproxy from `make toxiproxy` is not usable: " + "; ".join(problems)
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    proxy = client.kafka()
+    yield proxy
+    proxy.reset()
