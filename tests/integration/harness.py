@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,12 +15,15 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import orjson
 from aiokafka import TopicPartition
 from aiokafka.admin import NewTopic
+from aiokafka.protocol.group import MemberAssignment, ProtocolMetadata
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from coupon_stream.connectors import clients
+from coupon_stream.connectors.kafka import PartitionReader
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.tools import status
 from coupon_stream.tools.rescale import state_committed
@@ -57,12 +61,35 @@ class Worker:
     proc: subprocess.Popen
     log: Path
     port: int
+    # SIGSTOPped by `Pipeline.freeze`: alive (poll() is None) but silent, and deaf to any
+    # signal but SIGKILL until `thaw`. Its web port accepts connections and never answers.
+    frozen: bool = False
 
     def tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return "<no log>"
+
+    def lines(self, pattern: re.Pattern[str]) -> list[str]:
+        """The lines of the worker's log that `pattern` matches (searched anywhere in a line)."""
+        try:
+            text = self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        return [line for line in text.splitlines() if pattern.search(line)]
+
+
+@dataclass(frozen=True)
+class Member:
+    """A member of a consumer group, as the group coordinator describes it."""
+
+    member_id: str
+    url: str  # Faust's canonical URL (http://host:web port): which worker it is; "" if none
+    assignment: dict[str, list[int]]  # topic -> partitions (empty while rebalancing)
+
+    def is_worker(self, worker: Worker) -> bool:
+        return self.url.endswith(f":{worker.port}")
 
 
 @dataclass
@@ -172,6 +199,8 @@ class Pipeline:
     def kill(self, worker: Worker, sig: int = signal.SIGKILL) -> None:
         if worker.proc.poll() is None:
             os.killpg(worker.proc.pid, sig)
+            if worker.frozen:  # a stopped process handles no signal until it runs again
+                self.thaw(worker)
             try:
                 worker.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -182,12 +211,45 @@ class Pipeline:
         for w in self.workers:
             self.kill(w, signal.SIGTERM)
 
+    def freeze(self, worker: Worker) -> None:
+        """SIGSTOP the worker's process group: no heartbeat, no I/O, state kept (a long GC
+        pause, a stalled VM); the group drops it after COUPON_SESSION_TIMEOUT."""
+        os.killpg(worker.proc.pid, signal.SIGSTOP)
+        worker.frozen = True
+
+    def thaw(self, worker: Worker) -> None:
+        """SIGCONT a frozen worker: it goes on from the instruction where it stopped."""
+        os.killpg(worker.proc.pid, signal.SIGCONT)
+        worker.frozen = False
+
     def assert_workers_alive(self) -> None:
+        # A frozen worker counts as alive: Popen.poll() reports only an exit, not a stop.
         for w in self.workers:
             if w.proc.poll() is not None and w.proc.returncode not in (-9, -15, 0):
                 raise AssertionError(f"worker exited with {w.proc.returncode}:\n{w.tail()}")
 
     # -- observation -----------------------------------------------------------------------
+
+    async def group_members(self, group: str | None = None) -> list[Member]:
+        """The members of a consumer group (default: the state group, `<app>`), described
+        by its coordinator as `tools/rescale.py` does; the intake group's have no url."""
+        admin = clients.admin(self.admin)
+        await admin.start()
+        try:
+            # One group a request: aiokafka misreads a response describing several.
+            (described,) = await admin.describe_consumer_groups([group or self.app])
+        finally:
+            await admin.close()
+        members = []
+        for *_, described_members in described.groups:
+            for member_id, _client, _host, metadata, assignment in described_members:
+                try:
+                    url = str(orjson.loads(ProtocolMetadata.decode(metadata).user_data)["url"])
+                except (ValueError, KeyError, TypeError):
+                    url = ""  # not a Faust member
+                topics = MemberAssignment.decode(assignment).assignment if assignment else []
+                members.append(Member(member_id, url, {t: sorted(ps) for t, ps in topics}))
+        return members
 
     async def lag(self) -> dict[TopicPartition, int]:
         """Messages not yet committed by the service's consumer groups, per partition."""
@@ -253,6 +315,7 @@ class Pipeline:
         try:
             async with engine.begin() as conn:
                 await conn.execute(text(f"DROP TABLE IF EXISTS `{self.table}`"))
+                await conn.execute(text(f"DROP TABLE IF EXISTS `{self.table}_fence`"))
         finally:
             await engine.dispose()
 
@@ -334,9 +397,20 @@ class Pipeline:
         raise AssertionError("worker never ready:\n" + worker.tail())
 
     async def changelog_size(self) -> int:
-        """Records in the state tables' changelog topics (end offsets summed)."""
-        s = self.settings
-        return sum([await status.records_in(s, t) for t in s.changelog_topics.values()])
+        """Records in the state tables' changelog topics, read committed (end offsets would
+        count each transaction's marker too)."""
+        s = self.admin
+        reader = PartitionReader(s)
+        total = 0
+        try:
+            for topic in s.changelog_topics.values():
+                ends = await reader.end_offsets(topic, range(s.partitions))
+                ranges = {p: (0, end) for p, end in ends.items()}
+                async for _, records, _ in reader.batches(topic, ranges):
+                    total += len(records)
+        finally:
+            await reader.stop()
+        return total
 
     async def metric(self, worker: Worker, name: str, **labels: str) -> float:
         """Sum of a Prometheus metric's samples on one worker's /metrics, matching `labels`."""
