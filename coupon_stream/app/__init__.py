@@ -17,7 +17,9 @@ moving), `tail_repair.py` (messages the consumer skipped), `observe.py` (gauges,
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
+import signal
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -115,6 +117,7 @@ class CouponStream:
         self.intake = Intake(s, self.out)
         self.state_agent = self.app.agent(self.by_buyer, name="state")(self._apply)
         self.app.task(self._run_intake)
+        self.app.task(self._on_dump_signal)
         engine.on_before_shutdown(self.app, self._stop_out)
         topic = self.by_buyer.get_topic_name()
         self.restorer = Restorer(
@@ -145,6 +148,19 @@ class CouponStream:
     async def _on_restored(self, event: Event) -> None:
         """Counts changelog records Faust's own recovery read (what the bulk restore left)."""
         metrics.STATE_RESTORED.inc()
+
+    async def _on_dump_signal(self) -> None:
+        """`kill -USR1 <pid>` logs the stack of every task of the worker: what it waits for."""
+
+        def dump() -> None:
+            tasks = asyncio.all_tasks()
+            log.warning("SIGUSR1: %d tasks", len(tasks))
+            for task in tasks:
+                out = io.StringIO()
+                task.print_stack(limit=30, file=out)
+                log.warning("task %s:\n%s", task.get_name(), out.getvalue())
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump)
 
     async def _run_intake(self) -> None:
         try:

@@ -279,9 +279,16 @@ class ChangelogWriter:
             client_id=f"{self.settings.app_id}-changelog-{partition}",
         )
         try:
-            await producer.start()  # InitProducerId: the broker bumps the id's epoch
+            async with asyncio.timeout(TRANSACTION_SECONDS):
+                await producer.start()
+                # Returns once InitProducerId is answered: the broker has bumped the id's
+                # epoch and ended the older producer's open transaction. (An empty
+                # transaction is aborted without a request.)
+                await producer.begin_transaction()
+                await producer.abort_transaction()
         except BaseException:
-            await producer.stop()
+            async with asyncio.timeout(TRANSACTION_SECONDS):
+                await producer.stop()
             raise
         self._producers[partition] = producer
 

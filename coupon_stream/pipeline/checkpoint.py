@@ -140,7 +140,7 @@ class Checkpointer:
             await self._acknowledge(snap.pending.tokens, committed)
             if not committed:
                 # Not ours any more: whoever owns them next replays them.
-                await self.stage.forget()
+                await self._forget()
             else:
                 for partition in snap.pending.next_offset:
                     self.stalls.committed(partition)
@@ -154,6 +154,15 @@ class Checkpointer:
             metrics.SINK_PENDING.set(self.stage.pending.rows())
             metrics.CHECKPOINT_SECONDS.observe(time.perf_counter() - started)
             return True
+
+    async def _forget(self) -> None:
+        """Start the partitions over from the committed offset, this checkpoint's messages
+        and those applied while it ran alike: all released, none acknowledged.
+
+        A message left neither would hold Faust's rebalance in `wait_empty` for good: the
+        worker would never join its group again, nor stop on SIGTERM.
+        """
+        await self._acknowledge(await self.stage.forget(), False)
 
     def _wanted(self, snap: _Snapshot) -> bool:
         """Whether a failing write is still worth retrying: not once a rebalance has begun.
@@ -173,7 +182,7 @@ class Checkpointer:
         )
         self._release(snap)
         await self._acknowledge(snap.pending.tokens, False)
-        await self.stage.forget()
+        await self._forget()
         return False
 
     async def _drop(self, snap: _Snapshot, lost: NotHeld, rows: int) -> bool:
@@ -201,7 +210,7 @@ class Checkpointer:
         self.stalls.failed(lost.partition, str(lost))
         self._release(snap)
         await self._acknowledge(snap.pending.tokens, False)
-        await self.stage.forget()
+        await self._forget()
         return False
 
     async def _snapshot(self) -> _Snapshot:

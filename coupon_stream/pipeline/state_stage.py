@@ -45,7 +45,7 @@ from coupon_stream.core.state import (
     retention_cutoff,
 )
 from coupon_stream.foundation import metrics
-from coupon_stream.foundation.errors import NotHeld, retry
+from coupon_stream.foundation.errors import GivenUp, NotHeld, retry
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.fencing import Claims
 
@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 # A partition that delivered nothing for this long while its log holds more is read back.
 QUIET_SECONDS = 10.0
+# One attempt to read a range of by-buyer messages back (the brokers may not answer).
+READ_SECONDS = 30.0
 
 
 class StateFormatError(RuntimeError):
@@ -318,18 +320,30 @@ class StateStage:
                 "COUPON_DATA_DIR and replay the input (docs/design.md, 'Migrating state')"
             )
         s = self.settings
-        await retry(
-            partial(self.claims.claim, partition),
-            failed=lambda exc, _: log.warning(
-                "partition %d not claimed, again: %r", partition, exc
-            ),
-        )
-        broker = await retry(
-            partial(self.reader.committed, s.app_id, s.by_buyer_topic, partition),
-            failed=lambda exc, _: log.warning(
-                "committed offset of partition %d not read, again: %r", partition, exc
-            ),
-        )
+        assignment = self.assignment()
+        if assignment is None:
+            raise NotHeld(partition, "a rebalance is running")
+
+        def wanted() -> bool:  # not once a rebalance began: the partition may be gone
+            return self.assignment() == assignment
+
+        try:
+            await retry(
+                partial(self.claims.claim, partition),
+                wanted=wanted,
+                failed=lambda exc, _: log.warning(
+                    "partition %d not claimed, again: %r", partition, exc
+                ),
+            )
+            broker = await retry(
+                partial(self.reader.committed, s.app_id, s.by_buyer_topic, partition),
+                wanted=wanted,
+                failed=lambda exc, _: log.warning(
+                    "committed offset of partition %d not read, again: %r", partition, exc
+                ),
+            )
+        except GivenUp:
+            raise NotHeld(partition, "a rebalance began while it was being claimed") from None
         if not await self.confirm(partition, broker or 0):
             raise NotHeld(partition, "the group's generation this worker joined is gone")
         if (broker or 0) != (committed or 0):
@@ -363,7 +377,27 @@ class StateStage:
         """The messages in [start, end) the consumer did not deliver, from Kafka."""
         if start >= end:
             return []
-        skipped = await self.reader.read(self.settings.by_buyer_topic, partition, start, end)
+        assignment = self.assignment()
+
+        async def read() -> list[tuple[int, bytes, int]]:
+            async with asyncio.timeout(READ_SECONDS):
+                return await self.reader.read(self.settings.by_buyer_topic, partition, start, end)
+
+        try:  # under the apply lock: never longer than the partition stays this worker's
+            skipped = await retry(
+                read,
+                wanted=lambda: assignment is not None and self.assignment() == assignment,
+                failed=lambda exc, delay: log.warning(
+                    "partition %d: offsets %d..%d not read back, again in %.1f s: %r",
+                    partition,
+                    start,
+                    end - 1,
+                    delay,
+                    exc,
+                ),
+            )
+        except GivenUp:
+            raise NotHeld(partition, "a rebalance began while messages were read back") from None
         metrics.SKIPPED_REAPPLIED.inc(len(skipped))
         log.warning(
             "%s[%d]: offsets %d..%d were not delivered by the consumer %s (%d message(s)); "

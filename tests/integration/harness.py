@@ -181,13 +181,14 @@ class Pipeline:
 
     # -- workers ---------------------------------------------------------------------------
 
-    def start_worker(self, index: int | None = None) -> Worker:
+    def start_worker(self, index: int | None = None, env: dict[str, str] | None = None) -> Worker:
+        """A worker process; `env` overrides this one's settings (e.g. its COUPON_BROKER)."""
         index = len(self.workers) if index is None else index
         port = free_port()
         log = self.tmp / f"worker{index}-{len(self.workers)}.log"
         proc = subprocess.Popen(
             [*WORKER, "--loglevel", "info", "--web-port", str(port)],
-            env=self.env(index, port),
+            env=self.env(index, port) | (env or {}),
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
             start_new_session=True,

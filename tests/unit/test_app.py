@@ -154,3 +154,43 @@ async def test_a_partition_moved_away_before_the_commit_is_left_out_of_it(stream
     # 1: 0 is the session's claim check (the group's own offset committed again), no more
     assert group(stream).committed() == {0: 1, 1: 0}
     assert stream.app.consumer._committed_offset.get(TP(topic, 1)) in (None, 0)
+
+
+async def test_a_fenced_checkpoint_releases_it_and_what_was_applied_meanwhile(stream):
+    """Faust's rebalance waits until every message it delivered is acknowledged or released:
+    one forgotten after a dropped checkpoint would keep the worker out of its group for good."""
+    sink = stream.sink
+    write = sink.write
+    first, second = batch(row("o1", 1, "x")), batch(row("o2", 2, "x"))
+    stream.reader.log.update({(0, 0): first, (0, 1): second})  # the by-buyer log, read back
+    applied: list[object] = []
+    released: list[object] = []
+    add, acknowledge = stream.stage.add, stream.checkpointer._acknowledge
+
+    async def add_recorded(raw, partition, offset, token, *args, **kwargs):
+        applied.append(token)
+        await add(raw, partition, offset, token, *args, **kwargs)
+
+    async def acknowledge_recorded(tokens, committed):
+        released.extend(t for t in tokens if not committed)
+        await acknowledge(tokens, committed)
+
+    stream.stage.add = add_recorded
+    stream.checkpointer._acknowledge = acknowledge_recorded
+    async with stream.state_agent.test_context() as agent:
+        await agent.put(first, partition=0)
+
+        async def fenced_meanwhile(rows, still_wanted=None, epochs=None):
+            await agent.put(second, partition=0)  # applied meanwhile
+            await sink.claim(0)  # a newer owner claims the partition
+            return await write(rows, still_wanted, epochs)
+
+        sink.write = fenced_meanwhile
+        await stream.checkpoint()
+        assert sink.table == {}
+        assert len(applied) == 2 and all(t in released for t in applied)
+        assert group(stream).committed().get(0, 0) == 0
+        assert metrics.CHECKPOINTS_FENCED.labels("fenced")._value.get() >= 1
+        sink.write = write
+        await put(stream, agent, batch(row("o3", 3, "x")), partition=0)  # claimed again
+    assert sink.table[(5, 20261111)].cumulate_amount == 6  # all three, once each (replayed)
