@@ -28,10 +28,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SESSION_TIMEOUT = 10.0  # COUPON_SESSION_TIMEOUT's default
 
 
-async def load(p, orders=65_000, seed=1, in_parts=(3, 2), parts=1):
+async def load(p, orders=65_000, seed=1, in_parts=(3, 2), parts=1, skew="uniform"):
     """Create topics and make the input; produce it now, or return `parts` slices to send."""
     await p.create_topics(*in_parts)
-    data = generate(orders, seed=seed)
+    data = generate(orders, seed=seed, skew=skew)
     messages = [(p.orders_topic, None, orjson.dumps(o)) for o in data.orders]
     messages += [(p.refunds_topic, None, orjson.dumps(r)) for r in data.refunds]
     bad = [(p.orders_topic, None, b) for b in BAD_ORDERS]

@@ -1,0 +1,110 @@
+"""A worker cut off from the brokers while the database stays reachable: fenced, then back.
+
+Worker A reaches Kafka only through toxiproxy (tests/integration/toxiproxy.py); worker B,
+the test and MariaDB do not. A's link is cut or held past the session timeout while A has
+a checkpoint in flight and input flows; B takes A's partitions over and finishes. When the
+link heals, A's checkpoint must land nowhere, A must join again and hold partitions, and
+the table must equal the reference SQL. A slow link and connection resets along the way
+must change nothing but speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tests import reference
+from tests.integration.harness import Pipeline, Worker, record
+from tests.integration.test_faults import SESSION_TIMEOUT, load
+from tests.integration.toxiproxy import PROXIED_BOOTSTRAP
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+CUT_FOR = SESSION_TIMEOUT + 8  # the group has dropped A and B owns its partitions
+BACK_WITHIN = SESSION_TIMEOUT + 10  # A holds partitions again this soon after the link heals
+
+
+async def held_by(p: Pipeline, worker: Worker) -> list[int] | None:
+    """The by-buyer partitions the worker holds as a member of the state group; None if it
+    is not a member."""
+    for m in await p.group_members():
+        if m.is_worker(worker):
+            return m.assignment.get(p.by_buyer_topic, [])
+    return None
+
+
+async def wait_for(condition, timeout: float, what: str) -> float:  # noqa: ANN001
+    began = time.monotonic()
+    while not await condition():
+        assert time.monotonic() - began < timeout, f"not within {timeout:.0f} s: {what}"
+        await asyncio.sleep(0.25)
+    return time.monotonic() - began
+
+
+@pytest.mark.parametrize("fault", ["cut", "hold"])
+async def test_a_worker_cut_off_from_kafka_is_fenced_and_comes_back(pipeline, kafka_proxy, fault):
+    """`cut`: A's packets dropped (a timeout toxic), its connections closed when the link
+    heals; `hold`: delivered late, in order, on the same connections (A's transaction commit
+    reaches the broker after B's claim)."""
+    p = pipeline
+    p.partitions = 8
+    data, bad, thirds = await load(p, orders=40_000, in_parts=(4, 4), parts=3, skew="zipf")
+    expected = reference.evaluate(data.orders, data.refunds)
+    a = p.start_worker(0, env={"COUPON_BROKER": f"kafka://{PROXIED_BOOTSTRAP}"})
+    b = p.start_worker(1)
+    await p.wait_ready(a)
+    await p.wait_ready(b)
+
+    with kafka_proxy.latency(150, jitter=50):  # a slow link: slower, nothing else
+        await p.produce(thirds[0])
+        await p.wait_quiescent()
+    with kafka_proxy.reset_peer():  # connections reset on their next request
+        await asyncio.sleep(3)
+    await p.wait_ready(a, timeout=60)
+
+    # A is busy when its link goes: thousands of rows wait for its next checkpoint.
+    producing = asyncio.ensure_future(p.produce(thirds[1]))
+    began = time.monotonic()
+    while await p.metric(a, "coupon_sink_pending_rows") < 500:
+        assert time.monotonic() - began < 60, "A never had rows in flight"
+        await asyncio.sleep(0.02)
+    toxic = kafka_proxy.cut() if fault == "cut" else kafka_proxy.hold()
+    with toxic:
+        cut_at = time.monotonic()
+        await producing
+        await p.produce(thirds[2])  # the input flows on, through B
+        await wait_for(lambda: _not_member(p, a), CUT_FOR + 20, "A dropped from the group")
+        status, body = await p.http_get(a, "/health/ready")
+        await asyncio.sleep(max(0.0, cut_at + CUT_FOR - time.monotonic()))
+        await p.wait_quiescent(timeout=240)  # B alone, A's partitions restored and applied
+        assert await p.table_rows() == expected
+    healed = time.monotonic()
+    cut_s = round(healed - cut_at, 1)
+    assert status == 503 and b"out_of_group" in body, body
+
+    back_s = await wait_for(lambda: _holds(p, a), BACK_WITHIN, "A holding partitions again")
+    await asyncio.sleep(30)
+    assert await p.table_rows() == expected
+    p.assert_workers_alive()
+    fenced = await p.metric(a, "coupon_checkpoints_fenced_total")
+    assert fenced >= 1, "A's checkpoint in flight was not refused:\n" + a.tail(30)
+    assert (await p.http_get(a, "/health/ready"))[0] == 200
+    record(
+        f"network partition ({fault}) of 1 of 2 workers from Kafka past the session timeout",
+        messages=len(data.orders) + len(data.refunds) + len(bad),
+        cut_s=cut_s,
+        back_in_group_with_partitions_s=round(back_s, 1),
+        checkpoints_fenced=fenced,
+        equal=True,
+    )
+    assert sorted(set(v for v, _ in await p.dead_letters())) == sorted(set(bad))
+
+
+async def _not_member(p: Pipeline, worker: Worker) -> bool:
+    return await held_by(p, worker) is None
+
+
+async def _holds(p: Pipeline, worker: Worker) -> bool:
+    return bool(await held_by(p, worker))
