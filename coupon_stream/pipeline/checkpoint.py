@@ -192,10 +192,15 @@ class Checkpointer:
         what = "fenced" if isinstance(lost, Fenced) else "not held"
         metrics.CHECKPOINTS_FENCED.labels(what).inc()
         if isinstance(lost, Fenced):
+            epoch = lost.epoch if lost.epoch is not None else await self.sink.epoch(lost.partition)
             log.warning(
-                "fenced: %s; this worker's checkpoint of %d rows and %d messages is dropped "
-                "(the partition's owner replays them) and its partitions are claimed again",
-                lost,
+                "fenced: partition %d's %s are held by a newer owner (epoch %s, this worker's "
+                "%s); this worker's checkpoint of %d rows and %d messages is dropped (the "
+                "partition's owner replays them) and its partitions are claimed again",
+                lost.partition,
+                lost.what.removeprefix("its "),
+                epoch,
+                self.stage.claims.epochs.get(lost.partition),
                 rows,
                 len(snap.pending.tokens),
             )

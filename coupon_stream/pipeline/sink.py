@@ -399,6 +399,20 @@ class ResultSink:
         )
         return self._sql
 
+    async def epoch(self, partition: int) -> int | None:
+        """This app's epoch of `partition` now, or None (none yet, or the database failing):
+        for the log line of a checkpoint another store fenced."""
+        if self._engine is None:
+            return None
+        try:
+            async with self._engine.connect() as conn:
+                sql = self._sql or self._driver_sql(conn.dialect)
+                found = await conn.exec_driver_sql(sql.epochs(1), (self.app_id, partition))
+                row: Any = found.first()
+        except (SQLAlchemyError, OSError):
+            return None
+        return None if row is None else int(row[1])
+
     async def claim(self, partition: int) -> int:
         """Raise this app's epoch of `partition` and return it (the fence's token).
 

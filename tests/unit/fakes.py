@@ -148,6 +148,9 @@ class FakeSink:
         epoch = self.fence[partition] = self.fence.get(partition, 0) + 1
         return epoch
 
+    async def epoch(self, partition: int) -> int | None:
+        return self.fence.get(partition)
+
     async def write(self, rows: Any, still_wanted: Any = None, epochs: Any = None) -> WriteResult:
         for partition, epoch in (epochs or {}).items():
             if self.fence.get(partition) != epoch:
