@@ -82,14 +82,21 @@ def kafka_refused(
 
 
 def needed(settings: Settings, resource: str) -> str:
-    """The operations one worker needs on a topic or group (README, "ACLs")."""
+    """The operations one worker needs on a topic, group or transactional id (README, "ACLs"),
+    and no more: the prefixes end with a delimiter, so they match no other app's names."""
     s = settings
     if resource in (s.orders_topic, s.refunds_topic):
         return f"READ, DESCRIBE on topic {resource}"
     if resource == s.dlq_topic:
         return f"WRITE, DESCRIBE, CREATE on topic {resource}"
-    if resource.startswith(s.app_id):
-        return f"ALL on topics, groups and transactional ids prefixed {s.app_id}"
+    if resource in (s.app_id, s.intake_group):
+        return f"READ, DESCRIBE on group {resource}"
+    if resource.startswith(f"{s.app_id}-changelog-"):
+        return f"WRITE, DESCRIBE on transactional ids prefixed {s.app_id}-changelog-"
+    if resource.startswith(f"{s.app_id}-"):
+        return (
+            f"READ, WRITE, CREATE, DESCRIBE, DESCRIBE_CONFIGS on topics prefixed {s.app_id}-"
+        )
     return f"nothing on {resource}: check the COUPON_*_TOPIC settings"
 
 

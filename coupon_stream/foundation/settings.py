@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import ssl
 from pathlib import Path
 from typing import Literal
@@ -11,6 +12,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
 from coupon_stream.core.state import STATE_TABLES
+
+APP_ID = re.compile(r"[A-Za-z0-9._-]{1,200}")
+# The result database's drivers: MySQL or MariaDB through asyncmy, SQLite for the demo.
+DB_SCHEMES = ("mysql+asyncmy", "sqlite+aiosqlite")
 
 
 class Settings(BaseSettings):
@@ -104,7 +109,10 @@ class Settings(BaseSettings):
         None, description="PEM client certificate for mutual TLS with the brokers"
     )
     kafka_key_file: Path | None = Field(
-        None, description="PEM private key of kafka_cert_file (unencrypted)"
+        None, description="PEM private key of kafka_cert_file (encrypted: give its password)"
+    )
+    kafka_key_password: SecretStr | None = Field(
+        None, description="password of an encrypted kafka_key_file (a secret: never logged)"
     )
     db_ca_file: Path | None = Field(
         None,
@@ -115,8 +123,35 @@ class Settings(BaseSettings):
         None, description="PEM client certificate for the database (needs db_ca_file)"
     )
     db_key_file: Path | None = Field(
-        None, description="PEM private key of db_cert_file (unencrypted)"
+        None, description="PEM private key of db_cert_file (encrypted: give its password)"
     )
+    db_key_password: SecretStr | None = Field(
+        None, description="password of an encrypted db_key_file (a secret: never logged)"
+    )
+
+    @field_validator("app_id")
+    @classmethod
+    def _app_id(cls, value: str) -> str:
+        """It prefixes Kafka topics, groups and transactional ids: Kafka's characters only,
+        short enough for `<app_id>-payments-by-buyer` and the changelogs' names."""
+        if not APP_ID.fullmatch(value):
+            raise ValueError(
+                "must be 1 to 200 of the characters Kafka allows in a topic name: "
+                "letters, digits, '.', '_' and '-'"
+            )
+        return value
+
+    @field_validator("db_url")
+    @classmethod
+    def _db_scheme(cls, value: SecretStr) -> SecretStr:
+        """Refuse at start a URL the sink has no driver for (not later, with a traceback)."""
+        scheme = value.get_secret_value().partition("://")[0]
+        if scheme not in DB_SCHEMES:
+            raise ValueError(
+                f"COUPON_DB_URL's scheme {scheme!r} is not supported: use "
+                + " or ".join(f"{s}://" for s in DB_SCHEMES)
+            )
+        return value
 
     @field_validator("broker")
     @classmethod
@@ -151,6 +186,7 @@ class Settings(BaseSettings):
             "COUPON_KAFKA_CA_FILE": self.kafka_ca_file,
             "COUPON_KAFKA_CERT_FILE": self.kafka_cert_file,
             "COUPON_KAFKA_KEY_FILE": self.kafka_key_file,
+            "COUPON_KAFKA_KEY_PASSWORD": self.kafka_key_password,
         }
         if not tls and any(files.values()):
             named = ", ".join(name for name, path in files.items() if path)
@@ -159,7 +195,7 @@ class Settings(BaseSettings):
                 "TLS: use SSL or SASL_SSL, or remove them"
             )
         if tls:
-            tls_context(*files.items())  # refuses a missing or unreadable file by its name
+            self.kafka_tls()  # refuses a missing or unreadable file by its name
         return self
 
     @model_validator(mode="after")
@@ -168,6 +204,7 @@ class Settings(BaseSettings):
             "COUPON_DB_CA_FILE": self.db_ca_file,
             "COUPON_DB_CERT_FILE": self.db_cert_file,
             "COUPON_DB_KEY_FILE": self.db_key_file,
+            "COUPON_DB_KEY_PASSWORD": self.db_key_password,
         }
         if not any(files.values()):
             return self
@@ -178,7 +215,7 @@ class Settings(BaseSettings):
                 "COUPON_DB_CERT_FILE/COUPON_DB_KEY_FILE need COUPON_DB_CA_FILE: a client "
                 "certificate is only sent over TLS whose server certificate is verified"
             )
-        tls_context(*files.items())
+        self.db_tls()
         return self
 
     def kafka_tls(self) -> ssl.SSLContext | None:
@@ -189,6 +226,7 @@ class Settings(BaseSettings):
             ("COUPON_KAFKA_CA_FILE", self.kafka_ca_file),
             ("COUPON_KAFKA_CERT_FILE", self.kafka_cert_file),
             ("COUPON_KAFKA_KEY_FILE", self.kafka_key_file),
+            ("COUPON_KAFKA_KEY_PASSWORD", self.kafka_key_password),
         )
 
     def db_tls(self) -> ssl.SSLContext | None:
@@ -199,6 +237,7 @@ class Settings(BaseSettings):
             ("COUPON_DB_CA_FILE", self.db_ca_file),
             ("COUPON_DB_CERT_FILE", self.db_cert_file),
             ("COUPON_DB_KEY_FILE", self.db_key_file),
+            ("COUPON_DB_KEY_PASSWORD", self.db_key_password),
         )
 
     @property
@@ -244,13 +283,17 @@ def tls_context(
     ca: tuple[str, Path | None],
     cert: tuple[str, Path | None] = ("", None),
     key: tuple[str, Path | None] = ("", None),
+    password: tuple[str, SecretStr | None] = ("", None),
 ) -> ssl.SSLContext:
     """A client TLS context that verifies the server's certificate and hostname, always.
 
-    Each argument is (setting name, path); a file that is missing or not the PEM it should
-    be raises ValueError naming its setting. No CA file means the system trust store.
+    Each argument is (setting name, path or secret); a file that is missing or not the PEM
+    it should be, or a key that does not open with the password given (none: it must not be
+    encrypted), raises ValueError naming its setting. Never asks for a pass phrase on a
+    terminal. No CA file means the system trust store.
     """
     (ca_name, ca_file), (cert_name, cert_file), (key_name, key_file) = ca, cert, key
+    password_name, secret = password
     for name, path, kind in (
         (ca_name, ca_file, "CERTIFICATE"),
         (cert_name, cert_file, "CERTIFICATE"),
@@ -266,17 +309,29 @@ def tls_context(
             raise ValueError(f"{name}={path}: not a PEM file with a {kind}")
     if key_file is not None and cert_file is None:
         raise ValueError(f"{key_name} given without {cert_name}")
+    if secret is not None and key_file is None:
+        raise ValueError(f"{password_name} given without {key_name}")
     try:
         # With a CA file only that CA is trusted; without, the system's.
         context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     except ssl.SSLError as exc:
         raise ValueError(f"{ca_name}={ca_file}: not a valid PEM certificate: {exc}") from None
     if cert_file is not None:
+        # A callable, never None: OpenSSL would prompt on a terminal for an encrypted key.
+        given = b"" if secret is None else secret.get_secret_value().encode()
         try:
-            context.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
-        except ssl.SSLError as exc:
+            context.load_cert_chain(
+                str(cert_file), str(key_file) if key_file else None, password=lambda: given
+            )
+        except (ssl.SSLError, OSError) as exc:
+            encrypted = key_file is not None and b"ENCRYPTED" in key_file.read_bytes()
+            if encrypted and secret is None:
+                why = f"the key is encrypted: set {password_name}"
+            elif encrypted:
+                why = f"the key does not open with {password_name}"
+            else:
+                why = "not a certificate and its private key"
             raise ValueError(
-                f"{cert_name}={cert_file} and {key_name}={key_file}: not a certificate and its "
-                f"unencrypted private key: {exc}"
+                f"{cert_name}={cert_file} and {key_name}={key_file}: {why} ({exc})"
             ) from None
     return context

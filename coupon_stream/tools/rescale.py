@@ -44,7 +44,9 @@ from typing import Any
 import orjson
 from aiokafka import TopicPartition
 from aiokafka.admin import NewTopic
+from aiokafka.errors import for_code
 from aiokafka.structs import OffsetAndMetadata
+from pydantic import ValidationError
 
 from coupon_stream.connectors import clients
 from coupon_stream.connectors.kafka import ChangelogWriter, KafkaOut, PartitionReader, behind
@@ -86,7 +88,7 @@ class Mark:
     partitions: int
     done: list[int] = field(default_factory=list)
     records: int = 0
-    watermark: Any = None  # the newest old partition's watermark value (retention)
+    watermark: int | None = None  # the newest effect_time of the old partitions (retention)
     finished: bool = False
 
     def encode(self) -> bytes:
@@ -98,8 +100,17 @@ class Mark:
 
 
 def target(settings: Settings, app_id: str, partitions: int) -> Settings:
-    """The new app's settings: the old ones with another app id and partition count."""
-    return settings.model_copy(update={"app_id": app_id, "partitions": partitions})
+    """The new app's settings: the old ones with another app id and partition count,
+    validated as a worker would validate them (RescaleRefused, naming the argument)."""
+    values = {name: getattr(settings, name) for name in Settings.model_fields}
+    try:
+        return Settings.model_validate(values | {"app_id": app_id, "partitions": partitions})
+    except ValidationError as exc:
+        (error, *_) = exc.errors()
+        where = {"app_id": "--to-app-id", "partitions": "--partitions"}.get(
+            ".".join(map(str, error["loc"])), "the settings"
+        )
+        raise RescaleRefused(f"{where}: {error['msg']}") from None
 
 
 def mark_topic(settings: Settings) -> str:
@@ -114,6 +125,7 @@ async def rescale(
 ) -> Mark:
     """Run (or go on with) the rescale of `settings.app_id` to `to_app_id`; the final mark."""
     say = say or (lambda line: print(line, flush=True))  # progress, even into a pipe
+    # Every argument is checked before anything is written anywhere.
     old, new = settings, target(settings, to_app_id, partitions)
     if new.app_id == old.app_id:
         raise RescaleRefused("--to-app-id must differ from COUPON_APP_ID")
@@ -192,6 +204,22 @@ async def retire(old: Settings) -> None:
         await sink.stop()
 
 
+def live_groups(described: list[tuple[Any, ...]]) -> list[str]:
+    """The groups of a DescribeGroups response that have members: (error code, group,
+    state, protocol type, protocol, members, ...) each. A group the coordinator could not
+    describe (loading, moved, not authorized) has no members listed but may have some:
+    RescaleRefused, with the broker's reason."""
+    for code, group, *_ in described:
+        if code:
+            error = for_code(code)
+            raise RescaleRefused(
+                f"consumer group {group} could not be described ({error.__name__}: "
+                f"{error.description}); whether a worker of it is still running is unknown. "
+                "Run the same command again in a moment"
+            )
+    return [g[1] for g in described if g[5]]
+
+
 async def refuse_live_or_lagging(old: Settings) -> None:
     admin = clients.admin(old)
     await admin.start()
@@ -200,7 +228,7 @@ async def refuse_live_or_lagging(old: Settings) -> None:
         for group in (old.app_id, old.intake_group):
             # One group a request: aiokafka misreads a response describing several.
             (described,) = await admin.describe_consumer_groups([group])
-            live += [g[1] for g in described.groups if g[5]]  # (.., group, .., members)
+            live += live_groups(described.groups)
     finally:
         await admin.close()
     if live:
@@ -421,9 +449,10 @@ def at_start(value: Any) -> bytes:
     return Versioned(0, 0, value, None).encode()
 
 
-def newest(a: Any, b: Any) -> Any:
-    """The later of two watermark values (`[_, newest effect_time, ...]`), None if neither."""
-    if a is None or (b is not None and b[1] > a[1]):
+def newest(a: int | None, b: int | None) -> int | None:
+    """The later of two watermarks (the newest effect_time a partition saw, as the state
+    stage stores it: an int), None if neither."""
+    if a is None or (b is not None and b > a):
         return b
     return a
 

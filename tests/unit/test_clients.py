@@ -150,7 +150,15 @@ def test_an_acl_refusal_names_what_the_worker_needs() -> None:
     group = clients.kafka_refused(
         s, errors.GroupAuthorizationFailedError("shop-intake"), "running the intake"
     )
-    assert "ALL on topics, groups and transactional ids prefixed shop" in str(group)
+    assert "the worker needs READ, DESCRIBE on group shop-intake (README" in str(group)
+    topic = clients.kafka_refused(
+        s, errors.TopicAuthorizationFailedError({"shop-payments-by-buyer"}), "checkpointing"
+    )
+    assert "READ, WRITE, CREATE, DESCRIBE, DESCRIBE_CONFIGS on topics prefixed shop-" in str(topic)
+    fence = clients.kafka_refused(
+        s, errors.TransactionalIdAuthorizationFailed("shop-changelog-3"), "claiming"
+    )
+    assert "WRITE, DESCRIBE on transactional ids prefixed shop-changelog-" in str(fence)
     assert clients.kafka_refused(s, errors.KafkaConnectionError("down"), "x") is None
 
 

@@ -162,3 +162,17 @@ def test_the_secured_compose_variant_is_settings_the_worker_accepts(tmp_path):
     s = Settings(**{k[len("COUPON_") :].lower(): v for k, v in values.items()})
     assert s.kafka_security_protocol == "SASL_SSL" and s.kafka_tls() is not None
     assert s.db_tls() is not None
+
+
+def test_the_secured_variant_s_secrets_are_never_committed():
+    """docker-compose.secured.yml asks for `.env` and `secrets/` next to the code: git must
+    ignore both, or a `git add .` commits a password and private keys."""
+    import subprocess
+
+    said = (ROOT / "docker-compose.secured.yml").read_text()
+    assert ".env" in said and "secrets/" in said
+    for path in (".env", "secrets/kafka-ca.pem", "secrets/client.key"):
+        ignored = subprocess.run(
+            ["git", "check-ignore", "--no-index", "-q", path], cwd=ROOT, check=False
+        )
+        assert ignored.returncode == 0, f"{path} is not ignored by git"

@@ -3,10 +3,23 @@ at offset 0, the watermark and the progress mark (the whole run: tests/integrati
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+
 from coupon_stream.core.records import partition_for_buyer
 from coupon_stream.core.state import Versioned, buyer_of_key, day_key, entry_key
 from coupon_stream.foundation.settings import Settings
-from coupon_stream.tools.rescale import Mark, as_of, at_start, mark_topic, newest, target
+from coupon_stream.tools.rescale import (
+    Mark,
+    RescaleRefused,
+    as_of,
+    at_start,
+    mark_topic,
+    newest,
+    rescale,
+    target,
+)
 
 
 def test_a_value_is_read_as_a_takeover_reads_it():
@@ -30,17 +43,59 @@ def test_every_state_key_names_its_buyer_and_so_its_new_partition():
         assert 0 <= partition_for_buyer(buyer, 12) < 12
 
 
-def test_the_newest_watermark_wins():
+def test_the_newest_watermark_wins_as_the_state_stage_stores_it():
+    """The watermark the state stage keeps (an int), not a list: `newest` indexed it once,
+    and every rescale with retention on failed (docs/design.md, "Rescaling")."""
+    from coupon_stream.core.state import WATERMARK_KEY
+    from tests.unit.stagekit import World, r
+
+    world = World(settings=Settings(app_id="unit", partitions=1, state_retention_days=30))
+    world.append([r(day=20261101), r(order="o2", day=20261103)])
+    stage = world.worker()
+    asyncio.run(world.run(stage, every=1))
+    (raw,) = stage.stores["days"].get_many(0, [WATERMARK_KEY])
+    stored = as_of(raw, committed=len(world.log))
+    assert stored == 20261103
     assert newest(None, None) is None
-    assert newest(None, [0, 20261110]) == [0, 20261110]
-    assert newest([0, 20261112], [0, 20261110]) == [0, 20261112]
-    assert newest([0, 20261110], [0, 20261112]) == [0, 20261112]
+    assert newest(None, stored) == stored
+    assert newest(20261112, 20261110) == 20261112
+    assert newest(20261102, stored) == 20261103
 
 
 def test_the_mark_round_trips_and_names_the_new_app():
-    mark = Mark("old", 4, 12, done=[0, 2], records=10, watermark=[0, 20261111])
+    mark = Mark("old", 4, 12, done=[0, 2], records=10, watermark=20261111)
     assert Mark.decode(mark.encode()) == mark
     new = target(Settings(app_id="old", partitions=4), "new", 12)
     assert (new.app_id, new.partitions, new.by_buyer_topic) == ("new", 12, "new-payments-by-buyer")
     assert new.changelog_topics["days"] == "new-days-changelog"
     assert mark_topic(new) == "new-rescale"
+
+
+@pytest.mark.parametrize(
+    ("partitions", "app_id", "said"),
+    [
+        (0, "new", "--partitions: Input should be greater than or equal to 1"),
+        (-3, "new", "--partitions: Input should be greater than or equal to 1"),
+        (4, "bad app/id", "--to-app-id: Value error, must be 1 to 200 of the characters"),
+        (4, "", "--to-app-id: Value error"),
+        (4, "x" * 201, "--to-app-id: Value error"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_is_written(partitions, app_id, said):
+    """Refused before the first request: the broker here does not exist, and the mark topic,
+    the new topics and the fences are never touched."""
+    old = Settings(app_id="old", partitions=4, broker="kafka://127.0.0.1:1")
+    with pytest.raises(RescaleRefused) as refused:
+        asyncio.run(asyncio.wait_for(rescale(old, partitions, app_id), 5))
+    assert str(refused.value).startswith(said)
+
+
+def test_a_group_the_coordinator_could_not_describe_is_no_empty_group():
+    from coupon_stream.tools.rescale import live_groups
+
+    member = ("m-1", "c", "/127.0.0.1", b"", b"")
+    assert live_groups([(0, "old", "Empty", "consumer", "", [])]) == []
+    assert live_groups([(0, "old", "Stable", "consumer", "range", [member])]) == ["old"]
+    for code, name in ((14, "GroupLoadInProgressError"), (30, "GroupAuthorizationFailedError")):
+        with pytest.raises(RescaleRefused, match=f"old could not be described \\({name}"):
+            live_groups([(code, "old", "", "", "", [])])

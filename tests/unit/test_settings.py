@@ -176,3 +176,69 @@ def test_the_cli_names_the_refused_setting_and_nothing_else(monkeypatch, capsys)
         "coupon-stream: configuration refused: Value error, COUPON_KAFKA_SECURITY_PROTOCOL="
         "SASL_SSL needs COUPON_KAFKA_SASL_MECHANISM, COUPON_KAFKA_USERNAME\n"
     )
+
+
+def encrypted_copy(key: Path, password: bytes, to: Path) -> Path:
+    """`key` as an `ENCRYPTED PRIVATE KEY` PEM (PKCS#8, as real estates keep them)."""
+    from cryptography.hazmat.primitives import serialization
+
+    loaded = serialization.load_pem_private_key(key.read_bytes(), None)
+    to.write_bytes(
+        loaded.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(password),
+        )
+    )
+    return to
+
+
+@pytest.mark.parametrize("side", ["kafka", "db"])
+def test_an_encrypted_key_opens_with_its_password_and_is_never_prompted_for(
+    tmp_path, pems, side, monkeypatch, capsys
+):
+    from coupon_stream.tools.cli import EXIT_CONFIG, load_settings
+
+    key = encrypted_copy(pems["client"].key, b"key-s3cret", tmp_path / "encrypted.key")
+    assert b"ENCRYPTED PRIVATE KEY" in key.read_bytes()
+    setting = f"COUPON_{side.upper()}_KEY_PASSWORD"
+    env = {
+        f"COUPON_{side.upper()}_CA_FILE": str(pems["ca"].cert),
+        f"COUPON_{side.upper()}_CERT_FILE": str(pems["client"].cert),
+        f"COUPON_{side.upper()}_KEY_FILE": str(key),
+    }
+    env |= (
+        {"COUPON_KAFKA_SECURITY_PROTOCOL": "SSL"}
+        if side == "kafka"
+        else {"COUPON_DB_URL": "mysql+asyncmy://coupons:pw@db:3306/coupons"}
+    )
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    # No password: refused in one line naming the setting (OpenSSL would otherwise ask on
+    # the terminal, or raise an OSError without one).
+    with pytest.raises(SystemExit) as exited:
+        load_settings()
+    assert exited.value.code == EXIT_CONFIG
+    (line,) = capsys.readouterr().err.splitlines()
+    assert f"the key is encrypted: set {setting}" in line
+    monkeypatch.setenv(setting, "wrong")
+    with pytest.raises(SystemExit):
+        load_settings()
+    (line,) = capsys.readouterr().err.splitlines()
+    assert f"does not open with {setting}" in line and "wrong" not in line
+    monkeypatch.setenv(setting, "key-s3cret")
+    s = load_settings()
+    context = s.kafka_tls() if side == "kafka" else s.db_tls()
+    assert context is not None
+    assert "key-s3cret" not in repr(s) and "key-s3cret" not in str(s)
+
+
+def test_a_database_url_the_sink_cannot_drive_is_refused_at_start(monkeypatch, capsys):
+    from coupon_stream.tools.cli import EXIT_CONFIG, load_settings
+
+    monkeypatch.setenv("COUPON_DB_URL", "postgresql+asyncpg://u:hunter2@db/coupons")
+    with pytest.raises(SystemExit) as exited:
+        load_settings()
+    assert exited.value.code == EXIT_CONFIG
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "scheme 'postgresql+asyncpg' is not supported" in line and "hunter2" not in line
