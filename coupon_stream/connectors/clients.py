@@ -94,9 +94,7 @@ def needed(settings: Settings, resource: str) -> str:
     if resource.startswith(f"{s.app_id}-changelog-"):
         return f"WRITE, DESCRIBE on transactional ids prefixed {s.app_id}-changelog-"
     if resource.startswith(f"{s.app_id}-"):
-        return (
-            f"READ, WRITE, CREATE, DESCRIBE, DESCRIBE_CONFIGS on topics prefixed {s.app_id}-"
-        )
+        return f"READ, WRITE, CREATE, DESCRIBE, DESCRIBE_CONFIGS on topics prefixed {s.app_id}-"
     return f"nothing on {resource}: check the COUPON_*_TOPIC settings"
 
 

@@ -31,6 +31,7 @@ idempotent. The result rows are left alone: they are right, and the new workers 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import multiprocessing
 import os
@@ -71,6 +72,10 @@ log = logging.getLogger(__name__)
 
 MARK_KEY = b"rescale"
 MAX_PROCESSES = 8
+# Buyers whose new partition a process keeps at hand, and record batches it lets wait for
+# Kafka's acknowledgement: what bounds a rescale's memory, whatever the state's size.
+ROUTES_CACHED = 1 << 16
+IN_FLIGHT_BATCHES = 256
 Moved = tuple[int, Any]  # records written, the old partition's watermark value
 NO_SESSION = -1  # no worker session wrote anything: `as_of` reads the committed value
 
@@ -87,6 +92,8 @@ class Mark:
     source_partitions: int
     partitions: int
     done: list[int] = field(default_factory=list)
+    # Per old partition done: what it was moved as of (`positions`), as JSON keys.
+    moved: dict[str, list[int]] = field(default_factory=dict)
     records: int = 0
     watermark: int | None = None  # the newest effect_time of the old partitions (retention)
     finished: bool = False
@@ -142,6 +149,8 @@ async def rescale(
         return mark
     await status.create_internal_topics(new)
     committed = await state_committed(old)
+    now = await positions(old, committed)
+    refuse_moved_since(old, new, mark, now)
     left = [p for p in range(old.partitions) if p not in mark.done]
     out = KafkaOut(new)
     # CPU-bound (the records' bytes pass through Python): a process per core, each moving
@@ -161,6 +170,7 @@ async def rescale(
                 p = running.pop(job)
                 moved, watermark = job.result()
                 mark.done.append(p)
+                mark.moved[str(p)] = now[p]
                 mark.records += moved
                 moved_now += moved
                 mark.watermark = newest(mark.watermark, watermark)
@@ -218,6 +228,39 @@ def live_groups(described: list[tuple[Any, ...]]) -> list[str]:
                 "Run the same command again in a moment"
             )
     return [g[1] for g in described if g[5]]
+
+
+async def positions(old: Settings, committed: dict[int, int]) -> dict[int, list[int]]:
+    """Per old partition, what a move of it is as of: the state group's committed offset and
+    both changelogs' end offsets. The old app is stopped and retired, so they stay put
+    unless its workers run again."""
+    topics = [old.changelog_topics[t] for t in STATE_TABLES]
+    ends = await status.end_offsets_by_topic(old, topics)
+    return {
+        p: [committed.get(p, 0), *(ends[t].get(p, 0) for t in topics)]
+        for p in range(old.partitions)
+    }
+
+
+def refuse_moved_since(old: Settings, new: Settings, mark: Mark, now: dict[int, list[int]]) -> None:
+    """A resumed rescale trusts a partition it moved only if the source is where it was then.
+
+    Between two runs an operator may start the old app's workers again (to end the
+    downtime) and stop them: the partitions moved before hold an older state than the ones
+    moved after, and than the intake offsets copied at the end. Redoing them would leave the
+    keys deleted since in the new changelogs, so the rescale is refused, saying which moved.
+    """
+    since = [
+        f"{p} (committed offset, changelog ends then {mark.moved.get(str(p))}, now {now[p]})"
+        for p in sorted(mark.done)
+        if mark.moved.get(str(p)) != now[p]
+    ]
+    if since:
+        raise RescaleRefused(
+            f"the workers of {old.app_id} have run since this rescale into {new.app_id} "
+            f"began: old partition(s) {'; '.join(since)} moved since they were copied. "
+            f"{new.app_id} holds a stale copy of them: rescale into another --to-app-id"
+        )
 
 
 async def refuse_live_or_lagging(old: Settings) -> None:
@@ -398,8 +441,13 @@ async def move_partition(
     """
     written = 0
     watermark = None
-    sent = []
-    routes: dict[bytes, int] = {}  # a buyer's key prefix -> its new partition
+    sent: list[tuple[asyncio.Future[Any], int]] = []
+
+    @functools.lru_cache(maxsize=ROUTES_CACHED)  # bounded: a state of any number of buyers
+    def route(prefix: bytes) -> int:
+        """A buyer's key prefix -> its new partition (a buyer's keys come together)."""
+        return partition_for_buyer(buyer_of_key(prefix), new.partitions)
+
     for table in STATE_TABLES:
         topic = old.changelog_topics[table]
         end = (await reader.end_offsets(topic, [partition])).get(partition, 0)
@@ -412,13 +460,13 @@ async def move_partition(
                         watermark = as_of(r.value, committed)
                     continue
                 value = None if r.value is None else rebased(r.value, committed)
-                q = routes.get(prefix := key[:BUYER_BYTES])
-                if q is None:
-                    q = routes[prefix] = partition_for_buyer(buyer_of_key(key), new.partitions)
-                routed[q].append((key, value))
+                routed[route(key[:BUYER_BYTES])].append((key, value))
             for q, items in routed.items():
                 sent += await out.send_records(new.changelog_topics[table], q, items)
                 written += len(items)
+            if len(sent) >= IN_FLIGHT_BATCHES:  # their records are freed once acknowledged
+                await asyncio.gather(*(f for f, _ in sent))
+                sent.clear()
     await asyncio.gather(*(f for f, _ in sent))
     return written, watermark
 

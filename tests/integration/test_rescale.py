@@ -100,6 +100,9 @@ async def same_state_as_a_fresh_app(p: Pipeline, rescaled: str, partitions: int,
 async def test_rescale_4_to_12_then_12_to_3_equals_a_fresh_app_and_the_reference(pipeline):
     p = pipeline
     p.partitions = 4
+    # With retention on, as in production: every partition keeps a day watermark, and the
+    # rescale carries the newest one over (up and down).
+    p.extra_env["COUPON_STATE_RETENTION_DAYS"] = "30"
     await p.create_topics(orders=4, refunds=2)
     data = generate(12_000, seed=41)
     messages = messages_of(p, data)
@@ -227,6 +230,61 @@ async def test_a_checkpoint_cut_short_before_the_stop_counts_as_in_a_takeover(pi
     done = await rescale_stopped(p, 6, f"{p.name}-new")
     assert done.returncode == 0, done.stderr
     new = run_app(p, f"{p.name}-new", 6, 2, 10)
+    await p.produce(messages[: half // 2])  # duplicates only: nothing may change
+    await p.wait_quiescent()
+    stop(p, new)
+    assert await p.table_rows() == reference.evaluate(data.orders, data.refunds)
+
+
+class _Interrupted(Exception):
+    """The rescale stopped after its first partition, as a kill would stop it."""
+
+
+async def test_a_resumed_rescale_refuses_partitions_the_old_app_changed_since(pipeline):
+    """Interrupted rescale, old workers restarted to end the downtime, stopped again, the
+    same command again: the partition moved before no longer holds the old app's state, so
+    the rescale is refused, saying which; another target app id then rescales it whole."""
+    from coupon_stream.tools.rescale import RescaleRefused
+    from coupon_stream.tools.rescale import rescale as rescale_now
+
+    p = pipeline
+    p.partitions = 4
+    p.extra_env["COUPON_STATE_RETENTION_DAYS"] = "30"
+    await p.create_topics(orders=2, refunds=2)
+    data = generate(6_000, seed=47)
+    messages = messages_of(p, data)
+    random.Random(47).shuffle(messages)
+    half = len(messages) // 2
+    old_app = f"{p.name}-old"
+    workers = run_app(p, old_app, 4, 1, 0)
+    await p.produce(messages[:half])
+    await p.wait_quiescent()
+    stop(p, workers)
+
+    def after_one(line: str) -> None:
+        if line.startswith("old partition ") and "(1/4 done" in line:
+            raise _Interrupted(line)
+
+    old = p.settings
+    with pytest.raises(_Interrupted):
+        for _ in range(30):  # the stopped worker leaves its groups within a session timeout
+            try:
+                await rescale_now(old, 8, f"{p.name}-new", say=after_one)
+            except RescaleRefused as refused:
+                assert "still have members" in str(refused), refused
+                await asyncio.sleep(1)
+
+    workers = run_app(p, old_app, 4, 1, 0)  # the downtime ended: the old app runs again
+    await p.produce(messages[half:])
+    await p.wait_quiescent()
+    stop(p, workers)
+    again = await rescale_stopped(p, 8, f"{p.name}-new")
+    assert again.returncode == 2, again.stderr
+    assert "moved since they were copied" in again.stderr and "another --to-app-id" in again.stderr
+
+    fresh = await rescale_stopped(p, 8, f"{p.name}-other")
+    assert fresh.returncode == 0, fresh.stderr
+    new = run_app(p, f"{p.name}-other", 8, 2, 10)
     await p.produce(messages[: half // 2])  # duplicates only: nothing may change
     await p.wait_quiescent()
     stop(p, new)
