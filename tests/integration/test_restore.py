@@ -82,6 +82,18 @@ async def test_kill_9_with_the_data_dir_gone_restores_in_bulk_then_replays_count
     data, messages, first, changelog = await processed_then_padded(p, seed=31)
     lose_the_disk(p, first, 0)
 
+    # SIGTERM in the middle of a restore ends the worker well within a container's grace.
+    stopped = p.start_worker(5)
+    began = time.monotonic()
+    while not (await readiness(p, stopped)).get("restoring"):
+        p.assert_workers_alive()
+        assert time.monotonic() - began < 120, stopped.tail()
+        await asyncio.sleep(0.2)
+    began = time.monotonic()
+    p.kill(stopped, signal.SIGTERM)
+    stop_s = time.monotonic() - began
+    assert stopped.proc.returncode == 0 and stop_s < 30, (stop_s, stopped.tail())
+
     fresh = p.start_worker(0)  # the same data dir, now empty
     began = time.monotonic()
     seen_restoring: dict = {}
@@ -115,6 +127,7 @@ async def test_kill_9_with_the_data_dir_gone_restores_in_bulk_then_replays_count
         changelog_records=changelog,
         ready_s=round(ready_s, 1),
         records_per_s=round(changelog / ready_s),
+        sigterm_mid_restore_exit_s=round(stop_s, 1),
         duplicates=duplicates,
         equal=equal,
     )
