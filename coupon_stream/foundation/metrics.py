@@ -120,6 +120,7 @@ CHECKPOINTS_FENCED = Counter(
     "coupon_checkpoints_fenced_total",
     "Checkpoints dropped because a store refused them: `fenced` when a newer owner had claimed "
     "a partition (docs/design.md, 'Fencing'), `not held` when this worker's claim was lost "
-    "(a changelog transaction neither committed nor aborted); their messages are replayed",
+    "(a changelog transaction neither committed nor aborted), `offsets` when the group did "
+    "not take its offsets (a rebalance); their messages are replayed",
     ["why"],
 )

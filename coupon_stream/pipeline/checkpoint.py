@@ -140,6 +140,12 @@ class Checkpointer:
             await self._acknowledge(snap.pending.tokens, committed)
             if not committed:
                 # Not ours any more: whoever owns them next replays them.
+                metrics.CHECKPOINTS_FENCED.labels("offsets").inc()
+                log.warning(
+                    "the group took this checkpoint's offsets no more (its partitions moved "
+                    "or are moving): %d messages are left to their owners, which replay them",
+                    len(snap.pending.tokens),
+                )
                 await self._forget()
             else:
                 for partition in snap.pending.next_offset:
