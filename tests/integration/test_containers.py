@@ -151,7 +151,7 @@ class ContainerPipeline(Pipeline):
         proc = subprocess.Popen(
             cmd, env=podman_env(), stdout=log.open("wb"), stderr=subprocess.STDOUT
         )
-        worker = ContainerWorker(proc, log, port, name)
+        worker = ContainerWorker(proc, log, port, name=name)
         self.workers.append(worker)
         return worker
 
@@ -253,7 +253,11 @@ def test_worker_container_is_healthy_non_root_and_serves_operators_only(deployme
         # No systemd timers here: run the image's HEALTHCHECK by hand, as the timer would.
         deadline = time.monotonic() + 60
         while podman("healthcheck", "run", w.name, check=False).returncode != 0:
-            assert time.monotonic() < deadline, f"HEALTHCHECK never passed:\n{w.tail()}"
+            if time.monotonic() >= deadline:
+                status, body = asyncio.run(p.http_get(w, "/health/ready"))
+                raise AssertionError(
+                    f"HEALTHCHECK never passed: /health/ready {status} {body[:500]!r}\n{w.tail()}"
+                )
             time.sleep(1)
         state = podman("inspect", "--format", "{{.State.Health.Status}}", w.name).stdout
         assert state.strip() == "healthy"
