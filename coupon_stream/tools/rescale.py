@@ -31,7 +31,6 @@ idempotent. The result rows are left alone: they are right, and the new workers 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import multiprocessing
 import os
@@ -75,7 +74,7 @@ MAX_PROCESSES = 8
 # Buyers whose new partition a process keeps at hand, and record batches it lets wait for
 # Kafka's acknowledgement: what bounds a rescale's memory, whatever the state's size.
 ROUTES_CACHED = 1 << 16
-IN_FLIGHT_BATCHES = 256
+IN_FLIGHT_BATCHES = 4096
 Moved = tuple[int, Any]  # records written, the old partition's watermark value
 NO_SESSION = -1  # no worker session wrote anything: `as_of` reads the committed value
 
@@ -443,10 +442,9 @@ async def move_partition(
     watermark = None
     sent: list[tuple[asyncio.Future[Any], int]] = []
 
-    @functools.lru_cache(maxsize=ROUTES_CACHED)  # bounded: a state of any number of buyers
-    def route(prefix: bytes) -> int:
-        """A buyer's key prefix -> its new partition (a buyer's keys come together)."""
-        return partition_for_buyer(buyer_of_key(prefix), new.partitions)
+    # A buyer's key prefix -> its new partition. A buyer's keys mostly come together, so the
+    # map is emptied when full: bounded whatever the number of buyers, and a plain dict.
+    routes: dict[bytes, int] = {}
 
     for table in STATE_TABLES:
         topic = old.changelog_topics[table]
@@ -460,7 +458,12 @@ async def move_partition(
                         watermark = as_of(r.value, committed)
                     continue
                 value = None if r.value is None else rebased(r.value, committed)
-                routed[route(key[:BUYER_BYTES])].append((key, value))
+                q = routes.get(prefix := key[:BUYER_BYTES])
+                if q is None:
+                    if len(routes) >= ROUTES_CACHED:
+                        routes.clear()
+                    q = routes[prefix] = partition_for_buyer(buyer_of_key(key), new.partitions)
+                routed[q].append((key, value))
             for q, items in routed.items():
                 sent += await out.send_records(new.changelog_topics[table], q, items)
                 written += len(items)

@@ -161,6 +161,7 @@ def test_a_rescale_s_memory_does_not_grow_with_the_number_of_buyers(monkeypatch)
     from coupon_stream.tools.rescale import move_partition
 
     monkeypatch.setattr(module, "ROUTES_CACHED", 1000)
+    monkeypatch.setattr(module, "IN_FLIGHT_BATCHES", 50)
 
     old, new = Settings(app_id="old", partitions=4), Settings(app_id="new", partitions=12)
 
