@@ -142,8 +142,8 @@ class Checkpointer:
                 # Not ours any more: whoever owns them next replays them.
                 metrics.CHECKPOINTS_FENCED.labels("offsets").inc()
                 log.warning(
-                    "the group took this checkpoint's offsets no more (its partitions moved "
-                    "or are moving): %d messages are left to their owners, which replay them",
+                    "the group did not take this checkpoint's offsets (its partitions moved, or "
+                    "are moving): %d messages are left to their owners, which replay them",
                     len(snap.pending.tokens),
                 )
                 await self._forget()
@@ -186,9 +186,7 @@ class Checkpointer:
             rows,
             len(snap.pending.tokens),
         )
-        self._release(snap)
-        await self._acknowledge(snap.pending.tokens, False)
-        await self._forget()
+        await self._abandon(snap)
         return False
 
     async def _drop(self, snap: _Snapshot, lost: NotHeld, rows: int) -> bool:
@@ -219,10 +217,14 @@ class Checkpointer:
                 len(snap.pending.tokens),
             )
         self.stalls.failed(lost.partition, str(lost))
+        await self._abandon(snap)
+        return False
+
+    async def _abandon(self, snap: _Snapshot) -> None:
+        """Write no more of the checkpoint: its messages and the state stage's start over."""
         self._release(snap)
         await self._acknowledge(snap.pending.tokens, False)
         await self._forget()
-        return False
 
     async def _snapshot(self) -> _Snapshot:
         stage = self.stage

@@ -68,6 +68,15 @@ async def readiness(p: Pipeline, worker: Worker) -> dict:
         return {}
 
 
+async def wait_restoring(p: Pipeline, worker: Worker) -> None:
+    """Until the worker's readiness names partitions it is restoring."""
+    began = time.monotonic()
+    while not (await readiness(p, worker)).get("restoring"):
+        p.assert_workers_alive()
+        assert time.monotonic() - began < 120, worker.tail()
+        await asyncio.sleep(0.2)
+
+
 def trouble(worker: Worker) -> list[str]:
     return [
         line for line in worker.log.read_text(errors="replace").splitlines() if TROUBLE.search(line)
@@ -84,11 +93,7 @@ async def test_kill_9_with_the_data_dir_gone_restores_in_bulk_then_replays_count
 
     # SIGTERM in the middle of a restore ends the worker well within a container's grace.
     stopped = p.start_worker(5)
-    began = time.monotonic()
-    while not (await readiness(p, stopped)).get("restoring"):
-        p.assert_workers_alive()
-        assert time.monotonic() - began < 120, stopped.tail()
-        await asyncio.sleep(0.2)
+    await wait_restoring(p, stopped)
     began = time.monotonic()
     p.kill(stopped, signal.SIGTERM)
     stop_s = time.monotonic() - began
@@ -143,10 +148,7 @@ async def test_a_worker_joining_while_another_restores(pipeline):
 
     restoring = p.start_worker(0)
     began = time.monotonic()
-    while not (await readiness(p, restoring)).get("restoring"):
-        p.assert_workers_alive()
-        assert time.monotonic() - began < 120, restoring.tail()
-        await asyncio.sleep(0.2)
+    await wait_restoring(p, restoring)
     joining = p.start_worker(1)  # an empty data dir too: the group rebalances mid-restore
     for worker in (restoring, joining):
         await p.wait_ready(worker, timeout=600)
