@@ -280,13 +280,19 @@ class StateStage:
             expected = await self._expected(partition, committed)
             if end <= expected:
                 return
-            assignment = self.assignment()
+            still = self._still_assigned()
             values = await self._read(partition, expected, end, f"in {quiet:.0f} s, at its end")
-            if assignment is None or self.assignment() != assignment:
+            if not still():
                 return  # a rebalance began meanwhile: the partition may be gone
             for o, value, ts in values:
                 await self.apply(value, partition, o, ts)
             self._applied(partition, end, ReadBack(partition, end))
+
+    def _still_assigned(self) -> Callable[[], bool]:
+        """Whether the assignment of now still holds later (never while a rebalance runs):
+        work begun under it is void once the partitions may have moved."""
+        assignment = self.assignment()
+        return lambda: assignment is not None and self.assignment() == assignment
 
     def _applied(self, partition: int, next_offset: int, token: object) -> None:
         self._next_to_apply[partition] = next_offset
@@ -320,12 +326,9 @@ class StateStage:
                 "COUPON_DATA_DIR and replay the input (docs/design.md, 'Migrating state')"
             )
         s = self.settings
-        assignment = self.assignment()
-        if assignment is None:
+        wanted = self._still_assigned()  # not once a rebalance began: it may be gone
+        if not wanted():
             raise NotHeld(partition, "a rebalance is running")
-
-        def wanted() -> bool:  # not once a rebalance began: the partition may be gone
-            return self.assignment() == assignment
 
         try:
             await retry(
@@ -377,7 +380,7 @@ class StateStage:
         """The messages in [start, end) the consumer did not deliver, from Kafka."""
         if start >= end:
             return []
-        assignment = self.assignment()
+        still = self._still_assigned()
 
         async def read() -> list[tuple[int, bytes, int]]:
             async with asyncio.timeout(READ_SECONDS):
@@ -386,7 +389,7 @@ class StateStage:
         try:  # under the apply lock: never longer than the partition stays this worker's
             skipped = await retry(
                 read,
-                wanted=lambda: assignment is not None and self.assignment() == assignment,
+                wanted=still,
                 failed=lambda exc, delay: log.warning(
                     "partition %d: offsets %d..%d not read back, again in %.1f s: %r",
                     partition,
