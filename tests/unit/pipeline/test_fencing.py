@@ -17,8 +17,8 @@ from coupon_stream.core.state import ResultRow
 from coupon_stream.foundation.errors import Fenced, NotHeld
 from coupon_stream.pipeline.sink import ResultSink
 from coupon_stream.tools.dataset import generate
+from tests.unit.pipeline.test_checkpoint import load, rows_of, spec_oracle
 from tests.unit.stagekit import World
-from tests.unit.test_checkpoint import load, rows_of, spec_oracle
 
 ROW = ResultRow("2026-11-11 00:00:00", "2026-11-11 00:00:05", 1, 10, 20261111)
 

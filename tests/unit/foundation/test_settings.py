@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from coupon_stream.foundation.settings import Settings
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[3] / "README.md"
 
 
 def test_every_setting_is_documented_in_the_readme_table():
