@@ -7,6 +7,8 @@ acknowledgement code, the tables and the stages are the real ones.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from typing import Any
 
 import pytest
@@ -15,53 +17,39 @@ from coupon_stream.app import CouponStream
 from coupon_stream.core.records import encode_rows
 from coupon_stream.core.state import Versioned
 from coupon_stream.foundation.settings import Settings
-from tests.unit.fakes import FakeOut, FakeSink, MemoryGroup
-
-
-class LogReader:
-    """The by-buyer log as a dict of (partition, offset) -> value, for the read-backs."""
-
-    def __init__(self) -> None:
-        self.log: dict[tuple[int, int], bytes] = {}
-        self.reads: list[tuple[int, int, int]] = []
-        self.group: MemoryGroup | None = None
-
-    async def committed(self, group: str, topic: str, partition: int) -> int | None:
-        return None if self.group is None else await self.group.read(group, topic, partition)
-
-    async def read(self, topic: str, partition: int, start: int, end: int) -> list[Any]:
-        self.reads.append((partition, start, end))
-        return [
-            (o, self.log[(partition, o)], None)
-            for o in range(start, end)
-            if (partition, o) in self.log
-        ]
-
-    async def stop(self) -> None:
-        pass
-
-
-def make_stream(tmp_path: Any, **settings: Any) -> CouponStream:
-    """A CouponStream on memory tables whose consumer group is a `MemoryGroup`."""
-    reader = LogReader()
-    out = FakeOut()
-    cs = CouponStream(
-        Settings(app_id="unit", data_dir=tmp_path, **settings),
-        store="memory://",
-        sink=FakeSink(),
-        out=out,
-        reader=reader,
-        changelogs=out.writer(),  # type: ignore[arg-type]
-    )
-    cs.app.finalize()
-    cs.app.flow_control.resume()
-    s = cs.settings
-    reader.group = MemoryGroup.attach(cs.app, cs.by_buyer.get_topic_name(), s.partitions)
-    return cs
+from tests.unit.fakes import FakeOut, FakeSink, LogReader, MemoryGroup
 
 
 @pytest.fixture
-def stream(tmp_path: Any) -> CouponStream:
+def make_stream() -> Iterator[Callable[..., CouponStream]]:
+    """`make_stream(tmp_path, **settings)`: a CouponStream on memory tables whose consumer
+    group is a `MemoryGroup`; Faust's own consumer thread is put back at the test's end."""
+    with ExitStack() as installed:
+
+        def make(tmp_path: Any, **settings: Any) -> CouponStream:
+            reader = LogReader()
+            out = FakeOut()
+            cs = CouponStream(
+                Settings(app_id="unit", data_dir=tmp_path, **settings),
+                store="memory://",
+                sink=FakeSink(),
+                out=out,
+                reader=reader,
+                changelogs=out.writer(),  # type: ignore[arg-type]
+            )
+            cs.app.finalize()
+            cs.app.flow_control.resume()
+            topic, partitions = cs.by_buyer.get_topic_name(), cs.settings.partitions
+            reader.group = installed.enter_context(
+                MemoryGroup.installed(cs.app, topic, partitions)
+            )
+            return cs
+
+        yield make
+
+
+@pytest.fixture
+def stream(make_stream: Callable[..., CouponStream], tmp_path: Any) -> CouponStream:
     return make_stream(tmp_path, partitions=4)
 
 

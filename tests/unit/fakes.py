@@ -1,19 +1,24 @@
 """The unit tests' one set of fakes for the worker's transports: Kafka out, the sink, reads.
 
-They stand in for `KafkaOut`, `ResultSink` and `PartitionReader` only, never for the code
-under test. Each records what it was given, and can fail in the ways the real one does.
+They stand in for `KafkaOut` (and aiokafka's producer under a real one), `ResultSink`,
+`PartitionReader`, the consumers (Faust's consumer thread, the intake's consumer) and the
+changelogs a restore or a rescale reads, never for the code under test. Each records what
+it was given, and can fail in the ways the real one does.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
-from aiokafka.errors import KafkaTimeoutError
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 from faust.types import TP
 
-from coupon_stream.core.state import ResultRow
+from coupon_stream.core.state import ResultRow, day_key
 from coupon_stream.foundation.errors import Fenced, NotHeld
 from coupon_stream.pipeline.sink import WriteResult
 
@@ -72,6 +77,40 @@ class FakeOut:
     def writer(self) -> FakeChangelogs:
         """One worker's `ChangelogWriter` onto these changelogs."""
         return FakeChangelogs(self)
+
+
+class FakeProducer:
+    """aiokafka's producer as far as KafkaOut uses it: `send` raises MessageSizeTooLargeError
+    itself above `client_limit` (max_request_size), and returns a future failing with it above
+    `broker_limit` (the topic's max.message.bytes); `refuse` fails every send's future."""
+
+    def __init__(
+        self,
+        client_limit: int = 1024 * 1024,
+        broker_limit: int = 1024 * 1024,
+        refuse: BaseException | None = None,
+    ) -> None:
+        self.client_limit, self.broker_limit = client_limit, broker_limit
+        self.refuse = refuse
+        self.sent: list[tuple[str, bytes | None, bytes | None, dict[str, bytes]]] = []
+
+    async def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None = None,
+        partition: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> asyncio.Future[Any]:
+        if self.refuse is not None:
+            return done(exc=self.refuse)
+        size = len(value or b"") + len(key or b"") + sum(len(h) + len(v) for h, v in headers or [])
+        if size > self.client_limit:
+            raise MessageSizeTooLargeError(f"The message is {size} bytes when serialized")
+        if size > self.broker_limit:
+            return done(exc=MessageSizeTooLargeError())
+        self.sent.append((topic, value, key, dict(headers or [])))
+        return done(len(self.sent))
 
 
 class FakeChangelogs:
@@ -186,7 +225,7 @@ class DownSink(FakeSink):
 class MemoryGroup:
     """Faust's Kafka transport for one consumer group, in memory (kstreams' test client idea).
 
-    Installed under Faust's real consumer (`attach`), it replaces only the aiokafka thread
+    Installed under Faust's real consumer (`installed`), it replaces only the aiokafka thread
     that talks to the broker: Faust's commit, acknowledgement and release code runs as in
     production (`_commit_offsets` and its partial-commit rule, the unacked set, the
     consumer's committed view), and the offsets land here instead of in Kafka.
@@ -199,10 +238,19 @@ class MemoryGroup:
         self.commits = 0
 
     @classmethod
-    def attach(cls, app: Any, topic: str, partitions: int) -> MemoryGroup:
+    @contextmanager
+    def installed(cls, app: Any, topic: str, partitions: int) -> Iterator[MemoryGroup]:
+        """The group under `app`'s consumer for the duration, then Faust's own thread again
+        (as kstreams' `TestStreamClient.stop()` puts back what it replaced). The one place
+        the tests reach inside Faust."""
         group = cls(topic, partitions)
-        app.consumer._thread = group
-        return group
+        consumer = app.consumer
+        thread = consumer._thread
+        consumer._thread = group
+        try:
+            yield group
+        finally:
+            consumer._thread = thread
 
     def assignment(self) -> set[TP]:
         return set(self.assigned)
@@ -222,6 +270,70 @@ class MemoryGroup:
     async def read(self, group: str, topic: str, partition: int) -> int | None:
         """The group's committed offset as a `PartitionReader.committed` would read it."""
         return self.offsets.get(TP(topic, partition))
+
+
+class LogReader:
+    """`PartitionReader` as the state stage uses it: the by-buyer log read back, and the
+    group's committed offset.
+
+    `log` maps (partition, offset) -> value, read back with `received_ms` as its timestamp;
+    `reads` lists the (partition, start, end) ranges asked for. The committed offset is the
+    `group`'s (a `MemoryGroup`, under a worker's app) or else `offsets`' (partition -> next
+    offset, none while 0).
+    """
+
+    def __init__(self, received_ms: int | None = None) -> None:
+        self.log: dict[tuple[int, int], bytes] = {}
+        self.reads: list[tuple[int, int, int]] = []
+        self.received_ms = received_ms
+        self.group: MemoryGroup | None = None
+        self.offsets: dict[int, int] = {}
+
+    async def committed(self, group: str, topic: str, partition: int) -> int | None:
+        if self.group is not None:
+            return await self.group.read(group, topic, partition)
+        return self.offsets.get(partition) or None
+
+    async def read(
+        self, topic: str, partition: int, start: int, end: int
+    ) -> list[tuple[int, bytes, int | None]]:
+        self.reads.append((partition, start, end))
+        return [
+            (o, self.log[(partition, o)], self.received_ms)
+            for o in range(start, end)
+            if (partition, o) in self.log
+        ]
+
+    async def stop(self) -> None:
+        pass
+
+
+class Polled:
+    """A record as aiokafka's consumer polls it, for the intake."""
+
+    def __init__(
+        self, topic: str, offset: int, value: bytes, partition: int = 0, key: bytes = b"k"
+    ) -> None:
+        self.topic, self.partition, self.offset = topic, partition, offset
+        self.key, self.value = key, value
+
+
+class FakeConsumer:
+    """aiokafka's consumer as the intake asks it: its assignment (the partitions of
+    `committed`), each one's committed offset (None: no commit yet) and its high water."""
+
+    def __init__(self, committed: dict[TopicPartition, int | None], highwater: int) -> None:
+        self.offsets = committed
+        self.end = highwater
+
+    async def committed(self, tp: TopicPartition) -> int | None:
+        return self.offsets[tp]
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.offsets)
+
+    def highwater(self, tp: TopicPartition) -> int:
+        return self.end
 
 
 class Record(NamedTuple):
@@ -263,3 +375,47 @@ class Changelog:
 
 def log_of(*pairs: tuple[bytes, bytes | None]) -> list[Record]:
     return [Record(i, k, v) for i, (k, v) in enumerate(pairs)]
+
+
+class Changelogs:
+    """Both tables' changelogs behind one reader, as `PartitionReader` reads any topic;
+    while `fail` is set, asking the end offsets raises it."""
+
+    def __init__(self, logs: dict[str, Changelog]) -> None:
+        self.logs = logs
+        self.fail: BaseException | None = None
+
+    async def end_offsets(self, topic, partitions):
+        if self.fail is not None:
+            raise self.fail
+        return await self.logs[topic].end_offsets(topic, partitions)
+
+    def batches(self, topic, ranges):
+        return self.logs[topic].batches(topic, ranges)
+
+    async def stop(self):
+        pass
+
+
+class BuyersChangelog:
+    """An old days changelog partition of `buyers` buyers, one key each with `value`, made
+    as it is read (a rescale's memory test: nothing of it is kept here)."""
+
+    def __init__(self, buyers: int, value: bytes) -> None:
+        self.buyers = buyers
+        self.value = value
+
+    async def end_offsets(self, topic, partitions):
+        return {p: self.buyers for p in partitions}
+
+    async def batches(self, topic, ranges):
+        for start in range(0, self.buyers, 500):
+            end = min(start + 500, self.buyers)
+            yield 0, [Record(b, day_key(b, 20261111), self.value) for b in range(start, end)], end
+
+
+class NullOut:
+    """`KafkaOut.send_records` that keeps nothing: every batch delivered at once."""
+
+    async def send_records(self, topic, partition, items):
+        return [(done(), len(items))]

@@ -18,22 +18,14 @@ from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.checkpoint import Checkpointer
 from coupon_stream.pipeline.fencing import Claims
 from coupon_stream.pipeline.state_stage import StateStage, TableCache
-from tests.unit.fakes import FakeOut, FakeSink
-
-
-class LogReader:
-    def __init__(self, world: World) -> None:
-        self.world = world
-
-    async def read(self, topic, partition, start, end):
-        return [(o, self.world.log[o], self.world.received_ms) for o in range(start, end)]
-
-    async def committed(self, group, topic, partition):
-        return self.world.committed or None
+from tests.unit.fakes import FakeOut, FakeSink, LogReader
 
 
 @dataclass
-class Worker:
+class Owner:
+    """A worker's state stage, its checkpoint and its stores (not a process: that is
+    `tests.integration.harness.Worker`)."""
+
     stage: StateStage
     checkpoint: Checkpointer
     stores: dict[str, MemoryStore]
@@ -47,14 +39,19 @@ class World:
     sink: FakeSink = field(default_factory=FakeSink)
     committed: int = 0
     received_ms: int = 1_794_096_000_000  # 2026-11-08
+    reader: LogReader = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.reader = LogReader(self.received_ms)  # reads `log`, asks `committed`
 
     def append(self, rows: list[Row]) -> None:
         self.log.append(encode_rows(rows))
+        self.reader.log[(0, len(self.log) - 1)] = self.log[-1]
 
     def changelog(self, table: str) -> str:
         return f"{table}-changelog"
 
-    def worker(self, local: dict[str, MemoryStore] | None = None) -> Worker:
+    def worker(self, local: dict[str, MemoryStore] | None = None) -> Owner:
         """A worker that now owns the partition: its tables restored from the changelogs,
         on top of `local` (a restarted worker's own copy) if given."""
         stores = {}
@@ -80,13 +77,13 @@ class World:
             entries,
             days,
             self.out,
-            LogReader(self),
+            self.reader,
             Claims(changelogs, self.sink),  # type: ignore[arg-type]
             confirm=confirm,
         )
 
         async def commit(offsets):
-            self.committed = max(self.committed, offsets[0])
+            self.committed = self.reader.offsets[0] = max(self.committed, offsets[0])
             return True
 
         async def acknowledge(tokens, committed):
@@ -101,9 +98,9 @@ class World:
             commit=commit,
             acknowledge=acknowledge,
         )
-        return Worker(stage, checkpoint, stores)
+        return Owner(stage, checkpoint, stores)
 
-    async def run(self, worker: Worker, every: int, upto: int | None = None) -> None:
+    async def run(self, worker: Owner, every: int, upto: int | None = None) -> None:
         """Apply the log from the committed offset, a checkpoint every `every` messages."""
         end = len(self.log) if upto is None else upto
         for n, offset in enumerate(range(self.committed, end), 1):

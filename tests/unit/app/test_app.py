@@ -17,7 +17,7 @@ from coupon_stream.core.state import (
     entry_key,
 )
 from coupon_stream.foundation import metrics
-from tests.unit.conftest import batch, changelog, group, make_stream, put, row, stored
+from tests.unit.conftest import batch, changelog, group, put, row, stored
 from tests.unit.fakes import DownSink
 
 
@@ -55,7 +55,9 @@ async def test_state_agent_dedups_aggregates_and_deletes(stream):
         assert sink.table[(6, 20261111)].cumulate_amount == 7
 
 
-async def test_retention_expires_old_days_and_dead_letters_late_and_future_records(tmp_path):
+async def test_retention_expires_old_days_and_dead_letters_late_and_future_records(
+    make_stream, tmp_path
+):
     cs = make_stream(tmp_path, partitions=1, state_retention_days=2)
     async with cs.state_agent.test_context() as agent:
         for day in (20261101, 20261102, 20261103):
@@ -118,7 +120,9 @@ async def test_the_state_agent_commits_what_it_checkpointed(stream):
     assert stream.app.consumer._committed_offset[TP(stream.by_buyer.get_topic_name(), 3)] == 2
 
 
-async def test_a_write_retrying_when_a_rebalance_starts_is_given_up_uncommitted(tmp_path):
+async def test_a_write_retrying_when_a_rebalance_starts_is_given_up_uncommitted(
+    make_stream, tmp_path
+):
     """A late write could land after the partitions' next owner's; it replays instead."""
     cs = make_stream(tmp_path, partitions=1)
     cs.sink = cs.checkpointer.sink = DownSink()

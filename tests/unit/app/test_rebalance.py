@@ -15,28 +15,9 @@ from coupon_stream.app import rebalance
 from coupon_stream.app.rebalance import Restorer
 from coupon_stream.connectors.engine import TP
 from coupon_stream.connectors.store import MemoryStore
-from tests.unit.fakes import Changelog, log_of
+from tests.unit.fakes import Changelog, Changelogs, log_of
 
 ENTRIES, DAYS = "a-entries-changelog", "a-days-changelog"
-
-
-class Changelogs:
-    """Both tables' changelogs behind one reader, as `PartitionReader` reads any topic."""
-
-    def __init__(self, logs: dict[str, Changelog]) -> None:
-        self.logs = logs
-        self.fail: BaseException | None = None
-
-    async def end_offsets(self, topic, partitions):
-        if self.fail is not None:
-            raise self.fail
-        return await self.logs[topic].end_offsets(topic, partitions)
-
-    def batches(self, topic, ranges):
-        return self.logs[topic].batches(topic, ranges)
-
-    async def stop(self):
-        pass
 
 
 def restorer(records: int = 7) -> tuple[Restorer, Changelogs, dict[str, MemoryStore]]:

@@ -32,13 +32,7 @@ from coupon_stream.pipeline.intake import (
     route,
     split_rows,
 )
-from tests.unit.fakes import FakeOut, done
-
-
-class Record:
-    def __init__(self, topic, offset, value, partition=0, key=b"k"):
-        self.topic, self.partition, self.offset = topic, partition, offset
-        self.key, self.value = key, value
+from tests.unit.fakes import FakeConsumer, FakeOut, FakeProducer, Polled
 
 
 def order(i, buyer, order_id=None, **fields):
@@ -54,25 +48,6 @@ def order(i, buyer, order_id=None, **fields):
     )
 
 
-class FakeProducer:
-    """aiokafka's producer as far as KafkaOut uses it: `send` raises MessageSizeTooLargeError
-    itself above `client_limit` (max_request_size), and returns a future failing with it above
-    `broker_limit` (the topic's max.message.bytes)."""
-
-    def __init__(self, client_limit=1024 * 1024, broker_limit=1024 * 1024):
-        self.client_limit, self.broker_limit = client_limit, broker_limit
-        self.sent = []
-
-    async def send(self, topic, value, key=None, partition=None, headers=None):
-        size = len(value or b"") + len(key or b"") + sum(len(h) + len(v) for h, v in headers or [])
-        if size > self.client_limit:
-            raise MessageSizeTooLargeError(f"The message is {size} bytes when serialized")
-        if size > self.broker_limit:
-            return done(exc=MessageSizeTooLargeError())
-        self.sent.append((topic, value, key, dict(headers or [])))
-        return done(len(self.sent))
-
-
 def settings():
     return Settings(app_id="unit", partitions=4, orders_topic="orders")
 
@@ -80,10 +55,10 @@ def settings():
 def test_a_row_too_large_to_keep_in_state_is_dead_lettered_at_intake():
     huge = "x" * 20_000
     msgs = [
-        Record("orders", 0, order(0, 7)),
-        Record("orders", 1, order(1, 7, order_id=huge)),
-        Record("orders", 2, order(2, 7, order_id="y" * 5_000)),  # large, still below the bound
-        Record("orders", 3, order(3, 7, order_id="\x01" * 3_000)),  # 6 bytes a char: 18 KB
+        Polled("orders", 0, order(0, 7)),
+        Polled("orders", 1, order(1, 7, order_id=huge)),
+        Polled("orders", 2, order(2, 7, order_id="y" * 5_000)),  # large, still below the bound
+        Polled("orders", 3, order(3, 7, order_id="\x01" * 3_000)),  # 6 bytes a char: 18 KB
     ]
     routed = route(msgs, {"orders": Source.ORDERS}, 4)
     (rows,) = routed.by_partition.values()
@@ -116,8 +91,8 @@ async def test_a_row_too_large_is_dead_lettered_and_never_sent_on():
     s = settings()
     out = FakeOut()
     batch = [
-        Record("orders", 0, order(0, 1, order_id="z" * 20_000)),
-        Record("orders", 1, order(1, 1)),
+        Polled("orders", 0, order(0, 1, order_id="z" * 20_000)),
+        Polled("orders", 1, order(1, 1)),
     ]
     await Intake(s, out).forward({TopicPartition("orders", 0): batch})
     by_buyer = [orjson.loads(kw["value"]) for topic, kw in out.sent if topic == s.by_buyer_topic]
@@ -135,7 +110,7 @@ async def test_a_permanent_kafka_error_stops_intake_instead_of_looping():
     with pytest.raises(MessageSizeTooLargeError):
         await asyncio.wait_for(
             intake.forward_until_sent(
-                {TopicPartition("orders", 0): [Record("orders", 0, order(0, 7))]}
+                {TopicPartition("orders", 0): [Polled("orders", 0, order(0, 7))]}
             ),
             5,
         )
@@ -155,7 +130,7 @@ async def test_a_transient_kafka_error_is_retried_until_sent():
     healing = asyncio.ensure_future(heal())
     await asyncio.wait_for(
         intake.forward_until_sent(
-            {TopicPartition("orders", 0): [Record("orders", 0, order(0, 7))]}
+            {TopicPartition("orders", 0): [Polled("orders", 0, order(0, 7))]}
         ),
         5,
     )
@@ -177,7 +152,7 @@ async def test_a_dead_letter_too_large_for_kafka_is_sent_truncated(producer):
     out._producer = producer
     value = b"{" + b"x" * (1024 * 1024)  # not JSON, and over 1 MiB
     truncated = metrics.DEAD_LETTERS_TRUNCATED._value.get()
-    await Intake(s, out).forward({TopicPartition("orders", 0): [Record("orders", 9, value)]})
+    await Intake(s, out).forward({TopicPartition("orders", 0): [Polled("orders", 9, value)]})
     ((topic, sent, key, headers),) = producer.sent
     assert topic == s.dlq_topic and key == b"k"
     assert sent == value[:TRUNCATED_VALUE_BYTES]
@@ -188,12 +163,8 @@ async def test_a_dead_letter_too_large_for_kafka_is_sent_truncated(producer):
 
 
 async def test_a_dead_letter_refused_for_another_reason_is_not_truncated():
-    class Unauthorized(FakeProducer):
-        async def send(self, topic, value, key=None, partition=None, headers=None):
-            return done(exc=TopicAuthorizationFailedError())
-
     out = KafkaOut(settings())
-    out._producer = Unauthorized()
+    out._producer = FakeProducer(refuse=TopicAuthorizationFailedError())
     dead = DeadLetter(b"k", b"x" * 10, "orders", 0, 1, "bad", "json")
     with pytest.raises(TopicAuthorizationFailedError):
         await (await out.dead_letter(dead))
@@ -221,8 +192,8 @@ async def test_intake_routes_by_buyer_partition_and_dead_letters():
     out = FakeOut()
     intake = Intake(s, out)
     tp = TopicPartition("orders", 0)
-    batch = [Record("orders", i, order(i, b)) for i, b in enumerate([1, 2, 3, 1, 99])]
-    await intake.forward({tp: [*batch, Record("orders", 5, b"{oops")]})
+    batch = [Polled("orders", i, order(i, b)) for i, b in enumerate([1, 2, 3, 1, 99])]
+    await intake.forward({tp: [*batch, Polled("orders", 5, b"{oops")]})
     routed = {}
     for topic, kw in out.sent:
         if topic != s.by_buyer_topic:
@@ -240,25 +211,16 @@ async def test_intake_routes_by_buyer_partition_and_dead_letters():
 
 
 def test_route_keeps_arrival_order_within_a_partition():
-    msgs = [Record("r", i, order(i, 7)) for i in range(5)]
+    msgs = [Polled("r", i, order(i, 7)) for i in range(5)]
     routed = route(msgs, {"r": Source.ORDERS}, 3)
     (rows,) = routed.by_partition.values()
     assert [r[1] for r in rows] == ["o0", "o1", "o2", "o3", "o4"]
 
 
 async def test_intake_lag_counts_from_the_committed_offset_after_an_assignment():
-    class Consumer:
-        async def committed(self, tp):
-            return {0: 40, 1: None}[tp.partition]
-
-        def assignment(self):
-            return {TopicPartition("orders", 0), TopicPartition("orders", 1)}
-
-        def highwater(self, tp):
-            return 100
-
+    committed = {TopicPartition("orders", 0): 40, TopicPartition("orders", 1): None}
     intake = Intake(Settings(app_id="unit", orders_topic="orders"), FakeOut())
-    intake.consumer = Consumer()
+    intake.consumer = FakeConsumer(committed, highwater=100)
     await intake.load_committed(intake.consumer.assignment())
     # partition 1 has no commit yet: the group starts it at the beginning of the log
     assert intake.lag() == {TopicPartition("orders", 0): 60, TopicPartition("orders", 1): 100}

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from coupon_stream.core.state import NEXT_OFFSET_KEY
 from coupon_stream.pipeline import state_stage
-from tests.unit.conftest import batch, group, make_stream, row, stored
+from tests.unit.conftest import batch, group, row, stored
 
 
-async def test_a_future_date_under_retention_is_dead_lettered_not_a_watermark(tmp_path):
+async def test_a_future_date_under_retention_is_dead_lettered_not_a_watermark(
+    make_stream, tmp_path
+):
     cs = make_stream(tmp_path, partitions=1, state_retention_days=30)
     received = 1_794_096_000_000  # 2026-11-08
     await cs.stage.add(batch(row("o1", 5, "x", day=20261107)), 0, 0, "t0", 0, received)

@@ -20,6 +20,7 @@ from coupon_stream.tools.rescale import (
     rescale,
     target,
 )
+from tests.unit.fakes import BuyersChangelog, NullOut
 
 
 def test_a_value_is_read_as_a_takeover_reads_it():
@@ -118,39 +119,6 @@ def test_a_resumed_rescale_refuses_partitions_whose_source_moved_since():
         refuse_moved_since(old, new, legacy, {0: [10, 40, 41]})
 
 
-class _Record:
-    __slots__ = ("key", "value")
-
-    def __init__(self, key: bytes, value: bytes | None) -> None:
-        self.key, self.value = key, value
-
-
-class _Changelog:
-    """An old changelog partition of `buyers` buyers, one key each, made as it is read."""
-
-    def __init__(self, buyers: int) -> None:
-        self.buyers = buyers
-
-    async def end_offsets(self, topic, partitions):
-        return {p: self.buyers for p in partitions}
-
-    async def batches(self, topic, ranges):
-        from coupon_stream.core.state import day_key
-
-        value = at_start([1, 1, None, None])
-        for start in range(0, self.buyers, 500):
-            end = min(start + 500, self.buyers)
-            yield 0, [_Record(day_key(b, 20261111), value) for b in range(start, end)], end
-
-
-class _Out:
-    async def send_records(self, topic, partition, items):
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        done.set_result(None)
-        return [(done, len(items))]
-
-
 def test_a_rescale_s_memory_does_not_grow_with_the_number_of_buyers(monkeypatch):
     """A process once kept every buyer's new partition (about 83 bytes a buyer): gigabytes
     for a state of tens of millions of buyers. Peak memory now stays put as buyers grow
@@ -168,7 +136,8 @@ def test_a_rescale_s_memory_does_not_grow_with_the_number_of_buyers(monkeypatch)
     def peak(buyers: int) -> int:
         tracemalloc.start()
         try:
-            moved = asyncio.run(move_partition(_Changelog(buyers), _Out(), old, new, 0, 0))
+            changelog = BuyersChangelog(buyers, at_start([1, 1, None, None]))
+            moved = asyncio.run(move_partition(changelog, NullOut(), old, new, 0, 0))
             assert moved[0] == 2 * buyers  # both tables' changelogs
             return tracemalloc.get_traced_memory()[1]
         finally:
