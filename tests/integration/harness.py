@@ -22,7 +22,7 @@ from aiokafka.protocol.group import MemberAssignment, ProtocolMetadata
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from coupon_stream.connectors import clients
+from coupon_stream.connectors import clients, engine
 from coupon_stream.connectors.kafka import PartitionReader
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.tools import status
@@ -326,11 +326,8 @@ class Pipeline:
         )
         await consumer.start()
         try:
-            parts = consumer.partitions_for_topic(self.dlq_topic)
-            if not parts:
-                await consumer._client.force_metadata_update()
-                parts = consumer.partitions_for_topic(self.dlq_topic) or set()
-            tps = [TopicPartition(self.dlq_topic, p) for p in parts]
+            parts = (await engine.topic_partitions(consumer, [self.dlq_topic]))[self.dlq_topic]
+            tps = [TopicPartition(self.dlq_topic, p) for p in sorted(parts)]
             if not tps:
                 return []
             consumer.assign(tps)

@@ -7,6 +7,7 @@ import asyncio
 
 from faust.types import TP
 
+from coupon_stream.connectors import engine
 from coupon_stream.core.records import decode_rows
 from coupon_stream.core.state import (
     NEXT_OFFSET_KEY,
@@ -16,9 +17,9 @@ from coupon_stream.core.state import (
     day_key,
     entry_key,
 )
-from coupon_stream.foundation import metrics
 from tests.unit.conftest import batch, changelog, group, put, row, stored
 from tests.unit.fakes import DownSink
+from tests.unit.samples import sample
 
 
 async def test_state_agent_dedups_aggregates_and_deletes(stream):
@@ -78,13 +79,13 @@ async def test_retention_expires_old_days_and_dead_letters_late_and_future_recor
 
 
 async def test_a_failed_changelog_send_is_sent_again_before_anything_is_committed(stream):
-    retries = metrics.CHANGELOG_RETRIES._value.get()
+    retries = sample("coupon_changelog_retries_total")
     async with stream.state_agent.test_context() as agent:
         stream.out.fail_next = True
         await agent.put(batch(row("o1", 100, "2026-11-11 00:00:09")))
         await agent.put(batch(row("o2", 1, "2026-11-11 00:00:10")))
         await stream.checkpoint()
-    assert metrics.CHANGELOG_RETRIES._value.get() == retries + 1
+    assert sample("coupon_changelog_retries_total") == retries + 1
     log = dict(changelog(stream, "days"))
     raw = log[day_key(5, 20261111)]
     assert Versioned.decode(raw).current[0] == 101
@@ -94,12 +95,12 @@ async def test_a_failed_changelog_send_is_sent_again_before_anything_is_committe
 
 
 async def test_a_refused_changelog_append_is_retried_and_the_agent_lives_on(stream):
-    retries = metrics.CHANGELOG_RETRIES._value.get()
+    retries = sample("coupon_changelog_retries_total")
     async with stream.state_agent.test_context() as agent:
         stream.out.refuse_next = True
         for order, yuan, second in (("o1", 100, 9), ("o2", 1, 10)):
             await put(stream, agent, batch(row(order, yuan, f"2026-11-11 00:00:{second:02d}")))
-    assert metrics.CHANGELOG_RETRIES._value.get() == retries + 1
+    assert sample("coupon_changelog_retries_total") == retries + 1
     assert stream.sink.table[(5, 20261111)].cumulate_amount == 101
     assert group(stream).committed() == {0: 2}
 
@@ -117,7 +118,7 @@ async def test_the_state_agent_commits_what_it_checkpointed(stream):
         await put(stream, agent, batch(row("o2", 1, "x")), partition=3)
     assert group(stream).committed() == {3: 2}
     # Faust's consumer holds the same view (what the state reads as of after a restart)
-    assert stream.app.consumer._committed_offset[TP(stream.by_buyer.get_topic_name(), 3)] == 2
+    assert engine.consumer_committed(stream.app, TP(stream.by_buyer.get_topic_name(), 3)) == 2
 
 
 async def test_a_write_retrying_when_a_rebalance_starts_is_given_up_uncommitted(
@@ -157,7 +158,7 @@ async def test_a_partition_moved_away_before_the_commit_is_left_out_of_it(stream
         await stream.checkpoint()
     # 1: 0 is the session's claim check (the group's own offset committed again), no more
     assert group(stream).committed() == {0: 1, 1: 0}
-    assert stream.app.consumer._committed_offset.get(TP(topic, 1)) in (None, 0)
+    assert engine.consumer_committed(stream.app, TP(topic, 1)) in (None, 0)
 
 
 async def test_a_fenced_checkpoint_releases_it_and_what_was_applied_meanwhile(stream):
@@ -194,7 +195,7 @@ async def test_a_fenced_checkpoint_releases_it_and_what_was_applied_meanwhile(st
         assert sink.table == {}
         assert len(applied) == 2 and all(t in released for t in applied)
         assert group(stream).committed().get(0, 0) == 0
-        assert metrics.CHECKPOINTS_FENCED.labels("fenced")._value.get() >= 1
+        assert sample("coupon_checkpoints_fenced_total", why="fenced") >= 1
         sink.write = write
         await put(stream, agent, batch(row("o3", 3, "x")), partition=0)  # claimed again
     assert sink.table[(5, 20261111)].cumulate_amount == 6  # all three, once each (replayed)

@@ -8,6 +8,7 @@ from coupon_stream.connectors.restore import Progress, catch_up
 from coupon_stream.connectors.store import MemoryStore
 from coupon_stream.foundation import metrics
 from tests.unit.fakes import Changelog, log_of
+from tests.unit.samples import sample
 
 TOPIC = "app-buyers-changelog"
 
@@ -77,7 +78,7 @@ async def test_progress_tells_what_is_left_per_partition():
     task = asyncio.ensure_future(run(log, MemoryStore(), partitions=(0, 1), progress=progress))
     while progress.applied < 6:
         await asyncio.sleep(0)
-    left = metrics.STATE_RESTORE_REMAINING.labels("entries", "1")._value.get()
+    left = sample("coupon_state_restore_remaining_records", table="entries", partition="1")
     assert left == 4
     (restoring,) = progress.restoring()
     assert restoring["table"] == "entries" and restoring["partition"] == 1

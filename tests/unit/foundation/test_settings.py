@@ -41,9 +41,10 @@ def test_every_metric_is_documented_in_the_readme():
     from coupon_stream.foundation import metrics
 
     exported = {
-        m._name + ("_total" if m._type == "counter" else "")
+        family.name + ("_total" if family.type == "counter" else "")
         for m in vars(metrics).values()
         if isinstance(m, MetricWrapperBase)
+        for family in m.describe()
     }
     documented = set(re.findall(r"^\| `(coupon_[a-z_]+)` \|", README.read_text(), re.M))
     assert exported == documented

@@ -23,7 +23,6 @@ from coupon_stream.connectors.kafka import (
 )
 from coupon_stream.core.records import Source, decode_rows, partition_for_buyer
 from coupon_stream.core.state import ResultRow
-from coupon_stream.foundation import metrics
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.intake import (
     MAX_MESSAGE_BYTES,
@@ -33,6 +32,7 @@ from coupon_stream.pipeline.intake import (
     split_rows,
 )
 from tests.unit.fakes import FakeConsumer, FakeOut, FakeProducer, Polled
+from tests.unit.samples import sample
 
 
 def order(i, buyer, order_id=None, **fields):
@@ -106,7 +106,7 @@ async def test_a_row_too_large_is_dead_lettered_and_never_sent_on():
 async def test_a_permanent_kafka_error_stops_intake_instead_of_looping():
     out = FakeOut(refuse=MessageSizeTooLargeError("refused"))
     intake = Intake(settings(), out)
-    retries = metrics.INTAKE_RETRIES._value.get()
+    retries = sample("coupon_intake_retries_total")
     with pytest.raises(MessageSizeTooLargeError):
         await asyncio.wait_for(
             intake.forward_until_sent(
@@ -115,7 +115,7 @@ async def test_a_permanent_kafka_error_stops_intake_instead_of_looping():
             5,
         )
     assert out.attempts == 1
-    assert metrics.INTAKE_RETRIES._value.get() == retries
+    assert sample("coupon_intake_retries_total") == retries
 
 
 async def test_a_transient_kafka_error_is_retried_until_sent():
@@ -151,7 +151,7 @@ async def test_a_dead_letter_too_large_for_kafka_is_sent_truncated(producer):
     out = KafkaOut(s)
     out._producer = producer
     value = b"{" + b"x" * (1024 * 1024)  # not JSON, and over 1 MiB
-    truncated = metrics.DEAD_LETTERS_TRUNCATED._value.get()
+    truncated = sample("coupon_dead_letters_truncated_total")
     await Intake(s, out).forward({TopicPartition("orders", 0): [Polled("orders", 9, value)]})
     ((topic, sent, key, headers),) = producer.sent
     assert topic == s.dlq_topic and key == b"k"
@@ -159,7 +159,7 @@ async def test_a_dead_letter_too_large_for_kafka_is_sent_truncated(producer):
     assert headers[HEADER_VALUE_TRUNCATED] == str(len(value)).encode()
     assert headers["coupon.source.offset"] == b"9"
     assert b"not valid UTF-8 JSON" in headers["coupon.error.reason"]
-    assert metrics.DEAD_LETTERS_TRUNCATED._value.get() == truncated + 1
+    assert sample("coupon_dead_letters_truncated_total") == truncated + 1
 
 
 async def test_a_dead_letter_refused_for_another_reason_is_not_truncated():

@@ -11,8 +11,8 @@ import sqlalchemy
 from sqlalchemy.exc import OperationalError
 
 from coupon_stream.core.state import ResultRow
-from coupon_stream.foundation import metrics
 from coupon_stream.pipeline.sink import ResultSink, WriteResult
+from tests.unit.samples import sample
 
 
 @pytest.mark.asyncio
@@ -113,7 +113,7 @@ async def test_a_row_refused_as_data_is_set_aside_and_the_rest_of_its_batch_writ
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     sink = await _sink_with_check(tmp_path)
-    rejected_before = metrics.SINK_REJECTED._value.get()
+    rejected_before = sample("coupon_sink_rejected_rows_total")
     try:
         assert (await sink.write({(3, 20261111): ResultRow("c", "m", 3, 30, 20261111)})).written
         rows = {(b, 20261111): ResultRow("c", "m", b, b * 10, 20261111) for b in range(1, 6)}
@@ -128,7 +128,7 @@ async def test_a_row_refused_as_data_is_set_aside_and_the_rest_of_its_batch_writ
         assert await sink.fetch_all() == [
             ("c", "m", b, 30 if b == 3 else b * 10, 20261111) for b in range(1, 6)
         ]  # the refused key keeps its last valid value
-        assert metrics.SINK_REJECTED._value.get() == rejected_before + 1
+        assert sample("coupon_sink_rejected_rows_total") == rejected_before + 1
         assert "buyer_id=3 effect_time=20261111" in caplog.text
         assert sink.available
     finally:
