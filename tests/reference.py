@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable
 from datetime import datetime
+from typing import Any
 
 COLUMNS = (
     "biz_order_id",
@@ -117,7 +118,7 @@ def date_format(value: str | None, source: str, target: str) -> str | None:
 Row = tuple[str | None, str | None, int, int, int]
 
 
-def evaluate(orders: Iterable[dict], refunds: Iterable[dict]) -> set[Row]:
+def evaluate(orders: Iterable[dict[str, Any]], refunds: Iterable[dict[str, Any]]) -> set[Row]:
     """The rows the seed job's `tddl_output` holds after all of this input."""
     db = sqlite3.connect(":memory:")
     db.create_function("date_format", 3, date_format, deterministic=True)
@@ -150,7 +151,7 @@ def main() -> None:
     orders_path, refunds_path, db_path, *rest = sys.argv[1:]
     table = rest[0] if rest else "tddl_output"
 
-    def load(path: str) -> list[dict]:
+    def load(path: str) -> list[dict[str, Any]]:
         with open(path, encoding="utf-8") as f:
             return [json.loads(line) for line in f if line.strip()]
 

@@ -12,8 +12,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 from aiokafka import TopicPartition
@@ -53,12 +55,13 @@ def service(script: str, action: str) -> None:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 @dataclass
 class Worker:
-    proc: subprocess.Popen
+    proc: subprocess.Popen[bytes]
     log: Path
     port: int
     # SIGSTOPped by `Pipeline.freeze`: alive (poll() is None) but silent, and deaf to any
@@ -169,7 +172,7 @@ class Pipeline:
         finally:
             await admin.close()
 
-    async def produce(self, messages: list[tuple[str, int | None, bytes]]) -> None:
+    async def produce(self, messages: Sequence[tuple[str, int | None, bytes]]) -> None:
         """Send (topic, partition or None, value) in order; wait for every ack."""
         producer = clients.producer(self.admin, acks="all", linger_ms=5)
         await producer.start()
@@ -260,7 +263,10 @@ class Pipeline:
     def settings(self) -> Settings:
         """The Settings a worker of this pipeline reads from its environment."""
         env = self.env(0, 0)
-        return Settings(**{k[7:].lower(): v for k, v in env.items() if k.startswith("COUPON_")})
+        values: dict[str, Any] = {
+            k[7:].lower(): v for k, v in env.items() if k.startswith("COUPON_")
+        }
+        return Settings(**values)
 
     @property
     def admin(self) -> Settings:
@@ -268,7 +274,10 @@ class Pipeline:
         env = {k: v for k, v in self.env(0, 0).items() if not k.startswith("COUPON_KAFKA_")}
         env = {k: v for k, v in env.items() if not k.startswith("COUPON_DB_")}
         env |= {"COUPON_BROKER": self.bootstrap, "COUPON_DB_URL": self.db_url, **self.admin_env}
-        return Settings(**{k[7:].lower(): v for k, v in env.items() if k.startswith("COUPON_")})
+        values: dict[str, Any] = {
+            k[7:].lower(): v for k, v in env.items() if k.startswith("COUPON_")
+        }
+        return Settings(**values)
 
     def _engine(self):  # noqa: ANN202
         tls = self.admin.db_tls()
@@ -282,7 +291,7 @@ class Pipeline:
         """
         deadline = time.monotonic() + timeout
         zero_streak = 0
-        last: dict = {}
+        last: dict[TopicPartition, int] = {}
         while time.monotonic() < deadline:
             self.assert_workers_alive()
             last = await self.lag()
@@ -297,7 +306,7 @@ class Pipeline:
         tails = "\n\n".join(w.tail() for w in self.workers)
         raise AssertionError(f"not quiescent after {timeout}s; lag {last}\n{tails}")
 
-    async def table_rows(self) -> set[tuple]:
+    async def table_rows(self) -> set[tuple[Any, ...]]:
         engine = self._engine()
         try:
             async with engine.connect() as conn:

@@ -26,6 +26,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -56,7 +57,7 @@ def podman_env() -> dict[str, str]:
     return env
 
 
-def run(*cmd: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+def run(*cmd: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         cmd, env=podman_env(), capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -66,7 +67,7 @@ def run(*cmd: str, timeout: float = 120, check: bool = True) -> subprocess.Compl
     return proc
 
 
-def podman(*args: str, **kw) -> subprocess.CompletedProcess:
+def podman(*args: str, **kw) -> subprocess.CompletedProcess[str]:
     return run("podman", *args, **kw)
 
 
@@ -131,7 +132,11 @@ class ContainerWorker(Worker):
 class ContainerPipeline(Pipeline):
     """The harness's isolated deployment, with workers in containers of the image."""
 
-    def start_worker(self, index: int | None = None) -> ContainerWorker:
+    def start_worker(
+        self, index: int | None = None, env: dict[str, str] | None = None
+    ) -> ContainerWorker:
+        """A worker container; `env` overrides this one's settings, as the harness's does."""
+        overrides = env or {}
         index = len(self.workers) if index is None else index
         port = free_port()
         name = f"{self.name}-worker{index}"
@@ -140,6 +145,7 @@ class ContainerPipeline(Pipeline):
             for k, v in self.env(index, port).items()
             if k.startswith("COUPON_") and not k.startswith("COUPON_TEST_")
         }
+        env.update(overrides)
         del env["COUPON_DATA_DIR"]  # the image's, on the container's own volume
         # The image binds all interfaces; on the host's network, loopback is enough.
         env["COUPON_WEB_HOST"] = "127.0.0.1"
@@ -157,6 +163,7 @@ class ContainerPipeline(Pipeline):
 
     def stop_all(self) -> None:
         for w in self.workers:
+            assert isinstance(w, ContainerWorker)
             podman("rm", "-f", "-v", "-t", "0", w.name, check=False)
             try:
                 w.proc.wait(timeout=30)
@@ -183,15 +190,15 @@ def wait_group(group: str, members: int, timeout: float = 120) -> None:
         time.sleep(0.5)
 
 
-def encoded(topic: str, records: list[dict]) -> list[tuple[str, None, bytes]]:
+def encoded(topic: str, records: list[dict[str, Any]]) -> list[tuple[str, None, bytes]]:
     return [(topic, None, orjson.dumps(r)) for r in records]
 
 
 @dataclass
 class Deployment:
     p: ContainerPipeline
-    orders: list[dict]
-    refunds: list[dict]
+    orders: list[dict[str, Any]]
+    refunds: list[dict[str, Any]]
     bad: list[bytes]
     produced: int
 
@@ -301,17 +308,19 @@ def test_worker_container_is_healthy_non_root_and_serves_operators_only(deployme
     assert out.strip() == "ok"
 
 
-def prometheus_query(base: str, expr: str) -> list[dict]:
+def prometheus_query(base: str, expr: str) -> list[dict[str, Any]]:
     url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
     with urllib.request.urlopen(url, timeout=10) as resp:
         answer = json.load(resp)
     assert answer["status"] == "success", (expr, answer)
-    return answer["data"]["result"]
+    result: list[dict[str, Any]] = answer["data"]["result"]
+    return result
 
 
-def prometheus_get(base: str, path: str) -> dict:
+def prometheus_get(base: str, path: str) -> dict[str, Any]:
     with urllib.request.urlopen(base + path, timeout=10) as resp:
-        return json.load(resp)["data"]
+        data: dict[str, Any] = json.load(resp)["data"]
+        return data
 
 
 def metric_names(expr: str) -> set[str]:

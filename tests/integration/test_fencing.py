@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import time
+from typing import Any
 
 import pytest
 
@@ -49,7 +50,7 @@ def log(message: str) -> None:
     print(f"[fencing {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def wrong_rows(table: set[tuple], expected: set[tuple]) -> dict[str, int]:
+def wrong_rows(table: set[tuple[Any, ...]], expected: set[tuple[Any, ...]]) -> dict[str, int]:
     """How `table` differs from `expected`, per (buyer_id, effect_time) row key."""
     by_key = {(r[2], r[4]): r for r in table}
     wanted = {(r[2], r[4]): r for r in expected}
@@ -60,7 +61,9 @@ def wrong_rows(table: set[tuple], expected: set[tuple]) -> dict[str, int]:
     }
 
 
-async def compare(p: Pipeline, expected: set[tuple], when: str, problems: list[str]) -> int:
+async def compare(
+    p: Pipeline, expected: set[tuple[Any, ...]], when: str, problems: list[str]
+) -> int:
     """Wrong rows now (0 if the table equals the reference); a problem noted if any."""
     wrong = wrong_rows(await p.table_rows(), expected)
     total = sum(wrong.values())

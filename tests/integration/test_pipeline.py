@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+from typing import Any
 
 import orjson
 import pytest
@@ -36,7 +37,7 @@ BAD_REFUNDS = [
 ]
 
 
-def rec(order: str, buyer: str, fee: float, gm: str, status: str = "2", **extra) -> dict:
+def rec(order: str, buyer: str, fee: float, gm: str, status: str = "2", **extra) -> dict[str, Any]:
     field = "div_idx_actual_total_fee" if status == "2" else "refund_fee"
     return {
         "biz_order_id": order,
@@ -62,7 +63,7 @@ async def test_end_to_end_equals_reference_sql_through_deletes_and_returns(pipel
     # Copies of one record on different partitions, the later-generated copy first.
     late = rec("dup-1", "777", 12399, "2026-11-12 09:00:00")
     early = rec("dup-1", "777", 12399, "2026-11-12 08:00:01")
-    phase1 = [(p.orders_topic, 0, orjson.dumps(late))]
+    phase1: list[tuple[str, int | None, bytes]] = [(p.orders_topic, 0, orjson.dumps(late))]
     phase1 += [(p.orders_topic, None, orjson.dumps(o)) for o in orders]
     phase1 += [(p.refunds_topic, None, orjson.dumps(r)) for r in data.refunds]
     phase1 += [(p.orders_topic, 2, orjson.dumps(early))]

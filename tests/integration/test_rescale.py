@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -66,7 +67,7 @@ def messages_of(p: Pipeline, data: Dataset) -> list[tuple[str, int | None, bytes
     return out
 
 
-def expected(p: Pipeline, messages: list[tuple[str, int | None, bytes]]) -> set[tuple]:
+def expected(p: Pipeline, messages: list[tuple[str, int | None, bytes]]) -> set[tuple[Any, ...]]:
     """The seed SQL over the messages produced (copies included: the SQL dedups them)."""
     orders = [orjson.loads(v) for t, _, v in messages if t == p.orders_topic]
     refunds = [orjson.loads(v) for t, _, v in messages if t == p.refunds_topic]

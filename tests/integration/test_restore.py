@@ -15,12 +15,13 @@ import re
 import shutil
 import signal
 import time
+from typing import Any
 
 import orjson
 import pytest
 
 from bench.takeover import synthesize_state
-from coupon_stream.tools.dataset import generate
+from coupon_stream.tools.dataset import Dataset, generate
 from tests import reference
 from tests.integration.harness import Pipeline, Worker, record
 
@@ -40,10 +41,13 @@ TROUBLE = re.compile(
 )
 
 
-async def processed_then_padded(p: Pipeline, seed: int) -> tuple[object, list, Worker, int]:
+async def processed_then_padded(
+    p: Pipeline, seed: int
+) -> tuple[Dataset, list[tuple[str, int | None, bytes]], Worker, int]:
     """Input processed by worker 0, 3M records of other buyers added to the changelogs."""
     await p.create_topics(orders=4, refunds=2)
     data = generate(10_000, seed=seed)
+    messages: list[tuple[str, int | None, bytes]]
     messages = [(p.orders_topic, None, orjson.dumps(o)) for o in data.orders]
     messages += [(p.refunds_topic, None, orjson.dumps(r)) for r in data.refunds]
     random.Random(seed).shuffle(messages)
@@ -61,9 +65,10 @@ def lose_the_disk(p: Pipeline, worker: Worker, index: int) -> None:
     shutil.rmtree(p.tmp / f"worker{index}")
 
 
-async def readiness(p: Pipeline, worker: Worker) -> dict:
+async def readiness(p: Pipeline, worker: Worker) -> dict[str, Any]:
     try:
-        return json.loads((await p.http_get(worker, "/health/ready"))[1])
+        status: dict[str, Any] = json.loads((await p.http_get(worker, "/health/ready"))[1])
+        return status
     except (OSError, ValueError):
         return {}
 
@@ -101,7 +106,7 @@ async def test_kill_9_with_the_data_dir_gone_restores_in_bulk_then_replays_count
 
     fresh = p.start_worker(0)  # the same data dir, now empty
     began = time.monotonic()
-    seen_restoring: dict = {}
+    seen_restoring: dict[str, Any] = {}
     while (status := await readiness(p, fresh)).get("ready") is not True:
         p.assert_workers_alive()
         if status.get("restoring") and not seen_restoring:

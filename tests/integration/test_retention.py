@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import orjson
 import pytest
@@ -12,11 +13,13 @@ from tests import reference
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def day_records(day: int, n: int, rng: random.Random) -> tuple[list[dict], list[dict]]:
+def day_records(
+    day: int, n: int, rng: random.Random
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     date = f"2026-11-{day:02d}"
     orders, refunds = [], []
     for i in range(n):
-        order = {
+        order: dict[str, Any] = {
             "biz_order_id": f"d{day}-{i}",
             "pay_status": "2",
             "buyer_id": str(rng.randrange(400)),

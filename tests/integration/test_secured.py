@@ -16,6 +16,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -68,7 +69,7 @@ def secured() -> dict[str, str]:
     return env
 
 
-def _admin(env: dict[str, str]) -> dict[str, str]:
+def _admin(env: dict[str, str]) -> dict[str, Any]:
     certs = Path(env["COUPON_SECURE_CERTS"])
     return {
         "broker": env["COUPON_SECURE_BOOTSTRAP"],

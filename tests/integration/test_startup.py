@@ -71,7 +71,7 @@ def settings_for(name: str, tmp: Path, partitions: int = 6) -> Settings:
     )
 
 
-def run_worker(name: str, tmp: Path, partitions: int = 6) -> subprocess.CompletedProcess:
+def run_worker(name: str, tmp: Path, partitions: int = 6) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env.update(
         COUPON_APP_ID=name,

@@ -35,7 +35,7 @@ def make_stream() -> Iterator[Callable[..., CouponStream]]:
                 sink=FakeSink(),
                 out=out,
                 reader=reader,
-                changelogs=out.writer(),  # type: ignore[arg-type]
+                changelogs=out.writer(),
             )
             cs.app.finalize()
             cs.app.flow_control.resume()
@@ -55,8 +55,8 @@ def stream(make_stream: Callable[..., CouponStream], tmp_path: Any) -> CouponStr
 
 def group(cs: CouponStream) -> MemoryGroup:
     """The offsets the worker's group committed (through Faust's real commit path)."""
-    assert cs.reader.group is not None  # type: ignore[attr-defined]
-    return cs.reader.group  # type: ignore[attr-defined,no-any-return]
+    assert isinstance(cs.reader, LogReader) and cs.reader.group is not None
+    return cs.reader.group
 
 
 async def put(cs: CouponStream, agent: Any, value: bytes, partition: int = 0) -> None:
@@ -70,12 +70,13 @@ def stored(cs: CouponStream, table: str, key: bytes, partition: int = 0) -> Any:
 
 
 def changelog(cs: CouponStream, table: str, partition: int = 0) -> list[Any]:
-    return cs.out.logs[(cs.caches[table].changelog_topic, partition)]  # type: ignore[attr-defined]
+    assert isinstance(cs.out, FakeOut)
+    return cs.out.logs[(cs.caches[table].changelog_topic, partition)]
 
 
 def row(order, yuan, gm, status="2", day=20261111, buyer=5, gc="2026-11-11 00:00:00"):  # noqa: ANN001, ANN201
     return [buyer, order, status, day, yuan, gc, gm]
 
 
-def batch(*rows: list[Any]) -> bytes:
+def batch(*rows: Any) -> bytes:
     return encode_rows(list(rows))

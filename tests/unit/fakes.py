@@ -12,7 +12,7 @@ import asyncio
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
@@ -21,6 +21,14 @@ from faust.types import TP
 from coupon_stream.core.state import ResultRow, day_key
 from coupon_stream.foundation.errors import Fenced, NotHeld
 from coupon_stream.pipeline.sink import WriteResult
+
+if TYPE_CHECKING:  # each fake is typed as what it stands in for: mypy holds it to its signatures
+    from coupon_stream.connectors.kafka import ChangelogWriter as _ChangelogWriter
+    from coupon_stream.connectors.kafka import KafkaOut as _KafkaOut
+    from coupon_stream.connectors.kafka import PartitionReader as _PartitionReader
+    from coupon_stream.pipeline.sink import ResultSink as _ResultSink
+else:
+    _ChangelogWriter = _KafkaOut = _PartitionReader = _ResultSink = object
 
 
 class Crash(BaseException):
@@ -43,7 +51,7 @@ def done(value: object = None, exc: BaseException | None = None) -> asyncio.Futu
     return fut
 
 
-class FakeOut:
+class FakeOut(_KafkaOut):
     """`KafkaOut`: sends as (topic, {"value", key, partition, headers}), changelogs as lists.
 
     `refuse` makes every send raise it; `refuse_next` makes the next changelog append raise
@@ -113,7 +121,7 @@ class FakeProducer:
         return done(len(self.sent))
 
 
-class FakeChangelogs:
+class FakeChangelogs(_ChangelogWriter):
     """`ChangelogWriter`: transactions onto a `FakeOut`'s logs, fenced like the broker fences.
 
     `FakeOut.txn_epochs` is the broker's epoch per transactional id (partition); a claim
@@ -165,7 +173,7 @@ class FakeChangelogs:
         return last
 
 
-class FakeSink:
+class FakeSink(_ResultSink):
     """`ResultSink`: the table as a dict of (buyer_id, effect_time) -> row, and its fence.
 
     `fence` holds each partition's epoch; `write` refuses, writing nothing, rows whose
@@ -173,7 +181,8 @@ class FakeSink:
     """
 
     def __init__(self) -> None:
-        self.table: dict[tuple[int, int], ResultRow] = {}
+        # The rows; the real sink's `table` is its SQLAlchemy Table.
+        self.table: dict[tuple[int, int], ResultRow] = {}  # type: ignore[assignment]
         self.writes = 0
         self.fence: dict[int, int] = {}
 
@@ -272,7 +281,7 @@ class MemoryGroup:
         return self.offsets.get(TP(topic, partition))
 
 
-class LogReader:
+class LogReader(_PartitionReader):
     """`PartitionReader` as the state stage uses it: the by-buyer log read back, and the
     group's committed offset.
 
@@ -294,7 +303,7 @@ class LogReader:
             return await self.group.read(group, topic, partition)
         return self.offsets.get(partition) or None
 
-    async def read(
+    async def read(  # type: ignore[override]  # a None time: unknown, as `add` takes it
         self, topic: str, partition: int, start: int, end: int
     ) -> list[tuple[int, bytes, int | None]]:
         self.reads.append((partition, start, end))
@@ -315,7 +324,8 @@ class Polled:
         self, topic: str, offset: int, value: bytes, partition: int = 0, key: bytes = b"k"
     ) -> None:
         self.topic, self.partition, self.offset = topic, partition, offset
-        self.key, self.value = key, value
+        self.key: bytes | None = key
+        self.value: bytes | None = value
 
 
 class FakeConsumer:
@@ -342,7 +352,7 @@ class Record(NamedTuple):
     value: bytes | None
 
 
-class Changelog:
+class Changelog(_PartitionReader):
     """Partitions as lists of records; `first` is where compaction or retention left the log."""
 
     def __init__(self, logs: dict[int, list[Record]], first: dict[int, int] | None = None):
@@ -377,7 +387,7 @@ def log_of(*pairs: tuple[bytes, bytes | None]) -> list[Record]:
     return [Record(i, k, v) for i, (k, v) in enumerate(pairs)]
 
 
-class Changelogs:
+class Changelogs(_PartitionReader):
     """Both tables' changelogs behind one reader, as `PartitionReader` reads any topic;
     while `fail` is set, asking the end offsets raises it."""
 
@@ -397,7 +407,7 @@ class Changelogs:
         pass
 
 
-class BuyersChangelog:
+class BuyersChangelog(_PartitionReader):
     """An old days changelog partition of `buyers` buyers, one key each with `value`, made
     as it is read (a rescale's memory test: nothing of it is kept here)."""
 
@@ -414,8 +424,11 @@ class BuyersChangelog:
             yield 0, [Record(b, day_key(b, 20261111), self.value) for b in range(start, end)], end
 
 
-class NullOut:
+class NullOut(_KafkaOut):
     """`KafkaOut.send_records` that keeps nothing: every batch delivered at once."""
+
+    def __init__(self) -> None:
+        pass
 
     async def send_records(self, topic, partition, items):
         return [(done(), len(items))]

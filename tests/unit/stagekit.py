@@ -78,7 +78,7 @@ class World:
             days,
             self.out,
             self.reader,
-            Claims(changelogs, self.sink),  # type: ignore[arg-type]
+            Claims(changelogs, self.sink),
             confirm=confirm,
         )
 
@@ -93,7 +93,7 @@ class World:
             self.settings,
             stage,
             self.out,
-            changelogs,  # type: ignore[arg-type]
+            changelogs,
             self.sink,
             commit=commit,
             acknowledge=acknowledge,

@@ -13,6 +13,7 @@ import re
 import shlex
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -41,7 +42,9 @@ def env_of(service):
 def kafka_version_from_pom():
     ns = {"m": "http://maven.apache.org/POM/4.0.0"}
     root = ET.parse(ROOT / "infra" / "kafka" / "pom.xml").getroot()
-    return root.find("m:properties/m:kafka.version", ns).text.strip()
+    version = root.find("m:properties/m:kafka.version", ns)
+    assert version is not None and version.text is not None
+    return version.text.strip()
 
 
 def test_images_are_pinned_and_fully_qualified(services):
@@ -159,7 +162,8 @@ def test_the_secured_compose_variant_is_settings_the_worker_accepts(tmp_path):
     values = {
         k: str(pem) if k in files else re.sub(r"\$\{[^}]*\}", "pw", v) for k, v in env.items()
     }
-    s = Settings(**{k[len("COUPON_") :].lower(): v for k, v in values.items()})
+    settings: dict[str, Any] = {k[len("COUPON_") :].lower(): v for k, v in values.items()}
+    s = Settings(**settings)
     assert s.kafka_security_protocol == "SASL_SSL" and s.kafka_tls() is not None
     assert s.db_tls() is not None
 

@@ -94,6 +94,7 @@ async def test_a_shutdown_during_the_restore_ends_it_without_a_crash(caplog):
     with caplog.at_level("INFO", logger="coupon_stream.app.rebalance"):
         restored = r.plan({TP(ENTRIES, 0)}, {TP(ENTRIES, 1)})
         await asyncio.wait_for(restored.wait(), 5)
+        assert r.task is not None
         await asyncio.wait_for(r.task, 5)  # no mirror after it: the task ended
     assert "restore stopped: the worker is shutting down" in caplog.text
 
@@ -109,5 +110,6 @@ async def test_the_mirror_waits_out_an_outage_and_stops_for_a_refusal(monkeypatc
     while stores[ENTRIES].persisted_offset(1) != 6:
         await asyncio.sleep(0.01)
     reader.fail = TopicAuthorizationFailedError()  # an ACL took the read away: for good
+    assert r.task is not None
     await asyncio.wait_for(r.task, 5)
     assert "standby mirror stopped" in caplog.text

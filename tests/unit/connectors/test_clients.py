@@ -8,6 +8,7 @@ import ssl
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
@@ -27,7 +28,7 @@ def pems(tmp_path: Path) -> dict[str, certs.Pem]:
 
 
 def settings(protocol: str, pems: dict[str, certs.Pem], **extra: object) -> Settings:
-    values: dict[str, object] = {"kafka_security_protocol": protocol, **extra}
+    values: dict[str, Any] = {"kafka_security_protocol": protocol, **extra}
     if protocol.startswith("SASL_"):
         values |= {**SASL, "kafka_password": "s3cret"}
     if protocol.endswith("SSL"):

@@ -87,5 +87,6 @@ async def test_progress_tells_what_is_left_per_partition():
     await task
     assert progress.restoring() == [] and progress.left() == 0
     progress.clear()  # the next assignment's restore starts with no stale gauges
-    gauges = metrics.STATE_RESTORE_REMAINING.collect()[0].samples
+    (family,) = metrics.STATE_RESTORE_REMAINING.collect()
+    gauges = family.samples
     assert not [g for g in gauges if g.labels == {"table": "entries", "partition": "1"}]

@@ -92,14 +92,14 @@ def test_pay_time_accepted_exactly_when_the_date_exists(y, m, d, h):
         assert not exists
 
 
-def authority(raw: bytes, source: Source) -> tuple | str:
+def authority(raw: bytes, source: Source) -> tuple[object, ...] | str:
     try:
         return row_of(parse_record(raw, source))
     except BadRecord as bad:
         return bad.reason
 
 
-def hot_path(raw: bytes, source: Source) -> tuple | str:
+def hot_path(raw: bytes, source: Source) -> tuple[object, ...] | str:
     try:
         return read_row(raw, source)
     except BadRecord as bad:

@@ -27,7 +27,9 @@ from coupon_stream.foundation.errors import (
 
 def mysql(code: int, message: str, cls: type = asyncmy.OperationalError) -> sa.DBAPIError:
     """A driver error as SQLAlchemy hands it to the sink (`exc.orig` is asyncmy's)."""
-    return sa.DBAPIError.instance("INSERT INTO t ...", {}, cls(code, message), asyncmy.Error)
+    orig = cls(code, message)
+    error: sa.DBAPIError = sa.DBAPIError.instance("INSERT INTO t ...", {}, orig, asyncmy.Error)
+    return error
 
 
 @pytest.mark.parametrize(
@@ -209,7 +211,7 @@ async def test_backoff_doubles_up_to_its_maximum() -> None:
 
 
 def _failing(*errors: BaseException, result: str = "done"):
-    calls = []
+    calls: list[int] = []
 
     async def call() -> str:
         calls.append(len(calls))

@@ -1,6 +1,7 @@
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -102,8 +103,8 @@ def test_kafka_security_that_could_not_work_is_refused(monkeypatch, values, said
 
 
 def test_certificate_files_are_checked_by_setting_name(tmp_path, pems):
-    tls = {"kafka_security_protocol": "SSL"}
-    cases = [
+    tls: dict[str, Any] = {"kafka_security_protocol": "SSL"}
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"kafka_ca_file": tmp_path / "missing.pem"}, "COUPON_KAFKA_CA_FILE=.*cannot read it"),
         ({"kafka_ca_file": pems["ca"].key}, "COUPON_KAFKA_CA_FILE=.*not a PEM file with a CERT"),
         (

@@ -5,6 +5,7 @@ the changelogs, or restarted on its local copy): the table equals docs/semantics
 """
 
 import random
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -22,13 +23,13 @@ from tests.unit.stagekit import World, r
 
 def spec_oracle(rows):
     """docs/semantics.md steps 2-4 by brute force over rows in arrival order."""
-    kept = {}
+    kept: dict[tuple[Any, ...], Any] = {}
     for row in rows:
         key = (row[0], row[1], row[2])
         old = kept.get(key)
         if old is None or generated_before(row[6], old[6]):
             kept[key] = row
-    days = {}
+    days: dict[tuple[Any, ...], tuple[Any, ...]] = {}
     for buyer, _, _, day, yuan, gc, gm in kept.values():
         total, created, modified = days.get((buyer, day), (0, None, None))
         created = gc if created is None or (gc is not None and gc < created) else created
@@ -38,7 +39,7 @@ def spec_oracle(rows):
 
 
 def rows_of(data, rnd, messy=False):
-    rows = [read_row(m, Source.ORDERS) for m in jsonl(data.orders)]
+    rows: list[Any] = [read_row(m, Source.ORDERS) for m in jsonl(data.orders)]
     rows += [read_row(m, Source.REFUNDS) for m in jsonl(data.refunds)]
     if messy:  # copies that move days and change gmt_create: MIN/MAX not retractable
         for row in rnd.sample(rows, len(rows) // 5):

@@ -21,7 +21,7 @@ from coupon_stream.connectors.kafka import (
     KafkaOut,
     row_dead_letter,
 )
-from coupon_stream.core.records import Source, decode_rows, partition_for_buyer
+from coupon_stream.core.records import Row, Source, decode_rows, partition_for_buyer
 from coupon_stream.core.state import ResultRow
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.intake import (
@@ -74,7 +74,9 @@ def test_a_row_too_large_to_keep_in_state_is_dead_lettered_at_intake():
 
 
 def test_by_buyer_messages_stay_within_the_bound_unless_one_row_is_larger():
-    rows = [(i, "x" * (i * 37 % 16_000), "2", 20261111, 1, None, None) for i in range(300)]
+    rows: list[Row] = [
+        (i, "x" * (i * 37 % 16_000), "2", 20261111, 1, None, None) for i in range(300)
+    ]
     assert all(len(orjson.dumps([r])) <= MAX_RECORD_BYTES for r in rows)
     values = split_rows(rows)
     assert len(values) > 1 and all(len(v) <= MAX_MESSAGE_BYTES for v in values)
@@ -176,6 +178,7 @@ def test_a_refused_result_row_becomes_a_dead_letter_of_its_columns():
     dead = row_dead_letter("tddl_output", row, "1264: Out of range value")
     assert dead.key is None and (dead.topic, dead.partition, dead.offset) == ("tddl_output", -1, -1)
     assert dead.kind == "sink_rejected" and dead.reason == "1264: Out of range value"
+    assert dead.value is not None
     assert orjson.loads(dead.value) == {
         "gmt_create": "2026-11-11 00:00:01",
         "gmt_modified": None,
@@ -184,6 +187,7 @@ def test_a_refused_result_row_becomes_a_dead_letter_of_its_columns():
         "effect_time": 20261111,
     }
     deleted = row_dead_letter("tddl_output", None, "refused", key=(5, 20261111))
+    assert deleted.value is not None
     assert orjson.loads(deleted.value) == {"buyer_id": 5, "effect_time": 20261111, "deleted": True}
 
 
@@ -194,7 +198,7 @@ async def test_intake_routes_by_buyer_partition_and_dead_letters():
     tp = TopicPartition("orders", 0)
     batch = [Polled("orders", i, order(i, b)) for i, b in enumerate([1, 2, 3, 1, 99])]
     await intake.forward({tp: [*batch, Polled("orders", 5, b"{oops")]})
-    routed = {}
+    routed: dict[int, list[str]] = {}
     for topic, kw in out.sent:
         if topic != s.by_buyer_topic:
             continue

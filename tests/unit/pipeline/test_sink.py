@@ -4,6 +4,7 @@ tests/integration)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,9 @@ async def test_a_deadlock_is_run_again_without_calling_the_database_down(
     real_write = sink._write_once
     deadlocks = 1
 
-    async def deadlock_once(upserts: list, deletes: list, epochs: dict) -> None:
+    async def deadlock_once(
+        upserts: list[ResultRow], deletes: Sequence[tuple[int, int]], epochs: dict[int, int]
+    ) -> None:
         nonlocal deadlocks
         if deadlocks:
             deadlocks -= 1
@@ -116,7 +119,9 @@ async def test_a_row_refused_as_data_is_set_aside_and_the_rest_of_its_batch_writ
     rejected_before = sample("coupon_sink_rejected_rows_total")
     try:
         assert (await sink.write({(3, 20261111): ResultRow("c", "m", 3, 30, 20261111)})).written
-        rows = {(b, 20261111): ResultRow("c", "m", b, b * 10, 20261111) for b in range(1, 6)}
+        rows: dict[tuple[int, int], ResultRow | None] = {
+            (b, 20261111): ResultRow("c", "m", b, b * 10, 20261111) for b in range(1, 6)
+        }
         rows[(3, 20261111)] = ResultRow("c", "m", 3, 5_000_000, 20261111)  # refused
         rows[(9, 20261111)] = None  # a delete in the same batch
         with caplog.at_level("ERROR", logger="coupon_stream.pipeline.sink"):
@@ -158,7 +163,9 @@ async def test_a_transient_error_is_retried_before_a_permanent_one_splits_the_ba
     real_write = sink._write_once
     failures = [OSError("connection reset")]
 
-    async def flaky(upserts: list, deletes: list, epochs: dict) -> None:
+    async def flaky(
+        upserts: list[ResultRow], deletes: Sequence[tuple[int, int]], epochs: dict[int, int]
+    ) -> None:
         if failures:
             raise failures.pop()
         await real_write(upserts, deletes, epochs)

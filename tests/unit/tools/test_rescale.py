@@ -55,6 +55,7 @@ def test_the_newest_watermark_wins_as_the_state_stage_stores_it():
     stage = world.worker()
     asyncio.run(world.run(stage, every=1))
     (raw,) = stage.stores["days"].get_many(0, [WATERMARK_KEY])
+    assert raw is not None
     stored = as_of(raw, committed=len(world.log))
     assert stored == 20261103
     assert newest(None, None) is None
