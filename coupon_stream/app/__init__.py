@@ -32,6 +32,7 @@ from coupon_stream.connectors.kafka import ChangelogWriter, KafkaOut, PartitionR
 from coupon_stream.connectors.restore import ChangelogReader
 from coupon_stream.connectors.store import MemoryStore, PartitionStore
 from coupon_stream.core.state import STATE_TABLES
+from coupon_stream.core.stored import StateFormatError
 from coupon_stream.foundation import metrics
 from coupon_stream.foundation.errors import AccessRefused, NotHeld, retry
 from coupon_stream.foundation.health import StallWatch
@@ -40,7 +41,7 @@ from coupon_stream.pipeline.checkpoint import Checkpointer
 from coupon_stream.pipeline.fencing import Claims
 from coupon_stream.pipeline.intake import Intake
 from coupon_stream.pipeline.sink import ResultSink
-from coupon_stream.pipeline.state_stage import StateFormatError, StateStage, TableCache
+from coupon_stream.pipeline.state_stage import StateStage, TableCache
 
 log = logging.getLogger(__name__)
 

@@ -41,19 +41,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from coupon_stream.connectors.kafka import ChangelogWriter, DeadLetter, KafkaOut, row_dead_letter
-from coupon_stream.core.records import encode_json
-from coupon_stream.core.state import (
-    DAY,
-    FORMAT_KEY,
-    MAX_MODIFIED,
-    MIN_CREATED,
-    NEXT_OFFSET_KEY,
-    STATE_FORMAT,
-    ResultRow,
+from coupon_stream.core.state import DAY, MAX_MODIFIED, MIN_CREATED, ResultRow, day_row, extrema
+from coupon_stream.core.stored import (
     buyer_prefix,
     day_key,
-    day_row,
-    extrema,
+    encode_value,
+    marks,
     parse_day_key,
 )
 from coupon_stream.foundation import metrics
@@ -284,15 +277,13 @@ class Checkpointer:
                         continue
                     if session is None or end is None:
                         raise RuntimeError(f"{cache.name}[{partition}] changed outside a session")
-                    out[key] = encode_json((session.sid, end, current, base))  # a Versioned
+                    out[key] = encode_value(session.sid, end, current, base)
                 if out:
                     per_partition[partition] = out
                     metrics.STATE_WRITES.labels(cache.name).inc(len(out))
         days = writes[self.stage.days]
         for partition, end in next_offset.items():
-            meta = days.setdefault(partition, {})
-            meta[NEXT_OFFSET_KEY] = str(end).encode()
-            meta[FORMAT_KEY] = str(STATE_FORMAT).encode()
+            days.setdefault(partition, {}).update(marks(end))
         return writes
 
     async def _changelog(self, snap: _Snapshot) -> None:

@@ -20,29 +20,27 @@ from typing import Any, NamedTuple
 
 from coupon_stream.connectors.kafka import DeadLetter, KafkaOut, PartitionReader
 from coupon_stream.connectors.store import PartitionStore
-from coupon_stream.core.records import Row, decode_rows, encode_rows
+from coupon_stream.core.records import BUYER, ORDER, ROW_DAY, STATUS, Row, decode_rows, encode_rows
 from coupon_stream.core.state import (
-    BUYER,
     DAY,
-    FORMAT_KEY,
-    META_KEYS,
-    NEXT_OFFSET_KEY,
-    ORDER,
-    ROW_DAY,
-    STATE_FORMAT,
-    STATUS,
-    WATERMARK_KEY,
     Day,
     Entry,
     Outcome,
-    Versioned,
     apply_row,
+    latest_day,
+    retention_cutoff,
+)
+from coupon_stream.core.stored import (
+    FORMAT_KEY,
+    META_KEYS,
+    NEXT_OFFSET_KEY,
+    WATERMARK_KEY,
     day_key,
     entry_key,
     is_day_key,
-    latest_day,
     parse_day_key,
-    retention_cutoff,
+    read_marks,
+    read_value,
 )
 from coupon_stream.foundation import metrics
 from coupon_stream.foundation.errors import GivenUp, NotHeld, retry
@@ -55,10 +53,6 @@ log = logging.getLogger(__name__)
 QUIET_SECONDS = 10.0
 # One attempt to read a range of by-buyer messages back (the brokers may not answer).
 READ_SECONDS = 30.0
-
-
-class StateFormatError(RuntimeError):
-    """Local or changelog state written in a format this version cannot read."""
 
 
 class ReadBack(NamedTuple):
@@ -112,7 +106,7 @@ class TableCache:
                 missing.append(key)
         if missing:
             for key, raw in zip(missing, self.store.get_many(partition, missing), strict=True):
-                value = None if raw is None else Versioned.read(raw, *_as_of(session))
+                value = None if raw is None else read_value(raw, session.start, session.sid)
                 dirty[key] = [value, value]
         return dirty
 
@@ -127,7 +121,7 @@ class TableCache:
                     yield key, slot[1]
         for key, raw in self.store.items(partition):
             if key not in seen and key not in META_KEYS:
-                yield key, Versioned.read(raw, *_as_of(session))
+                yield key, read_value(raw, session.start, session.sid)
 
     def with_prefixes(
         self, partition: int, session: Session, prefixes: Iterable[bytes]
@@ -141,7 +135,7 @@ class TableCache:
         size = len(next(iter(found)))
         for prefix, values in found.items():
             for key, raw in self.store.items(partition, prefix):
-                values[key] = Versioned.read(raw, *_as_of(session))
+                values[key] = read_value(raw, session.start, session.sid)
         for key, slot in self.flushing.get(partition, {}).items():
             prefixed = found.get(key[:size])
             if prefixed is not None:
@@ -153,10 +147,6 @@ class TableCache:
         self.dirty = defaultdict(dict)
         self.flushing = {}
         self.tombstones = defaultdict(set)
-
-
-def _as_of(session: Session) -> tuple[int, int]:
-    return session.start, session.sid
 
 
 class _View:
@@ -318,13 +308,9 @@ class StateStage:
         would roll back values of committed checkpoints (`Versioned.as_of`). So it comes from
         the broker, not from the consumer's view.
         """
-        mark, fmt = self.days.store.get_many(partition, [NEXT_OFFSET_KEY, FORMAT_KEY])
-        if fmt is not None and int(fmt) != STATE_FORMAT:
-            raise StateFormatError(
-                f"partition {partition} of the state holds format {int(fmt)}; this version "
-                f"keeps format {STATE_FORMAT}. Start a new COUPON_APP_ID with an empty "
-                "COUPON_DATA_DIR and replay the input (docs/design.md, 'Migrating state')"
-            )
+        mark = read_marks(
+            partition, *self.days.store.get_many(partition, [NEXT_OFFSET_KEY, FORMAT_KEY])
+        )
         s = self.settings
         wanted = self._still_assigned()  # not once a rebalance began: it may be gone
         if not wanted():
@@ -360,7 +346,7 @@ class StateStage:
             )
         # Nothing committed: the group starts at the log's beginning. A mark below the
         # committed offset means an offset was committed past messages never applied.
-        start = min(int(mark or 0), broker or 0)
+        start = min(mark or 0, broker or 0)
         log.info(
             "%s[%d]: session begins at %d (group committed %s, consumer %s, state mark %s)",
             s.by_buyer_topic,
@@ -368,7 +354,7 @@ class StateStage:
             start,
             broker,
             committed,
-            None if mark is None else int(mark),
+            mark,
         )
         self.sessions[partition] = Session(int.from_bytes(os.urandom(7), "big"), start)
         self._next_to_apply[partition] = start

@@ -8,14 +8,8 @@ import asyncio
 from faust.types import TP
 
 from coupon_stream.core.records import decode_rows
-from coupon_stream.core.state import (
-    NEXT_OFFSET_KEY,
-    STATE_TABLES,
-    ResultRow,
-    Versioned,
-    day_key,
-    entry_key,
-)
+from coupon_stream.core.state import STATE_TABLES, ResultRow
+from coupon_stream.core.stored import NEXT_OFFSET_KEY, Versioned, day_key, entry_key
 from coupon_stream.foundation import metrics
 from tests.unit.conftest import batch, changelog, group, make_stream, put, row, stored
 from tests.unit.fakes import DownSink

@@ -126,7 +126,7 @@ async def test_a_hot_buyer_costs_one_entry_and_one_day_per_record():
 
 
 async def test_an_old_format_partition_is_refused(tmp_path):
-    from coupon_stream.pipeline.state_stage import StateFormatError
+    from coupon_stream.core.stored import StateFormatError
 
     world = World()
     world.append([r()])
