@@ -98,11 +98,10 @@ class CouponStream:
             s,
             self.caches["entries"],
             self.caches["days"],
-            self.out,
             self.reader,
             Claims(self.changelogs, self.sink),
             confirm=self._confirm,
-            assignment=self._assignment,
+            rebalance_count=self._rebalance_count,
         )
         self.stalls = StallWatch(s.stall_seconds)
         self.checkpointer = Checkpointer(
@@ -142,8 +141,8 @@ class CouponStream:
         for room in (self.rebalances, self.tail_repair, self.observe):
             room.register()
 
-    def _assignment(self) -> int | None:
-        """Which assignment this is (None while rebalancing): work of an older one is void."""
+    def _rebalance_count(self) -> int | None:
+        """Rebalances so far (None during one): work begun before the latest is void."""
         return None if self.app.rebalancing else int(self.app.rebalancing_count)
 
     async def _on_restored(self, event: Event) -> None:

@@ -79,7 +79,6 @@ class World:
             self.settings,
             entries,
             days,
-            self.out,
             LogReader(self),
             Claims(changelogs, self.sink),  # type: ignore[arg-type]
             confirm=confirm,

@@ -159,7 +159,7 @@ async def test_a_fenced_checkpoint_releases_it_and_what_was_applied_meanwhile(st
     stream.reader.log.update({(0, 0): first, (0, 1): second})  # the by-buyer log, read back
     applied: list[object] = []
     released: list[object] = []
-    add, acknowledge = stream.stage.add, stream.checkpointer._acknowledge
+    add, acknowledge = stream.stage.add, stream.checkpointer.acknowledge
 
     async def add_recorded(raw, partition, offset, token, *args, **kwargs):
         applied.append(token)
@@ -170,7 +170,7 @@ async def test_a_fenced_checkpoint_releases_it_and_what_was_applied_meanwhile(st
         await acknowledge(tokens, committed)
 
     stream.stage.add = add_recorded
-    stream.checkpointer._acknowledge = acknowledge_recorded
+    stream.checkpointer.acknowledge = acknowledge_recorded
     async with stream.state_agent.test_context() as agent:
         await agent.put(first, partition=0)
 
