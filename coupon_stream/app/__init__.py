@@ -28,13 +28,14 @@ from coupon_stream.app.rebalance import Rebalances, Restorer
 from coupon_stream.app.tail_repair import TailRepair
 from coupon_stream.connectors import clients, engine
 from coupon_stream.connectors.engine import TP, Event, Stream
+from coupon_stream.connectors.faults import retry
 from coupon_stream.connectors.kafka import ChangelogWriter, KafkaOut, PartitionReader
 from coupon_stream.connectors.restore import ChangelogReader
 from coupon_stream.connectors.store import MemoryStore, PartitionStore
 from coupon_stream.core.state import STATE_TABLES
 from coupon_stream.core.stored import StateFormatError
 from coupon_stream.foundation import metrics
-from coupon_stream.foundation.errors import AccessRefused, NotHeld, retry
+from coupon_stream.foundation.errors import AccessRefused, NotHeld
 from coupon_stream.foundation.health import StallWatch
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.checkpoint import Checkpointer

@@ -17,7 +17,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.conn import create_conn
 
-from coupon_stream.foundation.errors import KAFKA_AUTHORIZATION, AccessRefused, refusal
+from coupon_stream.connectors.faults import KAFKA_AUTHORIZATION, refusal
+from coupon_stream.foundation.errors import AccessRefused
 from coupon_stream.foundation.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import InvalidProducerEpoch, ProducerFenced
 
 from coupon_stream.connectors import clients
+from coupon_stream.connectors.faults import is_too_large
 from coupon_stream.foundation import metrics
-from coupon_stream.foundation.errors import Fenced, NotHeld, is_too_large
+from coupon_stream.foundation.errors import Fenced, NotHeld
 from coupon_stream.foundation.settings import Settings
 
 if TYPE_CHECKING:

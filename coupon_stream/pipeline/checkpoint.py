@@ -42,6 +42,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from enum import StrEnum
 
+from coupon_stream.connectors.faults import Fault, classify, retry
 from coupon_stream.connectors.kafka import ChangelogWriter, DeadLetter, KafkaOut, row_dead_letter
 from coupon_stream.core.state import DAY, MAX_MODIFIED, MIN_CREATED, ResultRow, day_row, extrema
 from coupon_stream.core.stored import (
@@ -52,7 +53,7 @@ from coupon_stream.core.stored import (
     parse_day_key,
 )
 from coupon_stream.foundation import metrics
-from coupon_stream.foundation.errors import Fault, Fenced, GivenUp, NotHeld, classify, retry
+from coupon_stream.foundation.errors import Fenced, GivenUp, NotHeld
 from coupon_stream.foundation.health import StallWatch
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.sink import ResultSink, RowKey

@@ -26,6 +26,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from coupon_stream.connectors import clients
+from coupon_stream.connectors.faults import Backoff, refusal, retry
 from coupon_stream.connectors.kafka import DeadLetter, KafkaOut, behind
 from coupon_stream.core.records import (
     BadRecord,
@@ -36,7 +37,6 @@ from coupon_stream.core.records import (
     read_row,
 )
 from coupon_stream.foundation import metrics
-from coupon_stream.foundation.errors import Backoff, refusal, retry
 from coupon_stream.foundation.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ class Intake:
 
         A re-sent batch is harmless (the state stage counts each copy once), and an intake
         that gave up would leave the worker up but reading nothing. An error that no retry
-        can fix (`coupon_stream.foundation.errors`: a message too large, an unauthorized topic) is
+        can fix (`coupon_stream.connectors.faults`: a message too large, an unauthorized topic) is
         raised instead, so the worker stops loudly rather than loop: it cannot be one
         record's fault, since `route` bounds records and dead letters are cut to fit
         (`KafkaOut.dead_letter`), so it is the topics' or the broker's configuration.

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final, NamedTuple
 
+from coupon_stream.connectors.faults import retry
 from coupon_stream.connectors.kafka import DeadLetter, PartitionReader
 from coupon_stream.connectors.store import PartitionStore
 from coupon_stream.core.records import BUYER, ORDER, ROW_DAY, STATUS, Row, decode_rows, encode_rows
@@ -43,7 +44,7 @@ from coupon_stream.core.stored import (
     read_value,
 )
 from coupon_stream.foundation import metrics
-from coupon_stream.foundation.errors import GivenUp, NotHeld, retry
+from coupon_stream.foundation.errors import GivenUp, NotHeld
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.fencing import Claims
 
