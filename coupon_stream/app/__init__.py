@@ -30,6 +30,7 @@ from coupon_stream.connectors import clients, engine
 from coupon_stream.connectors.engine import TP, Event, Stream
 from coupon_stream.connectors.faults import retry
 from coupon_stream.connectors.kafka import ChangelogWriter, KafkaOut, PartitionReader
+from coupon_stream.connectors.mysql import ResultSink
 from coupon_stream.connectors.restore import ChangelogReader
 from coupon_stream.connectors.store import MemoryStore, PartitionStore
 from coupon_stream.core.state import STATE_TABLES
@@ -41,7 +42,6 @@ from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.checkpoint import Checkpointer
 from coupon_stream.pipeline.fencing import Claims
 from coupon_stream.pipeline.intake import Intake
-from coupon_stream.pipeline.sink import ResultSink
 from coupon_stream.pipeline.state_stage import StateStage, TableCache
 
 log = logging.getLogger(__name__)

@@ -44,6 +44,7 @@ from enum import StrEnum
 
 from coupon_stream.connectors.faults import Fault, classify, retry
 from coupon_stream.connectors.kafka import ChangelogWriter, DeadLetter, KafkaOut, row_dead_letter
+from coupon_stream.connectors.mysql import ResultSink, RowKey
 from coupon_stream.core.state import DAY, MAX_MODIFIED, MIN_CREATED, ResultRow, day_row, extrema
 from coupon_stream.core.stored import (
     buyer_prefix,
@@ -56,7 +57,6 @@ from coupon_stream.foundation import metrics
 from coupon_stream.foundation.errors import Fenced, GivenUp, NotHeld
 from coupon_stream.foundation.health import StallWatch
 from coupon_stream.foundation.settings import Settings
-from coupon_stream.pipeline.sink import ResultSink, RowKey
 from coupon_stream.pipeline.state_stage import (
     VALUE,
     Pending,

@@ -48,7 +48,7 @@ def load_settings() -> Settings:
 
 
 def _worker(extra: list[str]) -> None:
-    from coupon_stream.pipeline.sink import ResultSink
+    from coupon_stream.connectors.mysql import ResultSink
     from coupon_stream.tools.status import (
         DeploymentError,
         check_deployment,
@@ -132,7 +132,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _show(args: argparse.Namespace) -> None:
-    from coupon_stream.pipeline.sink import ResultSink
+    from coupon_stream.connectors.mysql import ResultSink
 
     settings = load_settings()
 

@@ -50,6 +50,7 @@ from pydantic import ValidationError
 
 from coupon_stream.connectors import clients
 from coupon_stream.connectors.kafka import ChangelogWriter, KafkaOut, PartitionReader, behind
+from coupon_stream.connectors.mysql import ResultSink
 from coupon_stream.core.records import partition_for_buyer
 from coupon_stream.core.state import STATE_TABLES
 from coupon_stream.core.stored import (
@@ -64,7 +65,6 @@ from coupon_stream.core.stored import (
 )
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.fencing import Claims
-from coupon_stream.pipeline.sink import ResultSink
 from coupon_stream.tools import status
 
 log = logging.getLogger(__name__)

@@ -22,10 +22,10 @@ from aiokafka.errors import TopicAlreadyExistsError, for_code
 from coupon_stream.connectors import clients, engine
 from coupon_stream.connectors.faults import Backoff, retry
 from coupon_stream.connectors.kafka import behind
+from coupon_stream.connectors.mysql import ResultSink
 from coupon_stream.core.state import STATE_TABLES
 from coupon_stream.core.stored import STATE_FORMAT
 from coupon_stream.foundation.settings import Settings
-from coupon_stream.pipeline.sink import ResultSink
 
 T = TypeVar("T")
 

@@ -13,9 +13,9 @@ from typing import Any, NamedTuple
 from aiokafka.errors import KafkaTimeoutError
 from faust.types import TP
 
+from coupon_stream.connectors.mysql import WriteResult
 from coupon_stream.core.state import ResultRow
 from coupon_stream.foundation.errors import Fenced, NotHeld
-from coupon_stream.pipeline.sink import WriteResult
 
 
 class Crash(BaseException):

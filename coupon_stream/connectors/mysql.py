@@ -51,15 +51,11 @@ class WriteResult:
 
     `written` False: given up during a rebalance, the caller must not commit. `rejected`:
     the rows the database refused as data, each alone, with its reason: (key, row or None
-    for a delete, reason); every other row of the batch was written. True in a boolean
-    context exactly when `written`, as the plain bool `write` used to return.
+    for a delete, reason); every other row of the batch was written.
     """
 
     written: bool
     rejected: list[tuple[RowKey, ResultRow | None, str]] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return self.written
 
 
 def result_table(name: str, metadata: MetaData | None = None) -> Table:
