@@ -22,11 +22,15 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
-
 from coupon_stream.connectors import clients
-from coupon_stream.connectors.faults import Backoff, refusal, retry
+from coupon_stream.connectors.clients import AIOKafkaConsumer, RebalanceListener, TopicPartition
+from coupon_stream.connectors.faults import (
+    Backoff,
+    CommitFailedError,
+    KafkaError,
+    refusal,
+    retry,
+)
 from coupon_stream.connectors.kafka import DeadLetter, KafkaOut, behind
 from coupon_stream.core.records import (
     BadRecord,
@@ -261,7 +265,7 @@ class Intake:
                 )
 
 
-class _CommitFirst(ConsumerRebalanceListener):
+class _CommitFirst(RebalanceListener):
     """Let the batch in flight finish (sent and committed) before partitions are given up."""
 
     def __init__(self, intake: Intake) -> None:

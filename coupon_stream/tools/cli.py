@@ -11,11 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from coupon_stream.connectors import clients
-from coupon_stream.connectors.faults import refusal
+from coupon_stream.connectors.faults import KafkaError, refusal
 from coupon_stream.foundation.errors import AccessRefused
 from coupon_stream.foundation.logs import logging_config
 from coupon_stream.foundation.settings import Settings

@@ -42,14 +42,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from aiokafka import TopicPartition
-from aiokafka.admin import NewTopic
-from aiokafka.errors import for_code
-from aiokafka.structs import OffsetAndMetadata
 from pydantic import ValidationError
 
 from coupon_stream.connectors import clients
-from coupon_stream.connectors.kafka import ChangelogWriter, KafkaOut, PartitionReader, behind
+from coupon_stream.connectors.clients import TopicPartition
+from coupon_stream.connectors.faults import for_code
+from coupon_stream.connectors.kafka import (
+    ChangelogWriter,
+    KafkaOut,
+    NewTopic,
+    PartitionReader,
+    behind,
+    commit_offsets,
+    create_topics,
+)
 from coupon_stream.connectors.mysql import ResultSink
 from coupon_stream.core.records import partition_for_buyer
 from coupon_stream.core.state import STATE_TABLES
@@ -348,7 +354,7 @@ async def claim(old: Settings, new: Settings) -> Mark:
         )
     compact = {"cleanup.policy": "compact"}
     topic = NewTopic(mark_topic(new), 1, new.replication_factor, topic_configs=compact)
-    await status.create_topics(new, [topic])
+    await create_topics(new, [topic])
     out = KafkaOut(new)
     try:
         await write_mark(out, new, wanted)
@@ -497,10 +503,4 @@ async def copy_intake_offsets(old: Settings, new: Settings) -> None:
     offsets = await group_offsets(old, old.intake_group)
     if not offsets:
         return
-    consumer = clients.consumer(new, group_id=new.intake_group, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        consumer.assign(list(offsets))
-        await consumer.commit({tp: OffsetAndMetadata(o, "") for tp, o in offsets.items()})
-    finally:
-        await consumer.stop()
+    await commit_offsets(new, new.intake_group, offsets)
