@@ -21,7 +21,7 @@ import io
 import logging
 import signal
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 from coupon_stream.app.observe import Observe
 from coupon_stream.app.rebalance import Rebalances, Restorer
@@ -42,7 +42,7 @@ from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.checkpoint import Checkpointer
 from coupon_stream.pipeline.fencing import Claims
 from coupon_stream.pipeline.intake import Intake
-from coupon_stream.pipeline.state_stage import StateStage, TableCache
+from coupon_stream.pipeline.state_stage import StateStage, TableCache, Token
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ class CouponStream:
             await self.stop_worker("a checkpoint", exc)
             raise
 
-    async def _acknowledge(self, tokens: list[object], committed: bool) -> None:
+    async def _acknowledge(self, tokens: list[Token], committed: bool) -> None:
         """Acknowledge the events of a checkpoint, or release them if it was not committed.
 
         We commit offsets ourselves (Faust's ack-based commit can skip a message it never
@@ -261,11 +261,10 @@ class CouponStream:
         for token in tokens:
             if not engine.is_event(token):
                 continue  # a ReadBack: applied from Kafka, no event to acknowledge
-            event = cast(Event, token)
             if committed and self._acker is not None:
-                await self._acker.ack(event)
+                await self._acker.ack(token)
             else:
-                engine.release(self.app, event)
+                engine.release(self.app, token)
 
     async def commit_partitions(self, offsets: Mapping[int, int]) -> bool:
         """Commit by-buyer offsets, retrying what can succeed; False once not ours."""

@@ -33,6 +33,11 @@ from coupon_stream.connectors.faults import (
 )
 from coupon_stream.connectors.kafka import DeadLetter, KafkaOut, behind
 from coupon_stream.core.records import (
+    BUYER,
+    ORDER,
+    ROW_CREATED,
+    ROW_MODIFIED,
+    STATUS,
     BadRecord,
     Row,
     Source,
@@ -88,7 +93,10 @@ def route(messages: Iterable[Message], sources: Mapping[str, Source], partitions
             )
             continue
         size = _ROW_OVERHEAD + _MAX_CHAR_BYTES * (
-            len(row[1]) + len(row[2]) + len(row[5] or "") + len(row[6] or "")
+            len(row[ORDER])
+            + len(row[STATUS])
+            + len(row[ROW_CREATED] or "")
+            + len(row[ROW_MODIFIED] or "")
         )
         if size > MAX_RECORD_BYTES:
             size = len(encode_rows([row]))
@@ -106,7 +114,7 @@ def route(messages: Iterable[Message], sources: Mapping[str, Source], partitions
                     )
                 )
                 continue
-        by_partition[partition_for_buyer(row[0], partitions)].append(row)
+        by_partition[partition_for_buyer(row[BUYER], partitions)].append(row)
     return routed
 
 
