@@ -23,13 +23,11 @@ from bench.run import DB_URL, RESULTS, ROOT, Proc, machine, settings_for
 from coupon_stream.connectors import clients
 from coupon_stream.connectors.kafka import KafkaOut
 from coupon_stream.core.records import partition_for_buyer
-from coupon_stream.core.state import (
-    FORMAT_KEY,
-    NEXT_OFFSET_KEY,
-    STATE_FORMAT,
-    Versioned,
+from coupon_stream.core.stored import (
+    at_start,
     day_key,
     entry_key,
+    marks,
 )
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.tools import status
@@ -65,18 +63,15 @@ async def synthesize_state(
                 tables["entries"].setdefault(q, []).extend(
                     (
                         entry_key(b, f"s{b}-{k}", "2"),
-                        Versioned(0, 0, [DAY, 1, CREATED, None], None).encode(),
+                        at_start([DAY, 1, CREATED, None]),
                     )
                     for k in range(ENTRIES_PER_BUYER)
                 )
                 day = [ENTRIES_PER_BUYER, ENTRIES_PER_BUYER, CREATED, None]
-                tables["days"].setdefault(q, []).append(
-                    (day_key(b, DAY), Versioned(0, 0, day, None).encode())
-                )
+                tables["days"].setdefault(q, []).append((day_key(b, DAY), at_start(day)))
             if first == 0 and meta:
                 for q in range(partitions):
-                    marks = [(FORMAT_KEY, str(STATE_FORMAT).encode()), (NEXT_OFFSET_KEY, b"0")]
-                    tables["days"].setdefault(q, []).extend(marks)
+                    tables["days"].setdefault(q, []).extend(marks(0).items())
             for name, per_partition in tables.items():
                 for q, records in per_partition.items():
                     sent = await out.send_records(topics[name], q, records)

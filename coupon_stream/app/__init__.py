@@ -21,26 +21,28 @@ import io
 import logging
 import signal
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 from coupon_stream.app.observe import Observe
 from coupon_stream.app.rebalance import Rebalances, Restorer
 from coupon_stream.app.tail_repair import TailRepair
 from coupon_stream.connectors import clients, engine
 from coupon_stream.connectors.engine import TP, Event, Stream
+from coupon_stream.connectors.faults import retry
 from coupon_stream.connectors.kafka import ChangelogWriter, KafkaOut, PartitionReader
+from coupon_stream.connectors.mysql import ResultSink
 from coupon_stream.connectors.restore import ChangelogReader
 from coupon_stream.connectors.store import MemoryStore, PartitionStore
 from coupon_stream.core.state import STATE_TABLES
+from coupon_stream.core.stored import StateFormatError
 from coupon_stream.foundation import metrics
-from coupon_stream.foundation.errors import AccessRefused, NotHeld, retry
+from coupon_stream.foundation.errors import AccessRefused, NotHeld
 from coupon_stream.foundation.health import StallWatch
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.checkpoint import Checkpointer
 from coupon_stream.pipeline.fencing import Claims
 from coupon_stream.pipeline.intake import Intake
-from coupon_stream.pipeline.sink import ResultSink
-from coupon_stream.pipeline.state_stage import StateFormatError, StateStage, TableCache
+from coupon_stream.pipeline.state_stage import StateStage, TableCache, Token
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +99,10 @@ class CouponStream:
             s,
             self.caches["entries"],
             self.caches["days"],
-            self.out,
             self.reader,
             Claims(self.changelogs, self.sink),
             confirm=self._confirm,
-            assignment=self._assignment,
+            rebalance_count=self._rebalance_count,
         )
         self.stalls = StallWatch(s.stall_seconds)
         self.checkpointer = Checkpointer(
@@ -141,8 +142,8 @@ class CouponStream:
         for room in (self.rebalances, self.tail_repair, self.observe):
             room.register()
 
-    def _assignment(self) -> int | None:
-        """Which assignment this is (None while rebalancing): work of an older one is void."""
+    def _rebalance_count(self) -> int | None:
+        """Rebalances so far (None during one): work begun before the latest is void."""
         return None if self.app.rebalancing else int(self.app.rebalancing_count)
 
     async def _on_restored(self, event: Event) -> None:
@@ -249,7 +250,7 @@ class CouponStream:
             await self.stop_worker("a checkpoint", exc)
             raise
 
-    async def _acknowledge(self, tokens: list[object], committed: bool) -> None:
+    async def _acknowledge(self, tokens: list[Token], committed: bool) -> None:
         """Acknowledge the events of a checkpoint, or release them if it was not committed.
 
         We commit offsets ourselves (Faust's ack-based commit can skip a message it never
@@ -260,11 +261,10 @@ class CouponStream:
         for token in tokens:
             if not engine.is_event(token):
                 continue  # a ReadBack: applied from Kafka, no event to acknowledge
-            event = cast(Event, token)
             if committed and self._acker is not None:
-                await self._acker.ack(event)
+                await self._acker.ack(token)
             else:
-                engine.release(self.app, event)
+                engine.release(self.app, token)
 
     async def commit_partitions(self, offsets: Mapping[int, int]) -> bool:
         """Commit by-buyer offsets, retrying what can succeed; False once not ours."""

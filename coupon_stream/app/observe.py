@@ -11,11 +11,11 @@ from coupon_stream.app.rebalance import Restorer
 from coupon_stream.connectors import engine
 from coupon_stream.connectors.engine import TP
 from coupon_stream.connectors.kafka import behind
+from coupon_stream.connectors.mysql import ResultSink
 from coupon_stream.core.state import STATE_TABLES
 from coupon_stream.foundation import metrics
 from coupon_stream.foundation.health import StallWatch
 from coupon_stream.pipeline.intake import Intake
-from coupon_stream.pipeline.sink import ResultSink
 
 # aiohttp wants the charset apart from the content type; the exposition format is UTF-8.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4"

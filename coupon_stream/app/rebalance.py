@@ -15,14 +15,12 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 
-from aiokafka.errors import ConsumerStoppedError, KafkaError
-
 from coupon_stream.connectors import engine
 from coupon_stream.connectors.engine import TP
+from coupon_stream.connectors.faults import Backoff, ConsumerStoppedError, KafkaError, retry
 from coupon_stream.connectors.restore import ChangelogReader, Progress, catch_up, measure, read
 from coupon_stream.connectors.store import PartitionStore
 from coupon_stream.foundation import metrics
-from coupon_stream.foundation.errors import Backoff, retry
 from coupon_stream.foundation.health import StallWatch
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.state_stage import StateStage

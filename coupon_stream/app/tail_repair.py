@@ -11,9 +11,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from aiokafka.errors import KafkaError
-
 from coupon_stream.connectors import engine
+from coupon_stream.connectors.faults import KafkaError
 from coupon_stream.connectors.kafka import PartitionReader
 from coupon_stream.foundation.errors import NotHeld
 from coupon_stream.pipeline.state_stage import StateStage

@@ -13,14 +13,32 @@ import logging
 import ssl
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer as AIOKafkaConsumer
+from aiokafka import AIOKafkaProducer as AIOKafkaProducer
+from aiokafka import ConsumerRebalanceListener
+from aiokafka import TopicPartition as TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.conn import create_conn
 
-from coupon_stream.foundation.errors import KAFKA_AUTHORIZATION, AccessRefused, refusal
+from coupon_stream.connectors.faults import KAFKA_AUTHORIZATION, refusal
+from coupon_stream.foundation.errors import AccessRefused
 from coupon_stream.foundation.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# The `X as X` imports above re-export the clients' types and the struct that names a
+# partition, for the code above `connectors` that holds a client or a partition: only
+# `connectors` imports aiokafka (import-linter).
+
+
+class RebalanceListener(ConsumerRebalanceListener):
+    """What a subscribed consumer calls when its partitions move; subclass it to listen.
+
+    aiokafka's own listener, named here so that a subclass above `connectors` does not
+    import aiokafka: `subscribe(topics, listener=...)` accepts only its instances.
+    Override `on_partitions_revoked` and `on_partitions_assigned` (each given a set of
+    TopicPartition).
+    """
 
 
 def kafka_auth(settings: Settings) -> dict[str, Any]:

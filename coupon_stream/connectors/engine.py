@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, TypeGuard, cast
 
 import faust
 import rocksdict
@@ -217,7 +217,8 @@ async def commit(app: faust.App, offsets: Mapping[TP, int]) -> set[TP]:
     return set(committable)
 
 
-def is_event(token: object) -> bool:
+def is_event(token: object) -> TypeGuard[Event]:
+    """Whether a checkpoint token is a consumer event (else a `state_stage.ReadBack`)."""
     return isinstance(token, EventT)
 
 

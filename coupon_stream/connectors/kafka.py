@@ -2,6 +2,8 @@
 
 One aiokafka producer per worker, shared by intake and the state stage. Sends return the
 delivery future; callers wait for it before committing or acknowledging what caused it.
+Also what the operator's tools ask of Kafka's admin side: topics created, a group's offsets
+committed.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import InvalidProducerEpoch, ProducerFenced
+from aiokafka.admin import NewTopic as NewTopic
+from aiokafka.errors import InvalidProducerEpoch, ProducerFenced, TopicAlreadyExistsError, for_code
+from aiokafka.structs import OffsetAndMetadata
 
 from coupon_stream.connectors import clients
+from coupon_stream.connectors.faults import Backoff, is_too_large, retry
 from coupon_stream.foundation import metrics
-from coupon_stream.foundation.errors import Fenced, NotHeld, is_too_large
+from coupon_stream.foundation.errors import Fenced, NotHeld
 from coupon_stream.foundation.settings import Settings
 
 if TYPE_CHECKING:
@@ -453,3 +458,45 @@ class PartitionReader:
         if self._admin is not None:
             await self._admin.close()
             self._admin = None
+
+
+# -- the operator's requests (`coupon-stream topics`, `rescale`) ---------------------------
+
+
+async def create_topics(settings: Settings, topics: list[NewTopic]) -> list[str]:
+    """Create `topics` (NewTopic: name, partitions, replication factor, configs); return the
+    names created, those that exist already left as they are.
+
+    The request is retried for a minute (a fresh cluster's missing controller), not an
+    outage for ever; a topic the broker refuses raises its Kafka error, classified like any
+    other (`coupon_stream.connectors.faults`).
+    """
+    admin = clients.admin(settings)
+    await admin.start()
+    created = []
+    try:
+        response = await retry(
+            lambda: admin.create_topics(topics), timeout=60.0, backoff=Backoff(0.2, 1.0)
+        )
+        for topic, code, *_ in response.topic_errors:
+            if code == 0:
+                created.append(topic)
+            elif code != TopicAlreadyExistsError.errno:
+                raise for_code(code)(topic)  # classified like any Kafka error
+    finally:
+        await admin.close()
+    return created
+
+
+async def commit_offsets(
+    settings: Settings, group: str, offsets: Mapping[TopicPartition, int]
+) -> None:
+    """Commit `offsets` (the next offset to read, per partition) as `group`'s, outside any
+    rebalance: the group must have no member."""
+    consumer = clients.consumer(settings, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign(list(offsets))
+        await consumer.commit({tp: OffsetAndMetadata(o, "") for tp, o in offsets.items()})
+    finally:
+        await consumer.stop()

@@ -11,7 +11,7 @@ import re
 import zlib
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 import msgspec
 import orjson
@@ -178,6 +178,15 @@ def partition_for_buyer(buyer_id: int, partitions: int) -> int:
 Row = tuple[int, str, str, int, int, str | None, str | None]
 """(buyer_id, biz_order_id, pay_status, effect_time, yuan, gmt_create, gmt_modified): what a
 by-buyer message carries for one valid record, and all the state stage needs of it."""
+
+# Positions in a Row, Final so that indexing a Row with them keeps each field's type.
+BUYER: Final = 0
+ORDER: Final = 1
+STATUS: Final = 2
+ROW_DAY: Final = 3
+ROW_YUAN: Final = 4
+ROW_CREATED: Final = 5
+ROW_MODIFIED: Final = 6
 
 
 encode_json = msgspec.json.Encoder().encode

@@ -8,36 +8,24 @@ Two tables, both partitioned by buyer (docs/design.md, "State"):
   `[cumulate_amount, kept entries, MIN(gmt_create), MAX(gmt_modified)]`.
 
 A record changes its entry and at most two days, so applying it costs the same whatever its
-buyer's history. Stored values are versioned `Versioned`s (see `Versioned.as_of`), which is what
-makes a checkpoint that a crash cut in half harmless.
+buyer's history. Their keys and values in bytes are `stored`'s; a stored value is a
+`stored.Versioned`, which is what makes a checkpoint that a crash cut in half harmless.
 """
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from datetime import date, timedelta
 from enum import StrEnum
-from typing import Any, Final, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
-import orjson
-
-from coupon_stream.core.records import INT64_MAX, INT64_MIN, Row, encode_json
+from coupon_stream.core.records import INT64_MAX, INT64_MIN, Row
+from coupon_stream.core.stored import day_key, entry_key
 
 # The state tables, both partitioned by buyer: kept copy per (buyer, order, pay_status) and
-# running sums per (buyer, day); and the version of their layout, kept in each partition.
+# running sums per (buyer, day); their layout in bytes is `stored`.
 STATE_TABLES = ("entries", "days")
-STATE_FORMAT = 2
 
-# Positions in a Row: (buyer_id, biz_order_id, pay_status, effect_time, yuan, created, modified)
-# Literal, so that indexing a Row with them keeps each field's type.
-BUYER: Final = 0
-ORDER: Final = 1
-STATUS: Final = 2
-ROW_DAY: Final = 3
-ROW_YUAN: Final = 4
-ROW_CREATED: Final = 5
-ROW_MODIFIED: Final = 6
 # Positions in an entry payload.
 DAY, YUAN, CREATED, MODIFIED = range(4)
 # Positions in a day payload.
@@ -45,81 +33,6 @@ SUM, COUNT, MIN_CREATED, MAX_MODIFIED = range(4)
 
 Entry = list[Any]  # [effect_time, yuan, gmt_create, gmt_modified]
 Day = list[Any]  # [cumulate_amount, entries, min gmt_create, max gmt_modified]
-
-# Partition metadata keys of the `days` table; day keys are always 12 bytes, these are not.
-FORMAT_KEY = b"~format"
-WATERMARK_KEY = b"~watermark"
-NEXT_OFFSET_KEY = b"~next-offset"  # the by-buyer offset after the last checkpoint
-META_KEYS = frozenset({FORMAT_KEY, WATERMARK_KEY, NEXT_OFFSET_KEY})
-
-_BUYER = struct.Struct(">Q")
-BUYER_BYTES: Final = _BUYER.size  # every entry and day key starts with its buyer
-_DAY_KEY = struct.Struct(">QI")
-_BIAS = 2**63  # signed buyer ids as unsigned, so keys sort (and prefix-scan) by buyer
-
-
-def buyer_prefix(buyer_id: int) -> bytes:
-    """The prefix every entry key of a buyer starts with."""
-    return _BUYER.pack(buyer_id + _BIAS)
-
-
-def buyer_of_key(key: bytes) -> int:
-    """The buyer an entry or day key belongs to (every state key but the meta starts so)."""
-    buyer: int = _BUYER.unpack_from(key)[0]
-    return buyer - _BIAS
-
-
-def entry_key(buyer_id: int, order: str, status: str) -> bytes:
-    return _BUYER.pack(buyer_id + _BIAS) + encode_json((order, status))
-
-
-def day_key(buyer_id: int, effect_time: int) -> bytes:
-    return _DAY_KEY.pack(buyer_id + _BIAS, effect_time)
-
-
-def parse_day_key(key: bytes) -> tuple[int, int]:
-    buyer, day = _DAY_KEY.unpack(key)
-    return buyer - _BIAS, day
-
-
-def is_day_key(key: bytes) -> bool:
-    return len(key) == _DAY_KEY.size and key not in META_KEYS
-
-
-class Versioned(NamedTuple):
-    """A stored value: the key's value as of by-buyer offset `version`, and before it.
-
-    `current` is the value after every by-buyer message below `version` (the end of the
-    checkpoint that wrote it); `previous` is its value at the partition's last committed
-    offset when it was written. Replay is deterministic, so both are true statements about
-    the log. A checkpoint a crash cut short leaves some keys at its end and others at its
-    start; `as_of` reads each one back at the committed offset, so they agree again.
-    """
-
-    sid: int  # the session that wrote it (`state_stage.Session.sid`)
-    version: int
-    current: Any
-    previous: Any
-
-    def as_of(self, committed: int, sid: int) -> Any:
-        """The value at by-buyer offset `committed`, as read by worker session `sid`."""
-        if self.version > committed and self.sid != sid:
-            return self.previous  # written by a checkpoint that was never committed
-        return self.current
-
-    def encode(self) -> bytes:
-        return encode_json(self)
-
-    @classmethod
-    def decode(cls, raw: bytes) -> Versioned:
-        return cls(*orjson.loads(raw))
-
-    @staticmethod
-    def read(raw: bytes, committed: int, sid: int) -> Any:
-        """`decode(raw).as_of(committed, sid)` without building the tuple (hot path; a test
-        holds the two equal)."""
-        writer, version, current, previous = orjson.loads(raw)
-        return previous if version > committed and writer != sid else current
 
 
 class Outcome(StrEnum):

@@ -1,11 +1,14 @@
 """The checkpoint: how applied records become durable, in one order, in this one place.
 
 A checkpoint runs every COUPON_FLUSH_INTERVAL seconds, and sooner when
-COUPON_MAX_PENDING_ROWS result rows wait. One runs at a time, in this order:
+COUPON_MAX_PENDING_ROWS result rows wait. One runs at a time, a `Checkpoint` object per
+interval whose `commit` takes these steps in order, each checked against the one before
+(`Step`):
 
-1. Snapshot: under the apply lock, each table's changed keys move to its flushing layer,
-   with the touched (buyer, day) rows, the next offset to apply per partition and the
-   consumer events. Records applied from here on belong to the next checkpoint.
+1. Snapshot: under the apply lock, each table's changed keys go to the checkpoint
+   (`TableCache.snapshot`), with the touched (buyer, day) rows, the next offset to apply
+   per partition and the consumer events. Records applied from here on belong to the next
+   checkpoint; until this one is over they read the values it writes.
 2. Derive: a day whose MIN(gmt_create) or MAX(gmt_modified) lost the entry holding it is
    recomputed from the day's entries (the one step whose cost grows with a buyer's
    history, and only for such a replacement); then the result row of every touched day.
@@ -36,32 +39,32 @@ import logging
 import os
 import signal
 import time
-from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from enum import StrEnum
 
+from coupon_stream.connectors.faults import Fault, classify, retry
 from coupon_stream.connectors.kafka import ChangelogWriter, DeadLetter, KafkaOut, row_dead_letter
-from coupon_stream.core.records import encode_json
-from coupon_stream.core.state import (
-    DAY,
-    FORMAT_KEY,
-    MAX_MODIFIED,
-    MIN_CREATED,
-    NEXT_OFFSET_KEY,
-    STATE_FORMAT,
-    ResultRow,
+from coupon_stream.connectors.mysql import ResultSink, RowKey
+from coupon_stream.core.state import DAY, MAX_MODIFIED, MIN_CREATED, ResultRow, day_row, extrema
+from coupon_stream.core.stored import (
     buyer_prefix,
     day_key,
-    day_row,
-    extrema,
+    encode_value,
+    marks,
     parse_day_key,
 )
 from coupon_stream.foundation import metrics
-from coupon_stream.foundation.errors import Fault, Fenced, GivenUp, NotHeld, classify, retry
+from coupon_stream.foundation.errors import Fenced, GivenUp, NotHeld
 from coupon_stream.foundation.health import StallWatch
 from coupon_stream.foundation.settings import Settings
-from coupon_stream.pipeline.sink import ResultSink, RowKey
-from coupon_stream.pipeline.state_stage import Pending, Session, Slot, StateStage, TableCache
+from coupon_stream.pipeline.state_stage import (
+    VALUE,
+    Pending,
+    Snapshot,
+    StateStage,
+    TableCache,
+    Token,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +72,29 @@ log = logging.getLogger(__name__)
 CRASH_POINTS = ("changelog-entries", "changelog", "local", "sink")
 
 
-class _GivenUp(Exception):
-    """A write failed while a rebalance began: the checkpoint is left to the next owner."""
+class Step(StrEnum):
+    """Where a checkpoint is: each step is taken once, in this order, or it is abandoned."""
+
+    OPEN = "open"
+    SNAPSHOTTED = "snapshotted"  # 1: the records applied so far are this checkpoint's
+    CHANGELOGGED = "changelogged"  # 3: Kafka has the changelogs and the dead letters
+    STORED = "stored"  # 4: local RocksDB has them
+    WRITTEN = "written"  # 5: MySQL has the rows
+    COMMITTED = "committed"  # 6: the offsets are committed (or the group refused them)
+    ABANDONED = "abandoned"  # given up or fenced: its messages are replayed
 
 
-@dataclass(slots=True)
-class _Snapshot:
-    pending: Pending
-    sessions: dict[int, Session]
-    assignment: int | None
-    layers: dict[str, dict[int, dict[bytes, Slot]]]
+class StepError(RuntimeError):
+    """A checkpoint step taken out of order: a bug, never a fault of the world."""
+
+
+Writes = dict[TableCache, dict[int, dict[bytes, bytes | None]]]
+"""Per table and partition, the bytes a checkpoint writes for each key (None: a delete)."""
 
 
 class Checkpointer:
+    """Runs one `Checkpoint` at a time, every interval or sooner; holds what they share."""
+
     def __init__(
         self,
         settings: Settings,
@@ -90,216 +103,170 @@ class Checkpointer:
         changelogs: ChangelogWriter,
         sink: ResultSink,
         commit: Callable[[Mapping[int, int]], Awaitable[bool]],
-        acknowledge: Callable[[list[object], bool], Awaitable[None]],
+        acknowledge: Callable[[list[Token], bool], Awaitable[None]],
         stalls: StallWatch | None = None,
     ) -> None:
         self.settings = settings
         self.stage = stage
-        self.tables = (stage.entries, stage.days)
         self.out = out
         self.changelogs = changelogs
         self.sink = sink
-        self._commit = commit
-        self._acknowledge = acknowledge
+        self.commit = commit
+        self.acknowledge = acknowledge
         self.stalls = stalls or StallWatch(settings.stall_seconds)
         self._lock = asyncio.Lock()
 
     async def run(self) -> bool:
-        """One checkpoint; False if it was given up (a rebalance while the database was down)."""
+        """One checkpoint; False if it was abandoned (given up in a rebalance, or fenced)."""
         async with self._lock:
-            snap = await self._snapshot()
-            if not snap.pending.tokens:
-                return True
-            started = time.perf_counter()
-            rows = self._derive(snap)
-            metrics.SINK_PENDING.set(len(rows) + self.stage.pending.rows())
-            try:
-                await self._changelog(snap)
-                self._local()
-                self._crash("local")
-                result = await self.sink.write(
-                    rows,
-                    still_wanted=lambda: self._wanted(snap),
-                    epochs=self.stage.claims.epochs_of(snap.pending.next_offset),
-                )
-            except _GivenUp:
-                return await self._give_up(snap, "Kafka", len(rows))
-            except NotHeld as lost:
-                return await self._drop(snap, lost, len(rows))
-            if not result.written:
-                return await self._give_up(snap, "the database", len(rows))
-            await self._dead_letters(
-                [
-                    row_dead_letter(self.settings.result_table, row, why, key=key)
-                    for key, row, why in result.rejected
-                ]
-            )
-            self._crash("sink")
-            committed = await self._commit(snap.pending.next_offset)
-            self._release(snap)
-            await self._acknowledge(snap.pending.tokens, committed)
-            if not committed:
-                # Not ours any more: whoever owns them next replays them.
-                metrics.CHECKPOINTS_FENCED.labels("offsets").inc()
-                log.warning(
-                    "the group did not take this checkpoint's offsets (its partitions moved, or "
-                    "are moving): %d messages are left to their owners, which replay them",
-                    len(snap.pending.tokens),
-                )
-                await self._forget()
-            else:
-                for partition in snap.pending.next_offset:
-                    self.stalls.committed(partition)
-                for cache, layer in zip(self.tables, snap.layers.values(), strict=True):
-                    for partition, slots in layer.items():
-                        cache.tombstones[partition] = {
-                            k
-                            for k, (base, cur) in slots.items()
-                            if cur is None and base is not None
-                        }
-            metrics.SINK_PENDING.set(self.stage.pending.rows())
-            metrics.CHECKPOINT_SECONDS.observe(time.perf_counter() - started)
+            return await Checkpoint(self).commit()
+
+
+class Checkpoint:
+    """One interval's checkpoint: it owns its snapshot and walks its steps in order.
+
+    After quixstreams' `Checkpoint` (one object per interval whose `commit` lists the steps)
+    and its partition transactions (the state checked at each step).
+    """
+
+    def __init__(self, owner: Checkpointer) -> None:
+        self.owner = owner
+        self.stage = owner.stage
+        self._snapshot: Snapshot | None = None
+        self.state = Step.OPEN
+        self.started = time.perf_counter()
+        self.rows: dict[RowKey, ResultRow | None] = {}
+        self.writes: Writes = {}
+        # Per table and partition, the changelog offset its records reached (step 3).
+        self.reached: dict[TableCache, dict[int, int]] = {c: {} for c in self.stage.caches}
+
+    async def commit(self) -> bool:
+        """The steps in order; False if the checkpoint was abandoned."""
+        pending = await self.take_snapshot()
+        if not pending.tokens:
+            self.release()
             return True
-
-    async def _forget(self) -> None:
-        """Start the partitions over from the committed offset, this checkpoint's messages
-        and those applied while it ran alike: all released, none acknowledged.
-
-        A message left neither would hold Faust's rebalance in `wait_empty` for good: the
-        worker would never join its group again, nor stop on SIGTERM.
-        """
-        await self._acknowledge(await self.stage.forget(), False)
-
-    def _wanted(self, snap: _Snapshot) -> bool:
-        """Whether a failing write is still worth retrying: not once a rebalance has begun.
-
-        The partitions may move, and a write landing after their next owner's would put
-        older values back.
-        """
-        return snap.assignment is not None and self.stage.assignment() == snap.assignment
-
-    async def _give_up(self, snap: _Snapshot, what: str, rows: int) -> bool:
-        log.warning(
-            "%s was down during a rebalance: a checkpoint of %d rows and %d messages is left "
-            "to the partitions' next owner, which replays the messages",
-            what,
-            rows,
-            len(snap.pending.tokens),
-        )
-        await self._abandon(snap)
-        return False
-
-    async def _drop(self, snap: _Snapshot, lost: NotHeld, rows: int) -> bool:
-        """A store refused the checkpoint: a newer owner claimed a partition, or this worker
-        cannot tell any more. Nothing more of it is written; every partition's owner (this
-        worker too, after it claims them again) replays it from the committed offset."""
-        what = "fenced" if isinstance(lost, Fenced) else "not held"
-        metrics.CHECKPOINTS_FENCED.labels(what).inc()
-        if isinstance(lost, Fenced):
-            epoch = lost.epoch if lost.epoch is not None else await self.sink.epoch(lost.partition)
+        self.derive()
+        metrics.SINK_PENDING.set(len(self.rows) + self.stage.pending.rows())
+        try:
+            await self.changelog()
+            self.store()
+            await self.write()
+        except GivenUp:
+            where = "Kafka" if self.state is Step.SNAPSHOTTED else "the database"
             log.warning(
-                "fenced: partition %d's %s are held by a newer owner (epoch %s, this worker's "
-                "%s); this worker's checkpoint of %d rows and %d messages is dropped (the "
-                "partition's owner replays them) and its partitions are claimed again",
-                lost.partition,
-                lost.what.removeprefix("its "),
-                epoch,
-                self.stage.claims.epochs.get(lost.partition),
-                rows,
-                len(snap.pending.tokens),
+                "%s was down during a rebalance: a checkpoint of %d rows and %d messages is "
+                "left to the partitions' next owner, which replays the messages",
+                where,
+                len(self.rows),
+                len(pending.tokens),
             )
-        else:
-            log.error(
-                "%s; the checkpoint of %d rows and %d messages is dropped and replayed after "
-                "the partitions are claimed again",
-                lost,
-                rows,
-                len(snap.pending.tokens),
-            )
-        self.stalls.failed(lost.partition, str(lost))
-        await self._abandon(snap)
-        return False
+            await self.abandon()
+            return False
+        except NotHeld as lost:
+            await self.drop(lost)
+            return False
+        await self.commit_offsets()
+        metrics.SINK_PENDING.set(self.stage.pending.rows())
+        metrics.CHECKPOINT_SECONDS.observe(time.perf_counter() - self.started)
+        return True
 
-    async def _abandon(self, snap: _Snapshot) -> None:
-        """Write no more of the checkpoint: its messages and the state stage's start over."""
-        self._release(snap)
-        await self._acknowledge(snap.pending.tokens, False)
-        await self._forget()
+    def _after(self, done: Step) -> None:
+        """A step begins: the one before it must be `done` (each step sets its own state
+        once it has succeeded)."""
+        if self.state is not done:
+            raise StepError(f"checkpoint step after {done} taken in state {self.state}")
 
-    async def _snapshot(self) -> _Snapshot:
-        stage = self.stage
-        async with stage.apply_lock:
-            pending, stage.pending = stage.pending, Pending()
-            layers = {}
-            for cache in self.tables:
-                layer, cache.dirty = cache.dirty, defaultdict(dict)
-                cache.flushing = layer
-                layers[cache.name] = layer
-            return _Snapshot(pending, dict(stage.sessions), stage.assignment(), layers)
+    @property
+    def snapshot(self) -> Snapshot:
+        if self._snapshot is None:
+            raise StepError("checkpoint has no snapshot yet")
+        return self._snapshot
 
-    def _derive(self, snap: _Snapshot) -> dict[RowKey, ResultRow | None]:
-        """Recompute the MIN/MAX that a replacement could not retract; the touched rows."""
+    # -- 1, 2: snapshot and derive ----------------------------------------------------------
+
+    async def take_snapshot(self) -> Pending:
+        """Under the apply lock, the tables' changed keys, the touched rows, the next offset
+        to apply per partition and the messages: the records applied from here on belong to
+        the next checkpoint."""
+        self._after(Step.OPEN)
+        self._snapshot = await self.stage.snapshot()
+        self.state = Step.SNAPSHOTTED
+        return self._snapshot.pending
+
+    def derive(self) -> None:
+        """Recompute the MIN/MAX that a replacement could not retract; the touched rows; the
+        bytes to write."""
+        self._after(Step.SNAPSHOTTED)
+        snap = self.snapshot
         days = snap.layers[self.stage.days.name]
         for partition, stale in snap.pending.stale.items():
             slots = days.get(partition, {})
-            stale_days = {key: parse_day_key(key) for key in stale if slots[key][1] is not None}
+            stale_days = {key: parse_day_key(key) for key in stale if slots[key][VALUE] is not None}
             by_buyer = self.stage.entries.with_prefixes(
                 partition,
                 snap.sessions[partition],
                 {buyer_prefix(buyer) for buyer, _ in stale_days.values()},
             )
             for key, (buyer, effect_time) in stale_days.items():
-                day = slots[key][1]
+                day = slots[key][VALUE]
                 kept = [
                     e
                     for e in by_buyer[buyer_prefix(buyer)].values()
                     if e is not None and e[DAY] == effect_time
                 ]
                 created, modified = extrema(kept)
-                slots[key][1] = [*day[:MIN_CREATED], created, modified, *day[MAX_MODIFIED + 1 :]]
+                slots[key][VALUE] = [
+                    *day[:MIN_CREATED],
+                    created,
+                    modified,
+                    *day[MAX_MODIFIED + 1 :],
+                ]
             metrics.STATE_EXTREMA_RECOMPUTED.inc(len(stale_days))
-        rows: dict[RowKey, ResultRow | None] = {}
         for partition, touched in snap.pending.touched.items():
             slots = days.get(partition, {})
             for buyer, effect_time in touched:
                 slot = slots.get(day_key(buyer, effect_time))
-                rows[(buyer, effect_time)] = day_row(buyer, effect_time, slot and slot[1])
-        return rows
+                self.rows[(buyer, effect_time)] = day_row(buyer, effect_time, slot and slot[VALUE])
+        self.writes = self._encode()
 
-    def _writes(self, snap: _Snapshot) -> dict[TableCache, dict[int, dict[bytes, bytes | None]]]:
-        """Per table and partition, the bytes this checkpoint writes for each key."""
-        writes: dict[TableCache, dict[int, dict[bytes, bytes | None]]] = {}
+    def _encode(self) -> Writes:
+        """Every changed key of both tables as `Versioned(sid, end offset, current,
+        previous)`, each key once; real deletes for the keys the last checkpoint deleted;
+        each partition's marks."""
+        snap = self.snapshot
+        writes: Writes = {}
         next_offset = snap.pending.next_offset
-        for cache in self.tables:
+        for cache in self.stage.caches:
             per_partition = writes[cache] = {}
             layer = snap.layers[cache.name]
-            for partition in set(layer) | set(cache.tombstones):
+            tombstones = cache.take_tombstones()
+            for partition in set(layer) | set(tombstones):
                 session = snap.sessions.get(partition)
                 end = next_offset.get(partition)
-                out: dict[bytes, bytes | None] = {}
-                for key in cache.tombstones.pop(partition, ()):
-                    out[key] = None  # deleted at a committed checkpoint: gone for good
-                for key, (base, current) in layer.get(partition, {}).items():
-                    if current == base:
+                out: dict[bytes, bytes | None] = dict.fromkeys(tombstones.get(partition, ()))
+                for key, (saved, current) in layer.get(partition, {}).items():
+                    if current == saved:
                         continue
                     if session is None or end is None:
                         raise RuntimeError(f"{cache.name}[{partition}] changed outside a session")
-                    out[key] = encode_json((session.sid, end, current, base))  # a Versioned
+                    out[key] = encode_value(session.sid, end, current, saved)
                 if out:
                     per_partition[partition] = out
                     metrics.STATE_WRITES.labels(cache.name).inc(len(out))
         days = writes[self.stage.days]
         for partition, end in next_offset.items():
-            meta = days.setdefault(partition, {})
-            meta[NEXT_OFFSET_KEY] = str(end).encode()
-            meta[FORMAT_KEY] = str(STATE_FORMAT).encode()
+            days.setdefault(partition, {}).update(marks(end))
         return writes
 
-    async def _changelog(self, snap: _Snapshot) -> None:
-        self._pending_writes = writes = self._writes(snap)
-        self._confirmed: dict[TableCache, dict[int, int]] = {c: {} for c in self.tables}
-        partitions = sorted({p for cache in self.tables for p in writes[cache]})
-        appends = [asyncio.ensure_future(self._append(snap, p, writes)) for p in partitions]
+    # -- 3: changelogs ----------------------------------------------------------------------
+
+    async def changelog(self) -> None:
+        """Each partition's records of both tables in one transaction (`fencing`), all
+        partitions at once, until Kafka has them; then the dead letters."""
+        self._after(Step.SNAPSHOTTED)
+        partitions = sorted({p for per_partition in self.writes.values() for p in per_partition})
+        appends = [asyncio.ensure_future(self._append(p)) for p in partitions]
         try:
             for i, done in enumerate(asyncio.as_completed(appends)):
                 await done
@@ -309,23 +276,21 @@ class Checkpointer:
             for task in appends:
                 task.cancel()
             await asyncio.gather(*appends, return_exceptions=True)
-        await self._dead_letters(snap.pending.dead_letters)
+        await self._dead_letters(self.snapshot.pending.dead_letters)
         self._crash("changelog")
+        self.state = Step.CHANGELOGGED
 
-    async def _append(
-        self,
-        snap: _Snapshot,
-        partition: int,
-        writes: dict[TableCache, dict[int, dict[bytes, bytes | None]]],
-    ) -> None:
-        """One partition's records of both tables, in one transaction, until Kafka has them."""
+    async def _append(self, partition: int) -> None:
+        owner = self.owner
         records = {
-            c.changelog_topic: writes[c][partition] for c in self.tables if partition in writes[c]
+            c.changelog_topic: per_partition[partition]
+            for c, per_partition in self.writes.items()
+            if partition in per_partition
         }
 
         def failed(exc: BaseException, delay: float) -> None:
             metrics.CHANGELOG_RETRIES.inc()
-            self.stalls.failed(partition, f"changelog of partition {partition}: {exc!r}")
+            owner.stalls.failed(partition, f"changelog of partition {partition}: {exc!r}")
             log.error(
                 "changelog append of partition %d failed, sent again in %.1f s: %r",
                 partition,
@@ -335,13 +300,11 @@ class Checkpointer:
 
         try:
             last = await retry(
-                lambda: self.changelogs.append(partition, records),
-                wanted=lambda: self._wanted(snap),
+                lambda: owner.changelogs.append(partition, records),
+                wanted=self.snapshot.still_assigned,
                 failed=failed,
             )
-        except GivenUp as given_up:
-            raise _GivenUp from given_up
-        except NotHeld:
+        except (GivenUp, NotHeld):
             raise
         except Exception as exc:
             log.critical(
@@ -351,22 +314,9 @@ class Checkpointer:
                 exc,
             )
             raise
-        for cache in self.tables:
+        for cache in self.writes:
             if cache.changelog_topic in last:
-                self._confirmed[cache][partition] = last[cache.changelog_topic]
-
-    def _local(self) -> None:
-        for cache in self.tables:
-            for partition, items in self._pending_writes[cache].items():
-                if not cache.store.is_open(partition):
-                    continue  # moved away meanwhile; its next owner restores the changelog
-                cache.store.write(partition, items)
-                cache.store.persist_offset(partition, self._confirmed[cache][partition])
-
-    def _release(self, snap: _Snapshot) -> None:
-        for cache in self.tables:
-            if cache.flushing is snap.layers[cache.name]:
-                cache.flushing = {}
+                self.reached[cache][partition] = last[cache.changelog_topic]
 
     async def _dead_letters(self, letters: list[DeadLetter]) -> None:
         """Send the dead letters and wait for Kafka to have them, retrying what can succeed."""
@@ -374,7 +324,7 @@ class Checkpointer:
         async def send_left() -> None:
             """Send those not delivered yet; raise a permanent error first, if any."""
             nonlocal letters
-            sent = [await self.out.dead_letter(d) for d in letters]
+            sent = [await self.owner.out.dead_letter(d) for d in letters]
             results = await asyncio.gather(*sent, return_exceptions=True)
             failed = [
                 (d, r)
@@ -393,8 +343,126 @@ class Checkpointer:
             ),
         )
 
+    # -- 4: local RocksDB -------------------------------------------------------------------
+
+    def store(self) -> None:
+        """One WriteBatch per table partition, with the changelog offset it reached."""
+        self._after(Step.CHANGELOGGED)
+        for cache, per_partition in self.writes.items():
+            for partition, values in per_partition.items():
+                cache.persist(partition, values, self.reached[cache][partition])
+        self._crash("local")
+        self.state = Step.STORED
+
+    # -- 5: MySQL ---------------------------------------------------------------------------
+
+    async def write(self) -> None:
+        """The touched rows in one transaction, fenced by the partitions' epochs; a row the
+        database refuses as data is dead-lettered alone. Raises `GivenUp` if the database
+        stayed down into a rebalance."""
+        self._after(Step.STORED)
+        pending = self.snapshot.pending
+        result = await self.owner.sink.write(
+            self.rows,
+            still_wanted=self.snapshot.still_assigned,
+            epochs=self.stage.claims.epochs_of(pending.next_offset),
+        )
+        if not result.written:
+            raise GivenUp("the result table was not written before a rebalance")
+        await self._dead_letters(
+            [
+                row_dead_letter(self.owner.settings.result_table, row, why, key=key)
+                for key, row, why in result.rejected
+            ]
+        )
+        self._crash("sink")
+        self.state = Step.WRITTEN
+
+    # -- 6: offsets -------------------------------------------------------------------------
+
+    async def commit_offsets(self) -> None:
+        """Commit the by-buyer offsets, then acknowledge the messages; if the group refused
+        them (the partitions moved), release them instead and start over."""
+        self._after(Step.WRITTEN)
+        owner, pending = self.owner, self.snapshot.pending
+        committed = await owner.commit(pending.next_offset)
+        self.state = Step.COMMITTED
+        self.release()
+        await owner.acknowledge(pending.tokens, committed)
+        if not committed:
+            # Not ours any more: whoever owns them next replays them.
+            metrics.CHECKPOINTS_FENCED.labels("offsets").inc()
+            log.warning(
+                "the group did not take this checkpoint's offsets (its partitions moved, or "
+                "are moving): %d messages are left to their owners, which replay them",
+                len(pending.tokens),
+            )
+            await self._forget()
+            return
+        for partition in pending.next_offset:
+            owner.stalls.committed(partition)
+        for cache in self.stage.caches:
+            cache.committed(self.snapshot.layers[cache.name])
+
+    # -- abandoned ------------------------------------------------------------------------
+
+    async def drop(self, lost: NotHeld) -> None:
+        """A store refused the checkpoint: a newer owner claimed a partition, or this worker
+        cannot tell any more. Nothing more of it is written; every partition's owner (this
+        worker too, after it claims them again) replays it from the committed offset."""
+        what = "fenced" if isinstance(lost, Fenced) else "not held"
+        metrics.CHECKPOINTS_FENCED.labels(what).inc()
+        tokens = len(self.snapshot.pending.tokens)
+        if isinstance(lost, Fenced):
+            epoch = lost.epoch
+            if epoch is None:
+                epoch = await self.owner.sink.epoch(lost.partition)
+            log.warning(
+                "fenced: partition %d's %s are held by a newer owner (epoch %s, this worker's "
+                "%s); this worker's checkpoint of %d rows and %d messages is dropped (the "
+                "partition's owner replays them) and its partitions are claimed again",
+                lost.partition,
+                lost.what.removeprefix("its "),
+                epoch,
+                self.stage.claims.epochs.get(lost.partition),
+                len(self.rows),
+                tokens,
+            )
+        else:
+            log.error(
+                "%s; the checkpoint of %d rows and %d messages is dropped and replayed after "
+                "the partitions are claimed again",
+                lost,
+                len(self.rows),
+                tokens,
+            )
+        self.owner.stalls.failed(lost.partition, str(lost))
+        await self.abandon()
+
+    async def abandon(self) -> None:
+        """Write no more of the checkpoint: its messages and the state stage's start over."""
+        self.state = Step.ABANDONED
+        self.release()
+        await self.owner.acknowledge(self.snapshot.pending.tokens, False)
+        await self._forget()
+
+    def release(self) -> None:
+        """Records read the store again, not this checkpoint's layers."""
+        if self._snapshot is not None:
+            for cache in self.stage.caches:
+                cache.release(self._snapshot.layers[cache.name])
+
+    async def _forget(self) -> None:
+        """Start the partitions over from the committed offset, this checkpoint's messages
+        and those applied while it ran alike: all released, none acknowledged.
+
+        A message left neither would hold Faust's rebalance in `wait_empty` for good: the
+        worker would never join its group again, nor stop on SIGTERM.
+        """
+        await self.owner.acknowledge(await self.stage.forget(), False)
+
     def _crash(self, point: str) -> None:
-        if self.settings.crash_point == point:
+        if self.owner.settings.crash_point == point:
             log.critical("COUPON_CRASH_POINT=%s reached: killing the worker (fault test)", point)
             logging.shutdown()
             os.kill(os.getpid(), signal.SIGKILL)

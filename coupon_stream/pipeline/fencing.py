@@ -23,8 +23,8 @@ import logging
 from collections.abc import Iterable
 
 from coupon_stream.connectors.kafka import ChangelogWriter
+from coupon_stream.connectors.mysql import ResultSink
 from coupon_stream.foundation.errors import NotHeld
-from coupon_stream.pipeline.sink import ResultSink
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,22 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
-
 from coupon_stream.connectors import clients
+from coupon_stream.connectors.clients import AIOKafkaConsumer, RebalanceListener, TopicPartition
+from coupon_stream.connectors.faults import (
+    Backoff,
+    CommitFailedError,
+    KafkaError,
+    refusal,
+    retry,
+)
 from coupon_stream.connectors.kafka import DeadLetter, KafkaOut, behind
 from coupon_stream.core.records import (
+    BUYER,
+    ORDER,
+    ROW_CREATED,
+    ROW_MODIFIED,
+    STATUS,
     BadRecord,
     Row,
     Source,
@@ -36,7 +46,6 @@ from coupon_stream.core.records import (
     read_row,
 )
 from coupon_stream.foundation import metrics
-from coupon_stream.foundation.errors import Backoff, refusal, retry
 from coupon_stream.foundation.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -84,7 +93,10 @@ def route(messages: Iterable[Message], sources: Mapping[str, Source], partitions
             )
             continue
         size = _ROW_OVERHEAD + _MAX_CHAR_BYTES * (
-            len(row[1]) + len(row[2]) + len(row[5] or "") + len(row[6] or "")
+            len(row[ORDER])
+            + len(row[STATUS])
+            + len(row[ROW_CREATED] or "")
+            + len(row[ROW_MODIFIED] or "")
         )
         if size > MAX_RECORD_BYTES:
             size = len(encode_rows([row]))
@@ -102,7 +114,7 @@ def route(messages: Iterable[Message], sources: Mapping[str, Source], partitions
                     )
                 )
                 continue
-        by_partition[partition_for_buyer(row[0], partitions)].append(row)
+        by_partition[partition_for_buyer(row[BUYER], partitions)].append(row)
     return routed
 
 
@@ -168,7 +180,7 @@ class Intake:
 
         A re-sent batch is harmless (the state stage counts each copy once), and an intake
         that gave up would leave the worker up but reading nothing. An error that no retry
-        can fix (`coupon_stream.foundation.errors`: a message too large, an unauthorized topic) is
+        can fix (`coupon_stream.connectors.faults`: a message too large, an unauthorized topic) is
         raised instead, so the worker stops loudly rather than loop: it cannot be one
         record's fault, since `route` bounds records and dead letters are cut to fit
         (`KafkaOut.dead_letter`), so it is the topics' or the broker's configuration.
@@ -261,7 +273,7 @@ class Intake:
                 )
 
 
-class _CommitFirst(ConsumerRebalanceListener):
+class _CommitFirst(RebalanceListener):
     """Let the batch in flight finish (sent and committed) before partitions are given up."""
 
     def __init__(self, intake: Intake) -> None:

@@ -16,36 +16,35 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
-from coupon_stream.connectors.kafka import DeadLetter, KafkaOut, PartitionReader
+from coupon_stream.connectors.faults import retry
+from coupon_stream.connectors.kafka import DeadLetter, PartitionReader
 from coupon_stream.connectors.store import PartitionStore
-from coupon_stream.core.records import Row, decode_rows, encode_rows
+from coupon_stream.core.records import BUYER, ORDER, ROW_DAY, STATUS, Row, decode_rows, encode_rows
 from coupon_stream.core.state import (
-    BUYER,
     DAY,
-    FORMAT_KEY,
-    META_KEYS,
-    NEXT_OFFSET_KEY,
-    ORDER,
-    ROW_DAY,
-    STATE_FORMAT,
-    STATUS,
-    WATERMARK_KEY,
     Day,
     Entry,
     Outcome,
-    Versioned,
     apply_row,
+    latest_day,
+    retention_cutoff,
+)
+from coupon_stream.core.stored import (
+    FORMAT_KEY,
+    META_KEYS,
+    NEXT_OFFSET_KEY,
+    WATERMARK_KEY,
     day_key,
     entry_key,
     is_day_key,
-    latest_day,
     parse_day_key,
-    retention_cutoff,
+    read_marks,
+    read_value,
 )
 from coupon_stream.foundation import metrics
-from coupon_stream.foundation.errors import GivenUp, NotHeld, retry
+from coupon_stream.foundation.errors import GivenUp, NotHeld
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.fencing import Claims
 
@@ -57,15 +56,16 @@ QUIET_SECONDS = 10.0
 READ_SECONDS = 30.0
 
 
-class StateFormatError(RuntimeError):
-    """Local or changelog state written in a format this version cannot read."""
-
-
 class ReadBack(NamedTuple):
-    """A flush token for messages applied without a consumer event."""
+    """A checkpoint token for messages applied without a consumer event."""
 
     partition: int
     next_offset: int
+
+
+Token = object
+"""What a checkpoint hands back once its messages are safe: a consumer event (opaque here:
+only the app knows the engine's type) or a `ReadBack`."""
 
 
 class Session(NamedTuple):
@@ -79,61 +79,70 @@ class Session(NamedTuple):
     start: int
 
 
-Slot = list[Any]  # [value at the last checkpoint, current value]
+Slot = list[Any]
+"""One key in a cache: its value as of the last checkpoint (`SAVED`) and now (`VALUE`). A
+list, not an object: one is made per key a record touches."""
+SAVED: Final = 0
+VALUE: Final = 1
+Layer = dict[int, dict[bytes, Slot]]
+"""A table's changed keys per partition: the ones changed since the last checkpoint, or
+the ones a checkpoint is writing."""
 
 
 class TableCache:
     """One state table's keys changed since the last checkpoint, per partition.
 
-    `dirty` collects what records change; a checkpoint moves it to `flushing` while it
-    writes it, so that records applied meanwhile read the values it is writing.
+    Records change the `changed` layer; a checkpoint takes it (`snapshot`) and writes it
+    while the next records start a new one, and until it is done (`release`) records read
+    the values it is writing. The keys a committed checkpoint deleted are purged (truly
+    deleted) by the next one (`take_tombstones`).
     """
 
     def __init__(self, name: str, store: PartitionStore, changelog_topic: str) -> None:
         self.name = name
         self.store = store
         self.changelog_topic = changelog_topic
-        self.dirty: dict[int, dict[bytes, Slot]] = defaultdict(dict)
-        self.flushing: dict[int, dict[bytes, Slot]] = {}
-        # Keys the last checkpoint wrote as deleted: purged (truly deleted) by the next one.
-        self.tombstones: dict[int, set[bytes]] = defaultdict(set)
+        self._changed: Layer = defaultdict(dict)
+        self._writing: Layer = {}
+        self._tombstones: dict[int, set[bytes]] = defaultdict(set)
 
     def load(self, partition: int, keys: Iterable[bytes], session: Session) -> dict[bytes, Slot]:
-        dirty = self.dirty[partition]
-        flushing = self.flushing.get(partition, {})
+        """The partition's changed layer, with a slot for each of `keys`."""
+        changed = self._changed[partition]
+        writing = self._writing.get(partition, {})
         missing = []
         for key in dict.fromkeys(keys):
-            if key in dirty:
+            if key in changed:
                 continue
-            slot = flushing.get(key)
+            slot = writing.get(key)
             if slot is not None:
-                dirty[key] = [slot[1], slot[1]]
+                changed[key] = [slot[VALUE], slot[VALUE]]
             else:
                 missing.append(key)
         if missing:
             for key, raw in zip(missing, self.store.get_many(partition, missing), strict=True):
-                value = None if raw is None else Versioned.read(raw, *_as_of(session))
-                dirty[key] = [value, value]
-        return dirty
+                value = None if raw is None else read_value(raw, session.start, session.sid)
+                changed[key] = [value, value]
+        return changed
 
     def items(self, partition: int, session: Session) -> Iterator[Any]:
         """(key, current value) of every key of the partition, unwritten changes included."""
-        layers = [self.flushing.get(partition, {}), self.dirty.get(partition, {})]
+        layers = [self._writing.get(partition, {}), self._changed.get(partition, {})]
         seen: set[bytes] = set()
         for layer in reversed(layers):
             for key, slot in layer.items():
                 if key not in seen:
                     seen.add(key)
-                    yield key, slot[1]
+                    yield key, slot[VALUE]
         for key, raw in self.store.items(partition):
             if key not in seen and key not in META_KEYS:
-                yield key, Versioned.read(raw, *_as_of(session))
+                yield key, read_value(raw, session.start, session.sid)
 
     def with_prefixes(
         self, partition: int, session: Session, prefixes: Iterable[bytes]
     ) -> dict[bytes, dict[bytes, Any]]:
         """Per prefix, the keys starting with it and their values as of the checkpoint being
-        written (the stored values under its flushing layer): one pass over the layer, one
+        written (the stored values under the layer it writes): one pass over the layer, one
         RocksDB prefix scan per prefix."""
         found: dict[bytes, dict[bytes, Any]] = {p: {} for p in prefixes}
         if not found:
@@ -141,22 +150,49 @@ class TableCache:
         size = len(next(iter(found)))
         for prefix, values in found.items():
             for key, raw in self.store.items(partition, prefix):
-                values[key] = Versioned.read(raw, *_as_of(session))
-        for key, slot in self.flushing.get(partition, {}).items():
+                values[key] = read_value(raw, session.start, session.sid)
+        for key, slot in self._writing.get(partition, {}).items():
             prefixed = found.get(key[:size])
             if prefixed is not None:
-                prefixed[key] = slot[1]
+                prefixed[key] = slot[VALUE]
         return found
+
+    # -- what a checkpoint does with it ----------------------------------------------------
+
+    def snapshot(self) -> Layer:
+        """Hand the changed keys to a checkpoint; records start a new layer."""
+        self._writing, self._changed = self._changed, defaultdict(dict)
+        return self._writing
+
+    def take_tombstones(self) -> dict[int, set[bytes]]:
+        """The keys to purge, per partition (the checkpoint writing them takes them)."""
+        tombstones, self._tombstones = self._tombstones, defaultdict(set)
+        return tombstones
+
+    def committed(self, layer: Layer) -> None:
+        """The checkpoint of `layer` is committed: the keys it deleted are purged next."""
+        for partition, slots in layer.items():
+            self._tombstones[partition] = {
+                k for k, (saved, value) in slots.items() if value is None and saved is not None
+            }
+
+    def release(self, layer: Layer) -> None:
+        """The checkpoint of `layer` is over: records read the store again."""
+        if self._writing is layer:
+            self._writing = {}
+
+    def persist(self, partition: int, values: dict[bytes, bytes | None], offset: int) -> None:
+        """Write a checkpoint's values of a partition locally, with the changelog offset
+        they reach; not if the partition moved away (its next owner restores them)."""
+        if self.store.is_open(partition):
+            self.store.write(partition, values)
+            self.store.persist_offset(partition, offset)
 
     def drop(self) -> None:
         """Forget unwritten changes (a rebalance: the partitions' next owner replays them)."""
-        self.dirty = defaultdict(dict)
-        self.flushing = {}
-        self.tombstones = defaultdict(set)
-
-
-def _as_of(session: Session) -> tuple[int, int]:
-    return session.start, session.sid
+        self._changed = defaultdict(dict)
+        self._writing = {}
+        self._tombstones = defaultdict(set)
 
 
 class _View:
@@ -175,21 +211,21 @@ class _View:
         self._load_day = load_day
 
     def get_entry(self, key: bytes) -> Entry | None:
-        entry: Entry | None = self.entries[key][1]  # loaded with the message
+        entry: Entry | None = self.entries[key][VALUE]  # loaded with the message
         return entry
 
     def put_entry(self, key: bytes, value: Entry | None) -> None:
-        self.entries[key][1] = value
+        self.entries[key][VALUE] = value
 
     def get_day(self, key: bytes) -> Day | None:
         slot = self.days.get(key)
         if slot is None:  # the old day of a copy that moves days
             slot = self._load_day(key)[key]
-        day: Day | None = slot[1]
+        day: Day | None = slot[VALUE]
         return day
 
     def put_day(self, key: bytes, value: Day | None) -> None:
-        self.days[key][1] = value
+        self.days[key][VALUE] = value
 
 
 @dataclass(slots=True)
@@ -199,11 +235,23 @@ class Pending:
     touched: dict[int, set[tuple[int, int]]] = field(default_factory=lambda: defaultdict(set))
     stale: dict[int, set[bytes]] = field(default_factory=lambda: defaultdict(set))
     next_offset: dict[int, int] = field(default_factory=dict)
-    tokens: list[object] = field(default_factory=list)
+    tokens: list[Token] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
 
     def rows(self) -> int:
         return sum(len(t) for t in self.touched.values())
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """What a checkpoint writes, taken at once: the records applied since the last one, the
+    sessions they were applied in, and each table's changed keys (`TableCache.snapshot`)."""
+
+    pending: Pending
+    sessions: dict[int, Session]
+    layers: dict[str, Layer]
+    # Whether the rebalance count of the snapshot's time still holds (`still_assigned`).
+    still_assigned: Callable[[], bool]
 
 
 class StateStage:
@@ -212,23 +260,22 @@ class StateStage:
         settings: Settings,
         entries: TableCache,
         days: TableCache,
-        out: KafkaOut,
         reader: PartitionReader,
         claims: Claims,
         confirm: Callable[[int, int], Awaitable[bool]],
-        assignment: Callable[[], int | None] = lambda: 0,
+        rebalance_count: Callable[[], int | None] = lambda: 0,
     ) -> None:
         self.settings = settings
         self.entries = entries
         self.days = days
-        self.out = out
+        self.caches = (entries, days)
         self.reader = reader
         self.claims = claims
         # Commits the group's own offset of a partition again: False unless this worker
         # still owns it in the group's current generation (Kafka checks the generation).
         self.confirm = confirm
-        # Which assignment the worker is in; None while a rebalance is in progress.
-        self.assignment = assignment
+        # How many rebalances the worker went through; None while one is in progress.
+        self.rebalance_count = rebalance_count
         self.pending = Pending()
         self.sessions: dict[int, Session] = {}
         self.apply_lock = asyncio.Lock()  # `add`, `repair_tail` and a checkpoint's snapshot
@@ -241,7 +288,7 @@ class StateStage:
         raw: bytes,
         partition: int,
         offset: int,
-        token: object,
+        token: Token,
         committed: int | None = None,
         received_ms: int | None = None,
     ) -> None:
@@ -280,7 +327,7 @@ class StateStage:
             expected = await self._expected(partition, committed)
             if end <= expected:
                 return
-            still = self._still_assigned()
+            still = self.still_assigned()
             values = await self._read(partition, expected, end, f"in {quiet:.0f} s, at its end")
             if not still():
                 return  # a rebalance began meanwhile: the partition may be gone
@@ -288,13 +335,20 @@ class StateStage:
                 await self.apply(value, partition, o, ts)
             self._applied(partition, end, ReadBack(partition, end))
 
-    def _still_assigned(self) -> Callable[[], bool]:
-        """Whether the assignment of now still holds later (never while a rebalance runs):
-        work begun under it is void once the partitions may have moved."""
-        assignment = self.assignment()
-        return lambda: assignment is not None and self.assignment() == assignment
+    def still_assigned(self) -> Callable[[], bool]:
+        """Whether the partitions of now are still this worker's later (never while a
+        rebalance runs): work begun under them is void once they may have moved."""
+        count = self.rebalance_count()
+        return lambda: count is not None and self.rebalance_count() == count
 
-    def _applied(self, partition: int, next_offset: int, token: object) -> None:
+    async def snapshot(self) -> Snapshot:
+        """Take what a checkpoint writes; records applied from here on belong to the next."""
+        async with self.apply_lock:
+            pending, self.pending = self.pending, Pending()
+            layers = {cache.name: cache.snapshot() for cache in self.caches}
+            return Snapshot(pending, dict(self.sessions), layers, self.still_assigned())
+
+    def _applied(self, partition: int, next_offset: int, token: Token) -> None:
         self._next_to_apply[partition] = next_offset
         self._last_applied[partition] = time.monotonic()
         self.pending.next_offset[partition] = next_offset
@@ -318,15 +372,11 @@ class StateStage:
         would roll back values of committed checkpoints (`Versioned.as_of`). So it comes from
         the broker, not from the consumer's view.
         """
-        mark, fmt = self.days.store.get_many(partition, [NEXT_OFFSET_KEY, FORMAT_KEY])
-        if fmt is not None and int(fmt) != STATE_FORMAT:
-            raise StateFormatError(
-                f"partition {partition} of the state holds format {int(fmt)}; this version "
-                f"keeps format {STATE_FORMAT}. Start a new COUPON_APP_ID with an empty "
-                "COUPON_DATA_DIR and replay the input (docs/design.md, 'Migrating state')"
-            )
+        mark = read_marks(
+            partition, *self.days.store.get_many(partition, [NEXT_OFFSET_KEY, FORMAT_KEY])
+        )
         s = self.settings
-        wanted = self._still_assigned()  # not once a rebalance began: it may be gone
+        wanted = self.still_assigned()  # not once a rebalance began: it may be gone
         if not wanted():
             raise NotHeld(partition, "a rebalance is running")
 
@@ -360,7 +410,7 @@ class StateStage:
             )
         # Nothing committed: the group starts at the log's beginning. A mark below the
         # committed offset means an offset was committed past messages never applied.
-        start = min(int(mark or 0), broker or 0)
+        start = min(mark or 0, broker or 0)
         log.info(
             "%s[%d]: session begins at %d (group committed %s, consumer %s, state mark %s)",
             s.by_buyer_topic,
@@ -368,7 +418,7 @@ class StateStage:
             start,
             broker,
             committed,
-            None if mark is None else int(mark),
+            mark,
         )
         self.sessions[partition] = Session(int.from_bytes(os.urandom(7), "big"), start)
         self._next_to_apply[partition] = start
@@ -380,7 +430,7 @@ class StateStage:
         """The messages in [start, end) the consumer did not deliver, from Kafka."""
         if start >= end:
             return []
-        still = self._still_assigned()
+        still = self.still_assigned()
 
         async def read() -> list[tuple[int, bytes, int]]:
             async with asyncio.timeout(READ_SECONDS):
@@ -414,7 +464,7 @@ class StateStage:
         )
         return skipped
 
-    async def forget(self) -> list[object]:
+    async def forget(self) -> list[Token]:
         """After a rebalance: drop unwritten changes and claims, start new sessions; return the
         tokens.
 
@@ -496,7 +546,7 @@ class StateStage:
         days = s.state_retention_days
         newest = latest_day(received_ms, s.future_tolerance_days) if received_ms else None
         meta = self.days.load(partition, [WATERMARK_KEY], session)[WATERMARK_KEY]
-        mark = old_mark = meta[1] or 0
+        mark = old_mark = meta[VALUE] or 0
         kept: list[Row] = []
         for row in rows:
             day = row[ROW_DAY]
@@ -512,7 +562,7 @@ class StateStage:
             kept.append(row)
         cutoff = retention_cutoff(mark, days) if mark else 0
         if mark != old_mark:
-            meta[1] = mark
+            meta[VALUE] = mark
             if not old_mark or retention_cutoff(old_mark, days) < cutoff:
                 self._expire(partition, session, cutoff)
         result = []
@@ -546,7 +596,7 @@ class StateStage:
         for cache, keys in ((self.days, old_days), (self.entries, old_entries)):
             slots = cache.load(partition, keys, session)
             for key in keys:
-                slots[key][1] = None
+                slots[key][VALUE] = None
         metrics.STATE_EXPIRED.inc(len(old_entries))
         metrics.STATE_ENTRIES.labels(str(partition)).set(kept)
         log.info(

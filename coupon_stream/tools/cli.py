@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from coupon_stream.connectors import clients
-from coupon_stream.foundation.errors import AccessRefused, refusal
+from coupon_stream.connectors.faults import KafkaError, refusal
+from coupon_stream.foundation.errors import AccessRefused
 from coupon_stream.foundation.logs import logging_config
 from coupon_stream.foundation.settings import Settings
 
@@ -47,7 +47,7 @@ def load_settings() -> Settings:
 
 
 def _worker(extra: list[str]) -> None:
-    from coupon_stream.pipeline.sink import ResultSink
+    from coupon_stream.connectors.mysql import ResultSink
     from coupon_stream.tools.status import (
         DeploymentError,
         check_deployment,
@@ -131,7 +131,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _show(args: argparse.Namespace) -> None:
-    from coupon_stream.pipeline.sink import ResultSink
+    from coupon_stream.connectors.mysql import ResultSink
 
     settings = load_settings()
 

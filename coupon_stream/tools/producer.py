@@ -7,10 +7,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
 from tqdm import tqdm
 
 from coupon_stream.connectors import clients
+from coupon_stream.connectors.clients import AIOKafkaProducer
 from coupon_stream.foundation.settings import Settings
 
 WINDOW = 20_000  # sends in flight before we wait for acknowledgements

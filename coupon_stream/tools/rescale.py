@@ -42,29 +42,35 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from aiokafka import TopicPartition
-from aiokafka.admin import NewTopic
-from aiokafka.errors import for_code
-from aiokafka.structs import OffsetAndMetadata
 from pydantic import ValidationError
 
 from coupon_stream.connectors import clients
-from coupon_stream.connectors.kafka import ChangelogWriter, KafkaOut, PartitionReader, behind
+from coupon_stream.connectors.clients import TopicPartition
+from coupon_stream.connectors.faults import for_code
+from coupon_stream.connectors.kafka import (
+    ChangelogWriter,
+    KafkaOut,
+    NewTopic,
+    PartitionReader,
+    behind,
+    commit_offsets,
+    create_topics,
+)
+from coupon_stream.connectors.mysql import ResultSink
 from coupon_stream.core.records import partition_for_buyer
-from coupon_stream.core.state import (
+from coupon_stream.core.state import STATE_TABLES
+from coupon_stream.core.stored import (
     BUYER_BYTES,
-    FORMAT_KEY,
     META_KEYS,
-    NEXT_OFFSET_KEY,
-    STATE_FORMAT,
-    STATE_TABLES,
     WATERMARK_KEY,
-    Versioned,
+    at_start,
     buyer_of_key,
+    marks,
+    read_value,
+    rebased,
 )
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.fencing import Claims
-from coupon_stream.pipeline.sink import ResultSink
 from coupon_stream.tools import status
 
 log = logging.getLogger(__name__)
@@ -76,7 +82,6 @@ MAX_PROCESSES = 8
 ROUTES_CACHED = 1 << 16
 IN_FLIGHT_BATCHES = 4096
 Moved = tuple[int, Any]  # records written, the old partition's watermark value
-NO_SESSION = -1  # no worker session wrote anything: `as_of` reads the committed value
 
 
 class RescaleRefused(RuntimeError):
@@ -349,7 +354,7 @@ async def claim(old: Settings, new: Settings) -> Mark:
         )
     compact = {"cleanup.policy": "compact"}
     topic = NewTopic(mark_topic(new), 1, new.replication_factor, topic_configs=compact)
-    await status.create_topics(new, [topic])
+    await create_topics(new, [topic])
     out = KafkaOut(new)
     try:
         await write_mark(out, new, wanted)
@@ -402,7 +407,7 @@ async def read_state(settings: Settings) -> dict[str, dict[bytes, Any]]:
                 for key, raw in values.items():
                     if key in META_KEYS:
                         continue
-                    value = as_of(raw, committed.get(p, 0))
+                    value = read_value(raw, committed.get(p, 0))
                     if value is not None:
                         tables[table][key] = value
         return tables
@@ -455,7 +460,7 @@ async def move_partition(
                 key = r.key
                 if key in META_KEYS:
                     if key == WATERMARK_KEY and r.value is not None:
-                        watermark = as_of(r.value, committed)
+                        watermark = read_value(r.value, committed)
                     continue
                 value = None if r.value is None else rebased(r.value, committed)
                 q = routes.get(prefix := key[:BUYER_BYTES])
@@ -474,32 +479,6 @@ async def move_partition(
     return written, watermark
 
 
-def rebased(raw: bytes, committed: int) -> bytes | None:
-    """A stored value as the new app's state before its first by-buyer message, or None (a
-    delete) if the key is absent as of the committed offset.
-
-    The usual value (version at or below the committed offset: read as `current`) only has
-    its session and version replaced by 0, 0, as bytes: nothing else is decoded, and the
-    `previous` it keeps is never read again (no offset is below 0). Any other goes through
-    `as_of`.
-    """
-    _, version, rest = raw.split(b",", 2)
-    if int(version) <= committed:
-        return None if rest.startswith(b"null,") else b"[0,0," + rest
-    value = as_of(raw, committed)
-    return None if value is None else at_start(value)
-
-
-def as_of(raw: bytes, committed: int) -> Any:
-    """A stored value as a takeover reads it at the committed offset."""
-    return Versioned.read(raw, committed, NO_SESSION)
-
-
-def at_start(value: Any) -> bytes:
-    """The value as the new app's state before its first by-buyer message (offset 0)."""
-    return Versioned(0, 0, value, None).encode()
-
-
 def newest(a: int | None, b: int | None) -> int | None:
     """The later of two watermarks (the newest effect_time a partition saw, as the state
     stage stores it: an int), None if neither."""
@@ -510,7 +489,7 @@ def newest(a: int | None, b: int | None) -> int | None:
 
 async def write_meta(out: KafkaOut, new: Settings, mark: Mark) -> None:
     """Each new partition's metadata keys in its days changelog."""
-    meta = [(FORMAT_KEY, str(STATE_FORMAT).encode()), (NEXT_OFFSET_KEY, b"0")]
+    meta = list(marks(0).items())
     if mark.watermark is not None:
         meta.append((WATERMARK_KEY, at_start(mark.watermark)))
     sent = []
@@ -524,10 +503,4 @@ async def copy_intake_offsets(old: Settings, new: Settings) -> None:
     offsets = await group_offsets(old, old.intake_group)
     if not offsets:
         return
-    consumer = clients.consumer(new, group_id=new.intake_group, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        consumer.assign(list(offsets))
-        await consumer.commit({tp: OffsetAndMetadata(o, "") for tp, o in offsets.items()})
-    finally:
-        await consumer.stop()
+    await commit_offsets(new, new.intake_group, offsets)

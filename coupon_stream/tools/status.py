@@ -15,16 +15,14 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import NewTopic
-from aiokafka.errors import TopicAlreadyExistsError, for_code
-
 from coupon_stream.connectors import clients, engine
-from coupon_stream.connectors.kafka import behind
-from coupon_stream.core.state import STATE_FORMAT, STATE_TABLES
-from coupon_stream.foundation.errors import Backoff, retry
+from coupon_stream.connectors.clients import AIOKafkaConsumer, TopicPartition
+from coupon_stream.connectors.faults import Backoff, retry
+from coupon_stream.connectors.kafka import NewTopic, behind, create_topics
+from coupon_stream.connectors.mysql import ResultSink
+from coupon_stream.core.state import STATE_TABLES
+from coupon_stream.core.stored import STATE_FORMAT
 from coupon_stream.foundation.settings import Settings
-from coupon_stream.pipeline.sink import ResultSink
 
 T = TypeVar("T")
 
@@ -210,22 +208,6 @@ CHANGELOG_CONFIG = {
     "segment.bytes": str(16 * 1024 * 1024),
     "segment.ms": str(60 * 60 * 1000),
 }
-
-
-async def create_topics(settings: Settings, topics: list[NewTopic]) -> list[str]:
-    admin = clients.admin(settings)
-    await admin.start()
-    created = []
-    try:
-        response = await _operator_call(lambda: admin.create_topics(topics))
-        for topic, code, *_ in response.topic_errors:
-            if code == 0:
-                created.append(topic)
-            elif code != TopicAlreadyExistsError.errno:
-                raise for_code(code)(topic)  # classified like any Kafka error
-    finally:
-        await admin.close()
-    return created
 
 
 # -- start-up checks ---------------------------------------------------------------------

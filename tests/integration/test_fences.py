@@ -12,9 +12,9 @@ from aiokafka.errors import ProducerFenced
 
 from coupon_stream.connectors import clients
 from coupon_stream.connectors.kafka import ChangelogWriter, PartitionReader
+from coupon_stream.connectors.mysql import ResultSink
 from coupon_stream.core.state import ResultRow
 from coupon_stream.foundation.errors import Fenced
-from coupon_stream.pipeline.sink import ResultSink
 
 pytestmark = pytest.mark.integration
 

@@ -22,8 +22,8 @@ import orjson
 import pytest
 
 from coupon_stream.connectors import clients
+from coupon_stream.connectors.mysql import ResultSink
 from coupon_stream.foundation.settings import Settings
-from coupon_stream.pipeline.sink import ResultSink
 from coupon_stream.tools.dataset import generate
 from tests import reference
 from tests.integration.harness import REPO, Pipeline, Worker

@@ -15,7 +15,7 @@ import pytest
 
 from coupon_stream.app import CouponStream
 from coupon_stream.core.records import encode_rows
-from coupon_stream.core.state import Versioned
+from coupon_stream.core.stored import Versioned
 from coupon_stream.foundation.settings import Settings
 from tests.unit.fakes import FakeOut, FakeSink, LogReader, MemoryGroup
 

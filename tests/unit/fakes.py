@@ -18,15 +18,16 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 from faust.types import TP
 
-from coupon_stream.core.state import ResultRow, day_key
+from coupon_stream.connectors.mysql import WriteResult
+from coupon_stream.core.state import ResultRow
+from coupon_stream.core.stored import day_key
 from coupon_stream.foundation.errors import Fenced, NotHeld
-from coupon_stream.pipeline.sink import WriteResult
 
 if TYPE_CHECKING:  # each fake is typed as what it stands in for: mypy holds it to its signatures
     from coupon_stream.connectors.kafka import ChangelogWriter as _ChangelogWriter
     from coupon_stream.connectors.kafka import KafkaOut as _KafkaOut
     from coupon_stream.connectors.kafka import PartitionReader as _PartitionReader
-    from coupon_stream.pipeline.sink import ResultSink as _ResultSink
+    from coupon_stream.connectors.mysql import ResultSink as _ResultSink
 else:
     _ChangelogWriter = _KafkaOut = _PartitionReader = _ResultSink = object
 

@@ -76,7 +76,6 @@ class World:
             self.settings,
             entries,
             days,
-            self.out,
             self.reader,
             Claims(changelogs, self.sink),
             confirm=confirm,

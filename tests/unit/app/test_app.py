@@ -9,14 +9,8 @@ from faust.types import TP
 
 from coupon_stream.connectors import engine
 from coupon_stream.core.records import decode_rows
-from coupon_stream.core.state import (
-    NEXT_OFFSET_KEY,
-    STATE_TABLES,
-    ResultRow,
-    Versioned,
-    day_key,
-    entry_key,
-)
+from coupon_stream.core.state import STATE_TABLES, ResultRow
+from coupon_stream.core.stored import NEXT_OFFSET_KEY, Versioned, day_key, entry_key
 from tests.unit.conftest import batch, changelog, group, put, row, stored
 from tests.unit.fakes import DownSink
 from tests.unit.samples import sample
@@ -170,7 +164,7 @@ async def test_a_fenced_checkpoint_releases_it_and_what_was_applied_meanwhile(st
     stream.reader.log.update({(0, 0): first, (0, 1): second})  # the by-buyer log, read back
     applied: list[object] = []
     released: list[object] = []
-    add, acknowledge = stream.stage.add, stream.checkpointer._acknowledge
+    add, acknowledge = stream.stage.add, stream.checkpointer.acknowledge
 
     async def add_recorded(raw, partition, offset, token, *args, **kwargs):
         applied.append(token)
@@ -181,7 +175,7 @@ async def test_a_fenced_checkpoint_releases_it_and_what_was_applied_meanwhile(st
         await acknowledge(tokens, committed)
 
     stream.stage.add = add_recorded
-    stream.checkpointer._acknowledge = acknowledge_recorded
+    stream.checkpointer.acknowledge = acknowledge_recorded
     async with stream.state_agent.test_context() as agent:
         await agent.put(first, partition=0)
 

@@ -18,7 +18,7 @@ from faust.utils import terminal
 
 from coupon_stream.connectors import engine
 from coupon_stream.connectors.engine import TP, LookupTunedOptions, RocksStore, Worker
-from coupon_stream.core.state import buyer_prefix, entry_key
+from coupon_stream.core.stored import buyer_prefix, entry_key
 from coupon_stream.foundation.settings import Settings
 
 

@@ -2,16 +2,13 @@ from coupon_stream.core.records import INT64_MAX
 from coupon_stream.core.state import (
     Outcome,
     ResultRow,
-    Versioned,
     apply_row,
-    day_key,
     day_row,
-    entry_key,
     generated_before,
     latest_day,
-    parse_day_key,
     retention_cutoff,
 )
+from coupon_stream.core.stored import day_key, entry_key
 from tests import reference
 from tests.unit.stagekit import r
 
@@ -103,21 +100,6 @@ def test_a_record_that_would_overflow_its_day_is_refused_and_changes_nothing():
     assert apply_row(v, r("o3", yuan=-big)).outcome is Outcome.NEW
 
 
-def test_keys_are_bounded_and_sort_by_buyer():
-    assert len(day_key(-(2**63), 20261111)) == len(day_key(2**63 - 1, 99991231)) == 12
-    assert parse_day_key(day_key(-5, 20261111)) == (-5, 20261111)
-    keys = [entry_key(b, "o", "2") for b in (-3, -1, 0, 1, 2**40)]
-    assert keys == sorted(keys)
-
-
-def test_a_value_written_past_the_committed_offset_by_another_session_reads_as_before():
-    rec = Versioned(sid=1, version=10, current=["new"], previous=["old"])
-    assert rec.as_of(committed=10, sid=2) == ["new"]  # that checkpoint was committed
-    assert rec.as_of(committed=4, sid=2) == ["old"]  # it never was: roll it back
-    assert rec.as_of(committed=4, sid=1) == ["new"]  # our own, not yet committed
-    assert Versioned.decode(rec.encode()) == rec
-
-
 def test_retention_cutoff_crosses_months_and_leap_days_and_never_raises():
     assert retention_cutoff(20261104, 2) == 20261102
     assert retention_cutoff(20261201, 1) == 20261130
@@ -150,9 +132,3 @@ def test_reference_truncates_per_record_before_summing():
         {**base, "biz_order_id": "o9", "pay_status": "4", "refund_fee": 12500.0},
     ]
     assert reference.evaluate(orders, refunds) == {(None, None, 1, 1 + 1 - 123 + 125, 20261111)}
-
-
-def test_the_fast_read_of_a_record_is_as_of():
-    for rec in (Versioned(1, 10, ["n"], ["o"]), Versioned(2, 3, None, ["o"])):
-        for committed, session in ((10, 2), (4, 2), (4, 1), (2, 5)):
-            assert Versioned.read(rec.encode(), committed, session) == rec.as_of(committed, session)

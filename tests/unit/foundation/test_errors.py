@@ -12,10 +12,9 @@ from aiokafka import errors as kafka
 from asyncmy import errors as asyncmy
 from sqlalchemy import exc as sa
 
-from coupon_stream.foundation.errors import (
+from coupon_stream.connectors.faults import (
     Backoff,
     Fault,
-    GivenUp,
     classify,
     is_deadlock,
     is_too_large,
@@ -23,6 +22,7 @@ from coupon_stream.foundation.errors import (
     refusal,
     retry,
 )
+from coupon_stream.foundation.errors import GivenUp
 
 
 def mysql(code: int, message: str, cls: type = asyncmy.OperationalError) -> sa.DBAPIError:

@@ -15,7 +15,7 @@ from coupon_stream.core.records import Source, read_row
 from coupon_stream.core.state import generated_before
 from coupon_stream.tools.dataset import generate, jsonl
 from tests import reference
-from tests.unit.fakes import Crash
+from tests.unit.fakes import Crash, DownSink
 from tests.unit.stagekit import World, r
 
 # -- the stage and its checkpoint, against an oracle, through crashes ----------------------
@@ -127,7 +127,7 @@ async def test_a_hot_buyer_costs_one_entry_and_one_day_per_record():
 
 
 async def test_an_old_format_partition_is_refused(tmp_path):
-    from coupon_stream.pipeline.state_stage import StateFormatError
+    from coupon_stream.core.stored import StateFormatError
 
     world = World()
     world.append([r()])
@@ -135,3 +135,41 @@ async def test_an_old_format_partition_is_refused(tmp_path):
     worker.stores["days"].write(0, {b"~format": b"1"})
     with pytest.raises(StateFormatError, match="format 1.*COUPON_APP_ID"):
         await world.run(worker, every=1)
+
+
+# -- the checkpoint's steps ----------------------------------------------------------------
+
+
+async def test_a_checkpoint_takes_its_steps_once_in_order():
+    from coupon_stream.pipeline.checkpoint import Checkpoint, Step, StepError
+
+    world = World()
+    world.append([r(), r(order="o2", yuan=5)])
+    worker = world.worker()
+    await worker.stage.add(world.log[0], 0, 0, 0, 0, world.received_ms)
+    checkpoint = Checkpoint(worker.checkpoint)
+    with pytest.raises(StepError, match="after snapshotted taken in state open"):
+        await checkpoint.changelog()  # nothing to write before the snapshot
+    assert await checkpoint.commit()
+    assert checkpoint.state is Step.COMMITTED
+    assert world.sink.table[(7, 20261111)].cumulate_amount == 15
+    with pytest.raises(StepError):
+        await checkpoint.commit()  # one interval, one commit
+    with pytest.raises(StepError):
+        checkpoint.store()
+
+
+async def test_a_checkpoint_the_database_was_down_for_into_a_rebalance_is_abandoned():
+    from coupon_stream.pipeline.checkpoint import Checkpoint, Step
+
+    world = World()
+    world.append([r()])
+    worker = world.worker()
+    await worker.stage.add(world.log[0], 0, 0, 0, 0, world.received_ms)
+    counts = [0]  # the snapshot's rebalance count; then a rebalance runs (None)
+    worker.stage.rebalance_count = lambda: counts.pop() if counts else None
+    worker.checkpoint.sink = sink = DownSink()
+    checkpoint = Checkpoint(worker.checkpoint)
+    assert not await checkpoint.commit()
+    assert checkpoint.state is Step.ABANDONED and sink.writes == 0
+    assert worker.stage.sessions == {} and world.committed == 0  # replayed from offset 0

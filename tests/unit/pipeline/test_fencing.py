@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from coupon_stream.connectors.mysql import ResultSink
 from coupon_stream.core.state import ResultRow
 from coupon_stream.foundation.errors import Fenced, NotHeld
-from coupon_stream.pipeline.sink import ResultSink
 from coupon_stream.tools.dataset import generate
 from tests.unit.pipeline.test_checkpoint import load, rows_of, spec_oracle
 from tests.unit.stagekit import World

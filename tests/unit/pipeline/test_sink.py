@@ -11,8 +11,8 @@ import pytest
 import sqlalchemy
 from sqlalchemy.exc import OperationalError
 
+from coupon_stream.connectors.mysql import ResultSink, WriteResult
 from coupon_stream.core.state import ResultRow
-from coupon_stream.pipeline.sink import ResultSink, WriteResult
 from tests.unit.samples import sample
 
 
@@ -54,7 +54,7 @@ async def test_a_failing_write_no_longer_wanted_is_given_up(tmp_path: Path) -> N
         row = {(1, 20261111): ResultRow("c", "m", 1, 10, 20261111)}
         wanted = iter([True, False])
         result = await asyncio.wait_for(sink.write(row, still_wanted=lambda: next(wanted)), 10)
-        assert not result.written and not result
+        assert not result.written
         assert attempts == 2  # the first attempt, one retry, then it was no longer wanted
         assert await sink.fetch_all() == []
     finally:
@@ -84,7 +84,7 @@ async def test_a_deadlock_is_run_again_without_calling_the_database_down(
     sink._write_once = deadlock_once  # type: ignore[method-assign]
     try:
         row = ResultRow("c", "m", 1, 10, 20261111)
-        with caplog.at_level("WARNING", logger="coupon_stream.pipeline.sink"):
+        with caplog.at_level("WARNING", logger="coupon_stream.connectors.mysql"):
             assert (await sink.write({(1, 20261111): row})).written
         assert await sink.fetch_all() == [tuple(row)]
         assert sink.available
@@ -124,7 +124,7 @@ async def test_a_row_refused_as_data_is_set_aside_and_the_rest_of_its_batch_writ
         }
         rows[(3, 20261111)] = ResultRow("c", "m", 3, 5_000_000, 20261111)  # refused
         rows[(9, 20261111)] = None  # a delete in the same batch
-        with caplog.at_level("ERROR", logger="coupon_stream.pipeline.sink"):
+        with caplog.at_level("ERROR", logger="coupon_stream.connectors.mysql"):
             result = await asyncio.wait_for(sink.write(rows), 10)
         assert result.written
         ((key, row, why),) = result.rejected

@@ -3,7 +3,7 @@ where a session starts (fixtures in conftest.py)."""
 
 from __future__ import annotations
 
-from coupon_stream.core.state import NEXT_OFFSET_KEY
+from coupon_stream.core.stored import NEXT_OFFSET_KEY
 from coupon_stream.pipeline import state_stage
 from tests.unit.conftest import batch, group, row, stored
 

@@ -7,14 +7,11 @@ import asyncio
 
 import pytest
 
-from coupon_stream.core.records import partition_for_buyer
-from coupon_stream.core.state import Versioned, buyer_of_key, day_key, entry_key
+from coupon_stream.core.stored import at_start, read_value
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.tools.rescale import (
     Mark,
     RescaleRefused,
-    as_of,
-    at_start,
     mark_topic,
     newest,
     rescale,
@@ -23,31 +20,10 @@ from coupon_stream.tools.rescale import (
 from tests.unit.fakes import BuyersChangelog, NullOut
 
 
-def test_a_value_is_read_as_a_takeover_reads_it():
-    stored = Versioned(sid=3, version=120, current=[5, 1, None, None], previous=[2, 1, None, None])
-    assert as_of(stored.encode(), committed=120) == [5, 1, None, None]
-    assert as_of(stored.encode(), committed=100) == [2, 1, None, None]  # cut-short checkpoint
-    assert as_of(Versioned(3, 120, [5], None).encode(), committed=100) is None  # not yet there
-
-
-def test_a_moved_value_is_current_before_the_new_app_s_first_message():
-    raw = at_start([7, 2, "2026-11-11 00:00:00", None])
-    moved = Versioned.decode(raw)
-    assert moved.version == 0 and moved.previous is None
-    assert moved.as_of(0, sid=99) == [7, 2, "2026-11-11 00:00:00", None]
-
-
-def test_every_state_key_names_its_buyer_and_so_its_new_partition():
-    for buyer in (0, 1, -5, 2**63 - 1, -(2**63), 10_000_123):
-        assert buyer_of_key(entry_key(buyer, "o1", "2")) == buyer
-        assert buyer_of_key(day_key(buyer, 20261111)) == buyer
-        assert 0 <= partition_for_buyer(buyer, 12) < 12
-
-
 def test_the_newest_watermark_wins_as_the_state_stage_stores_it():
     """The watermark the state stage keeps (an int), not a list: `newest` indexed it once,
     and every rescale with retention on failed (docs/design.md, "Rescaling")."""
-    from coupon_stream.core.state import WATERMARK_KEY
+    from coupon_stream.core.stored import WATERMARK_KEY
     from tests.unit.stagekit import World, r
 
     world = World(settings=Settings(app_id="unit", partitions=1, state_retention_days=30))
@@ -56,7 +32,7 @@ def test_the_newest_watermark_wins_as_the_state_stage_stores_it():
     asyncio.run(world.run(stage, every=1))
     (raw,) = stage.stores["days"].get_many(0, [WATERMARK_KEY])
     assert raw is not None
-    stored = as_of(raw, committed=len(world.log))
+    stored = read_value(raw, len(world.log))
     assert stored == 20261103
     assert newest(None, None) is None
     assert newest(None, stored) == stored

@@ -31,19 +31,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.schema import CreateTable
 
+from coupon_stream.connectors.faults import Backoff, is_deadlock, reason, refusal, retry
 from coupon_stream.core.records import MAX_TIMESTAMP_CHARS
 from coupon_stream.core.state import ResultRow
 from coupon_stream.foundation import metrics
-from coupon_stream.foundation.errors import (
-    AccessRefused,
-    Backoff,
-    Fenced,
-    GivenUp,
-    is_deadlock,
-    reason,
-    refusal,
-    retry,
-)
+from coupon_stream.foundation.errors import AccessRefused, Fenced, GivenUp
 from coupon_stream.foundation.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,15 +51,11 @@ class WriteResult:
 
     `written` False: given up during a rebalance, the caller must not commit. `rejected`:
     the rows the database refused as data, each alone, with its reason: (key, row or None
-    for a delete, reason); every other row of the batch was written. True in a boolean
-    context exactly when `written`, as the plain bool `write` used to return.
+    for a delete, reason); every other row of the batch was written.
     """
 
     written: bool
     rejected: list[tuple[RowKey, ResultRow | None, str]] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return self.written
 
 
 def result_table(name: str, metadata: MetaData | None = None) -> Table:
@@ -449,7 +437,7 @@ class ResultSink:
     ) -> bool:
         """Run `fn` until it works (True), or until `wanted()` is false before a retry.
 
-        Transient errors (see `coupon_stream.foundation.errors`) are retried with backoff; a
+        Transient errors (see `coupon_stream.connectors.faults`) are retried with backoff; a
         permanent one raises `_Refused` at once: running the same statement again cannot help.
         """
         failures = 0
