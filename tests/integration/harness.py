@@ -24,7 +24,8 @@ from aiokafka.protocol.group import MemberAssignment, ProtocolMetadata
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from coupon_stream.connectors import clients, engine
+from coupon_stream.connectors import clients
+from coupon_stream.connectors.engine import topic_partitions
 from coupon_stream.connectors.kafka import PartitionReader
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.tools import status
@@ -335,7 +336,7 @@ class Pipeline:
         )
         await consumer.start()
         try:
-            parts = (await engine.topic_partitions(consumer, [self.dlq_topic]))[self.dlq_topic]
+            parts = (await topic_partitions(consumer, [self.dlq_topic]))[self.dlq_topic]
             tps = [TopicPartition(self.dlq_topic, p) for p in sorted(parts)]
             if not tps:
                 return []
