@@ -202,10 +202,11 @@ async def create_internal_topics(settings: Settings) -> list[str]:
     )
 
 
-# A restore reads the whole changelog partition record by record (Faust's recovery loop,
-# ~5k records/s here), and Kafka compacts only closed segments. Every batch rewrites each
-# buyer it touches, so with the broker's default segments (1 GiB) a partition held several
-# copies of most keys; small segments let the cleaner keep it near one record per buyer.
+# A restore reads every record of a changelog partition past the local copy's offset (the
+# bulk restore: its time is records / rate, docs/performance.md), and Kafka compacts only
+# closed segments. Every checkpoint rewrites each key it touches, so with the broker's
+# default segments (1 GiB) a partition held several copies of most keys; small segments
+# let the cleaner keep it near one record per key.
 CHANGELOG_CONFIG = {
     "cleanup.policy": "compact",
     "segment.bytes": str(16 * 1024 * 1024),
