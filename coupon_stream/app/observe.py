@@ -13,7 +13,7 @@ from coupon_stream.connectors.engine import TP
 from coupon_stream.connectors.kafka import behind
 from coupon_stream.core.state import STATE_TABLES
 from coupon_stream.foundation import metrics
-from coupon_stream.foundation.health import StallWatch
+from coupon_stream.foundation.stalls import StallWatch
 from coupon_stream.pipeline.intake import Intake
 from coupon_stream.pipeline.sink import ResultSink
 

@@ -23,8 +23,8 @@ from coupon_stream.connectors.restore import ChangelogReader, Progress, catch_up
 from coupon_stream.connectors.store import PartitionStore
 from coupon_stream.foundation import metrics
 from coupon_stream.foundation.errors import Backoff, retry
-from coupon_stream.foundation.health import StallWatch
 from coupon_stream.foundation.settings import Settings
+from coupon_stream.foundation.stalls import StallWatch
 from coupon_stream.pipeline.state_stage import StateStage
 
 log = logging.getLogger(__name__)

@@ -53,8 +53,8 @@ from coupon_stream.core.stored import (
 )
 from coupon_stream.foundation import metrics
 from coupon_stream.foundation.errors import Fault, Fenced, GivenUp, NotHeld, classify, retry
-from coupon_stream.foundation.health import StallWatch
 from coupon_stream.foundation.settings import Settings
+from coupon_stream.foundation.stalls import StallWatch
 from coupon_stream.pipeline.sink import ResultSink, RowKey
 from coupon_stream.pipeline.state_stage import (
     VALUE,
