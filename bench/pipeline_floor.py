@@ -24,11 +24,11 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import NewTopic
 
+from coupon_stream.connectors import deployment
 from coupon_stream.connectors.kafka import KafkaOut
 from coupon_stream.core.records import Source
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.intake import route, split_rows
-from coupon_stream.tools import status
 
 # The service's mean changelog value (a buyer's kept records) on the bench dataset, bytes.
 CHANGELOG_VALUE = b"x" * 360
@@ -50,7 +50,7 @@ async def pipeline_floor(
     )
     # Not compacted: the broker's cleaner would still be at it during the next timed run.
     changelog = f"{run}-changelog"
-    await status.create_topics(
+    await deployment.create_topics(
         s, [NewTopic(t, partitions, 1) for t in (s.by_buyer_topic, changelog)]
     )
     sources = {s.orders_topic: Source.ORDERS, s.refunds_topic: Source.REFUNDS}

@@ -53,6 +53,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from bench.data import CHUNK_ORDERS, chunk_sizes, encoded_chunk
 from bench.pipeline_floor import pipeline_floor
+from coupon_stream.connectors import deployment
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.tools import status
 from coupon_stream.tools.dataset import Skew
@@ -278,7 +279,7 @@ async def load(
     Two spawned processes generate and encode chunks while this one sends the previous.
     """
     s = settings_for("load", topics, partitions, Path("/nonexistent"), 0)
-    await status.create_input_topics(s, partitions)
+    await deployment.create_input_topics(s, partitions)
     sizes = chunk_sizes(orders, chunk)
     buyers = max(1, orders // 4)
     loop = asyncio.get_running_loop()
@@ -424,7 +425,7 @@ async def latency(
     """Produce at a fixed rate; time from send to the row being visible in MySQL."""
     topics = f"{run}-lat"
     s = settings_for(run, topics, partitions, tmp / run, 6150)
-    await status.create_input_topics(s, partitions)
+    await deployment.create_input_topics(s, partitions)
     proc = Proc(s, tmp / f"{run}.log")
     engine = create_async_engine(DB_URL)
     producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, linger_ms=1)

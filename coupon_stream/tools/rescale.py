@@ -48,7 +48,7 @@ from aiokafka.errors import for_code
 from aiokafka.structs import OffsetAndMetadata
 from pydantic import ValidationError
 
-from coupon_stream.connectors import clients
+from coupon_stream.connectors import clients, deployment
 from coupon_stream.connectors.kafka import ChangelogWriter, KafkaOut, PartitionReader, behind
 from coupon_stream.core.records import partition_for_buyer
 from coupon_stream.core.state import STATE_TABLES
@@ -136,8 +136,8 @@ async def rescale(
         raise RescaleRefused("--to-app-id must differ from COUPON_APP_ID")
     began = time.monotonic()
     try:  # the old app's topics must have the partition count its settings say
-        await status.check_deployment(old)
-    except status.DeploymentError as exc:
+        await deployment.check_deployment(old)
+    except deployment.DeploymentError as exc:
         raise RescaleRefused(str(exc)) from None
     await refuse_live_or_lagging(old)
     await retire(old)
@@ -145,7 +145,7 @@ async def rescale(
     if mark.finished:
         say(f"{old.app_id} was already rescaled to {new.app_id} ({mark.records} records)")
         return mark
-    await status.create_internal_topics(new)
+    await deployment.create_internal_topics(new)
     committed = await state_committed(old)
     now = await positions(old, committed)
     refuse_moved_since(old, new, mark, now)
@@ -348,7 +348,7 @@ async def claim(old: Settings, new: Settings) -> Mark:
         )
     compact = {"cleanup.policy": "compact"}
     topic = NewTopic(mark_topic(new), 1, new.replication_factor, topic_configs=compact)
-    await status.create_topics(new, [topic])
+    await deployment.create_topics(new, [topic])
     out = KafkaOut(new)
     try:
         await write_mark(out, new, wanted)

@@ -19,8 +19,7 @@ import orjson
 import pytest
 
 from bench.takeover import synthesize_state
-from coupon_stream.connectors import clients
-from coupon_stream.tools import status
+from coupon_stream.connectors import clients, deployment
 from coupon_stream.tools.dataset import Dataset, generate
 from coupon_stream.tools.rescale import read_state
 from tests import reference
@@ -157,7 +156,7 @@ async def test_refused_while_live_lagging_or_into_an_app_with_state(pipeline):
 
     # An app id that holds state of its own: refused before any write.
     other = p.settings.model_copy(update={"app_id": f"{p.name}-other"})
-    await status.create_internal_topics(other)
+    await deployment.create_internal_topics(other)
     producer = clients.producer(p.admin)
     await producer.start()
     try:  # a changelog is compacted: its records have keys
