@@ -375,40 +375,6 @@ async def write_mark(out: KafkaOut, new: Settings, mark: Mark) -> None:
     await fut
 
 
-async def latest(reader: PartitionReader, topic: str, partition: int) -> dict[bytes, bytes]:
-    """A changelog partition read to the end it has now: each key's last stored value."""
-    end = (await reader.end_offsets(topic, [partition])).get(partition, 0)
-    values: dict[bytes, bytes] = {}
-    async for _, records, _ in reader.batches(topic, {partition: (0, end)}):
-        for r in records:
-            if r.value is None:
-                values.pop(r.key, None)
-            else:
-                values[r.key] = r.value
-    return values
-
-
-async def read_state(settings: Settings) -> dict[str, dict[bytes, Any]]:
-    """Both tables of an app, every partition, as of the state group's committed offsets:
-    what its workers would hold after a takeover (meta keys left out)."""
-    committed = await state_committed(settings)
-    reader = PartitionReader(settings)
-    try:
-        tables: dict[str, dict[bytes, Any]] = {t: {} for t in STATE_TABLES}
-        for table in STATE_TABLES:
-            for p in range(settings.partitions):
-                values = await latest(reader, settings.changelog_topics[table], p)
-                for key, raw in values.items():
-                    if key in META_KEYS:
-                        continue
-                    value = read_value(raw, committed.get(p, 0))
-                    if value is not None:
-                        tables[table][key] = value
-        return tables
-    finally:
-        await reader.stop()
-
-
 def move_in_process(old: Settings, new: Settings, partition: int, committed: int) -> Moved:
     """`move_partition` in a process of the rescale's pool, with clients of its own."""
 

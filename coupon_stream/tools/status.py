@@ -82,12 +82,6 @@ async def end_offsets_by_topic(settings: Settings, topics: list[str]) -> dict[st
         await consumer.stop()
 
 
-async def records_in(settings: Settings, topic: str) -> int:
-    """Offsets ever used in a topic (end offsets summed): its records, and in a transactional
-    topic (the changelogs) a marker per transaction too; compaction may have removed some."""
-    return sum((await end_offsets(settings, topic)).values())
-
-
 def _pending_from_metrics(port: int) -> float | None:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
