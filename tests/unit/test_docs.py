@@ -1,8 +1,8 @@
 """Docs that point to the right door: every file, module, name and test they cite exists.
 
-Read: README.md and docs/*.md (fenced code blocks left out), the comments of pyproject.toml
-and the Makefile, and the comments and docstrings of every Python file in coupon_stream/,
-bench/ and tests/. In that text:
+Read: README.md and docs/*.md (fenced code blocks left out); the comments of pyproject.toml,
+the Makefile, the Dockerfile, the compose files and scripts/*.sh; the comments and
+docstrings of every Python file in coupon_stream/, bench/ and tests/. In that text:
 
 1. A path: a word that starts with one of the repository's top folders (`coupon_stream/`,
    `tests/`, `bench/`, `scripts/`, `docs/`, `infra/`) or of the package's layers (`core/`,
@@ -316,7 +316,8 @@ def prose(path: Path) -> str:
 
 def sources() -> list[Path]:
     docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-    config = [ROOT / "pyproject.toml", ROOT / "Makefile"]
+    config = [ROOT / "pyproject.toml", ROOT / "Makefile", ROOT / "Dockerfile"]
+    config += sorted(ROOT.glob("docker-compose*.yml")) + sorted((ROOT / "scripts").glob("*.sh"))
     code = sorted(p for p in files() if p.suffix == ".py" and p.parts[len(ROOT.parts)] in ROOTS)
     return docs + config + code
 
