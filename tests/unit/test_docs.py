@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import ast
 import io
+import os
 import re
 import tokenize
 from dataclasses import dataclass, field
@@ -136,14 +137,17 @@ def has_attr(node: ast.ClassDef, attr: str) -> bool:
     return False
 
 
+def _skipped(name: str) -> bool:
+    return name.startswith(".") or name in SKIPPED_DIRS or name.endswith(".egg-info")
+
+
 @cache
 def files() -> tuple[Path, ...]:
+    """The repository's files and folders (no .venv, caches or build output)."""
     out = []
-    for path in ROOT.rglob("*"):
-        rel = path.relative_to(ROOT).parts
-        if any(p.startswith(".") or p in SKIPPED_DIRS or p.endswith(".egg-info") for p in rel):
-            continue
-        out.append(path)
+    for folder, dirs, names in os.walk(ROOT):
+        dirs[:] = sorted(d for d in dirs if not _skipped(d))
+        out += [Path(folder, n) for n in [*dirs, *sorted(names)] if not _skipped(n)]
     return tuple(out)
 
 
