@@ -250,16 +250,6 @@ def assignment(app: faust.App) -> set[TP]:
     return set(app.consumer.assignment())
 
 
-def active_partitions(app: faust.App, topic: str) -> set[int]:
-    """Partitions of `topic` assigned to this worker as active (not standby) copies."""
-    return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic}
-
-
-def generation(app: faust.App) -> int:
-    generation_id: int = app.consumer_generation_id
-    return generation_id
-
-
 class Membership(NamedTuple):
     """What this worker's consumer knows of its place in the state group, now."""
 
