@@ -20,7 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from bench.run import DB_URL, RESULTS, ROOT, Proc, machine, settings_for
-from coupon_stream.connectors import clients
+from coupon_stream.connectors import clients, deployment
 from coupon_stream.connectors.kafka import KafkaOut
 from coupon_stream.core.records import partition_for_buyer
 from coupon_stream.core.stored import (
@@ -30,7 +30,6 @@ from coupon_stream.core.stored import (
     marks,
 )
 from coupon_stream.foundation.settings import Settings
-from coupon_stream.tools import status
 
 ENTRIES_PER_BUYER = 4
 CHUNK_BUYERS = 50_000
@@ -49,7 +48,7 @@ async def synthesize_state(
     meta (unless `meta` is false: state added next to a real one, whose meta must stand);
     a worker restores it as if the input had been processed. Returns the records written.
     """
-    await status.create_internal_topics(settings)
+    await deployment.create_internal_topics(settings)
     topics = settings.changelog_topics
     partitions = settings.partitions
     out = KafkaOut(settings)
@@ -97,7 +96,7 @@ async def scenario(standbys: int, entries: int, partitions: int, stamp: str) -> 
     tmp = ROOT / ".local" / "bench" / run
     tmp.mkdir(parents=True, exist_ok=True)
     base = settings_for(run, run, partitions, tmp, 0)
-    await status.create_input_topics(base, partitions)
+    await deployment.create_input_topics(base, partitions)
     changelog_records = await synthesize_state(base, entries)
     procs = []
     for i in range(2):

@@ -37,8 +37,8 @@ from coupon_stream.core.state import STATE_TABLES
 from coupon_stream.core.stored import StateFormatError
 from coupon_stream.foundation import metrics
 from coupon_stream.foundation.errors import AccessRefused, NotHeld
-from coupon_stream.foundation.health import StallWatch
 from coupon_stream.foundation.settings import Settings
+from coupon_stream.foundation.stalls import StallWatch
 from coupon_stream.pipeline.checkpoint import Checkpointer
 from coupon_stream.pipeline.fencing import Claims
 from coupon_stream.pipeline.intake import Intake

@@ -14,7 +14,7 @@ from coupon_stream.connectors.kafka import behind
 from coupon_stream.connectors.mysql import ResultSink
 from coupon_stream.core.state import STATE_TABLES
 from coupon_stream.foundation import metrics
-from coupon_stream.foundation.health import StallWatch
+from coupon_stream.foundation.stalls import StallWatch
 from coupon_stream.pipeline.intake import Intake
 
 # aiohttp wants the charset apart from the content type; the exposition format is UTF-8.

@@ -21,8 +21,8 @@ from coupon_stream.connectors.faults import Backoff, ConsumerStoppedError, Kafka
 from coupon_stream.connectors.restore import ChangelogReader, Progress, catch_up, measure, read
 from coupon_stream.connectors.store import PartitionStore
 from coupon_stream.foundation import metrics
-from coupon_stream.foundation.health import StallWatch
 from coupon_stream.foundation.settings import Settings
+from coupon_stream.foundation.stalls import StallWatch
 from coupon_stream.pipeline.state_stage import StateStage
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 The security settings (SASL, TLS: README, "Connecting to a secured Kafka and MySQL") reach
 every client only through `kafka_auth`, so no client can speak PLAINTEXT to a cluster that
 wants TLS because one constructor forgot them. Faust's own clients get the same arguments
-through its credentials (`coupon_stream.app.broker_credentials`).
+through its credentials (`coupon_stream.connectors.engine.broker_credentials`).
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 No other module imports `faust` or reaches into a private attribute of Faust or aiokafka
 (`make lint` checks the imports). What the service needs of them is offered here in its own
-words, each with the contract it relies on, and `tests/unit/test_engine.py` runs every one
-against the real objects: an upgrade that renames one fails there, by name. The versions
-this was checked against are pinned in `pyproject.toml`.
+words, each with the contract it relies on, and `tests/unit/connectors/test_engine.py` runs
+every one against the real objects: an upgrade that renames one fails there, by name. The
+versions this was checked against are pinned in `pyproject.toml`.
 """
 
 from __future__ import annotations
@@ -248,16 +248,6 @@ def highwater(app: faust.App, tp: TP) -> int | None:
 
 def assignment(app: faust.App) -> set[TP]:
     return set(app.consumer.assignment())
-
-
-def active_partitions(app: faust.App, topic: str) -> set[int]:
-    """Partitions of `topic` assigned to this worker as active (not standby) copies."""
-    return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic}
-
-
-def generation(app: faust.App) -> int:
-    generation_id: int = app.consumer_generation_id
-    return generation_id
 
 
 class Membership(NamedTuple):

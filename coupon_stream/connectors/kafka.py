@@ -82,10 +82,10 @@ def row_dead_letter(
     *,
     key: tuple[int, int] | None = None,
 ) -> DeadLetter:
-    """The dead letter of a result row the database refused: the row as a JSON object.
+    """The dead letter of a result row the database rejected: the row as a JSON object.
 
     Its source "topic" is the result table, with partition and offset -1 (no Kafka
-    message caused it alone). A refused delete (`row` None) is written as `"deleted": true`
+    message caused it alone). A rejected delete (`row` None) is written as `"deleted": true`
     with the (buyer_id, effect_time) of `key`, so pass the key along with a None row.
     """
     if row is not None:

@@ -50,7 +50,7 @@ class WriteResult:
     """What `ResultSink.write` did with a batch.
 
     `written` False: given up during a rebalance, the caller must not commit. `rejected`:
-    the rows the database refused as data, each alone, with its reason: (key, row or None
+    the rows the database rejected as data, each alone, with its reason: (key, row or None
     for a delete, reason); every other row of the batch was written.
     """
 
@@ -241,8 +241,8 @@ class ResultSink:
         self._engine = _engine(self._url, self._tls)
         try:
             await self._retry("create table", self._create_table)
-        except _Refused as refused:
-            raise refused.error from None
+        except _Permanent as failed:
+            raise failed.error from None
 
     async def stop(self) -> None:
         if self._engine is not None:
@@ -287,12 +287,12 @@ class ResultSink:
 
         Returns `written=False` if `still_wanted()` turns false between two attempts (the
         database is down during a rebalance); nothing is written then, unless the batch was
-        already split around a refused row (below), whose committed parts hold the keys'
+        already split around a rejected row (below), whose committed parts hold the keys'
         current values, as the next owner's replay does.
 
-        A row the database refuses as data (a permanent error: out of range, too long, a
+        A row the database rejects as data (a permanent error: out of range, too long, a
         constraint) would fail the batch forever: the batch is split in halves, each its own
-        transaction, down to the refused row, which alone is set aside (logged, counted,
+        transaction, down to the rejected row, which alone is set aside (logged, counted,
         returned in `rejected`) while every other row is written.
         """
         if not rows:
@@ -306,11 +306,11 @@ class ResultSink:
             return result
         metrics.SINK_FLUSH_SECONDS.observe(time.perf_counter() - started)
         metrics.SINK_BATCH_ROWS.observe(len(rows))
-        refused = {key for key, _, _ in result.rejected}
+        rejected = {key for key, _, _ in result.rejected}
         metrics.ROWS_UPSERTED.inc(
-            sum(1 for k, r in rows.items() if r is not None and k not in refused)
+            sum(1 for k, r in rows.items() if r is not None and k not in rejected)
         )
-        metrics.ROWS_DELETED.inc(sum(1 for k, r in rows.items() if r is None and k not in refused))
+        metrics.ROWS_DELETED.inc(sum(1 for k, r in rows.items() if r is None and k not in rejected))
         return result
 
     async def _write_split(
@@ -320,24 +320,24 @@ class ResultSink:
         wanted: Callable[[], bool] | None,
         epochs: dict[int, int],
     ) -> bool:
-        """Write `items` in one transaction, or in halves around rows refused as data."""
+        """Write `items` in one transaction, or in halves around rows rejected as data."""
         upserts = [r for _, r in items if r is not None]
         deletes = [k for k, r in items if r is None]
         try:
             return await self._retry(
                 "write", self._write_once, upserts, deletes, epochs, wanted=wanted
             )
-        except _Refused as refused:
+        except _Permanent as failed:
             if len(items) > 1:
                 half = len(items) // 2
                 return await self._write_split(
                     items[:half], rejected, wanted, epochs
                 ) and await self._write_split(items[half:], rejected, wanted, epochs)
             ((key, row),) = items
-            why = reason(refused.error)
+            why = reason(failed.error)
             metrics.SINK_REJECTED.inc()
             log.error(
-                "database %s refused the row of buyer_id=%d effect_time=%d (%s): %s; the row is "
+                "database %s rejected the row of buyer_id=%d effect_time=%d (%s): %s; the row is "
                 "set aside and the rest of its batch written",
                 self._safe_url,
                 key[0],
@@ -424,8 +424,8 @@ class ResultSink:
             await self.start()
         try:
             await self._retry("claim", claim_once)
-        except _Refused as refused:
-            raise refused.error from None
+        except _Permanent as failed:
+            raise failed.error from None
         return epoch
 
     async def _retry(
@@ -438,7 +438,7 @@ class ResultSink:
         """Run `fn` until it works (True), or until `wanted()` is false before a retry.
 
         Transient errors (see `coupon_stream.connectors.faults`) are retried with backoff; a
-        permanent one raises `_Refused` at once: running the same statement again cannot help.
+        permanent one raises `_Permanent` at once: running the same statement again cannot help.
         """
         failures = 0
         down = False
@@ -494,7 +494,7 @@ class ResultSink:
                 raise refused from None  # the account, not the data: stop the worker
             # The database answered, so it is up; its "no" is about the data.
             self._up(down, failures)
-            raise _Refused(exc) from exc
+            raise _Permanent(exc) from exc
         self._up(down, failures)
         return True
 
@@ -521,7 +521,7 @@ class ResultSink:
             return [tuple(r) for r in result]
 
 
-class _Refused(Exception):
+class _Permanent(Exception):
     """A statement the database refused for good (a permanent error), carrying it."""
 
     def __init__(self, error: BaseException) -> None:

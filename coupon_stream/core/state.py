@@ -39,7 +39,7 @@ class Outcome(StrEnum):
     NEW = "new"  # first copy of its key: counted
     REPLACED = "replaced"  # an earlier-generated copy took the kept one's place
     DUPLICATE = "duplicate"  # a later or equal copy: changes nothing
-    REFUSED = "refused"  # would take a day's sum outside BIGINT: dead-lettered
+    OVERFLOW = "overflow"  # would take a day's sum outside BIGINT: dead-lettered
 
 
 class ResultRow(NamedTuple):
@@ -136,7 +136,7 @@ def apply_row(view: StateView, row: Row) -> Applied:
         day = view.get_day(new_key) or [0, 0, None, None]
         total = day[SUM] + yuan
         if not _fits(total):
-            return _refused(new_day, total)
+            return _overflow(new_day, total)
         view.put_day(new_key, _with(day, total, day[COUNT] + 1, created, modified))
         view.put_entry(ekey, new)
         return Applied(Outcome.NEW, (new_day,))
@@ -146,7 +146,7 @@ def apply_row(view: StateView, row: Row) -> Applied:
         day = view.get_day(new_key) or [0, 0, None, None]
         total = day[SUM] - old[YUAN] + yuan
         if not _fits(total):
-            return _refused(new_day, total)
+            return _overflow(new_day, total)
         if day[COUNT] == 1:  # the day's only entry: the copy's times are the day's MIN/MAX
             view.put_day(new_key, [total, 1, created, modified])
         else:
@@ -159,9 +159,9 @@ def apply_row(view: StateView, row: Row) -> Applied:
     left_total = left[SUM] - old[YUAN]
     joined_total = joined[SUM] + yuan
     if not _fits(joined_total):
-        return _refused(new_day, joined_total)
+        return _overflow(new_day, joined_total)
     if not _fits(left_total):
-        return _refused(old_day, left_total)
+        return _overflow(old_day, left_total)
     count = left[COUNT] - 1
     view.put_day(old_key, _without(view, old_key, left, old, left_total, count) if count else None)
     view.put_day(new_key, _with(joined, joined_total, joined[COUNT] + 1, created, modified))
@@ -183,9 +183,9 @@ def _without(view: StateView, key: bytes, day: Day, old: Entry, total: int, coun
     return [total, count, day[MIN_CREATED], day[MAX_MODIFIED]]
 
 
-def _refused(effect_time: int, total: int) -> Applied:
+def _overflow(effect_time: int, total: int) -> Applied:
     return Applied(
-        Outcome.REFUSED,
+        Outcome.OVERFLOW,
         (),
         f"cumulate_amount would overflow BIGINT: the day {effect_time} would sum to {total}",
     )

@@ -2,7 +2,7 @@
 
 The one encoder and decoder of what lives in RocksDB and the changelogs; the state stage,
 the checkpoint, the restore, the rescale and the bench all go through here, and a test
-round-trips each of them (tests/unit/test_stored.py). A change of layout is a new
+round-trips each of them (tests/unit/core/test_stored.py). A change of layout is a new
 `STATE_FORMAT` (docs/design.md, "Migrating state").
 
 - Keys: entry keys `buyer + JSON [order, status]`, day keys `buyer + effect_time`, the buyer

@@ -25,7 +25,7 @@ Why a crash anywhere is harmless: nothing is committed before steps 3 to 5 are d
 a crash replays the checkpoint's messages from the committed offset. Replay is
 deterministic, so the keys a cut-short checkpoint did write hold true values as of its end,
 the others as of its start. Each stored value carries the one before the checkpoint, and
-`state.Versioned.as_of` reads a value that a checkpoint of another session wrote past the
+`stored.Versioned.as_of` reads a value that a checkpoint of another session wrote past the
 committed offset as that previous value: every key reads as of the committed offset, and
 the replay counts each record once. MySQL is only ever behind, and the replay re-sends
 every touched row. docs/design.md spells this out; tests/integration/test_faults.py kills a
@@ -55,8 +55,8 @@ from coupon_stream.core.stored import (
 )
 from coupon_stream.foundation import metrics
 from coupon_stream.foundation.errors import Fenced, GivenUp, NotHeld
-from coupon_stream.foundation.health import StallWatch
 from coupon_stream.foundation.settings import Settings
+from coupon_stream.foundation.stalls import StallWatch
 from coupon_stream.pipeline.state_stage import (
     VALUE,
     Pending,

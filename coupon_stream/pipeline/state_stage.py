@@ -510,7 +510,7 @@ class StateStage:
             outcomes[applied.outcome] += 1
             for day in applied.days:
                 touched.add((row[BUYER], day))
-            if applied.outcome is Outcome.REFUSED:
+            if applied.outcome is Outcome.OVERFLOW:
                 self._dead_letter(row, partition, offset, applied.reason, "overflow")
         for outcome, n in outcomes.items():
             if n:

@@ -47,12 +47,12 @@ def load_settings() -> Settings:
 
 
 def _worker(extra: list[str]) -> None:
-    from coupon_stream.connectors.mysql import ResultSink
-    from coupon_stream.tools.status import (
+    from coupon_stream.connectors.deployment import (
         DeploymentError,
         check_deployment,
         create_internal_topics,
     )
+    from coupon_stream.connectors.mysql import ResultSink
 
     settings = load_settings()
     logging.config.dictConfig(logging_config(settings.log_format, settings.log_level))
@@ -175,7 +175,7 @@ def _status(args: argparse.Namespace) -> None:
 
 
 def _topics(args: argparse.Namespace) -> None:
-    from coupon_stream.tools.status import create_input_topics
+    from coupon_stream.connectors.deployment import create_input_topics
 
     settings = load_settings()
     created = asyncio.run(create_input_topics(settings, args.partitions))

@@ -44,7 +44,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from coupon_stream.connectors import clients
+from coupon_stream.connectors import clients, deployment
 from coupon_stream.connectors.clients import TopicPartition
 from coupon_stream.connectors.faults import for_code
 from coupon_stream.connectors.kafka import (
@@ -142,8 +142,8 @@ async def rescale(
         raise RescaleRefused("--to-app-id must differ from COUPON_APP_ID")
     began = time.monotonic()
     try:  # the old app's topics must have the partition count its settings say
-        await status.check_deployment(old)
-    except status.DeploymentError as exc:
+        await deployment.check_deployment(old)
+    except deployment.DeploymentError as exc:
         raise RescaleRefused(str(exc)) from None
     await refuse_live_or_lagging(old)
     await retire(old)
@@ -151,7 +151,7 @@ async def rescale(
     if mark.finished:
         say(f"{old.app_id} was already rescaled to {new.app_id} ({mark.records} records)")
         return mark
-    await status.create_internal_topics(new)
+    await deployment.create_internal_topics(new)
     committed = await state_committed(old)
     now = await positions(old, committed)
     refuse_moved_since(old, new, mark, now)
@@ -379,40 +379,6 @@ async def read_mark(new: Settings) -> Mark | None:
 async def write_mark(out: KafkaOut, new: Settings, mark: Mark) -> None:
     fut = await out.send(mark_topic(new), mark.encode(), key=MARK_KEY, partition=0)
     await fut
-
-
-async def latest(reader: PartitionReader, topic: str, partition: int) -> dict[bytes, bytes]:
-    """A changelog partition read to the end it has now: each key's last stored value."""
-    end = (await reader.end_offsets(topic, [partition])).get(partition, 0)
-    values: dict[bytes, bytes] = {}
-    async for _, records, _ in reader.batches(topic, {partition: (0, end)}):
-        for r in records:
-            if r.value is None:
-                values.pop(r.key, None)
-            else:
-                values[r.key] = r.value
-    return values
-
-
-async def read_state(settings: Settings) -> dict[str, dict[bytes, Any]]:
-    """Both tables of an app, every partition, as of the state group's committed offsets:
-    what its workers would hold after a takeover (meta keys left out)."""
-    committed = await state_committed(settings)
-    reader = PartitionReader(settings)
-    try:
-        tables: dict[str, dict[bytes, Any]] = {t: {} for t in STATE_TABLES}
-        for table in STATE_TABLES:
-            for p in range(settings.partitions):
-                values = await latest(reader, settings.changelog_topics[table], p)
-                for key, raw in values.items():
-                    if key in META_KEYS:
-                        continue
-                    value = read_value(raw, committed.get(p, 0))
-                    if value is not None:
-                        tables[table][key] = value
-        return tables
-    finally:
-        await reader.stop()
 
 
 def move_in_process(old: Settings, new: Settings, partition: int, committed: int) -> Moved:

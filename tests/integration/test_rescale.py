@@ -20,10 +20,13 @@ import orjson
 import pytest
 
 from bench.takeover import synthesize_state
-from coupon_stream.connectors import clients
-from coupon_stream.tools import status
+from coupon_stream.connectors import clients, deployment
+from coupon_stream.connectors.kafka import PartitionReader
+from coupon_stream.core.state import STATE_TABLES
+from coupon_stream.core.stored import META_KEYS, read_value
+from coupon_stream.foundation.settings import Settings
 from coupon_stream.tools.dataset import Dataset, generate
-from coupon_stream.tools.rescale import read_state
+from coupon_stream.tools.rescale import state_committed
 from tests import reference
 from tests.integration.harness import Pipeline, Worker
 
@@ -83,6 +86,40 @@ def run_app(p: Pipeline, app: str, partitions: int, workers: int, first: int) ->
 def stop(p: Pipeline, workers: list[Worker]) -> None:
     for w in workers:
         p.kill(w, signal.SIGTERM)
+
+
+async def latest(reader: PartitionReader, topic: str, partition: int) -> dict[bytes, bytes]:
+    """A changelog partition read to the end it has now: each key's last stored value."""
+    end = (await reader.end_offsets(topic, [partition])).get(partition, 0)
+    values: dict[bytes, bytes] = {}
+    async for _, records, _ in reader.batches(topic, {partition: (0, end)}):
+        for r in records:
+            if r.value is None:
+                values.pop(r.key, None)
+            else:
+                values[r.key] = r.value
+    return values
+
+
+async def read_state(settings: Settings) -> dict[str, dict[bytes, Any]]:
+    """Both tables of an app, every partition, as of the state group's committed offsets:
+    what its workers would hold after a takeover (meta keys left out)."""
+    committed = await state_committed(settings)
+    reader = PartitionReader(settings)
+    try:
+        tables: dict[str, dict[bytes, Any]] = {t: {} for t in STATE_TABLES}
+        for table in STATE_TABLES:
+            for p in range(settings.partitions):
+                values = await latest(reader, settings.changelog_topics[table], p)
+                for key, raw in values.items():
+                    if key in META_KEYS:
+                        continue
+                    value = read_value(raw, committed.get(p, 0))
+                    if value is not None:
+                        tables[table][key] = value
+        return tables
+    finally:
+        await reader.stop()
 
 
 async def same_state_as_a_fresh_app(p: Pipeline, rescaled: str, partitions: int, dirs: int) -> None:
@@ -158,7 +195,7 @@ async def test_refused_while_live_lagging_or_into_an_app_with_state(pipeline):
 
     # An app id that holds state of its own: refused before any write.
     other = p.settings.model_copy(update={"app_id": f"{p.name}-other"})
-    await status.create_internal_topics(other)
+    await deployment.create_internal_topics(other)
     producer = clients.producer(p.admin)
     await producer.start()
     try:  # a changelog is compacted: its records have keys

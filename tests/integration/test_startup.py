@@ -13,6 +13,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from coupon_stream.connectors import deployment
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.tools import status
 from tests.integration.harness import BOOTSTRAP, WORKER, free_port
@@ -143,7 +144,7 @@ async def test_worker_refuses_a_legacy_changelog_with_records(admin, tmp_path):
 
 async def test_check_passes_on_matching_and_fresh_deployments(admin, tmp_path):
     fresh = settings_for(app_id(), tmp_path)
-    await status.check_deployment(fresh)  # nothing exists yet
+    await deployment.check_deployment(fresh)  # nothing exists yet
 
     name = app_id()
     settings = settings_for(name, tmp_path)
@@ -151,7 +152,7 @@ async def test_check_passes_on_matching_and_fresh_deployments(admin, tmp_path):
     for topic in settings.changelog_topics.values():
         await create(admin, topic, 6)
     await create(admin, settings.legacy_changelog_topic, 6)  # exists, but empty
-    await status.check_deployment(settings)
+    await deployment.check_deployment(settings)
 
 
 async def test_check_names_a_changelog_with_another_partition_count(admin, tmp_path):
@@ -160,8 +161,8 @@ async def test_check_names_a_changelog_with_another_partition_count(admin, tmp_p
     changelog = next(iter(settings.changelog_topics.values()))
     await create(admin, changelog, 4)
 
-    with pytest.raises(status.DeploymentError) as info:
-        await status.check_deployment(settings)
+    with pytest.raises(deployment.DeploymentError) as info:
+        await deployment.check_deployment(settings)
 
     message = str(info.value)
     assert f"topic {changelog} has 4 partitions" in message

@@ -54,9 +54,9 @@ async def test_a_commit_goes_through_faust_s_commit_of_explicit_offsets(app):
     assert engine.highwater(app, TP("engine-test-payments-by-buyer", 0)) is None
 
 
-def test_assignment_recovery_and_standbys_before_any_rebalance(app):
-    assert engine.active_partitions(app, "engine-test-entries-changelog") == set()
-    assert engine.generation(app) == 0  # no group joined yet
+def test_membership_and_recovery_before_any_rebalance(app):
+    # Consumer._thread._consumer._coordinator: none before the consumer starts.
+    assert engine.membership(app) == engine.Membership(False, -1, None)  # no group joined
     assert not engine.recovered(app)
 
 

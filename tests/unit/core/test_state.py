@@ -93,7 +93,7 @@ def test_a_record_that_would_overflow_its_day_is_refused_and_changes_nothing():
     big = INT64_MAX // 100 * 60  # each fits a BIGINT, two do not
     assert apply_row(v, r("o1", yuan=big)).outcome is Outcome.NEW
     refused = apply_row(v, r("o2", yuan=big))
-    assert refused.outcome is Outcome.REFUSED
+    assert refused.outcome is Outcome.OVERFLOW
     assert refused.reason.startswith("cumulate_amount would overflow BIGINT")
     assert entry_key(7, "o2", "2") not in v.entries
     assert v.row(7, 20261111).cumulate_amount == big  # the day keeps its last valid value

@@ -7,7 +7,7 @@ import logging
 import pytest
 from prometheus_client import REGISTRY
 
-from coupon_stream.foundation.health import StallWatch
+from coupon_stream.foundation.stalls import StallWatch
 
 
 class Clock:
@@ -81,7 +81,7 @@ def test_recovery_by_commit(watch, clock, caplog):
     clock.now += 61
     assert watch.check({0: 5}) == [0]
     watch.committed(0)
-    with caplog.at_level(logging.WARNING, logger="coupon_stream.foundation.health"):
+    with caplog.at_level(logging.WARNING, logger="coupon_stream.foundation.stalls"):
         assert watch.check({0: 3}) == []
     assert gauge(0) == 0
     assert watch.stalled == frozenset()
@@ -100,7 +100,7 @@ def test_log_names_partition_and_last_error_once(watch, clock, caplog):
     watch.failed(1, "MessageSizeTooLargeError: value of 2 MiB")
     watch.failed(None, "database unreachable")
     clock.now += 75
-    with caplog.at_level(logging.ERROR, logger="coupon_stream.foundation.health"):
+    with caplog.at_level(logging.ERROR, logger="coupon_stream.foundation.stalls"):
         watch.check({1: 42, 2: 7})
         clock.now += 10
         watch.check({1: 42, 2: 7})  # still stalled: no second line
@@ -116,7 +116,7 @@ def test_commit_clears_the_old_error(watch, clock, caplog):
     watch.failed(0, "boom")
     watch.committed(0)
     clock.now += 61
-    with caplog.at_level(logging.ERROR, logger="coupon_stream.foundation.health"):
+    with caplog.at_level(logging.ERROR, logger="coupon_stream.foundation.stalls"):
         assert watch.check({0: 1}) == [0]
     assert "boom" not in caplog.text
     assert "last commit 61 s ago" in caplog.text

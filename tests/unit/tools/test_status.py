@@ -1,11 +1,15 @@
-"""tools/status.py: the start-up checks that refuse a deployment the worker would get wrong."""
+"""connectors/deployment.py: the start-up checks that refuse a deployment the worker gets wrong."""
 
 from __future__ import annotations
 
 import pytest
 
+from coupon_stream.connectors.deployment import (
+    DeploymentError,
+    check_deployment,
+    legacy_state_dirs,
+)
 from coupon_stream.foundation.settings import Settings
-from coupon_stream.tools.status import DeploymentError, check_deployment, legacy_state_dirs
 
 
 def test_legacy_state_dirs(tmp_path):
