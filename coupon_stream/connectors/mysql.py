@@ -304,7 +304,7 @@ class ResultSink:
             metrics.SINK_ABANDONED.inc(len(rows))
             result.written = False
             return result
-        metrics.SINK_FLUSH_SECONDS.observe(time.perf_counter() - started)
+        metrics.SINK_WRITE_SECONDS.observe(time.perf_counter() - started)
         metrics.SINK_BATCH_ROWS.observe(len(rows))
         rejected = {key for key, _, _ in result.rejected}
         metrics.ROWS_UPSERTED.inc(

@@ -7,7 +7,7 @@ from prometheus_client import Counter, Gauge, Histogram
 MESSAGES_CONSUMED = Counter("coupon_messages_consumed_total", "Source messages consumed", ["topic"])
 RECORDS = Counter(
     "coupon_records_total",
-    "Valid records applied to state, by dedup outcome (new, replaced, duplicate)",
+    "Valid records applied to state, by outcome (new, replaced, duplicate, overflow)",
     ["outcome"],
 )
 DEAD_LETTERS = Counter(
@@ -24,8 +24,8 @@ SINK_AVAILABLE = Gauge(
     "coupon_sink_available",
     "1 unless the database is failing (a deadlock with another worker's write does not count)",
 )
-SINK_FLUSH_SECONDS = Histogram(
-    "coupon_sink_flush_seconds",
+SINK_WRITE_SECONDS = Histogram(
+    "coupon_sink_write_seconds",
     "Time to commit one batch of result rows, retries included",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )

@@ -183,13 +183,13 @@ def _topics(args: argparse.Namespace) -> None:
 
 
 def _rescale(args: argparse.Namespace) -> None:
-    from coupon_stream.tools.rescale import RescaleRefused, rescale
+    from coupon_stream.tools.rescale import RescaleUnsafe, rescale
 
     settings = load_settings()
     try:
         asyncio.run(rescale(settings, args.partitions, args.to_app_id))
-    except RescaleRefused as exc:
-        print(f"coupon-stream rescale: refused: {exc}", file=sys.stderr)
+    except RescaleUnsafe as exc:
+        print(f"coupon-stream rescale: stopped, unsafe: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
 
 

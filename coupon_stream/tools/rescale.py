@@ -84,7 +84,7 @@ IN_FLIGHT_BATCHES = 4096
 Moved = tuple[int, Any]  # records written, the old partition's watermark value
 
 
-class RescaleRefused(RuntimeError):
+class RescaleUnsafe(RuntimeError):
     """The rescale would lose or mix state; the message says what to do instead."""
 
 
@@ -112,7 +112,7 @@ class Mark:
 
 def target(settings: Settings, app_id: str, partitions: int) -> Settings:
     """The new app's settings: the old ones with another app id and partition count,
-    validated as a worker would validate them (RescaleRefused, naming the argument)."""
+    validated as a worker would validate them (RescaleUnsafe, naming the argument)."""
     values = {name: getattr(settings, name) for name in Settings.model_fields}
     try:
         return Settings.model_validate(values | {"app_id": app_id, "partitions": partitions})
@@ -121,7 +121,7 @@ def target(settings: Settings, app_id: str, partitions: int) -> Settings:
         where = {"app_id": "--to-app-id", "partitions": "--partitions"}.get(
             ".".join(map(str, error["loc"])), "the settings"
         )
-        raise RescaleRefused(f"{where}: {error['msg']}") from None
+        raise RescaleUnsafe(f"{where}: {error['msg']}") from None
 
 
 def mark_topic(settings: Settings) -> str:
@@ -139,13 +139,13 @@ async def rescale(
     # Every argument is checked before anything is written anywhere.
     old, new = settings, target(settings, to_app_id, partitions)
     if new.app_id == old.app_id:
-        raise RescaleRefused("--to-app-id must differ from COUPON_APP_ID")
+        raise RescaleUnsafe("--to-app-id must differ from COUPON_APP_ID")
     began = time.monotonic()
     try:  # the old app's topics must have the partition count its settings say
         await deployment.check_deployment(old)
     except deployment.DeploymentError as exc:
-        raise RescaleRefused(str(exc)) from None
-    await refuse_live_or_lagging(old)
+        raise RescaleUnsafe(str(exc)) from None
+    await check_idle(old)
     await retire(old)
     mark = await claim(old, new)
     if mark.finished:
@@ -154,7 +154,7 @@ async def rescale(
     await deployment.create_internal_topics(new)
     committed = await state_committed(old)
     now = await positions(old, committed)
-    refuse_moved_since(old, new, mark, now)
+    check_not_moved_since(old, new, mark, now)
     left = [p for p in range(old.partitions) if p not in mark.done]
     out = KafkaOut(new)
     # CPU-bound (the records' bytes pass through Python): a process per core, each moving
@@ -222,11 +222,11 @@ def live_groups(described: list[tuple[Any, ...]]) -> list[str]:
     """The groups of a DescribeGroups response that have members: (error code, group,
     state, protocol type, protocol, members, ...) each. A group the coordinator could not
     describe (loading, moved, not authorized) has no members listed but may have some:
-    RescaleRefused, with the broker's reason."""
+    RescaleUnsafe, with the broker's reason."""
     for code, group, *_ in described:
         if code:
             error = for_code(code)
-            raise RescaleRefused(
+            raise RescaleUnsafe(
                 f"consumer group {group} could not be described ({error.__name__}: "
                 f"{error.description}); whether a worker of it is still running is unknown. "
                 "Run the same command again in a moment"
@@ -246,7 +246,9 @@ async def positions(old: Settings, committed: dict[int, int]) -> dict[int, list[
     }
 
 
-def refuse_moved_since(old: Settings, new: Settings, mark: Mark, now: dict[int, list[int]]) -> None:
+def check_not_moved_since(
+    old: Settings, new: Settings, mark: Mark, now: dict[int, list[int]]
+) -> None:
     """A resumed rescale trusts a partition it moved only if the source is where it was then.
 
     Between two runs an operator may start the old app's workers again (to end the
@@ -260,14 +262,14 @@ def refuse_moved_since(old: Settings, new: Settings, mark: Mark, now: dict[int, 
         if mark.moved.get(str(p)) != now[p]
     ]
     if since:
-        raise RescaleRefused(
+        raise RescaleUnsafe(
             f"the workers of {old.app_id} have run since this rescale into {new.app_id} "
             f"began: old partition(s) {'; '.join(since)} moved since they were copied. "
             f"{new.app_id} holds a stale copy of them: rescale into another --to-app-id"
         )
 
 
-async def refuse_live_or_lagging(old: Settings) -> None:
+async def check_idle(old: Settings) -> None:
     admin = clients.admin(old)
     await admin.start()
     try:
@@ -279,14 +281,14 @@ async def refuse_live_or_lagging(old: Settings) -> None:
     finally:
         await admin.close()
     if live:
-        raise RescaleRefused(
+        raise RescaleUnsafe(
             f"consumer group(s) {', '.join(live)} still have members: stop every worker of "
             f"{old.app_id} first (a rescale reads a state no worker changes)"
         )
     lag = await by_buyer_lag(old)
     if any(lag.values()):
         behind_by = ", ".join(f"{p}: {n}" for p, n in sorted(lag.items()) if n)
-        raise RescaleRefused(
+        raise RescaleUnsafe(
             f"{old.by_buyer_topic} has records the state stage has not applied (partition: "
             f"lag {behind_by}); they would be lost. Start the workers until `coupon-stream "
             f"status` shows no lag on {old.by_buyer_topic}, then stop them"
@@ -335,12 +337,12 @@ async def claim(old: Settings, new: Settings) -> Mark:
             wanted.partitions,
         )
         if not same:
-            raise RescaleRefused(
+            raise RescaleUnsafe(
                 f"{new.app_id} holds a rescale of {found.source} ({found.source_partitions} "
                 f"partitions) to {found.partitions} partitions; choose another --to-app-id"
             )
         if await state_committed(new):
-            raise RescaleRefused(
+            raise RescaleUnsafe(
                 f"workers of {new.app_id} have run since its rescale: its state is its own now"
             )
         return found
@@ -348,7 +350,7 @@ async def claim(old: Settings, new: Settings) -> Mark:
     existing = await status.end_offsets_by_topic(new, topics)
     if any(existing.values()) or await state_committed(new):
         held = ", ".join(t for t, ends in existing.items() if ends) or "committed offsets"
-        raise RescaleRefused(
+        raise RescaleUnsafe(
             f"{new.app_id} already holds state ({held}); a rescale writes only into a new "
             "app id: choose another --to-app-id"
         )

@@ -282,7 +282,7 @@ async def test_a_resumed_rescale_refuses_partitions_the_old_app_changed_since(pi
     """Interrupted rescale, old workers restarted to end the downtime, stopped again, the
     same command again: the partition moved before no longer holds the old app's state, so
     the rescale is refused, saying which; another target app id then rescales it whole."""
-    from coupon_stream.tools.rescale import RescaleRefused
+    from coupon_stream.tools.rescale import RescaleUnsafe
     from coupon_stream.tools.rescale import rescale as rescale_now
 
     p = pipeline
@@ -308,7 +308,7 @@ async def test_a_resumed_rescale_refuses_partitions_the_old_app_changed_since(pi
         for _ in range(30):  # the stopped worker leaves its groups within a session timeout
             try:
                 await rescale_now(old, 8, f"{p.name}-new", say=after_one)
-            except RescaleRefused as refused:
+            except RescaleUnsafe as refused:
                 assert "still have members" in str(refused), refused
                 await asyncio.sleep(1)
 

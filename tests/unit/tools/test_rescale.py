@@ -11,7 +11,7 @@ from coupon_stream.core.stored import at_start, read_value
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.tools.rescale import (
     Mark,
-    RescaleRefused,
+    RescaleUnsafe,
     mark_topic,
     newest,
     rescale,
@@ -63,7 +63,7 @@ def test_bad_arguments_are_refused_before_anything_is_written(partitions, app_id
     """Refused before the first request: the broker here does not exist, and the mark topic,
     the new topics and the fences are never touched."""
     old = Settings(app_id="old", partitions=4, broker="kafka://127.0.0.1:1")
-    with pytest.raises(RescaleRefused) as refused:
+    with pytest.raises(RescaleUnsafe) as refused:
         asyncio.run(asyncio.wait_for(rescale(old, partitions, app_id), 5))
     assert str(refused.value).startswith(said)
 
@@ -75,25 +75,25 @@ def test_a_group_the_coordinator_could_not_describe_is_no_empty_group():
     assert live_groups([(0, "old", "Empty", "consumer", "", [])]) == []
     assert live_groups([(0, "old", "Stable", "consumer", "range", [member])]) == ["old"]
     for code, name in ((14, "GroupLoadInProgressError"), (30, "GroupAuthorizationFailedError")):
-        with pytest.raises(RescaleRefused, match=f"old could not be described \\({name}"):
+        with pytest.raises(RescaleUnsafe, match=f"old could not be described \\({name}"):
             live_groups([(code, "old", "", "", "", [])])
 
 
 def test_a_resumed_rescale_refuses_partitions_whose_source_moved_since():
-    from coupon_stream.tools.rescale import refuse_moved_since
+    from coupon_stream.tools.rescale import check_not_moved_since
 
     old, new = Settings(app_id="old", partitions=3), Settings(app_id="new", partitions=6)
     mark = Mark("old", 3, 6, done=[0, 2], moved={"0": [10, 40, 41], "2": [7, 9, 9]})
     now = {0: [10, 40, 41], 1: [5, 5, 5], 2: [7, 9, 9]}
-    refuse_moved_since(old, new, mark, now)  # where they were: go on
+    check_not_moved_since(old, new, mark, now)  # where they were: go on
     now[1] = [8, 9, 9]  # not moved yet: it will be moved as of now
-    refuse_moved_since(old, new, mark, now)
+    check_not_moved_since(old, new, mark, now)
     now[2] = [12, 15, 15]  # the old workers ran again
-    with pytest.raises(RescaleRefused, match=r"old partition\(s\) 2 \(committed offset"):
-        refuse_moved_since(old, new, mark, now)
+    with pytest.raises(RescaleUnsafe, match=r"old partition\(s\) 2 \(committed offset"):
+        check_not_moved_since(old, new, mark, now)
     legacy = Mark("old", 3, 6, done=[0])  # a mark that does not say what 0 was moved as of
-    with pytest.raises(RescaleRefused, match="another --to-app-id"):
-        refuse_moved_since(old, new, legacy, {0: [10, 40, 41]})
+    with pytest.raises(RescaleUnsafe, match="another --to-app-id"):
+        check_not_moved_since(old, new, legacy, {0: [10, 40, 41]})
 
 
 def test_a_rescale_s_memory_does_not_grow_with_the_number_of_buyers(monkeypatch):
