@@ -70,7 +70,7 @@ async def synthesize_state(
                 tables["days"].setdefault(q, []).append((day_key(b, DAY), at_start(day)))
             if first == 0 and meta:
                 for q in range(partitions):
-                    tables["days"].setdefault(q, []).extend(marks(0).items())
+                    tables["days"].setdefault(q, []).extend(marks(0, 0).items())
             for name, per_partition in tables.items():
                 for q, records in per_partition.items():
                     sent = await out.send_records(topics[name], q, records)

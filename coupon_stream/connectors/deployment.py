@@ -39,7 +39,8 @@ async def create_input_topics(settings: Settings, partitions: int) -> list[str]:
 
 
 async def create_internal_topics(settings: Settings) -> list[str]:
-    """The by-buyer topic, the tables' changelogs and the dead-letter topic.
+    """The by-buyer topic, the tables' changelogs, the dead-letter topic and, with a coupon
+    policy, the grants topic.
 
     Created before Faust starts: when Faust creates them itself, its first partition
     assignment can run before the new topic is in the metadata ("Ignoring missing topic"),
@@ -57,6 +58,9 @@ async def create_internal_topics(settings: Settings) -> list[str]:
                 NewTopic(topic, p, rf, topic_configs=CHANGELOG_CONFIG)
                 for topic in settings.changelog_topics.values()
             ),
+            # Partitioned as the by-buyer topic: each event in its buyer's partition, in the
+            # same transaction as that partition's changelog records.
+            *([NewTopic(settings.grants_topic, p, rf)] if settings.policy is not None else []),
         ],
     )
 

@@ -16,6 +16,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     Connection,
+    DateTime,
     Insert,
     Integer,
     MetaData,
@@ -24,14 +25,16 @@ from sqlalchemy import (
     Table,
     inspect,
     select,
+    text,
 )
 from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.schema import CreateTable
 
 from coupon_stream.connectors.faults import Backoff, is_deadlock, reason, refusal, retry
+from coupon_stream.core.grants import Grant
 from coupon_stream.core.records import MAX_TIMESTAMP_CHARS
 from coupon_stream.core.state import ResultRow
 from coupon_stream.foundation import metrics
@@ -92,6 +95,32 @@ def fence_table(result: str, metadata: MetaData | None = None) -> Table:
     )
 
 
+def grants_table(name: str, mysql_ddl: bool, metadata: MetaData | None = None) -> Table:
+    """The tier each (buyer, day) reached under the coupon policy (docs/design.md, "Coupon
+    grants"): written in the same transaction as the result rows, so the two always agree.
+
+    `updated_at` is when the grant last changed: MySQL moves it only when a value changes.
+    """
+    now = "CURRENT_TIMESTAMP(3)" if mysql_ddl else "CURRENT_TIMESTAMP"
+    return Table(
+        name,
+        metadata or MetaData(),
+        Column("buyer_id", BigInteger, nullable=False, autoincrement=False),
+        Column("effect_time", BigInteger, nullable=False, autoincrement=False),
+        Column("tier", Integer, nullable=False),
+        Column("coupon_amount", BigInteger, nullable=False),
+        Column("policy_version", Integer, nullable=False),
+        Column(
+            "updated_at",
+            mysql.DATETIME(fsp=3) if mysql_ddl else DateTime,
+            nullable=False,
+            server_default=text(f"{now} ON UPDATE {now}" if mysql_ddl else now),
+        ),
+        PrimaryKeyConstraint("buyer_id", "effect_time"),
+        mysql_charset="utf8mb4",
+    )
+
+
 def _engine(url: str, tls: ssl.SSLContext | None) -> AsyncEngine:
     # A statement that hangs (a server gone silent) fails after READ_TIMEOUT and is retried,
     # well before Faust's 60 s rebalance timeout could hand its partitions to another worker.
@@ -110,13 +139,32 @@ class _DriverSql:
     upsert: str
     table: str
     fences: str
+    grants: str
     mark: str  # the driver's placeholder
     mysql: bool
 
-    def delete(self, n: int) -> str:
+    def delete(self, n: int, table: str | None = None) -> str:
         """DELETE of `n` (buyer_id, effect_time) keys in one statement."""
         keys = ", ".join([f"({self.mark}, {self.mark})"] * n)
-        return f"DELETE FROM {self.table} WHERE (buyer_id, effect_time) IN ({keys})"
+        return f"DELETE FROM {table or self.table} WHERE (buyer_id, effect_time) IN ({keys})"
+
+    @property
+    def grant_upsert(self) -> str:
+        m = self.mark
+        insert = (
+            f"INSERT INTO {self.grants} (buyer_id, effect_time, tier, coupon_amount, "
+            f"policy_version) VALUES ({m}, {m}, {m}, {m}, {m})"
+        )
+        if self.mysql:
+            return insert + (
+                " ON DUPLICATE KEY UPDATE tier = VALUES(tier), "
+                "coupon_amount = VALUES(coupon_amount), policy_version = VALUES(policy_version)"
+            )
+        return insert + (
+            " ON CONFLICT (buyer_id, effect_time) DO UPDATE SET tier = excluded.tier, "
+            "coupon_amount = excluded.coupon_amount, policy_version = excluded.policy_version, "
+            "updated_at = CURRENT_TIMESTAMP"
+        )
 
     def epochs(self, n: int) -> str:
         """The epochs of `n` partitions of one app, share-locked until the transaction ends:
@@ -158,6 +206,7 @@ class ResultSink:
         safe_url: str = "",
         tls: ssl.SSLContext | None = None,
         app_id: str = "coupon-stream",
+        grants: str | None = None,
     ) -> None:
         self._url = url
         self._safe_url = safe_url or "<database>"
@@ -167,6 +216,7 @@ class ResultSink:
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.table = result_table(table_name)
         self.fences = fence_table(table_name)
+        self.grants = grants_table(grants, url.startswith("mysql")) if grants else None
         self._engine: AsyncEngine | None = None
         self._upsert = self._make_upsert(url)(self.table)
         self._sql: _DriverSql | None = None
@@ -212,6 +262,7 @@ class ResultSink:
             settings.db_url_safe,
             settings.db_tls(),
             settings.app_id,
+            settings.grants_table if settings.policy is not None else None,
         )
 
     def _refused(self, exc: BaseException) -> AccessRefused | None:
@@ -257,8 +308,8 @@ class ResultSink:
     def _create_if_missing(self, conn: Connection) -> None:
         # Checked first, since MySQL warns on every CREATE of a table that exists; IF NOT
         # EXISTS still, since workers that start together race between check and create.
-        for table in (self.table, self.fences):
-            if not inspect(conn).has_table(table.name):
+        for table in (self.table, self.fences, self.grants):
+            if table is not None and not inspect(conn).has_table(table.name):
                 conn.execute(CreateTable(table, if_not_exists=True))
 
     async def ping(self) -> bool:
@@ -278,8 +329,12 @@ class ResultSink:
         rows: Mapping[RowKey, ResultRow | None],
         still_wanted: Callable[[], bool] | None = None,
         epochs: Mapping[int, int] | None = None,
+        grants: Mapping[RowKey, Grant] | None = None,
     ) -> WriteResult:
         """Upsert the rows that are present, delete the keys mapped to None, in one commit.
+
+        `grants`: the grants table's changes, in the same transaction (a tier of 0 deletes
+        the key's grant); a key's grant goes with its row, rejected with it.
 
         `epochs`: the by-buyer partitions the rows come from, each with the epoch this worker
         claimed it with (`claim`). The same transaction checks them first and raises
@@ -300,7 +355,8 @@ class ResultSink:
         result = WriteResult(True)
         started = time.perf_counter()
         fence = dict(epochs or {})
-        if not await self._write_split(list(rows.items()), result.rejected, still_wanted, fence):
+        items = list(rows.items())
+        if not await self._write_split(items, result.rejected, still_wanted, fence, grants or {}):
             metrics.SINK_ABANDONED.inc(len(rows))
             result.written = False
             return result
@@ -319,20 +375,22 @@ class ResultSink:
         rejected: list[tuple[RowKey, ResultRow | None, str]],
         wanted: Callable[[], bool] | None,
         epochs: dict[int, int],
+        grants: Mapping[RowKey, Grant],
     ) -> bool:
         """Write `items` in one transaction, or in halves around rows rejected as data."""
         upserts = [r for _, r in items if r is not None]
         deletes = [k for k, r in items if r is None]
+        mine = [grants[k] for k, _ in items if k in grants] if grants else []
         try:
             return await self._retry(
-                "write", self._write_once, upserts, deletes, epochs, wanted=wanted
+                "write", self._write_once, upserts, deletes, epochs, mine, wanted=wanted
             )
         except _Permanent as failed:
             if len(items) > 1:
                 half = len(items) // 2
                 return await self._write_split(
-                    items[:half], rejected, wanted, epochs
-                ) and await self._write_split(items[half:], rejected, wanted, epochs)
+                    items[:half], rejected, wanted, epochs, grants
+                ) and await self._write_split(items[half:], rejected, wanted, epochs, grants)
             ((key, row),) = items
             why = reason(failed.error)
             metrics.SINK_REJECTED.inc()
@@ -349,7 +407,11 @@ class ResultSink:
             return True
 
     async def _write_once(
-        self, upserts: list[ResultRow], deletes: Sequence[RowKey], epochs: dict[int, int]
+        self,
+        upserts: list[ResultRow],
+        deletes: Sequence[RowKey],
+        epochs: dict[int, int],
+        grants: Sequence[Grant],
     ) -> None:
         assert self._engine is not None
         async with self._engine.begin() as conn:
@@ -369,6 +431,27 @@ class ResultSink:
                 params = tuple(v for key in chunk for v in key)
                 await conn.exec_driver_sql(sql.delete(len(chunk)), params)
                 metrics.SINK_STATEMENTS.inc()
+            if grants:
+                await self._write_grants(conn, sql, grants)
+
+    @staticmethod
+    async def _write_grants(
+        conn: AsyncConnection, sql: _DriverSql, grants: Sequence[Grant]
+    ) -> None:
+        held = [
+            (g.buyer_id, g.effect_time, g.tier, g.coupon_amount, g.policy_version)
+            for g in grants
+            if g.tier
+        ]
+        gone = [(g.buyer_id, g.effect_time) for g in grants if not g.tier]
+        for i in range(0, len(held), CHUNK):
+            await conn.exec_driver_sql(sql.grant_upsert, held[i : i + CHUNK])
+            metrics.SINK_STATEMENTS.inc()
+        for i in range(0, len(gone), CHUNK):
+            chunk = gone[i : i + CHUNK]
+            params = tuple(v for key in chunk for v in key)
+            await conn.exec_driver_sql(sql.delete(len(chunk), sql.grants), params)
+            metrics.SINK_STATEMENTS.inc()
 
     def _driver_sql(self, dialect: Dialect) -> _DriverSql:
         """The statements as the driver's own SQL, compiled once.
@@ -383,7 +466,12 @@ class ResultSink:
         mark = "?" if dialect.paramstyle == "qmark" else "%s"
         quote = dialect.identifier_preparer.format_table
         self._sql = _DriverSql(
-            str(compiled), quote(self.table), quote(self.fences), mark, dialect.name != "sqlite"
+            str(compiled),
+            quote(self.table),
+            quote(self.fences),
+            quote(self.grants) if self.grants is not None else "",
+            mark,
+            dialect.name != "sqlite",
         )
         return self._sql
 

@@ -9,7 +9,8 @@ round-trips each of them (tests/unit/core/test_stored.py). A change of layout is
   as a biased big-endian u64 so that keys sort (and prefix-scan) by buyer; the partition's
   marks are the `~`-keys of the days table, never 12 bytes long.
 - Values: a `Versioned` JSON array `[sid, version, current, previous]`.
-- Marks: the format (`~format`) and the next by-buyer offset (`~next-offset`) as decimal
+- Marks: the format (`~format`), the next by-buyer offset (`~next-offset`), the highest
+  one ever written (`~high-mark`) and the grant versions' base (`~version-base`) as decimal
   ASCII; the watermark (`~watermark`) as a `Versioned` int, since it changes with records.
 """
 
@@ -28,7 +29,9 @@ STATE_FORMAT = 2
 FORMAT_KEY = b"~format"
 WATERMARK_KEY = b"~watermark"
 NEXT_OFFSET_KEY = b"~next-offset"  # the by-buyer offset after the last checkpoint
-META_KEYS = frozenset({FORMAT_KEY, WATERMARK_KEY, NEXT_OFFSET_KEY})
+HIGH_MARK_KEY = b"~high-mark"  # the highest next-offset any checkpoint ever wrote
+VERSION_BASE_KEY = b"~version-base"  # added to offsets in grant versions (a rescale's)
+META_KEYS = frozenset({FORMAT_KEY, WATERMARK_KEY, NEXT_OFFSET_KEY, HIGH_MARK_KEY, VERSION_BASE_KEY})
 
 _BUYER = struct.Struct(">Q")
 BUYER_BYTES: Final = _BUYER.size  # every entry and day key starts with its buyer
@@ -139,13 +142,40 @@ def rebased(raw: bytes, committed: int) -> bytes | None:
 # -- marks ------------------------------------------------------------------------------------
 
 
-def marks(next_offset: int) -> dict[bytes, bytes]:
-    """The marks a checkpoint (or a new app's first state) writes with a partition's values."""
-    return {NEXT_OFFSET_KEY: str(next_offset).encode(), FORMAT_KEY: str(STATE_FORMAT).encode()}
+class Marks(NamedTuple):
+    """A partition's marks as its state holds them (`read_marks`)."""
+
+    next_offset: int | None  # None: no checkpoint yet
+    high: int  # every checkpoint's events and writes up to here may be out already
+    version_base: int
 
 
-def read_marks(partition: int, next_offset: bytes | None, fmt: bytes | None) -> int | None:
-    """The next by-buyer offset a partition's state holds (None: no checkpoint yet).
+MARK_KEYS = [NEXT_OFFSET_KEY, FORMAT_KEY, HIGH_MARK_KEY, VERSION_BASE_KEY]
+"""The raw marks `read_marks` reads, in its arguments' order."""
+
+
+def marks(next_offset: int, high: int) -> dict[bytes, bytes]:
+    """The marks a checkpoint writes with a partition's values."""
+    return {
+        NEXT_OFFSET_KEY: str(next_offset).encode(),
+        FORMAT_KEY: str(STATE_FORMAT).encode(),
+        HIGH_MARK_KEY: str(max(high, next_offset)).encode(),
+    }
+
+
+def start_marks(version_base: int) -> dict[bytes, bytes]:
+    """A new app's marks before its first message (a rescale's)."""
+    return {**marks(0, 0), VERSION_BASE_KEY: str(version_base).encode()}
+
+
+def read_marks(
+    partition: int,
+    next_offset: bytes | None,
+    fmt: bytes | None,
+    high: bytes | None = None,
+    version_base: bytes | None = None,
+) -> Marks:
+    """A partition's marks (`MARK_KEYS`, read raw).
 
     Refuses state of another format: reading it as this one would count wrong sums.
     """
@@ -155,4 +185,9 @@ def read_marks(partition: int, next_offset: bytes | None, fmt: bytes | None) -> 
             f"keeps format {STATE_FORMAT}. Start a new COUPON_APP_ID with an empty "
             "COUPON_DATA_DIR and replay the input (docs/design.md, 'Migrating state')"
         )
-    return None if next_offset is None else int(next_offset)
+    offset = None if next_offset is None else int(next_offset)
+    return Marks(
+        offset,
+        max(int(high or 0), offset or 0),
+        int(version_base or 0),
+    )

@@ -116,6 +116,17 @@ DEAD_LETTERS_TRUNCATED = Counter(
     "Dead letters Kafka refused as too large, sent again with the value cut to 64 KiB "
     "(header coupon.value.truncated holds the original length)",
 )
+GRANT_EVENTS = Counter(
+    "coupon_grant_events_total",
+    "Changes of a (buyer, day)'s coupon tier, as committed to the grants topic: grant (the "
+    "tier rose) or revoke (it fell), by the tier reached (0: none); replays count again",
+    ["kind", "tier"],
+)
+GRANT_YUAN = Counter(
+    "coupon_grant_yuan_total",
+    "Coupon yuan those changes granted (kind=grant) or took back (kind=revoke)",
+    ["kind"],
+)
 CHECKPOINTS_FENCED = Counter(
     "coupon_checkpoints_fenced_total",
     "Checkpoints dropped because a store refused them: `fenced` when a newer owner had claimed "

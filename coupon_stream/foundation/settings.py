@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
+from coupon_stream.core.grants import Policy, parse_tiers, policy_problems
 from coupon_stream.core.state import STATE_TABLES
 
 APP_ID = re.compile(r"[A-Za-z0-9._-]{1,200}")
@@ -70,6 +71,15 @@ class Settings(BaseSettings):
         description="with retention on, a pay_time more than this many days past the wall clock "
         "is dead-lettered instead of moving the watermark",
     )
+    grant_tiers: str = Field(
+        "",
+        description="coupon tiers as threshold:amount in yuan, thresholds ascending "
+        '(e.g. "200:20,500:60"); empty: no grants, no grants table or topic',
+    )
+    grant_policy_version: int = Field(
+        0, ge=0, description="version of the tiers, raised at each change (1 or more with tiers)"
+    )
+    grants_table: str = Field("coupon_grants", description="the tier each (buyer, day) reached")
     stall_seconds: float = Field(
         60.0,
         gt=0,
@@ -199,6 +209,21 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _policy(self) -> Settings:
+        if not self.grant_tiers.strip():
+            if self.grant_policy_version:
+                raise ValueError("COUPON_GRANT_POLICY_VERSION is set but COUPON_GRANT_TIERS is not")
+            return self
+        try:
+            tiers = parse_tiers(self.grant_tiers)
+        except ValueError as exc:
+            raise ValueError(f"COUPON_GRANT_TIERS: {exc}") from None
+        problems = policy_problems(self.grant_policy_version, tiers)
+        if problems:
+            raise ValueError(f"COUPON_GRANT_TIERS / COUPON_GRANT_POLICY_VERSION: {problems[0]}")
+        return self
+
+    @model_validator(mode="after")
     def _db_tls(self) -> Settings:
         files = {
             "COUPON_DB_CA_FILE": self.db_ca_file,
@@ -267,6 +292,18 @@ class Settings(BaseSettings):
     def changelog_topics(self) -> dict[str, str]:
         """Changelog of each state table, named as Faust names them: table -> topic."""
         return {t: f"{self.app_id}-{t}-changelog" for t in STATE_TABLES}
+
+    @property
+    def grants_topic(self) -> str:
+        """One event per change of a (buyer, day)'s tier (docs/design.md, "Coupon grants")."""
+        return f"{self.app_id}-grants"
+
+    @property
+    def policy(self) -> Policy | None:
+        """The coupon policy, None when no tiers are set."""
+        if not self.grant_tiers.strip():
+            return None
+        return Policy(self.grant_policy_version, parse_tiers(self.grant_tiers))
 
     @property
     def legacy_changelog_topic(self) -> str:

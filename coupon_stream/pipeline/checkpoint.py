@@ -45,7 +45,16 @@ from enum import StrEnum
 from coupon_stream.connectors.faults import Fault, classify, retry
 from coupon_stream.connectors.kafka import ChangelogWriter, DeadLetter, KafkaOut, row_dead_letter
 from coupon_stream.connectors.mysql import ResultSink, RowKey
-from coupon_stream.core.state import DAY, MAX_MODIFIED, MIN_CREATED, ResultRow, day_row, extrema
+from coupon_stream.core.grants import Grant, Policy, change
+from coupon_stream.core.state import (
+    DAY,
+    MAX_MODIFIED,
+    MIN_CREATED,
+    SUM,
+    ResultRow,
+    day_row,
+    extrema,
+)
 from coupon_stream.core.stored import (
     buyer_prefix,
     day_key,
@@ -58,6 +67,7 @@ from coupon_stream.foundation.errors import Fenced, GivenUp, NotHeld
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.foundation.stalls import StallWatch
 from coupon_stream.pipeline.state_stage import (
+    SAVED,
     VALUE,
     Pending,
     Snapshot,
@@ -114,6 +124,7 @@ class Checkpointer:
         self.commit = commit
         self.acknowledge = acknowledge
         self.stalls = stalls or StallWatch(settings.stall_seconds)
+        self.policy = settings.policy
         self._lock = asyncio.Lock()
 
     async def run(self) -> bool:
@@ -136,6 +147,9 @@ class Checkpoint:
         self.state = Step.OPEN
         self.started = time.perf_counter()
         self.rows: dict[RowKey, ResultRow | None] = {}
+        # The grant events of each partition, and the grants table's rows (`grants`).
+        self.grants: dict[RowKey, Grant] = {}
+        self.events: dict[int, dict[bytes, bytes | None]] = {}
         self.writes: Writes = {}
         # Per table and partition, the changelog offset its records reached (step 3).
         self.reached: dict[TableCache, dict[int, int]] = {c: {} for c in self.stage.caches}
@@ -228,7 +242,31 @@ class Checkpoint:
             for buyer, effect_time in touched:
                 slot = slots.get(day_key(buyer, effect_time))
                 self.rows[(buyer, effect_time)] = day_row(buyer, effect_time, slot and slot[VALUE])
+        if self.owner.policy is not None:
+            self._grants(self.owner.policy)
         self.writes = self._encode()
+
+    def _grants(self, policy: Policy) -> None:
+        """Each touched day whose tier changed since the last checkpoint is one grant event,
+        and one row of the grants table (docs/design.md, "Coupon grants"): the tier as of
+        this checkpoint's end, its version the partition's log position there. A partition
+        being replayed past a checkpoint that never committed re-asserts every touched day."""
+        snap = self.snapshot
+        days = snap.layers[self.stage.days.name]
+        for partition, touched in snap.pending.touched.items():
+            session = snap.sessions[partition]
+            position = session.version_base + snap.pending.next_offset[partition]
+            reassert = partition in snap.replaying
+            slots = days.get(partition, {})
+            events = self.events[partition] = {}
+            for buyer, effect_time in touched:
+                slot = slots.get(day_key(buyer, effect_time))
+                before = slot[SAVED][SUM] if slot and slot[SAVED] else None
+                after = slot[VALUE][SUM] if slot and slot[VALUE] else None
+                grant = change(policy, buyer, effect_time, before, after, position, reassert)
+                if grant is not None:
+                    self.grants[(buyer, effect_time)] = grant
+                    events[grant.key()] = grant.value()
 
     def _encode(self) -> Writes:
         """Every changed key of both tables as `Versioned(sid, end offset, current,
@@ -256,7 +294,7 @@ class Checkpoint:
                     metrics.STATE_WRITES.labels(cache.name).inc(len(out))
         days = writes[self.stage.days]
         for partition, end in next_offset.items():
-            days.setdefault(partition, {}).update(marks(end))
+            days.setdefault(partition, {}).update(marks(end, snap.sessions[partition].high))
         return writes
 
     # -- 3: changelogs ----------------------------------------------------------------------
@@ -287,6 +325,8 @@ class Checkpoint:
             for c, per_partition in self.writes.items()
             if partition in per_partition
         }
+        if self.events.get(partition):  # in the same transaction: out iff the state is
+            records[owner.settings.grants_topic] = self.events[partition]
 
         def failed(exc: BaseException, delay: float) -> None:
             metrics.CHANGELOG_RETRIES.inc()
@@ -366,6 +406,7 @@ class Checkpoint:
             self.rows,
             still_wanted=self.snapshot.still_assigned,
             epochs=self.stage.claims.epochs_of(pending.next_offset),
+            grants=self.grants,
         )
         if not result.written:
             raise GivenUp("the result table was not written before a rebalance")
@@ -403,6 +444,12 @@ class Checkpoint:
             owner.stalls.committed(partition)
         for cache in self.stage.caches:
             cache.committed(self.snapshot.layers[cache.name])
+        if owner.policy is not None:
+            for grant in self.grants.values():
+                if grant.tier != grant.tier_before:  # a re-assertion changes nothing
+                    metrics.GRANT_EVENTS.labels(grant.kind, str(grant.tier)).inc()
+                    moved = owner.policy.amount(grant.tier) - owner.policy.amount(grant.tier_before)
+                    metrics.GRANT_YUAN.labels(grant.kind).inc(abs(moved))
 
     # -- abandoned ------------------------------------------------------------------------
 

@@ -32,9 +32,8 @@ from coupon_stream.core.state import (
     retention_cutoff,
 )
 from coupon_stream.core.stored import (
-    FORMAT_KEY,
+    MARK_KEYS,
     META_KEYS,
-    NEXT_OFFSET_KEY,
     WATERMARK_KEY,
     day_key,
     entry_key,
@@ -73,10 +72,14 @@ class Session(NamedTuple):
 
     `start` is the committed by-buyer offset it began from: stored values written past it
     by another session belong to a checkpoint that never committed (`Versioned.as_of`).
+    `high` is the highest offset a checkpoint of any session reached: up to there, grant
+    events and rows may be out already, from a checkpoint that never committed.
     """
 
     sid: int
     start: int
+    high: int = 0
+    version_base: int = 0  # of grant versions (`stored.VERSION_BASE_KEY`)
 
 
 Slot = list[Any]
@@ -252,6 +255,9 @@ class Snapshot:
     layers: dict[str, Layer]
     # Whether the rebalance count of the snapshot's time still holds (`still_assigned`).
     still_assigned: Callable[[], bool]
+    # Partitions whose range starts below their session's `high`: a checkpoint that never
+    # committed may have sent grant events and rows for it, which this one re-asserts.
+    replaying: set[int] = field(default_factory=set)
 
 
 class StateStage:
@@ -280,6 +286,7 @@ class StateStage:
         self.sessions: dict[int, Session] = {}
         self.apply_lock = asyncio.Lock()  # `add`, `repair_tail` and a checkpoint's snapshot
         self._next_to_apply: dict[int, int] = {}
+        self._checkpoint_from: dict[int, int] = {}  # where the next checkpoint's range begins
         self._last_applied: dict[int, float] = {}  # monotonic time, per partition
         self._assigned_at = time.monotonic()
 
@@ -346,7 +353,12 @@ class StateStage:
         async with self.apply_lock:
             pending, self.pending = self.pending, Pending()
             layers = {cache.name: cache.snapshot() for cache in self.caches}
-            return Snapshot(pending, dict(self.sessions), layers, self.still_assigned())
+            replaying = set()
+            for partition, end in pending.next_offset.items():
+                if self._checkpoint_from.get(partition, end) < self.sessions[partition].high:
+                    replaying.add(partition)
+                self._checkpoint_from[partition] = end
+            return Snapshot(pending, dict(self.sessions), layers, self.still_assigned(), replaying)
 
     def _applied(self, partition: int, next_offset: int, token: Token) -> None:
         self._next_to_apply[partition] = next_offset
@@ -372,9 +384,8 @@ class StateStage:
         would roll back values of committed checkpoints (`Versioned.as_of`). So it comes from
         the broker, not from the consumer's view.
         """
-        mark = read_marks(
-            partition, *self.days.store.get_many(partition, [NEXT_OFFSET_KEY, FORMAT_KEY])
-        )
+        marks = read_marks(partition, *self.days.store.get_many(partition, MARK_KEYS))
+        mark = marks.next_offset
         s = self.settings
         wanted = self.still_assigned()  # not once a rebalance began: it may be gone
         if not wanted():
@@ -420,7 +431,9 @@ class StateStage:
             committed,
             mark,
         )
-        self.sessions[partition] = Session(int.from_bytes(os.urandom(7), "big"), start)
+        sid = int.from_bytes(os.urandom(7), "big")
+        self.sessions[partition] = Session(sid, start, marks.high, marks.version_base)
+        self._checkpoint_from[partition] = start
         self._next_to_apply[partition] = start
         return start
 
@@ -480,6 +493,7 @@ class StateStage:
             self.sessions.clear()
             await self.claims.release()
             self._next_to_apply.clear()
+            self._checkpoint_from.clear()
             self._last_applied.clear()
             self._assigned_at = time.monotonic()
             return tokens

@@ -61,13 +61,15 @@ from coupon_stream.core.records import partition_for_buyer
 from coupon_stream.core.state import STATE_TABLES
 from coupon_stream.core.stored import (
     BUYER_BYTES,
+    MARK_KEYS,
     META_KEYS,
     WATERMARK_KEY,
     at_start,
     buyer_of_key,
-    marks,
+    read_marks,
     read_value,
     rebased,
+    start_marks,
 )
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.fencing import Claims
@@ -81,7 +83,9 @@ MAX_PROCESSES = 8
 # Kafka's acknowledgement: what bounds a rescale's memory, whatever the state's size.
 ROUTES_CACHED = 1 << 16
 IN_FLIGHT_BATCHES = 4096
-Moved = tuple[int, Any]  # records written, the old partition's watermark value
+# Records written, the old partition's watermark value, the last grant version it may have
+# sent (`stored.VERSION_BASE_KEY`).
+Moved = tuple[int, Any, int]
 
 
 class RescaleUnsafe(RuntimeError):
@@ -100,6 +104,7 @@ class Mark:
     moved: dict[str, list[int]] = field(default_factory=dict)
     records: int = 0
     watermark: int | None = None  # the newest effect_time of the old partitions (retention)
+    version_base: int = 0  # above every grant version the old partitions may have sent
     finished: bool = False
 
     def encode(self) -> bytes:
@@ -172,7 +177,8 @@ async def rescale(
             finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
             for job in finished:
                 p = running.pop(job)
-                moved, watermark = job.result()
+                moved, watermark, reached = job.result()
+                mark.version_base = max(mark.version_base, reached + 1)
                 mark.done.append(p)
                 mark.moved[str(p)] = now[p]
                 mark.records += moved
@@ -413,6 +419,7 @@ async def move_partition(
     """
     written = 0
     watermark = None
+    raw_marks: dict[bytes, bytes] = {}
     sent: list[tuple[asyncio.Future[Any], int]] = []
 
     # A buyer's key prefix -> its new partition. A buyer's keys mostly come together, so the
@@ -429,6 +436,8 @@ async def move_partition(
                 if key in META_KEYS:
                     if key == WATERMARK_KEY and r.value is not None:
                         watermark = read_value(r.value, committed)
+                    elif r.value is not None:
+                        raw_marks[key] = r.value
                     continue
                 value = None if r.value is None else rebased(r.value, committed)
                 q = routes.get(prefix := key[:BUYER_BYTES])
@@ -444,7 +453,8 @@ async def move_partition(
                 await asyncio.gather(*(f for f, _ in sent))
                 sent.clear()
     await asyncio.gather(*(f for f, _ in sent))
-    return written, watermark
+    marks = read_marks(partition, *(raw_marks.get(k) for k in MARK_KEYS))
+    return written, watermark, marks.version_base + max(marks.high, committed)
 
 
 def newest(a: int | None, b: int | None) -> int | None:
@@ -457,7 +467,7 @@ def newest(a: int | None, b: int | None) -> int | None:
 
 async def write_meta(out: KafkaOut, new: Settings, mark: Mark) -> None:
     """Each new partition's metadata keys in its days changelog."""
-    meta = list(marks(0).items())
+    meta = list(start_marks(mark.version_base).items())
     if mark.watermark is not None:
         meta.append((WATERMARK_KEY, at_start(mark.watermark)))
     sent = []

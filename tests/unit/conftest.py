@@ -40,9 +40,7 @@ def make_stream() -> Iterator[Callable[..., CouponStream]]:
             cs.app.finalize()
             cs.app.flow_control.resume()
             topic, partitions = cs.by_buyer.get_topic_name(), cs.settings.partitions
-            reader.group = installed.enter_context(
-                MemoryGroup.installed(cs.app, topic, partitions)
-            )
+            reader.group = installed.enter_context(MemoryGroup.installed(cs.app, topic, partitions))
             return cs
 
         yield make

@@ -184,7 +184,10 @@ class FakeSink(_ResultSink):
     def __init__(self) -> None:
         # The rows; the real sink's `table` is its SQLAlchemy Table.
         self.table: dict[tuple[int, int], ResultRow] = {}  # type: ignore[assignment]
+        # The grants table: (buyer_id, effect_time) -> (tier, coupon_amount, policy_version).
+        self.granted: dict[tuple[int, int], tuple[int, int, int]] = {}
         self.writes = 0
+        self._crash: tuple[int, str] | None = None
         self.fence: dict[int, int] = {}
 
     async def start(self) -> None:
@@ -200,17 +203,40 @@ class FakeSink(_ResultSink):
     async def epoch(self, partition: int) -> int | None:
         return self.fence.get(partition)
 
-    async def write(self, rows: Any, still_wanted: Any = None, epochs: Any = None) -> WriteResult:
+    async def write(
+        self, rows: Any, still_wanted: Any = None, epochs: Any = None, grants: Any = None
+    ) -> WriteResult:
         for partition, epoch in (epochs or {}).items():
             if self.fence.get(partition) != epoch:
                 raise Fenced(partition, "its result rows", self.fence.get(partition))
+        crash = self._crash_now()
+        if crash == "before":
+            raise Crash()
         self.writes += 1
         for key, row in rows.items():
             if row is None:
                 self.table.pop(key, None)
             else:
                 self.table[key] = row
+        for key, grant in (grants or {}).items():
+            if grant.tier:
+                self.granted[key] = (grant.tier, grant.coupon_amount, grant.policy_version)
+            else:
+                self.granted.pop(key, None)
+        if crash == "after":
+            raise Crash()  # written, never committed: the replay writes it again
         return WriteResult(True)
+
+    def crash_at(self, writes: int, after: bool) -> None:
+        """Kill the worker at its `writes`-th next write, before or after it lands."""
+        self._crash = (writes, "after" if after else "before")
+
+    def _crash_now(self) -> str | None:
+        if self._crash is None:
+            return None
+        left, when = self._crash
+        self._crash = None if left <= 0 else (left - 1, when)
+        return when if left <= 0 else None
 
     def rows(self) -> set[tuple[Any, ...]]:
         return {tuple(r) for r in self.table.values()}
@@ -224,7 +250,9 @@ class DownSink(FakeSink):
         self.attempts = 0
         self.attempting = asyncio.Event()
 
-    async def write(self, rows: Any, still_wanted: Any = None, epochs: Any = None) -> WriteResult:
+    async def write(
+        self, rows: Any, still_wanted: Any = None, epochs: Any = None, grants: Any = None
+    ) -> WriteResult:
         while still_wanted is None or still_wanted():
             self.attempts += 1
             self.attempting.set()

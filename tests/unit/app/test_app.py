@@ -10,7 +10,7 @@ from faust.types import TP
 from coupon_stream.connectors import engine
 from coupon_stream.core.records import decode_rows
 from coupon_stream.core.state import STATE_TABLES, ResultRow
-from coupon_stream.core.stored import NEXT_OFFSET_KEY, Versioned, day_key, entry_key
+from coupon_stream.core.stored import HIGH_MARK_KEY, NEXT_OFFSET_KEY, Versioned, day_key, entry_key
 from tests.unit.conftest import batch, changelog, group, put, row, stored
 from tests.unit.fakes import DownSink
 from tests.unit.samples import sample
@@ -38,7 +38,7 @@ async def test_state_agent_dedups_aggregates_and_deletes(stream):
         # each changed key once per checkpoint, as RocksDB holds it, and the next offset
         days_log = changelog(stream, "days")
         assert sorted(k for k, _ in days_log) == sorted(
-            [day_key(5, 20261111), day_key(6, 20261111), b"~format", NEXT_OFFSET_KEY]
+            [day_key(5, 20261111), day_key(6, 20261111), b"~format", HIGH_MARK_KEY, NEXT_OFFSET_KEY]
         )
         assert len(changelog(stream, "entries")) == 2
         await put(stream, agent, batch(row("o1", -100, "2026-11-11 01:00:00", "4")))
@@ -179,10 +179,10 @@ async def test_a_fenced_checkpoint_releases_it_and_what_was_applied_meanwhile(st
     async with stream.state_agent.test_context() as agent:
         await agent.put(first, partition=0)
 
-        async def fenced_meanwhile(rows, still_wanted=None, epochs=None):
+        async def fenced_meanwhile(rows, still_wanted=None, epochs=None, grants=None):
             await agent.put(second, partition=0)  # applied meanwhile
             await sink.claim(0)  # a newer owner claims the partition
-            return await write(rows, still_wanted, epochs)
+            return await write(rows, still_wanted, epochs, grants)
 
         sink.write = fenced_meanwhile
         await stream.checkpoint()

@@ -12,6 +12,7 @@ import sqlalchemy
 from sqlalchemy.exc import OperationalError
 
 from coupon_stream.connectors.mysql import ResultSink, WriteResult
+from coupon_stream.core.grants import Grant
 from coupon_stream.core.state import ResultRow
 from tests.unit.samples import sample
 
@@ -44,7 +45,7 @@ async def test_a_failing_write_no_longer_wanted_is_given_up(tmp_path: Path) -> N
     await sink.start()
     attempts = 0
 
-    async def down(upserts: object, deletes: object, epochs: object) -> None:
+    async def down(upserts: object, deletes: object, epochs: object, grants: object) -> None:
         nonlocal attempts
         attempts += 1
         raise OSError("database down")
@@ -72,14 +73,17 @@ async def test_a_deadlock_is_run_again_without_calling_the_database_down(
     deadlocks = 1
 
     async def deadlock_once(
-        upserts: list[ResultRow], deletes: Sequence[tuple[int, int]], epochs: dict[int, int]
+        upserts: list[ResultRow],
+        deletes: Sequence[tuple[int, int]],
+        epochs: dict[int, int],
+        grants: Sequence[Grant],
     ) -> None:
         nonlocal deadlocks
         if deadlocks:
             deadlocks -= 1
             orig = Exception(1213, "Deadlock found when trying to get lock")
             raise OperationalError("INSERT INTO result ...", None, orig)
-        await real_write(upserts, deletes, epochs)
+        await real_write(upserts, deletes, epochs, grants)
 
     sink._write_once = deadlock_once  # type: ignore[method-assign]
     try:
@@ -164,11 +168,14 @@ async def test_a_transient_error_is_retried_before_a_permanent_one_splits_the_ba
     failures = [OSError("connection reset")]
 
     async def flaky(
-        upserts: list[ResultRow], deletes: Sequence[tuple[int, int]], epochs: dict[int, int]
+        upserts: list[ResultRow],
+        deletes: Sequence[tuple[int, int]],
+        epochs: dict[int, int],
+        grants: Sequence[Grant],
     ) -> None:
         if failures:
             raise failures.pop()
-        await real_write(upserts, deletes, epochs)
+        await real_write(upserts, deletes, epochs, grants)
 
     sink._write_once = flaky  # type: ignore[method-assign]
     try:

@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 
 from coupon_stream.core.records import partition_for_buyer
 from coupon_stream.core.stored import (
-    FORMAT_KEY,
+    MARK_KEYS,
     META_KEYS,
-    NEXT_OFFSET_KEY,
     STATE_FORMAT,
+    VERSION_BASE_KEY,
     StateFormatError,
     Versioned,
     at_start,
@@ -26,6 +26,7 @@ from coupon_stream.core.stored import (
     read_marks,
     read_value,
     rebased,
+    start_marks,
 )
 
 buyers = st.integers(-(2**63), 2**63 - 1)
@@ -66,12 +67,14 @@ def test_a_value_round_trips_and_reads_as_of_the_committed_offset(
         assert read_value(moved, 0) == read_value(at_start(as_committed), 0)
 
 
-@given(offsets)
-def test_marks_round_trip(next_offset):
-    written = marks(next_offset)
-    assert set(written) < META_KEYS
-    assert read_marks(0, written[NEXT_OFFSET_KEY], written[FORMAT_KEY]) == next_offset
-    assert read_marks(0, None, None) is None
+@given(offsets, offsets, offsets)
+def test_marks_round_trip(next_offset, high, base):
+    written = {**marks(next_offset, high), VERSION_BASE_KEY: start_marks(base)[VERSION_BASE_KEY]}
+    assert set(written) <= META_KEYS
+    read = read_marks(0, *(written.get(k) for k in MARK_KEYS))
+    assert read == (next_offset, max(high, next_offset), base)
+    assert read_marks(0, None, None) == (None, 0, 0)
+    assert read_marks(0, *(start_marks(base).get(k) for k in MARK_KEYS)) == (0, 0, base)
 
 
 def test_state_of_another_format_is_refused_with_what_to_do():

@@ -63,12 +63,18 @@ def load(world, rows, rnd):
 async def run_with_crashes(world, rnd, crashes):
     worker = world.worker()
     for _ in range(crashes):
-        world.out.crash_after = rnd.randint(0, 40)
+        # In a changelog transaction (nothing of it visible), or once the changelogs are in
+        # (before or after the table is written), before the offsets are committed.
+        if rnd.random() < 0.5:
+            world.out.crash_after = rnd.randint(0, 40)
+        else:
+            world.sink.crash_at(rnd.randint(0, 5), after=rnd.random() < 0.5)
         try:
             await world.run(worker, every=rnd.randint(1, 6))
             return worker
         except Crash:
             world.out.crash_after = None
+            world.sink.crash_at(10**9, after=False)  # not again
             # Taken over from the changelogs, or restarted on its own local copy.
             worker = world.worker(local=worker.stores if rnd.random() < 0.5 else None)
     world.out.crash_after = None
