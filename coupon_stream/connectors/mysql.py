@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.schema import CreateTable
 
 from coupon_stream.connectors.faults import Backoff, is_deadlock, reason, refusal, retry
-from coupon_stream.core.grants import Grant
+from coupon_stream.core.grants import Grant, Granted
 from coupon_stream.core.records import MAX_TIMESTAMP_CHARS
 from coupon_stream.core.state import ResultRow
 from coupon_stream.foundation import metrics
@@ -607,6 +607,59 @@ class ResultSink:
                 ).order_by(t.c.buyer_id, t.c.effect_time)
             )
             return [tuple(r) for r in result]
+
+    async def totals_and_grants(
+        self, buyer: int | None = None, day: int | None = None
+    ) -> tuple[dict[RowKey, int], dict[RowKey, Granted]]:
+        """Day totals and the grants table (of one buyer, or one day of it), read in one
+        transaction: for `coupon-stream grants`."""
+        assert self._engine is not None and self.grants is not None
+        t, g = self.table, self.grants
+        async with self._engine.begin() as conn:
+            q = select(t.c.buyer_id, t.c.effect_time, t.c.cumulate_amount)
+            r = select(
+                g.c.buyer_id, g.c.effect_time, g.c.tier, g.c.coupon_amount, g.c.policy_version
+            )
+            if buyer is not None:
+                q, r = q.where(t.c.buyer_id == buyer), r.where(g.c.buyer_id == buyer)
+            if day is not None:
+                q, r = q.where(t.c.effect_time == day), r.where(g.c.effect_time == day)
+            totals = {(b, d): a for b, d, a in await conn.execute(q)}
+            granted = {(b, d): (ti, a, v) for b, d, ti, a, v in await conn.execute(r)}
+        return totals, granted
+
+    async def write_reconciled(self, grants: Sequence[Grant]) -> int:
+        """Rows of the grants table a reconcile changes, in one transaction; a row a worker
+        wrote meanwhile under the same policy or a newer one is left as it is. Returns the
+        rows changed."""
+        assert self._engine is not None and self.grants is not None
+        g = self.grants
+        changed = 0
+        async with self._engine.begin() as conn:
+            for grant in grants:
+                key = (g.c.buyer_id == grant.buyer_id) & (g.c.effect_time == grant.effect_time)
+                older = g.c.policy_version < grant.policy_version
+                if grant.tier:
+                    values = {
+                        "tier": grant.tier,
+                        "coupon_amount": grant.coupon_amount,
+                        "policy_version": grant.policy_version,
+                    }
+                    done = await conn.execute(g.update().where(key & older).values(**values))
+                    if not done.rowcount:
+                        exists = await conn.execute(select(g.c.tier).where(key))
+                        if exists.first() is None:
+                            await conn.execute(
+                                g.insert().values(
+                                    buyer_id=grant.buyer_id, effect_time=grant.effect_time, **values
+                                )
+                            )
+                            changed += 1
+                    changed += done.rowcount
+                else:
+                    done = await conn.execute(g.delete().where(key & older))
+                    changed += done.rowcount
+        return changed
 
 
 class _Permanent(Exception):

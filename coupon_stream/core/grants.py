@@ -15,6 +15,7 @@ grants table whatever was replayed or emitted twice.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
@@ -148,3 +149,42 @@ def change(
         policy.version,
         version(policy.version, position),
     )
+
+
+Granted = tuple[int, int, int]  # a grants table row: tier, coupon_amount, policy_version
+
+
+def reconcile(
+    policy: Policy,
+    totals: Mapping[tuple[int, int], int],
+    granted: Mapping[tuple[int, int], Granted],
+) -> list[Grant]:
+    """What makes the grants table the policy applied to the day totals: one event per
+    (buyer, day) whose row is not what the policy says (its tier, its coupon, its version).
+
+    Each event's version is the policy's with position 0: above every event of an older
+    policy, below every event a worker sends under this one, which reflects a later state
+    of its day and so wins. A row of a newer policy is left alone.
+    """
+    out = []
+    for buyer, day in sorted(totals.keys() | granted.keys()):
+        total = totals.get((buyer, day))
+        tier = policy.tier(total)
+        want = (tier, policy.amount(tier), policy.version) if tier else None
+        have = granted.get((buyer, day))
+        if have == want or (have is not None and have[2] > policy.version):
+            continue
+        before = have[0] if have is not None else 0
+        out.append(
+            Grant(
+                buyer,
+                day,
+                "grant" if tier > before or (tier == before and tier > 0) else "revoke",
+                tier,
+                before,
+                policy.amount(tier),
+                policy.version,
+                version(policy.version, 0),
+            )
+        )
+    return out

@@ -1,4 +1,5 @@
-"""`coupon-stream` command line: worker, produce, generate, show, status, topics, rescale."""
+"""`coupon-stream` command line: worker, produce, generate, show, status, topics, rescale,
+grants."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ log = logging.getLogger("coupon_stream.cli")
 EXIT_CONFIG = 2
 EXIT_REFUSED = 3
 # The commands that talk to Kafka: a refused login is said at once, not retried as an outage.
-KAFKA_COMMANDS = ("produce", "status", "topics", "rescale")
+KAFKA_COMMANDS = ("produce", "status", "topics", "rescale", "grants")
 # What the operator commands that need more than the worker's ACLs do (README, "ACLs").
 OPERATIONS = {
     "topics": "creating the input topics (CREATE on them, which the worker's ACLs do not "
@@ -193,6 +194,24 @@ def _rescale(args: argparse.Namespace) -> None:
         raise SystemExit(EXIT_CONFIG) from None
 
 
+def _grants(args: argparse.Namespace) -> None:
+    from coupon_stream.tools import grants
+
+    settings = load_settings()
+    try:
+        if args.action == "reconcile":
+            lines = asyncio.run(grants.reconcile_all(settings, dry_run=args.dry_run))
+        elif args.buyer is not None:
+            lines = asyncio.run(grants.history(settings, args.buyer, args.day))
+        else:
+            print("coupon-stream grants: give --buyer ID, or reconcile", file=sys.stderr)
+            raise SystemExit(EXIT_CONFIG)
+    except grants.NoPolicy as exc:
+        print(f"coupon-stream grants: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+    print("\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["worker"]:
@@ -238,6 +257,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--partitions", type=int, required=True, help="the new partition count")
     p.add_argument("--to-app-id", required=True, help="the new app id (no state yet)")
     p.set_defaults(func=_rescale)
+    p = sub.add_parser(
+        "grants",
+        help="a buyer's totals, tiers and grant history (--buyer); or `reconcile`: every day "
+        "re-judged under the current policy, only the differences sent and written",
+    )
+    p.add_argument("action", nargs="?", choices=["reconcile"])
+    p.add_argument("--buyer", type=int)
+    p.add_argument("--day", type=int, metavar="YYYYMMDD")
+    p.add_argument("--dry-run", action="store_true", help="reconcile: list, change nothing")
+    p.set_defaults(func=_grants)
     args = parser.parse_args(argv)
     try:
         if args.command in KAFKA_COMMANDS:

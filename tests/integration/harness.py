@@ -27,10 +27,13 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from coupon_stream.connectors import clients
 from coupon_stream.connectors.engine import topic_partitions
 from coupon_stream.connectors.kafka import PartitionReader
+from coupon_stream.core.grants import Policy
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.tools import status
 from coupon_stream.tools.rescale import state_committed
 
+# Every integration test runs with a coupon policy: its grants are checked where its table is.
+TEST_TIERS = "100:10,300:30,1000:100"
 BOOTSTRAP = os.environ.get("COUPON_TEST_BOOTSTRAP", "127.0.0.1:9092")
 MYSQL_URL = os.environ.get(
     "COUPON_TEST_DB_URL", "mysql+asyncmy://coupons:coupons@127.0.0.1:3306/coupons"
@@ -51,6 +54,18 @@ def record(test: str, **fields: object) -> None:
 def service(script: str, action: str) -> None:
     """Stop/start/restart the local Kafka or MariaDB with the project's own scripts."""
     subprocess.run(["bash", str(REPO / "scripts" / script), action], check=True, timeout=180)
+
+
+def policy_applied(
+    policy: Policy, rows: set[tuple[Any, ...]]
+) -> dict[tuple[int, int], tuple[int, int, int]]:
+    """The grants table a result table must come with: (buyer, day) -> tier, coupon, version."""
+    out = {}
+    for _, _, buyer, total, day in rows:
+        tier = policy.tier(total)
+        if tier:
+            out[(buyer, day)] = (tier, policy.amount(tier), policy.version)
+    return out
 
 
 def free_port() -> int:
@@ -140,6 +155,10 @@ class Pipeline:
     def by_buyer_topic(self) -> str:
         return f"{self.app}-payments-by-buyer"
 
+    @property
+    def grants_table(self) -> str:
+        return f"grants_{self.name}"
+
     def env(self, index: int, port: int) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
@@ -153,6 +172,9 @@ class Pipeline:
             COUPON_PARTITIONS=str(self.partitions),
             COUPON_DATA_DIR=str(self.tmp / f"worker{index}"),
             COUPON_WEB_PORT=str(port),
+            COUPON_GRANT_TIERS=TEST_TIERS,
+            COUPON_GRANT_POLICY_VERSION="1",
+            COUPON_GRANTS_TABLE=self.grants_table,
             PYTHONUNBUFFERED="1",
         )
         env.update(self.extra_env)
@@ -308,18 +330,71 @@ class Pipeline:
         raise AssertionError(f"not quiescent after {timeout}s; lag {last}\n{tails}")
 
     async def table_rows(self) -> set[tuple[Any, ...]]:
+        """The result table; and, read in the same transaction, the grants table must be the
+        coupon policy applied to it (they are written together), whenever it is read."""
         engine = self._engine()
         try:
-            async with engine.connect() as conn:
+            async with engine.begin() as conn:
                 result = await conn.execute(
                     text(
                         "SELECT gmt_create, gmt_modified, buyer_id, cumulate_amount, effect_time"
                         f" FROM `{self.table}`"
                     )
                 )
-                return {tuple(r) for r in result}
+                rows = {tuple(r) for r in result}
+                granted = await self._granted(conn)
         finally:
             await engine.dispose()
+        policy = self.admin.policy
+        if policy is not None and granted is not None:
+            assert granted == policy_applied(policy, rows), "grants table != policy(table)"
+        return rows
+
+    async def _granted(self, conn: Any) -> dict[tuple[int, int], tuple[int, int, int]] | None:
+        try:
+            result = await conn.execute(
+                text(
+                    "SELECT buyer_id, effect_time, tier, coupon_amount, policy_version"
+                    f" FROM `{self.grants_table}`"
+                )
+            )
+        except Exception as exc:  # noqa: BLE001 - not created yet: no worker started
+            if "doesn't exist" in str(exc):
+                return None
+            raise
+        return {(b, d): (t, a, v) for b, d, t, a, v in result}
+
+    async def grants(self) -> dict[tuple[int, int], tuple[int, int, int]]:
+        engine = self._engine()
+        try:
+            async with engine.connect() as conn:
+                return await self._granted(conn) or {}
+        finally:
+            await engine.dispose()
+
+    async def grant_events(self, apps: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """Every committed event of the apps' grants topics (this pipeline's app's)."""
+        topics = [f"{app}-grants" for app in (apps or [self.app])]
+        return [orjson.loads(r.value) for r in await self.read_topics(topics)]
+
+    async def assert_grants_agree(self, apps: Sequence[str] = ()) -> None:
+        """The grants topic as a consumer keeps it (per key, the highest version) is the
+        grants table, at a quiescent point; one id always says one state."""
+        by_id: dict[str, tuple[Any, ...]] = {}
+        best: dict[tuple[int, int], dict[str, Any]] = {}
+        for e in await self.grant_events(apps):
+            state = (e["buyer_id"], e["effect_time"], e["tier"], e["coupon_amount"])
+            assert by_id.setdefault(e["id"], state) == state, f"event {e['id']}: two states"
+            key = (e["buyer_id"], e["effect_time"])
+            if key not in best or e["version"] > best[key]["version"]:
+                best[key] = e
+        reduced = {
+            k: (e["tier"], e["coupon_amount"], e["policy_version"])
+            for k, e in best.items()
+            if e["tier"]
+        }
+        granted = await self.grants()
+        assert reduced == granted, f"events reduced {len(reduced)} != grants table {len(granted)}"
 
     async def drop_table(self) -> None:
         engine = self._engine()
@@ -327,17 +402,25 @@ class Pipeline:
             async with engine.begin() as conn:
                 await conn.execute(text(f"DROP TABLE IF EXISTS `{self.table}`"))
                 await conn.execute(text(f"DROP TABLE IF EXISTS `{self.table}_fence`"))
+                await conn.execute(text(f"DROP TABLE IF EXISTS `{self.grants_table}`"))
         finally:
             await engine.dispose()
 
     async def dead_letters(self) -> list[tuple[bytes | None, dict[str, bytes]]]:
+        return [(r.value, dict(r.headers)) for r in await self.read_topics([self.dlq_topic])]
+
+    async def read_topics(self, topics: Sequence[str]) -> list[Any]:
+        """Every committed record of `topics`, from their beginning to their end now."""
         consumer = clients.consumer(
-            self.admin, auto_offset_reset="earliest", enable_auto_commit=False
+            self.admin,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            isolation_level="read_committed",
         )
         await consumer.start()
         try:
-            parts = (await topic_partitions(consumer, [self.dlq_topic]))[self.dlq_topic]
-            tps = [TopicPartition(self.dlq_topic, p) for p in sorted(parts)]
+            found = await topic_partitions(consumer, list(topics))
+            tps = [TopicPartition(t, p) for t in topics for p in sorted(found.get(t, ()))]
             if not tps:
                 return []
             consumer.assign(tps)
@@ -347,7 +430,7 @@ class Pipeline:
             while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
                 batch = await consumer.getmany(timeout_ms=1000)
                 for records in batch.values():
-                    out += [(r.value, dict(r.headers)) for r in records]
+                    out += records
             return out
         finally:
             await consumer.stop()

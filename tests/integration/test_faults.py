@@ -59,6 +59,7 @@ async def check(p, data, bad, test, **measured):
     )
     assert equal
     # at-least-once may dead-letter a replayed bad message twice; each must be there
+    await p.assert_grants_agree()
     assert sorted(set(v for v, _ in await p.dead_letters())) == sorted(set(bad))
 
 
@@ -275,6 +276,7 @@ async def test_property_bad_input_never_stops_the_worker(pipeline, data):
     await p.produce(messages)
     await p.wait_quiescent()
     assert await p.table_rows() == reference.evaluate(valid.orders, valid.refunds)
+    await p.assert_grants_agree()
     assert sorted(v for v, _ in await p.dead_letters()) == sorted(bad)
     consumed = await p.metric(worker, "coupon_messages_consumed_total")
     applied = await p.metric(worker, "coupon_records_total")

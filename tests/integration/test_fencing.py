@@ -207,6 +207,10 @@ async def test_a_frozen_worker_wakes_fenced_and_works_again(pipeline):
     letters = sorted(set(v for v, _ in await p.dead_letters()))
     if letters != sorted(set(bad)):
         problems.append("the dead letters are not the bad input")
+    try:
+        await p.assert_grants_agree()
+    except AssertionError as exc:
+        problems.append(f"grants: {exc}")
 
     record(
         "fencing: 1 of 2 workers SIGSTOPped mid-checkpoint past the session timeout, SIGCONT",

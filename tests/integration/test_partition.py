@@ -80,6 +80,7 @@ async def test_a_worker_cut_off_from_kafka_is_fenced_and_comes_back(pipeline, ka
         await asyncio.sleep(max(0.0, cut_at + CUT_FOR - time.monotonic()))
         await p.wait_quiescent(timeout=240)  # B alone, A's partitions restored and applied
         assert await p.table_rows() == expected
+    await p.assert_grants_agree()
     healed = time.monotonic()
     cut_s = round(healed - cut_at, 1)
     assert status == 503 and b"out_of_group" in body, body
@@ -87,6 +88,7 @@ async def test_a_worker_cut_off_from_kafka_is_fenced_and_comes_back(pipeline, ka
     back_s = await wait_for(lambda: _holds(p, a), BACK_WITHIN, "A holding partitions again")
     await asyncio.sleep(30)
     assert await p.table_rows() == expected
+    await p.assert_grants_agree()
     p.assert_workers_alive()
     # A's checkpoint in flight was refused by whichever store it reached after B's claim:
     # the changelogs, the result table, or the group's offsets.

@@ -147,6 +147,7 @@ async def test_kill_9_mid_stream_neither_loses_nor_double_counts(pipeline):
         progress_after_start_s=progress,
     )
     assert equal
+    await p.assert_grants_agree()
 
 
 async def test_restart_on_same_data_dir_resumes_from_local_rocksdb(pipeline):
@@ -172,6 +173,7 @@ async def test_restart_on_same_data_dir_resumes_from_local_rocksdb(pipeline):
     await p.wait_ready(fresh)
     assert await p.metric(fresh, "coupon_state_restored_records_total") == changelog
     assert await p.table_rows() == reference.evaluate(data.orders, data.refunds)
+    await p.assert_grants_agree()
 
 
 async def test_empty_data_dir_restores_in_bulk_and_a_replay_counts_nothing_twice(pipeline):

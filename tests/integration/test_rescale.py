@@ -161,6 +161,7 @@ async def test_rescale_4_to_12_then_12_to_3_equals_a_fresh_app_and_the_reference
     await p.wait_quiescent()
     stop(p, wide)
     assert await p.table_rows() == expected(p, a + b)
+    await p.assert_grants_agree([f"{p.name}-p4", f"{p.name}-p12"])
     await same_state_as_a_fresh_app(p, f"{p.name}-p12", 12, 20)
 
     p.app_id, p.partitions = f"{p.name}-p12", 12
@@ -171,6 +172,7 @@ async def test_rescale_4_to_12_then_12_to_3_equals_a_fresh_app_and_the_reference
     await p.wait_quiescent()
     stop(p, narrow)
     assert await p.table_rows() == reference.evaluate(data.orders, data.refunds)
+    await p.assert_grants_agree([f"{p.name}-p4", f"{p.name}-p12", f"{p.name}-p3"])
     await same_state_as_a_fresh_app(p, f"{p.name}-p3", 3, 40)
 
 

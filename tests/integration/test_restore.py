@@ -143,6 +143,7 @@ async def test_kill_9_with_the_data_dir_gone_restores_in_bulk_then_replays_count
     )
     assert duplicates == len(replay)
     assert equal
+    await p.assert_grants_agree()
 
 
 async def test_a_worker_joining_while_another_restores(pipeline):
@@ -165,6 +166,7 @@ async def test_a_worker_joining_while_another_restores(pipeline):
     await p.wait_quiescent()
     expected = reference.evaluate(data.orders + more.orders, data.refunds + more.refunds)
     assert await p.table_rows() == expected
+    await p.assert_grants_agree()
     # Between them, the two restored the whole state (some of it twice, around the
     # rebalance) and neither missed a heartbeat or failed a commit.
     restored = [

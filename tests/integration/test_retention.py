@@ -72,6 +72,7 @@ async def test_a_week_of_days_keeps_state_flat_and_closes_old_days(pipeline):
     await p.produce([(p.refunds_topic, None, orjson.dumps(late))])
     await p.wait_quiescent()
     assert await p.table_rows() == reference.evaluate(all_orders, all_refunds)
+    await p.assert_grants_agree()
     letters = await p.dead_letters()
     assert len(letters) == 1
     assert b"retention cutoff" in letters[0][1]["coupon.error.reason"]

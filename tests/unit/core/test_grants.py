@@ -13,6 +13,7 @@ from coupon_stream.core.grants import (
     change,
     parse_tiers,
     policy_problems,
+    reconcile,
     version,
 )
 
@@ -63,3 +64,26 @@ def test_versions_order_by_policy_then_position(policy_version, a, b):
     if policy_version < MAX_POLICY_VERSION:
         assert version(policy_version, a) < version(policy_version + 1, 0)
     assert version(policy_version, a) < 2**63
+
+
+def test_reconcile_sends_only_what_the_table_does_not_hold_and_then_nothing():
+    new = Policy(4, (Tier(200, 25), Tier(500, 60)))
+    totals = {(1, 20261111): 250, (2, 20261111): 600, (3, 20261111): 150, (4, 20261111): 700}
+    granted = {
+        (1, 20261111): (1, 20, 3),  # same tier, another coupon under the old policy
+        (2, 20261111): (2, 60, 4),  # already as the new policy says
+        (3, 20261111): (1, 10, 3),  # the new policy grants nothing at 150
+        (5, 20261111): (1, 20, 3),  # no total any more: revoked
+        (4, 20261111): (1, 20, 9),  # a newer policy's: left alone
+    }
+    grants = reconcile(new, totals, granted)
+    got = {(g.buyer_id, g.kind, g.tier_before, g.tier, g.coupon_amount) for g in grants}
+    assert got == {(1, "grant", 1, 1, 25), (3, "revoke", 1, 0, 0), (5, "revoke", 1, 0, 0)}
+    assert {g.version for g in grants} == {version(4, 0)}
+    applied = dict(granted)
+    for g in grants:
+        if g.tier:
+            applied[(g.buyer_id, g.effect_time)] = (g.tier, g.coupon_amount, g.policy_version)
+        else:
+            applied.pop((g.buyer_id, g.effect_time))
+    assert reconcile(new, totals, applied) == []  # idempotent
