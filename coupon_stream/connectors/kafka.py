@@ -430,6 +430,15 @@ class PartitionReader:
                 if records or position >= end:
                     yield tp.partition, records, position
 
+    async def records(
+        self, topic: str, partition: int, start: int, end: int
+    ) -> list[tuple[bytes | None, bytes | None]]:
+        """(key, value) of every record in [start, end) the log still holds."""
+        found: list[tuple[bytes | None, bytes | None]] = []
+        async for _, batch, _ in self.batches(topic, {partition: (start, end)}):
+            found += [(r.key, r.value) for r in batch]
+        return found
+
     async def read(
         self, topic: str, partition: int, start: int, end: int
     ) -> list[tuple[int, bytes, int]]:

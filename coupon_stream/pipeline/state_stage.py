@@ -32,6 +32,7 @@ from coupon_stream.core.state import (
     retention_cutoff,
 )
 from coupon_stream.core.stored import (
+    HIGH_MARK_KEY,
     MARK_KEYS,
     META_KEYS,
     WATERMARK_KEY,
@@ -406,6 +407,15 @@ class StateStage:
                     "committed offset of partition %d not read, again: %r", partition, exc
                 ),
             )
+            high = marks.high
+            if s.policy is not None:
+                high = await retry(
+                    partial(self._high_since_restore, partition, high),
+                    wanted=wanted,
+                    failed=lambda exc, _: log.warning(
+                        "changelog tail of partition %d not read, again: %r", partition, exc
+                    ),
+                )
         except GivenUp:
             raise NotHeld(partition, "a rebalance began while it was being claimed") from None
         if not await self.confirm(partition, broker or 0):
@@ -432,10 +442,25 @@ class StateStage:
             mark,
         )
         sid = int.from_bytes(os.urandom(7), "big")
-        self.sessions[partition] = Session(sid, start, marks.high, marks.version_base)
+        self.sessions[partition] = Session(sid, start, high, marks.version_base)
         self._checkpoint_from[partition] = start
         self._next_to_apply[partition] = start
         return start
+
+    async def _high_since_restore(self, partition: int, high: int) -> int:
+        """The high mark, counting a checkpoint a former owner (or an abandoned checkpoint of
+        this worker) committed to the changelog after the local copy was restored: its grant
+        events are out, and the replay must re-assert them. After the claim none can commit,
+        so the changelog's tail past the local copy is all there is to read (a few records,
+        usually none)."""
+        topic = self.days.changelog_topic
+        restored = self.days.store.persisted_offset(partition)
+        start = 0 if restored is None else restored + 1
+        end = (await self.reader.end_offsets(topic, [partition])).get(partition, 0)
+        for key, value in await self.reader.records(topic, partition, start, end):
+            if key == HIGH_MARK_KEY and value is not None:
+                high = max(high, int(value))
+        return high
 
     async def _read(
         self, partition: int, start: int, end: int, when: str = "before a later one"

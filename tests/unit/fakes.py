@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -326,11 +326,21 @@ class LogReader(_PartitionReader):
         self.received_ms = received_ms
         self.group: MemoryGroup | None = None
         self.offsets: dict[int, int] = {}
+        # Changelogs as a `FakeOut` holds them ((topic, partition) -> records), if any.
+        self.changelogs: Mapping[tuple[str, int], list[tuple[bytes, bytes | None]]] = {}
 
     async def committed(self, group: str, topic: str, partition: int) -> int | None:
         if self.group is not None:
             return await self.group.read(group, topic, partition)
         return self.offsets.get(partition) or None
+
+    async def end_offsets(self, topic: str, partitions: Iterable[int]) -> dict[int, int]:
+        return {p: len(self.changelogs.get((topic, p), ())) for p in partitions}
+
+    async def records(
+        self, topic: str, partition: int, start: int, end: int
+    ) -> list[tuple[bytes | None, bytes | None]]:
+        return list(self.changelogs.get((topic, partition), [])[start:end])
 
     async def read(  # type: ignore[override]  # a None time: unknown, as `add` takes it
         self, topic: str, partition: int, start: int, end: int

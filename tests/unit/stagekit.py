@@ -43,6 +43,7 @@ class World:
 
     def __post_init__(self) -> None:
         self.reader = LogReader(self.received_ms)  # reads `log`, asks `committed`
+        self.reader.changelogs = self.out.logs
 
     def append(self, rows: list[Row]) -> None:
         self.log.append(encode_rows(rows))

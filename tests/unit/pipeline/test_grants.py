@@ -165,3 +165,21 @@ async def test_a_replay_re_asserts_what_a_checkpoint_that_never_committed_sent()
     assert (7, 20261111) not in w.sink.table
     assert w.sink.granted == {} == reduced(w)
     assert [(e["tier"], e["tier_before"]) for e in events(w)] == [(1, 0), (0, 0)]
+
+
+async def test_a_checkpoint_a_former_owner_committed_after_the_restore_is_re_asserted():
+    """B restores the partition; A, frozen until then, commits a checkpoint (changelogs,
+    events, rows) before B claims it. B's local copy has no high mark of A's: it reads the
+    changelog's tail past its copy after the claim, and re-asserts."""
+    w = world()
+    w.append([r("o1", yuan=150)])
+    w.append([r("o1", status="4", yuan=-150)])
+    b = w.worker()  # restored now: nothing yet
+    a = w.worker()
+    w.sink.crash_at(0, after=True)  # A's checkpoint lands, its offsets never commit
+    with pytest.raises(Crash):
+        await w.run(a, every=1, upto=1)
+    assert w.sink.granted == {(7, 20261111): (1, 10, 1)}
+    await w.run(b, every=2)
+    assert (7, 20261111) not in w.sink.table
+    assert w.sink.granted == {} == reduced(w)
