@@ -127,6 +127,16 @@ GRANT_YUAN = Counter(
     "Coupon yuan those changes granted (kind=grant) or took back (kind=revoke)",
     ["kind"],
 )
+
+
+def grant_series(tiers: int) -> None:
+    """Every grant series at 0 from the start, so that their rates are right at once."""
+    for kind in ("grant", "revoke"):
+        GRANT_YUAN.labels(kind)
+        for tier in range(tiers + 1):
+            GRANT_EVENTS.labels(kind, str(tier))
+
+
 CHECKPOINTS_FENCED = Counter(
     "coupon_checkpoints_fenced_total",
     "Checkpoints dropped because a store refused them: `fenced` when a newer owner had claimed "

@@ -125,12 +125,8 @@ class Checkpointer:
         self.acknowledge = acknowledge
         self.stalls = stalls or StallWatch(settings.stall_seconds)
         self.policy = settings.policy
-        if self.policy is not None:  # every series from 0: rates are right from the start
-            metrics.GRANT_YUAN.labels("grant")
-            metrics.GRANT_YUAN.labels("revoke")
-            for tier in range(len(self.policy.tiers) + 1):
-                for kind in ("grant", "revoke"):
-                    metrics.GRANT_EVENTS.labels(kind, str(tier))
+        if self.policy is not None:
+            metrics.grant_series(len(self.policy.tiers))
         self._lock = asyncio.Lock()
 
     async def run(self) -> bool:
