@@ -148,23 +148,26 @@ class _DriverSql:
         keys = ", ".join([f"({self.mark}, {self.mark})"] * n)
         return f"DELETE FROM {table or self.table} WHERE (buyer_id, effect_time) IN ({keys})"
 
+    def insert_or_update(
+        self, table: str, columns: Sequence[str], values: str, updates: Mapping[str, str | None]
+    ) -> str:
+        """INSERT of one row, or on a key conflict an UPDATE: `updates` maps a column to its
+        new value, an SQL expression or None for the value the INSERT carried."""
+        new = "VALUES({})" if self.mysql else "excluded.{}"
+        sets = ", ".join(f"{c} = {new.format(c) if v is None else v}" for c, v in updates.items())
+        insert = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({values})"
+        if self.mysql:
+            return f"{insert} ON DUPLICATE KEY UPDATE {sets}"
+        return f"{insert} ON CONFLICT ({', '.join(columns[:2])}) DO UPDATE SET {sets}"
+
     @property
     def grant_upsert(self) -> str:
         m = self.mark
-        insert = (
-            f"INSERT INTO {self.grants} (buyer_id, effect_time, tier, coupon_amount, "
-            f"policy_version) VALUES ({m}, {m}, {m}, {m}, {m})"
-        )
-        if self.mysql:
-            return insert + (
-                " ON DUPLICATE KEY UPDATE tier = VALUES(tier), "
-                "coupon_amount = VALUES(coupon_amount), policy_version = VALUES(policy_version)"
-            )
-        return insert + (
-            " ON CONFLICT (buyer_id, effect_time) DO UPDATE SET tier = excluded.tier, "
-            "coupon_amount = excluded.coupon_amount, policy_version = excluded.policy_version, "
-            "updated_at = CURRENT_TIMESTAMP"
-        )
+        updates: dict[str, str | None] = dict.fromkeys(("tier", "coupon_amount", "policy_version"))
+        if not self.mysql:  # MySQL moves updated_at itself when a value changes
+            updates["updated_at"] = "CURRENT_TIMESTAMP"
+        columns = ("buyer_id", "effect_time", "tier", "coupon_amount", "policy_version")
+        return self.insert_or_update(self.grants, columns, ", ".join([m] * 5), updates)
 
     def epochs(self, n: int) -> str:
         """The epochs of `n` partitions of one app, share-locked until the transaction ends:
@@ -179,15 +182,9 @@ class _DriverSql:
     @property
     def claim(self) -> str:
         m = self.mark
-        insert = (
-            f"INSERT INTO {self.fences} (app_id, partition_id, epoch, owner) "
-            f"VALUES ({m}, {m}, 1, {m})"
-        )
-        if self.mysql:
-            return insert + " ON DUPLICATE KEY UPDATE epoch = epoch + 1, owner = VALUES(owner)"
-        return (
-            insert + " ON CONFLICT (app_id, partition_id) DO UPDATE SET epoch = epoch + 1, "
-            "owner = excluded.owner"
+        columns = ("app_id", "partition_id", "epoch", "owner")
+        return self.insert_or_update(
+            self.fences, columns, f"{m}, {m}, 1, {m}", {"epoch": "epoch + 1", "owner": None}
         )
 
 
