@@ -119,6 +119,17 @@ def read_value(raw: bytes, committed: int, sid: int = NO_SESSION) -> Any:
     return previous if version > committed and writer != sid else current
 
 
+def read_superseded(raw: bytes, committed: int, sid: int) -> tuple[Any, bool]:
+    """`read_value`, and whether the record was superseded: written past `committed` by a
+    checkpoint of another session, which never committed. Such a record must be written
+    again by the checkpoint that reads it, even with its value unchanged: once the
+    committed offset passes its version, it would read as current."""
+    writer, version, current, previous = orjson.loads(raw)
+    if version > committed and writer != sid:
+        return previous, True
+    return current, False
+
+
 def at_start(value: Any) -> bytes:
     """A value as an app's state before its first by-buyer message (offset 0, no session)."""
     return encode_value(0, 0, value, None)

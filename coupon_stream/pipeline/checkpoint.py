@@ -68,6 +68,7 @@ from coupon_stream.foundation.settings import Settings
 from coupon_stream.foundation.stalls import StallWatch
 from coupon_stream.pipeline.state_stage import (
     SAVED,
+    SUPERSEDED,
     VALUE,
     Pending,
     Snapshot,
@@ -285,8 +286,9 @@ class Checkpoint:
                 session = snap.sessions.get(partition)
                 end = next_offset.get(partition)
                 out: dict[bytes, bytes | None] = dict.fromkeys(tombstones.get(partition, ()))
-                for key, (saved, current) in layer.get(partition, {}).items():
-                    if current == saved:
+                for key, slot in layer.get(partition, {}).items():
+                    saved, current = slot[SAVED], slot[VALUE]
+                    if current == saved and len(slot) <= SUPERSEDED:
                         continue
                     if session is None or end is None:
                         raise RuntimeError(f"{cache.name}[{partition}] changed outside a session")

@@ -41,6 +41,7 @@ from coupon_stream.core.stored import (
     is_day_key,
     parse_day_key,
     read_marks,
+    read_superseded,
     read_value,
 )
 from coupon_stream.foundation import metrics
@@ -84,10 +85,13 @@ class Session(NamedTuple):
 
 
 Slot = list[Any]
-"""One key in a cache: its value as of the last checkpoint (`SAVED`) and now (`VALUE`). A
+"""One key in a cache: its value as of the last checkpoint (`SAVED`) and now (`VALUE`), and
+a third item (`SUPERSEDED`) when its stored record was written by a checkpoint that never
+committed (`stored.read_superseded`): the next checkpoint writes it whatever its value. A
 list, not an object: one is made per key a record touches."""
 SAVED: Final = 0
 VALUE: Final = 1
+SUPERSEDED: Final = 2
 Layer = dict[int, dict[bytes, Slot]]
 """A table's changed keys per partition: the ones changed since the last checkpoint, or
 the ones a checkpoint is writing."""
@@ -125,8 +129,11 @@ class TableCache:
                 missing.append(key)
         if missing:
             for key, raw in zip(missing, self.store.get_many(partition, missing), strict=True):
-                value = None if raw is None else read_value(raw, session.start, session.sid)
-                changed[key] = [value, value]
+                if raw is None:
+                    changed[key] = [None, None]
+                    continue
+                value, superseded = read_superseded(raw, session.start, session.sid)
+                changed[key] = [value, value, True] if superseded else [value, value]
         return changed
 
     def items(self, partition: int, session: Session) -> Iterator[Any]:
@@ -177,7 +184,9 @@ class TableCache:
         """The checkpoint of `layer` is committed: the keys it deleted are purged next."""
         for partition, slots in layer.items():
             self._tombstones[partition] = {
-                k for k, (saved, value) in slots.items() if value is None and saved is not None
+                k
+                for k, slot in slots.items()
+                if slot[VALUE] is None and (slot[SAVED] is not None or len(slot) > SUPERSEDED)
             }
 
     def release(self, layer: Layer) -> None:

@@ -24,6 +24,7 @@ from coupon_stream.core.stored import (
     marks,
     parse_day_key,
     read_marks,
+    read_superseded,
     read_value,
     rebased,
     start_marks,
@@ -58,6 +59,9 @@ def test_a_value_round_trips_and_reads_as_of_the_committed_offset(
     raw = stored.encode()
     assert Versioned.decode(raw) == stored
     assert read_value(raw, committed, reader) == stored.as_of(committed, reader)
+    value, superseded = read_superseded(raw, committed, reader)
+    assert value == stored.as_of(committed, reader)
+    assert superseded == (version > committed and sid != reader)
     moved = rebased(raw, committed)
     as_committed = stored.as_of(committed, -1)
     if as_committed is None:
