@@ -126,6 +126,15 @@ def tddl_output(orders: pw.Table, refunds: pw.Table) -> pw.Table:
 Row = tuple[str | None, str | None, int, int, int]
 
 
+def from_files(orders_path: str, refunds_path: str) -> list[Row]:
+    """`tddl_output` over two JSON-lines files read whole (the test's way in, no Kafka)."""
+    orders = pw.io.jsonlines.read(orders_path, schema=OrderSchema, mode="static")
+    refunds = pw.io.jsonlines.read(refunds_path, schema=RefundSchema, mode="static")
+    columns = pw.debug.table_to_dicts(tddl_output(orders, refunds))[1]
+    names = ("gmt_create", "gmt_modified", "buyer_id", "cumulate_amount", "effect_time")
+    return [tuple(columns[n][key] for n in names) for key in columns["buyer_id"]]
+
+
 class InMemorySink:
     """The result kept in a dict by key, as an upsert sink would keep it; no durability."""
 

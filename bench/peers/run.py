@@ -52,7 +52,7 @@ from bench.run import (
     raw_floor,
     run_workers,
 )
-from coupon_stream.tools.dataset import generate
+from coupon_stream.tools.dataset import Skew, generate
 
 DEFAULT_ORDERS = 300_000
 TIMEOUT_S = 1800
@@ -152,7 +152,7 @@ def run_pathway(
     }
 
 
-def expected_table(orders: int, skew: str = "zipf") -> set[tuple[Any, ...]]:
+def expected_table(orders: int, skew: Skew = "zipf") -> set[tuple[Any, ...]]:
     """The seed SQL (tests/reference.py, in SQLite) over the input `bench.run.load` sent."""
     from tests.reference import evaluate  # the project's yardstick; imported only to check
 
@@ -257,8 +257,10 @@ async def main() -> None:
         runs.append(
             {"run": i, "system": f"Pathway {_pathway_version()}, {args.threads} thread(s)", **p}
         )
-        say(f"pathway: {p['events_per_s']} events/s ({p['events_per_s_from_first_output']} "
-            f"from its first output), {p['result_rows']} result rows")
+        say(
+            f"pathway: {p['events_per_s']} events/s ({p['events_per_s_from_first_output']} "
+            f"from its first output), {p['result_rows']} result rows"
+        )
         if dump is not None:
             say("checking against the seed SQL in SQLite ...")
             expected = expected_table(args.orders)
