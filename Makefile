@@ -1,4 +1,4 @@
-# coupon-stream: make demo | make test | make bench | make up | make secure-up | make toxiproxy | make down | make image
+# coupon-stream: make demo | make test | make bench | make bench-peers | make up | make secure-up | make toxiproxy | make down | make image
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR := .local/demo
 
-.PHONY: install up secure-up toxiproxy down demo test unit integration bench lint clean containers image
+.PHONY: install up secure-up toxiproxy down demo test unit integration bench bench-peers lint clean containers image
 
 ifeq ($(CI),true)
 # CI on the project's machines: HTTPS goes through a proxy that re-signs TLS, so the image
@@ -82,6 +82,17 @@ test: install up secure-up containers toxiproxy
 
 bench: install up
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# Issue 28's peer: the seed job in Pathway next to one worker, on `make bench`'s input
+# (bench/peers/run.py; PEERS_ARGS='--orders N --runs R --threads T --check'). Pathway
+# comes from the `peers` extra, into this venv, for this target only.
+PEERS_STAMP := $(VENV)/.peers-installed
+$(PEERS_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install -q -e '.[dev,peers]'
+	touch $(PEERS_STAMP)
+
+bench-peers: install up $(PEERS_STAMP)
+	$(BIN)/python -m bench.peers.run $(PEERS_ARGS)
 
 demo: install
 	bash scripts/demo.sh
