@@ -92,6 +92,7 @@ $(PEERS_STAMP): $(STAMP) pyproject.toml
 	touch $(PEERS_STAMP)
 
 bench-peers: install up $(PEERS_STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider bench/peers
 	$(BIN)/python -m bench.peers.run $(PEERS_ARGS)
 
 demo: install

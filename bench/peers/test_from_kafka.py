@@ -3,8 +3,8 @@
 `bench.run.load` sends a small skewed input to fresh topics; `bench.peers.run.run_pathway`
 runs the job (bench/peers/pathway_job.py) in its own process until it reports `done`, then
 its in-memory table must equal the seed SQL over the same input (tests/reference.py), and
-its count of input rows the messages sent. Skips when pathway is not installed (it is the
-`peers` extra, which only `make bench-peers` installs).
+its count of input rows the messages sent. Run by `make bench-peers` (with `make up`'s Kafka)
+before it measures; not part of `make test`, which does not install pathway.
 """
 
 from __future__ import annotations
@@ -13,20 +13,17 @@ import asyncio
 import importlib.util
 import json
 import time
+from pathlib import Path
 
 import pytest
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(
-        importlib.util.find_spec("pathway") is None,
-        reason="pathway is not installed: `make bench-peers` installs it "
-        "(pyproject's `peers` extra)",
-    ),
-]
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("pathway") is None,
+    reason="pathway is not installed: `make bench-peers` installs it (pyproject's `peers` extra)",
+)
 
 
-def test_pathway_job_from_kafka_equals_the_seed_sql(services, tmp_path) -> None:
+def test_pathway_job_from_kafka_equals_the_seed_sql(tmp_path: Path) -> None:
     from bench.peers.run import expected_table, run_pathway
     from bench.run import load
 

@@ -3,8 +3,9 @@ table: its `tddl_output` over generated and hand-made input equals the seed SQL 
 SQLite (tests/reference.py).
 
 Pathway is not one of the project's dependencies: `make bench-peers` installs it (the
-`peers` extra). Without it these tests skip. The job runs in a child process, so that
-Pathway's engine and its global graph stay out of the test process.
+`peers` extra) and runs these tests before it measures; `make test` does not collect
+them. The job runs in a child process, so that Pathway's engine and its global graph stay
+out of the test process.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from coupon_stream.tools.dataset import Dataset, generate, write
+from coupon_stream.tools.dataset import Dataset, Skew, generate, write
 from tests.reference import evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,7 +70,7 @@ def _refund(order: dict[str, Any], fee: float, **fields: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("skew", ["zipf", "uniform", "hot"])
-def test_pathway_job_equals_the_seed_sql_on_generated_input(tmp_path, skew) -> None:
+def test_pathway_job_equals_the_seed_sql_on_generated_input(tmp_path: Path, skew: Skew) -> None:
     """Re-sent copies (some before their original), refunds, days ending at or below 0."""
     dataset = generate(3_000, seed=11, skew=skew)
     expected = evaluate(dataset.orders, dataset.refunds)
@@ -77,7 +78,7 @@ def test_pathway_job_equals_the_seed_sql_on_generated_input(tmp_path, skew) -> N
     assert pathway_table(dataset, tmp_path) == expected
 
 
-def test_pathway_job_equals_the_seed_sql_on_the_edge_cases(tmp_path) -> None:
+def test_pathway_job_equals_the_seed_sql_on_the_edge_cases(tmp_path: Path) -> None:
     cancelled = _record("o1", 1, 12399, gmt_create=None)  # 123, refunded to 0: no row
     partly = _record("o2", 2, 12399.5, gmt_create="2026-11-11 00:00:01")
     small = _record("o3", 2, 50, gmt_create=None)  # trunc(0.5) = 0; MIN skips its null
