@@ -492,9 +492,12 @@ async def latency(
         warm = int(rate * warmup)
         total = warm + int(rate * seconds)
         start = time.perf_counter()
+        cpu: tuple[float, MachineCpu] | None = None  # from the end of the warm-up
         while len(probes.sent) < total:  # every probe due by now, then sleep till the next
             due = min(total, int((time.perf_counter() - start) * rate) + 1)
             while len(probes.sent) < due:
+                if cpu is None and len(probes.sent) >= warm:
+                    cpu = (proc.cpu_seconds(), MachineCpu())
                 buyer = probes.send(time.perf_counter())
                 value = orjson.dumps(
                     {
@@ -508,6 +511,10 @@ async def latency(
                 await producer.send(s.orders_topic, value=value)
             await asyncio.sleep(max(0.0, start + len(probes.sent) / rate - time.perf_counter()))
         sending = time.perf_counter() - start
+        assert cpu is not None
+        measured_s = sending - warm / rate
+        worker_cpu_s = proc.cpu_seconds() - cpu[0]
+        machine = cpu[1].since_start(total - warm, measured_s)
         await producer.flush()
         deadline = time.perf_counter() + 120
         while probes.key_range() is not None and time.perf_counter() < deadline:
@@ -533,6 +540,9 @@ async def latency(
             "poll_rows_mean": round(sum(rows_read) / len(rows_read), 1) if rows_read else None,
             "poll_rows_max": max(rows_read, default=None),
             "poll_errors": errors,
+            # While the measured probes were sent: the worker's CPU and the machine's.
+            "worker_busy_pct": round(worker_cpu_s / measured_s * 100),
+            **machine,
         }
         out.pop("count")
         return out
@@ -558,6 +568,9 @@ def latency_lines(lat: dict[str, Any]) -> list[str]:
         f"{lat['poll_period_ms']:g} ms; {poll['count']} polls, each p50 {poll['p50_ms']} ms, "
         f"p99 {poll['p99_ms']} ms, max {poll['max_ms']} ms, {lat['poll_rows_mean']} rows "
         f"(max {lat['poll_rows_max']}) a poll, {lat['poll_errors']} failed.",
+        f"While the measured probes were sent: worker {lat.get('worker_busy_pct')}% of a core, "
+        f"machine {lat.get('machine_busy_pct')}% busy (Kafka, MariaDB, this bench and "
+        "anything else on it).",
     ]
     if "half_capacity" in lat:
         lines.append(
