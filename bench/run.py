@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import multiprocessing
 import os
@@ -431,6 +432,46 @@ LATENCY_FEE = 10_000  # each probe's div_idx_actual_total_fee: cumulate_amount 1
 LATENCY_WARMUP_S = 2.0  # probes of the first seconds are sent at the rate but not counted
 
 
+def cpu_by_kind(worker: int) -> dict[str, float]:
+    """CPU seconds so far of the worker, this bench, the broker and the database (found in
+    /proc by their command lines), and of the whole machine ("busy", all cores)."""
+    out = dict.fromkeys(("worker", "bench", "kafka", "mariadb"), 0.0)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        pid = int(stat.parent.name)
+        try:
+            cmdline = (stat.parent / "cmdline").read_bytes()
+            cpu = _cpu_of(pid)
+        except OSError:
+            continue  # gone meanwhile
+        kind = (
+            "worker"
+            if pid == worker
+            else "bench"
+            if pid == os.getpid()
+            else "kafka"
+            if b"kafka.Kafka" in cmdline
+            else "mariadb"
+            if cmdline.split(b"\0", 1)[0].endswith(b"mariadbd")
+            else None
+        )
+        if kind:
+            out[kind] += cpu
+    ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    out["busy"] = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def cpu_shares(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, int]:
+    """Each kind's share of one core over `seconds`, in %; "other": what the rest of the
+    machine's busy time leaves (other programs on it); "machine": busy share of all cores."""
+    used = {k: after[k] - before[k] for k in before}
+    out = {f"{k}_pct_of_core": round(used[k] / seconds * 100) for k in used if k != "busy"}
+    known = sum(v for k, v in used.items() if k != "busy")
+    out["other_pct_of_core"] = round(max(0.0, used["busy"] - known) / seconds * 100)
+    out["machine_busy_pct"] = round(used["busy"] / (seconds * (os.cpu_count() or 1)) * 100)
+    return out
+
+
 async def latency(
     run: str,
     partitions: int,
@@ -492,12 +533,17 @@ async def latency(
         warm = int(rate * warmup)
         total = warm + int(rate * seconds)
         start = time.perf_counter()
-        cpu: tuple[float, MachineCpu] | None = None  # from the end of the warm-up
+        cpu: dict[str, float] | None = None  # from the end of the warm-up
+        acked: dict[int, float] = {}  # probe -> when the broker acknowledged it
+
+        def on_ack(i: int, _: object) -> None:
+            acked.setdefault(i, time.perf_counter())
+
         while len(probes.sent) < total:  # every probe due by now, then sleep till the next
             due = min(total, int((time.perf_counter() - start) * rate) + 1)
             while len(probes.sent) < due:
                 if cpu is None and len(probes.sent) >= warm:
-                    cpu = (proc.cpu_seconds(), MachineCpu())
+                    cpu = cpu_by_kind(proc.proc.pid)
                 buyer = probes.send(time.perf_counter())
                 value = orjson.dumps(
                     {
@@ -508,13 +554,12 @@ async def latency(
                         "div_idx_actual_total_fee": LATENCY_FEE,
                     }
                 )
-                await producer.send(s.orders_topic, value=value)
+                ack = await producer.send(s.orders_topic, value=value)
+                ack.add_done_callback(functools.partial(on_ack, len(probes.sent) - 1))
             await asyncio.sleep(max(0.0, start + len(probes.sent) / rate - time.perf_counter()))
         sending = time.perf_counter() - start
         assert cpu is not None
-        measured_s = sending - warm / rate
-        worker_cpu_s = proc.cpu_seconds() - cpu[0]
-        machine = cpu[1].since_start(total - warm, measured_s)
+        shares = cpu_shares(cpu, cpu_by_kind(proc.proc.pid), sending - warm / rate)
         await producer.flush()
         deadline = time.perf_counter() + 120
         while probes.key_range() is not None and time.perf_counter() < deadline:
@@ -540,9 +585,10 @@ async def latency(
             "poll_rows_mean": round(sum(rows_read) / len(rows_read), 1) if rows_read else None,
             "poll_rows_max": max(rows_read, default=None),
             "poll_errors": errors,
-            # While the measured probes were sent: the worker's CPU and the machine's.
-            "worker_busy_pct": round(worker_cpu_s / measured_s * 100),
-            **machine,
+            # Send -> acknowledged by the broker: the part of the latency before the worker.
+            "ack": summary_ms(acked[i] - probes.sent[i] for i in acked if i >= warm),
+            # While the measured probes were sent: who used the cores.
+            **shares,
         }
         out.pop("count")
         return out
@@ -556,7 +602,7 @@ def latency_lines(lat: dict[str, Any]) -> list[str]:
     """The latency part's report: produce -> visible percentiles and the poller's own cost."""
     if "p50_ms" not in lat:
         return [f"\nLatency at {lat['rate']} events/s: no probe seen"]
-    poll = lat["poll"]
+    poll, ack = lat["poll"], lat["ack"]
     lines = [
         f"\nLatency produce -> visible in MySQL at {lat['rate']} events/s "
         f"({lat['sent_per_s']} sent/s): p50 {lat['p50_ms']} ms, p90 {lat['p90_ms']} ms, "
@@ -568,9 +614,12 @@ def latency_lines(lat: dict[str, Any]) -> list[str]:
         f"{lat['poll_period_ms']:g} ms; {poll['count']} polls, each p50 {poll['p50_ms']} ms, "
         f"p99 {poll['p99_ms']} ms, max {poll['max_ms']} ms, {lat['poll_rows_mean']} rows "
         f"(max {lat['poll_rows_max']}) a poll, {lat['poll_errors']} failed.",
-        f"While the measured probes were sent: worker {lat.get('worker_busy_pct')}% of a core, "
-        f"machine {lat.get('machine_busy_pct')}% busy (Kafka, MariaDB, this bench and "
-        "anything else on it).",
+        f"Send -> acknowledged by the broker: p50 {ack.get('p50_ms')} ms, p99 "
+        f"{ack.get('p99_ms')} ms, max {ack.get('max_ms')} ms. While the measured probes were "
+        f"sent, % of one core: worker {lat['worker_pct_of_core']}, this bench (producer and "
+        f"poller) {lat['bench_pct_of_core']}, Kafka {lat['kafka_pct_of_core']}, MariaDB "
+        f"{lat['mariadb_pct_of_core']}, other programs {lat['other_pct_of_core']}; machine "
+        f"{lat['machine_busy_pct']}% busy.",
     ]
     if "half_capacity" in lat:
         lines.append(
