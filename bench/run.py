@@ -13,7 +13,9 @@ bench/results/<ts>.json and .md. In one invocation, in this order:
   - restores of the default and the 4x state (empty data dir, kill -9 with and without the
     data dir), a rescale of the default state to twice its partitions, and takeovers of a
     state that size by a second worker with and without a standby;
-  - latency at a fixed rate.
+  - latency at a fixed rate (`--latency-rate`, 10,000 events/s; `half`: half of the skewed
+    one-worker events/s of the same run, the rate of issue 28), measured by a poller
+    reading a primary-key range (bench/latency.py; `python -m bench.latency` runs it alone).
 
 Each worker run reports events/s, worker CPU s per 1M events (numerically the same as CPU
 microseconds per event) and the ratio to the raw floor; the markdown checks the goals of
@@ -21,13 +23,15 @@ issue 11. `--quick` skips the two-worker, restore and latency parts (a smoke run
 `python -m bench.run --orders 20000 --quick`).
 
 Usage: python -m bench.run [--orders N] [--partitions P] [--quick] [--skip-two]
-       [--latency-rate R] [--latency-seconds S] [--chunk-orders C]
+       [--latency-rate R|half] [--latency-seconds S] [--latency-warmup W] [--chunk-orders C]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import json
 import multiprocessing
 import os
@@ -49,9 +53,11 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from bench.data import CHUNK_ORDERS, chunk_sizes, encoded_chunk
+from bench.latency import HALF, Probes, half_capacity, rate_arg, summary_ms
 from bench.pipeline_floor import pipeline_floor
 from coupon_stream.connectors import deployment
 from coupon_stream.foundation.settings import Settings
@@ -419,75 +425,208 @@ async def run_workers(
             p.stop()
 
 
+LATENCY_POLL_S = 0.02  # a poll starts every 20 ms (later if the one before took longer)
+LATENCY_FIRST_BUYER = 900_000_000
+LATENCY_DAY = 20261111  # every probe's pay_time is on this day
+LATENCY_FEE = 10_000  # each probe's div_idx_actual_total_fee: cumulate_amount 100
+LATENCY_WARMUP_S = 2.0  # probes of the first seconds are sent at the rate but not counted
+
+
+def cpu_by_kind(worker: int) -> dict[str, float]:
+    """CPU seconds so far of the worker, this bench, the broker and the database (found in
+    /proc by their command lines), and of the whole machine ("busy", all cores)."""
+    out = dict.fromkeys(("worker", "bench", "kafka", "mariadb"), 0.0)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        pid = int(stat.parent.name)
+        try:
+            cmdline = (stat.parent / "cmdline").read_bytes()
+            cpu = _cpu_of(pid)
+        except OSError:
+            continue  # gone meanwhile
+        kind = (
+            "worker"
+            if pid == worker
+            else "bench"
+            if pid == os.getpid()
+            else "kafka"
+            if b"kafka.Kafka" in cmdline
+            else "mariadb"
+            if cmdline.split(b"\0", 1)[0].endswith(b"mariadbd")
+            else None
+        )
+        if kind:
+            out[kind] += cpu
+    ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    out["busy"] = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def cpu_shares(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, int]:
+    """Each kind's share of one core over `seconds`, in %; "other": what the rest of the
+    machine's busy time leaves (other programs on it); "machine": busy share of all cores."""
+    used = {k: after[k] - before[k] for k in before}
+    out = {f"{k}_pct_of_core": round(used[k] / seconds * 100) for k in used if k != "busy"}
+    known = sum(v for k, v in used.items() if k != "busy")
+    out["other_pct_of_core"] = round(max(0.0, used["busy"] - known) / seconds * 100)
+    out["machine_busy_pct"] = round(used["busy"] / (seconds * (os.cpu_count() or 1)) * 100)
+    return out
+
+
 async def latency(
-    run: str, partitions: int, rate: int, seconds: float, tmp: Path
+    run: str,
+    partitions: int,
+    rate: int,
+    seconds: float,
+    tmp: Path,
+    warmup: float = LATENCY_WARMUP_S,
 ) -> dict[str, Any]:
-    """Produce at a fixed rate; time from send to the row being visible in MySQL."""
+    """Produce at a fixed rate; time from send to the row being visible in MySQL.
+
+    Each probe is a new buyer with increasing ids (`bench.latency.Probes`): the poller reads
+    the primary-key range from the oldest probe not seen yet to the newest sent, every
+    20 ms, so its cost does not grow with the table; its own time per poll is reported.
+    The percentiles are of the `seconds` after a `warmup` at the same rate (a worker's
+    first second after start is slower; the warm-up's max is reported on its own).
+    """
     topics = f"{run}-lat"
     s = settings_for(run, topics, partitions, tmp / run, 6150)
     await deployment.create_input_topics(s, partitions)
     proc = Proc(s, tmp / f"{run}.log")
-    engine = create_async_engine(DB_URL)
+    engine = create_async_engine(DB_URL, isolation_level="AUTOCOMMIT")  # a fresh read each poll
     producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, linger_ms=1)
     await producer.start()
-    sent: dict[int, float] = {}
-    seen: dict[int, float] = {}
+    probes = Probes(LATENCY_FIRST_BUYER, amount=LATENCY_FEE // 100)
+    polls: list[float] = []  # seconds each poll took (query, fetch and bookkeeping)
+    rows_read: list[int] = []
+    errors = 0  # polls that failed (none expected: the worker creates the table at start)
+    query = text(
+        f"SELECT buyer_id, cumulate_amount FROM `{s.result_table}` "
+        "WHERE buyer_id >= :low AND buyer_id < :high AND effect_time = :day"
+    )
+    pay_time = f"{str(LATENCY_DAY)[:4]}-{str(LATENCY_DAY)[4:6]}-{str(LATENCY_DAY)[6:]} 12:00:00"
     try:
         while not proc.ready():
             await asyncio.sleep(0.2)
         await asyncio.sleep(2)
 
         async def poll() -> None:
-            while True:
-                async with engine.connect() as conn:
-                    try:
-                        rows = await conn.execute(text(f"SELECT buyer_id FROM `{s.result_table}`"))
-                    except Exception:  # noqa: BLE001 - table not created yet
-                        rows = None
-                    now = time.perf_counter()
-                    for (buyer,) in rows or ():
-                        seen.setdefault(buyer, now)
-                await asyncio.sleep(0.02)
+            nonlocal errors
+            async with engine.connect() as conn:
+                while True:
+                    began = time.perf_counter()
+                    keys = probes.key_range()
+                    if keys is not None:
+                        try:
+                            result = await conn.execute(
+                                query, {"low": keys[0], "high": keys[1], "day": LATENCY_DAY}
+                            )
+                            rows = [(int(b), int(a)) for b, a in result]
+                        except DBAPIError:
+                            errors += 1
+                            rows = []
+                        probes.observe(rows, time.perf_counter())
+                        polls.append(time.perf_counter() - began)
+                        rows_read.append(len(rows))
+                    await asyncio.sleep(max(0.0, began + LATENCY_POLL_S - time.perf_counter()))
 
         poller = asyncio.ensure_future(poll())
-        total = int(rate * seconds)
+        warm = int(rate * warmup)
+        total = warm + int(rate * seconds)
         start = time.perf_counter()
-        for i in range(total):
-            due = start + i / rate
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            buyer = 900_000_000 + i
-            value = orjson.dumps(
-                {
-                    "biz_order_id": f"lat-{i}",
-                    "pay_status": "2",
-                    "buyer_id": str(buyer),
-                    "pay_time": "2026-11-11 12:00:00",
-                    "div_idx_actual_total_fee": 10_000,
-                }
-            )
-            await producer.send(s.orders_topic, value=value)
-            sent[buyer] = time.perf_counter()
+        cpu: dict[str, float] | None = None  # from the end of the warm-up
+        acked: dict[int, float] = {}  # probe -> when the broker acknowledged it
+
+        def on_ack(i: int, _: object) -> None:
+            acked.setdefault(i, time.perf_counter())
+
+        while len(probes.sent) < total:  # every probe due by now, then sleep till the next
+            due = min(total, int((time.perf_counter() - start) * rate) + 1)
+            while len(probes.sent) < due:
+                if cpu is None and len(probes.sent) >= warm:
+                    cpu = cpu_by_kind(proc.proc.pid)
+                buyer = probes.send(time.perf_counter())
+                value = orjson.dumps(
+                    {
+                        "biz_order_id": f"lat-{buyer}",
+                        "pay_status": "2",
+                        "buyer_id": str(buyer),
+                        "pay_time": pay_time,
+                        "div_idx_actual_total_fee": LATENCY_FEE,
+                    }
+                )
+                ack = await producer.send(s.orders_topic, value=value)
+                ack.add_done_callback(functools.partial(on_ack, len(probes.sent) - 1))
+            await asyncio.sleep(max(0.0, start + len(probes.sent) / rate - time.perf_counter()))
+        sending = time.perf_counter() - start
+        assert cpu is not None
+        shares = cpu_shares(cpu, cpu_by_kind(proc.proc.pid), sending - warm / rate)
         await producer.flush()
         deadline = time.perf_counter() + 120
-        while len(seen) < total and time.perf_counter() < deadline:
+        while probes.key_range() is not None and time.perf_counter() < deadline:
+            if poller.done():
+                poller.result()  # raise what stopped it
             await asyncio.sleep(0.2)
         poller.cancel()
-        lat = sorted(seen[b] - sent[b] for b in sent if b in seen)
-        if not lat:
-            return {"rate": rate, "error": "no rows seen"}
-        return {
+        with contextlib.suppress(asyncio.CancelledError):
+            await poller
+        measured = probes.latencies(start=warm)
+        out: dict[str, Any] = {
             "rate": rate,
-            "messages": total,
-            "seen": len(lat),
-            "p50_ms": round(lat[len(lat) // 2] * 1000, 1),
-            "p99_ms": round(lat[int(len(lat) * 0.99) - 1] * 1000, 1),
+            "seconds": seconds,
+            "messages": total - warm,
+            "sent_per_s": round(total / sending),
+            "seen": len(measured),
+            "wrong_amount_reads": probes.wrong,
+            "warmup_s": warmup,
+            "warmup_max_ms": round(max(probes.latencies(stop=warm), default=0) * 1000, 1),
+            **summary_ms(measured),
+            "poll_period_ms": LATENCY_POLL_S * 1000,
+            "poll": summary_ms(polls),
+            "poll_rows_mean": round(sum(rows_read) / len(rows_read), 1) if rows_read else None,
+            "poll_rows_max": max(rows_read, default=None),
+            "poll_errors": errors,
+            # Send -> acknowledged by the broker: the part of the latency before the worker.
+            "ack": summary_ms(acked[i] - probes.sent[i] for i in acked if i >= warm),
+            # While the measured probes were sent: who used the cores.
+            **shares,
         }
+        out.pop("count")
+        return out
     finally:
         await producer.stop()
         await engine.dispose()
         proc.stop()
+
+
+def latency_lines(lat: dict[str, Any]) -> list[str]:
+    """The latency part's report: produce -> visible percentiles and the poller's own cost."""
+    if "p50_ms" not in lat:
+        return [f"\nLatency at {lat['rate']} events/s: no probe seen"]
+    poll, ack = lat["poll"], lat["ack"]
+    lines = [
+        f"\nLatency produce -> visible in MySQL at {lat['rate']} events/s "
+        f"({lat['sent_per_s']} sent/s): p50 {lat['p50_ms']} ms, p90 {lat['p90_ms']} ms, "
+        f"p99 {lat['p99_ms']} ms, max {lat['max_ms']} ms ({lat['seen']}/{lat['messages']} "
+        f"seen; {lat['wrong_amount_reads']} reads of a probe's row with another amount), "
+        f"over {lat['seconds']:g} s after a warm-up of {lat['warmup_s']:g} s at the same rate "
+        f"(not counted; its max {lat['warmup_max_ms']} ms).",
+        f"Poller: a primary-key range read from the oldest unseen probe every "
+        f"{lat['poll_period_ms']:g} ms; {poll['count']} polls, each p50 {poll['p50_ms']} ms, "
+        f"p99 {poll['p99_ms']} ms, max {poll['max_ms']} ms, {lat['poll_rows_mean']} rows "
+        f"(max {lat['poll_rows_max']}) a poll, {lat['poll_errors']} failed.",
+        f"Send -> acknowledged by the broker: p50 {ack.get('p50_ms')} ms, p99 "
+        f"{ack.get('p99_ms')} ms, max {ack.get('max_ms')} ms. While the measured probes were "
+        f"sent, % of one core: worker {lat['worker_pct_of_core']}, this bench (producer and "
+        f"poller) {lat['bench_pct_of_core']}, Kafka {lat['kafka_pct_of_core']}, MariaDB "
+        f"{lat['mariadb_pct_of_core']}, other programs {lat['other_pct_of_core']}; machine "
+        f"{lat['machine_busy_pct']}% busy.",
+    ]
+    if "half_capacity" in lat:
+        lines.append(
+            f"Half of one worker's capacity (its skewed events/s in this run / 2, issue 28's "
+            f"rate): {lat['half_capacity']} events/s."
+        )
+    return lines
 
 
 RESTORED = re.compile(r"restored (\d+) changelog records into \d+ active partitions in ([\d.]+) s")
@@ -709,11 +848,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"\nScaling 2 workers / 1 worker (skewed): {result['scaling_ratio']:.2f}")
     lat = result.get("latency")
     if lat:
-        lines.append(
-            f"\nLatency produce -> visible in MySQL at {lat['rate']} events/s: "
-            f"p50 {lat.get('p50_ms')} ms, p99 {lat.get('p99_ms')} ms "
-            f"({lat.get('seen')}/{lat.get('messages')} seen)"
-        )
+        lines += latency_lines(lat)
     floor = result["raw_floor_events_per_s"]
     for label, rs in result.get("restores", {}).items():
         lines += [
@@ -806,8 +941,20 @@ async def main() -> None:
         "the uniform and hot runs use as many, the 4x run four times as many",
     )
     parser.add_argument("--partitions", type=int, default=8)
-    parser.add_argument("--latency-rate", type=int, default=10_000)
+    parser.add_argument(
+        "--latency-rate",
+        type=rate_arg,
+        default=10_000,
+        help="events/s of the latency part (10000), or 'half': half of this run's one-worker "
+        "skewed events/s, the rate issue 28 asks for (half of one worker's capacity)",
+    )
     parser.add_argument("--latency-seconds", type=float, default=10)
+    parser.add_argument(
+        "--latency-warmup",
+        type=float,
+        default=LATENCY_WARMUP_S,
+        help="seconds at the latency rate before the measured ones, not counted",
+    )
     parser.add_argument("--skip-two", action="store_true", help="no two-worker run")
     parser.add_argument(
         "--quick",
@@ -882,10 +1029,19 @@ async def main() -> None:
             takeover.append(await scenario(standbys, entries, args.partitions, b.stamp))
     lat = None
     if not args.quick:
-        b.say("latency ...")
+        half = half_capacity(next(r for r in runs if r["label"] == "skewed")["events_per_s"])
+        rate = half if args.latency_rate == HALF else args.latency_rate
+        b.say(f"latency at {rate} events/s ...")
         lat = await latency(
-            f"{b.prefix}-lat", args.partitions, args.latency_rate, args.latency_seconds, b.tmp
+            f"{b.prefix}-lat",
+            args.partitions,
+            rate,
+            args.latency_seconds,
+            b.tmp,
+            args.latency_warmup,
         )
+        lat["half_capacity"] = half
+        b.say(f"latency p50 {lat.get('p50_ms')} ms, p99 {lat.get('p99_ms')} ms")
     result = {
         "machine": machine(),
         "orders": orders,
