@@ -244,3 +244,35 @@ def test_a_database_url_the_sink_cannot_drive_is_refused_at_start(monkeypatch, c
     assert exited.value.code == EXIT_CONFIG
     (line,) = capsys.readouterr().err.splitlines()
     assert "scheme 'postgresql+asyncpg' is not supported" in line and "hunter2" not in line
+
+
+@pytest.mark.parametrize(
+    ("tiers", "version", "said"),
+    [
+        ("500:60,200:20", "1", "thresholds must ascend: 200 comes after 500"),
+        ("200:20", "0", "the policy version must be 1..32767, not 0"),
+        ("200:-5", "1", "a coupon amount must be positive, not -5"),
+        ("200", "1", "COUPON_GRANT_TIERS: a tier is threshold:amount, not '200'"),
+        ("", "3", "COUPON_GRANT_POLICY_VERSION is set but COUPON_GRANT_TIERS is not"),
+    ],
+)
+def test_a_coupon_policy_that_cannot_work_is_refused_in_one_line(
+    monkeypatch, capsys, tiers, version, said
+):
+    from coupon_stream.tools.cli import EXIT_CONFIG, load_settings
+
+    monkeypatch.setenv("COUPON_GRANT_TIERS", tiers)
+    monkeypatch.setenv("COUPON_GRANT_POLICY_VERSION", version)
+    with pytest.raises(SystemExit) as exited:
+        load_settings()
+    assert exited.value.code == EXIT_CONFIG
+    (line,) = capsys.readouterr().err.splitlines()
+    assert said in line and line.startswith("coupon-stream: configuration refused")
+
+
+def test_no_policy_means_no_grants_and_a_policy_is_read_once_valid(monkeypatch):
+    assert Settings().policy is None
+    monkeypatch.setenv("COUPON_GRANT_TIERS", "200:20,500:60")
+    monkeypatch.setenv("COUPON_GRANT_POLICY_VERSION", "2")
+    policy = Settings().policy
+    assert policy is not None and policy.version == 2 and policy.tier(499) == 1
