@@ -34,6 +34,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 # The line the woken worker logs when it finds it was fenced: one WARNING naming the
 # partition and the newer owner's epoch. Adjust here if the wording changes.
 FENCED_WARNING = re.compile(r"\[WARNING\] .*\bfenced\b", re.IGNORECASE)
+# What A's work pending at the freeze can end as once it wakes: a checkpoint in flight is
+# refused by a store (fenced, or its offsets not taken, or its claim not held), or, when no
+# checkpoint was in flight, the revocation drops it before any is (both leave it to B).
+REFUSED = re.compile(
+    r"\[WARNING\] .*\bfenced\b|did not take this checkpoint's offsets|\[ERROR\] .*not held",
+    re.IGNORECASE,
+)
+REVOKED = re.compile(r"coupon_stream\.app\.rebalance: revoked [0-9]+ partitions")
 # The state stage's own line (`app/rebalance.py`), not intake's "intake assigned N ...".
 ASSIGNED = re.compile(r"coupon_stream\.app\.rebalance: assigned ([0-9]+) partitions")
 FROZEN_FOR = SESSION_TIMEOUT + 6  # the group has dropped it, and rebalanced without it
@@ -103,7 +111,9 @@ async def stop(p: Pipeline, worker: Worker, name: str, problems: list[str]) -> f
 async def test_a_frozen_worker_wakes_fenced_and_works_again(pipeline):
     """Worker A is SIGSTOPped mid-checkpoint past the session timeout while input flows; B
     finishes; A is woken. The table equals the reference 30 s later and a minute after; A
-    is back in the group holding partitions and has said it was fenced. Then both lose
+    is back in the group holding partitions and has said what became of its pending work (a
+    checkpoint in flight refused by a store, or dropped by the revocation when none was in
+    flight: where the freeze lands decides which). Then both lose
     their data dirs, restore from the changelogs, and a third of the input replayed as
     duplicates changes nothing (a stale changelog record of A's would show here)."""
     p = pipeline
@@ -154,6 +164,7 @@ async def test_a_frozen_worker_wakes_fenced_and_works_again(pipeline):
     frozen_s = time.monotonic() - frozen_at
     assert await member(p, a) is None, "A still a member while frozen"
     assigned_before = len(a.lines(ASSIGNED))
+    refused_before, revoked_before = len(a.lines(REFUSED)), len(a.lines(REVOKED))
 
     p.thaw(a)
     thawed = time.monotonic()
@@ -180,8 +191,11 @@ async def test_a_frozen_worker_wakes_fenced_and_works_again(pipeline):
     if not any(assigned_after):
         problems.append("A logged no 'assigned N partitions' (N > 0) after SIGCONT")
     fenced = a.lines(FENCED_WARNING)
-    if not fenced:
-        problems.append(f"A logged no WARNING matching {FENCED_WARNING.pattern!r}")
+    refused = a.lines(REFUSED)[refused_before:]
+    revoked = a.lines(REVOKED)[revoked_before:]
+    if not refused and not revoked:
+        problems.append("A said neither that a store refused its checkpoint nor that it gave up")
+    log(f"A after SIGCONT: {len(refused)} refused checkpoint(s), {len(revoked)} revocation(s)")
     waits = len(a.lines(re.compile(r"wait_empty: Waiting for tasks")))
     timed_out = len(a.lines(re.compile(r"Task timed out")))
 
@@ -225,6 +239,8 @@ async def test_a_frozen_worker_wakes_fenced_and_works_again(pipeline):
         rows_changed_by_replay=changed_by_replay,
         wrong_rows_after_restore_and_replay=wrong_replayed,
         fenced_warnings=len(fenced),
+        refused_checkpoints=len(refused),
+        revocations_after_sigcont=len(revoked),
         wait_empty_warnings=waits,
         rebalance_timeouts=timed_out,
         stop_s={"A": stopped[0], "B": stopped[1]},
