@@ -35,35 +35,46 @@ import json
 import sys
 import threading
 import time
+from functools import cache
 from typing import Any
 
-import pathway as pw
+try:
+    import pathway as pw
+except ModuleNotFoundError:  # importable without it; building or running the job needs it
+    pw = None
 
 # Greater than any timestamp text: a null sorts last in MIN and ARGMIN through it.
 NULL_LAST = "\uffff"
 
 
-class _Payment(pw.Schema):
-    biz_order_id: str
-    auction_id: str | None = pw.column_definition(default_value=None)
-    auction_title: str | None = pw.column_definition(default_value=None)
-    buyer_id: str
-    buyer_nick: str | None = pw.column_definition(default_value=None)
-    pay_time: str
-    gmt_create: str | None = pw.column_definition(default_value=None)
-    gmt_modified: str | None = pw.column_definition(default_value=None)
-    biz_type: str | None = pw.column_definition(default_value=None)
-    pay_status: str
-    attributes: str | None = pw.column_definition(default_value=None)
-    from_group: str | None = pw.column_definition(default_value=None)
+@cache
+def schemas() -> tuple[Any, Any]:
+    """The orders' and the refunds' input schemas (built on first use: they need pathway,
+    which only `make bench-peers` installs)."""
+    if pw is None:
+        raise ModuleNotFoundError("pathway is not installed: `make bench-peers` installs it")
 
+    class _Payment(pw.Schema):
+        biz_order_id: str
+        auction_id: str | None = pw.column_definition(default_value=None)
+        auction_title: str | None = pw.column_definition(default_value=None)
+        buyer_id: str
+        buyer_nick: str | None = pw.column_definition(default_value=None)
+        pay_time: str
+        gmt_create: str | None = pw.column_definition(default_value=None)
+        gmt_modified: str | None = pw.column_definition(default_value=None)
+        biz_type: str | None = pw.column_definition(default_value=None)
+        pay_status: str
+        attributes: str | None = pw.column_definition(default_value=None)
+        from_group: str | None = pw.column_definition(default_value=None)
 
-class OrderSchema(_Payment):
-    div_idx_actual_total_fee: float
+    class OrderSchema(_Payment):
+        div_idx_actual_total_fee: float
 
+    class RefundSchema(_Payment):
+        refund_fee: float
 
-class RefundSchema(_Payment):
-    refund_fee: float
+    return OrderSchema, RefundSchema
 
 
 def payments(orders: pw.Table, refunds: pw.Table) -> pw.Table:
@@ -128,8 +139,9 @@ Row = tuple[str | None, str | None, int, int, int]
 
 def from_files(orders_path: str, refunds_path: str) -> list[Row]:
     """`tddl_output` over two JSON-lines files read whole (the test's way in, no Kafka)."""
-    orders = pw.io.jsonlines.read(orders_path, schema=OrderSchema, mode="static")
-    refunds = pw.io.jsonlines.read(refunds_path, schema=RefundSchema, mode="static")
+    order_schema, refund_schema = schemas()
+    orders = pw.io.jsonlines.read(orders_path, schema=order_schema, mode="static")
+    refunds = pw.io.jsonlines.read(refunds_path, schema=refund_schema, mode="static")
     columns = pw.debug.table_to_dicts(tddl_output(orders, refunds))[1]
     names = ("gmt_create", "gmt_modified", "buyer_id", "cumulate_amount", "effect_time")
     return [tuple(columns[n][key] for n in names) for key in columns["buyer_id"]]
@@ -231,7 +243,7 @@ def main() -> None:
         {**settings, "group.id": f"{args.group}-orders"},
         topic=args.orders_topic,
         format="json",
-        schema=OrderSchema,
+        schema=schemas()[0],
         autocommit_duration_ms=args.autocommit_ms,
         name="orders",
     )
@@ -239,7 +251,7 @@ def main() -> None:
         {**settings, "group.id": f"{args.group}-refunds"},
         topic=args.refunds_topic,
         format="json",
-        schema=RefundSchema,
+        schema=schemas()[1],
         autocommit_duration_ms=args.autocommit_ms,
         name="refunds",
     )

@@ -10,17 +10,9 @@ before it measures; not part of `make test`, which does not install pathway.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import time
 from pathlib import Path
-
-import pytest
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("pathway") is None,
-    reason="pathway is not installed: `make bench-peers` installs it (pyproject's `peers` extra)",
-)
 
 
 def test_pathway_job_from_kafka_equals_the_seed_sql(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ out of the test process.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -24,10 +23,6 @@ from tests.reference import evaluate
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("pathway") is None,
-    reason="pathway is not installed: `make bench-peers` installs it (pyproject's `peers` extra)",
-)
 
 RUN = """
 import json, sys

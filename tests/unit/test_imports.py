@@ -8,15 +8,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-# The Pathway job needs the `peers` extra, which only `make bench-peers` installs; that
-# target runs bench/peers' own tests, which import it, before it measures.
-NEEDS_PEERS = {"bench.peers.pathway_job"}
 MODULES = sorted(
-    name
+    ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
     for package in ("coupon_stream", "bench")
     for path in (ROOT / package).rglob("*.py")
-    if (name := ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"))
-    not in NEEDS_PEERS
 )
 
 
