@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -126,7 +125,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2, help="seconds not counted first (2)")
     parser.add_argument("--partitions", type=int, default=8)
     args = parser.parse_args()
-    from bench.run import RESULTS, ROOT, latency, latency_lines, machine  # imports this module
+    from bench.run import ROOT, latency, latency_lines, machine, save_results  # imports this
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     tmp = ROOT / ".local" / "bench" / f"latency-{stamp}"
@@ -143,10 +142,7 @@ def main() -> None:
         "latency": lat,
     }
     lines = [f"Command: `{out['command']}` (took {out['seconds']} s)", *latency_lines(lat)]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"latency-{stamp}.json").write_text(json.dumps(out, indent=2))
-    (RESULTS / f"latency-{stamp}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_results(f"latency-{stamp}", out, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -767,6 +767,14 @@ def _row(cells: list[object]) -> str:
     return "| " + " | ".join("-" if c is None else str(c) for c in cells) + " |"
 
 
+def save_results(name: str, result: dict[str, Any], md: str) -> None:
+    """`bench/results/<name>.json` and `.md`, and the markdown printed: every bench's way out."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{name}.md").write_text(md + "\n")
+    print(md)
+
+
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     floor = result["raw_floor_events_per_s"]
@@ -1063,11 +1071,7 @@ async def main() -> None:
         one = next(r for r in runs if r["label"] == "skewed")
         result["scaling_ratio"] = two[0]["events_per_s"] / one["events_per_s"]
     compare(result)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{b.stamp}.json").write_text(json.dumps(result, indent=2))
-    md = markdown(result)
-    (RESULTS / f"{b.stamp}.md").write_text(md + "\n")
-    print(md)
+    save_results(b.stamp, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from bench.run import DB_URL, RESULTS, ROOT, Proc, machine, settings_for
+from bench.run import DB_URL, ROOT, Proc, machine, save_results, settings_for
 from coupon_stream.connectors import clients, deployment
 from coupon_stream.connectors.kafka import KafkaOut
 from coupon_stream.core.records import partition_for_buyer
@@ -187,8 +187,6 @@ async def main() -> None:
         f"{args.entries} --partitions {args.partitions}",
         "scenarios": results,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"takeover-{stamp}.json").write_text(json.dumps(out, indent=2))
     lines = [
         f"Command: `{out['command']}` (2 workers, session timeout 10 s)",
         "",
@@ -202,8 +200,7 @@ async def main() -> None:
             f"| {r['state_and_standbys_restored_s']} "
             f"| {r['all_partitions_processing_again_after_kill_s']} |"
         )
-    (RESULTS / f"takeover-{stamp}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_results(f"takeover-{stamp}", out, "\n".join(lines))
 
 
 if __name__ == "__main__":

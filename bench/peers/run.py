@@ -42,7 +42,6 @@ from typing import Any
 from bench.data import chunk_sizes
 from bench.run import (
     BOOTSTRAP,
-    RESULTS,
     ROOT,
     SEED,
     MachineCpu,
@@ -52,6 +51,7 @@ from bench.run import (
     machine,
     raw_floor,
     run_workers,
+    save_results,
 )
 from coupon_stream.tools.dataset import Skew, generate
 
@@ -298,11 +298,7 @@ async def main() -> None:
         "check": check,
         "bench_seconds": round(time.perf_counter() - began),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"peers-{stamp}.json").write_text(json.dumps(result, indent=2))
-    md = markdown(result)
-    (RESULTS / f"peers-{stamp}.md").write_text(md + "\n")
-    print(md)
+    save_results(f"peers-{stamp}", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -143,10 +143,10 @@ class _DriverSql:
     mark: str  # the driver's placeholder
     mysql: bool
 
-    def delete(self, n: int, table: str | None = None) -> str:
-        """DELETE of `n` (buyer_id, effect_time) keys in one statement."""
+    def delete(self, n: int, table: str) -> str:
+        """DELETE of `n` (buyer_id, effect_time) keys from `table` in one statement."""
         keys = ", ".join([f"({self.mark}, {self.mark})"] * n)
-        return f"DELETE FROM {table or self.table} WHERE (buyer_id, effect_time) IN ({keys})"
+        return f"DELETE FROM {table} WHERE (buyer_id, effect_time) IN ({keys})"
 
     def insert_or_update(
         self, table: str, columns: Sequence[str], values: str, updates: Mapping[str, str | None]
@@ -420,35 +420,15 @@ class ResultSink:
                 for partition, epoch in epochs.items():
                     if now.get(partition) != epoch:
                         raise Fenced(partition, "its result rows", now.get(partition))
-            for i in range(0, len(upserts), CHUNK):
-                await conn.exec_driver_sql(sql.upsert, upserts[i : i + CHUNK])
-                metrics.SINK_STATEMENTS.inc()
-            for i in range(0, len(deletes), CHUNK):
-                chunk = deletes[i : i + CHUNK]
-                params = tuple(v for key in chunk for v in key)
-                await conn.exec_driver_sql(sql.delete(len(chunk)), params)
-                metrics.SINK_STATEMENTS.inc()
+            await _upsert_and_delete(conn, sql, sql.upsert, upserts, sql.table, deletes)
             if grants:
-                await self._write_grants(conn, sql, grants)
-
-    @staticmethod
-    async def _write_grants(
-        conn: AsyncConnection, sql: _DriverSql, grants: Sequence[Grant]
-    ) -> None:
-        held = [
-            (g.buyer_id, g.effect_time, g.tier, g.coupon_amount, g.policy_version)
-            for g in grants
-            if g.tier
-        ]
-        gone = [(g.buyer_id, g.effect_time) for g in grants if not g.tier]
-        for i in range(0, len(held), CHUNK):
-            await conn.exec_driver_sql(sql.grant_upsert, held[i : i + CHUNK])
-            metrics.SINK_STATEMENTS.inc()
-        for i in range(0, len(gone), CHUNK):
-            chunk = gone[i : i + CHUNK]
-            params = tuple(v for key in chunk for v in key)
-            await conn.exec_driver_sql(sql.delete(len(chunk), sql.grants), params)
-            metrics.SINK_STATEMENTS.inc()
+                held = [
+                    (g.buyer_id, g.effect_time, g.tier, g.coupon_amount, g.policy_version)
+                    for g in grants
+                    if g.tier
+                ]
+                gone = [(g.buyer_id, g.effect_time) for g in grants if not g.tier]
+                await _upsert_and_delete(conn, sql, sql.grant_upsert, held, sql.grants, gone)
 
     def _driver_sql(self, dialect: Dialect) -> _DriverSql:
         """The statements as the driver's own SQL, compiled once.
@@ -657,6 +637,25 @@ class ResultSink:
                     done = await conn.execute(g.delete().where(key & older))
                     changed += done.rowcount
         return changed
+
+
+async def _upsert_and_delete(
+    conn: AsyncConnection,
+    sql: _DriverSql,
+    upsert: str,
+    rows: Sequence[Sequence[Any]],
+    table: str,
+    keys: Sequence[RowKey],
+) -> None:
+    """`rows` through `upsert`, then `keys` deleted from `table`, CHUNK per statement."""
+    for i in range(0, len(rows), CHUNK):
+        await conn.exec_driver_sql(upsert, rows[i : i + CHUNK])
+        metrics.SINK_STATEMENTS.inc()
+    for i in range(0, len(keys), CHUNK):
+        chunk = keys[i : i + CHUNK]
+        params = tuple(v for key in chunk for v in key)
+        await conn.exec_driver_sql(sql.delete(len(chunk), table), params)
+        metrics.SINK_STATEMENTS.inc()
 
 
 class _Permanent(Exception):
