@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
+from coupon_stream.core.grants import Policy
+
 COLUMNS = (
     "biz_order_id",
     "auction_id",
@@ -173,3 +175,11 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def policy_applied(
+    policy: Policy, rows: set[tuple[Any, ...]]
+) -> dict[tuple[int, int], tuple[int, int, int]]:
+    """The grants table a result table must come with: (buyer, day) -> tier, coupon, version."""
+    granted = {(buyer, day): policy.granted(total) for _, _, buyer, total, day in rows}
+    return {key: row for key, row in granted.items() if row is not None}

@@ -26,6 +26,9 @@ POSITION_BITS: Final = 48
 MAX_POLICY_VERSION: Final = 2 ** (63 - POSITION_BITS) - 1
 
 
+Granted = tuple[int, int, int]  # a grants table row: tier, coupon_amount, policy_version
+
+
 class Tier(NamedTuple):
     threshold: int  # yuan, the day total at or above which the tier is reached
     amount: int  # yuan, the coupon the tier earns
@@ -49,6 +52,11 @@ class Policy:
 
     def amount(self, tier: int) -> int:
         return 0 if tier == 0 else self.tiers[tier - 1].amount
+
+    def granted(self, total: int | None) -> Granted | None:
+        """The grants table's row for a day total, None below the first tier."""
+        tier = self.tier(total)
+        return (tier, self.amount(tier), self.version) if tier else None
 
     def describe(self) -> str:
         tiers = ", ".join(f"{t.threshold} -> {t.amount}" for t in self.tiers)
@@ -151,9 +159,6 @@ def change(
     )
 
 
-Granted = tuple[int, int, int]  # a grants table row: tier, coupon_amount, policy_version
-
-
 def reconcile(
     policy: Policy,
     totals: Mapping[tuple[int, int], int],
@@ -168,9 +173,8 @@ def reconcile(
     """
     out = []
     for buyer, day in sorted(totals.keys() | granted.keys()):
-        total = totals.get((buyer, day))
-        tier = policy.tier(total)
-        want = (tier, policy.amount(tier), policy.version) if tier else None
+        tier = policy.tier(totals.get((buyer, day)))
+        want = policy.granted(totals.get((buyer, day)))
         have = granted.get((buyer, day))
         if have == want or (have is not None and have[2] > policy.version):
             continue

@@ -27,10 +27,10 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from coupon_stream.connectors import clients
 from coupon_stream.connectors.engine import topic_partitions
 from coupon_stream.connectors.kafka import PartitionReader
-from coupon_stream.core.grants import Policy
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.tools import status
 from coupon_stream.tools.rescale import state_committed
+from tests.reference import policy_applied
 
 # Every integration test runs with a coupon policy: its grants are checked where its table is.
 TEST_TIERS = "100:10,300:30,1000:100"
@@ -54,18 +54,6 @@ def record(test: str, **fields: object) -> None:
 def service(script: str, action: str) -> None:
     """Stop/start/restart the local Kafka or MariaDB with the project's own scripts."""
     subprocess.run(["bash", str(REPO / "scripts" / script), action], check=True, timeout=180)
-
-
-def policy_applied(
-    policy: Policy, rows: set[tuple[Any, ...]]
-) -> dict[tuple[int, int], tuple[int, int, int]]:
-    """The grants table a result table must come with: (buyer, day) -> tier, coupon, version."""
-    out = {}
-    for _, _, buyer, total, day in rows:
-        tier = policy.tier(total)
-        if tier:
-            out[(buyer, day)] = (tier, policy.amount(tier), policy.version)
-    return out
 
 
 def free_port() -> int:

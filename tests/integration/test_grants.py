@@ -14,7 +14,8 @@ import orjson
 from coupon_stream.core.grants import Policy, parse_tiers
 from coupon_stream.tools.dataset import generate
 from tests import reference
-from tests.integration.harness import Pipeline, policy_applied
+from tests.integration.harness import Pipeline
+from tests.reference import policy_applied
 
 
 async def grants_cli(p: Pipeline, *args: str) -> subprocess.CompletedProcess[str]:

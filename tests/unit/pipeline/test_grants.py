@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from coupon_stream.core.grants import Policy
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.tools.dataset import generate
+from tests.reference import policy_applied
 from tests.unit.fakes import Crash
 from tests.unit.pipeline.test_checkpoint import load, rows_of, run_with_crashes, spec_oracle
 from tests.unit.stagekit import World, r
@@ -37,13 +38,7 @@ def policy_of(w: World) -> Policy:
 
 def folded(w: World, rows: list[Any]) -> dict[Key, tuple[int, int, int]]:
     """The policy applied to the spec's table: what the grants table must hold."""
-    policy = policy_of(w)
-    out = {}
-    for _, _, buyer, total, day in spec_oracle(rows):
-        tier = policy.tier(total)
-        if tier:
-            out[(buyer, day)] = (tier, policy.amount(tier), policy.version)
-    return out
+    return policy_applied(policy_of(w), spec_oracle(rows))
 
 
 def events(w: World) -> list[dict[str, Any]]:
