@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 RowKey = tuple[int, int]  # (buyer_id, effect_time)
 CHUNK = 1000
 READ_TIMEOUT = 30.0  # seconds
+IDLE_TRANSACTION_S = 10  # our transactions never wait between their statements
 
 
 @dataclass(slots=True)
@@ -125,7 +126,16 @@ def _engine(url: str, tls: ssl.SSLContext | None) -> AsyncEngine:
     # A statement that hangs (a server gone silent) fails after READ_TIMEOUT and is retried,
     # well before Faust's 60 s rebalance timeout could hand its partitions to another worker.
     connect_args: dict[str, object] = (
-        {"connect_timeout": 5, "read_timeout": READ_TIMEOUT} if url.startswith("mysql") else {}
+        {
+            "connect_timeout": 5,
+            "read_timeout": READ_TIMEOUT,
+            # A worker frozen inside a write (SIGSTOP, a VM paused) holds the fence rows'
+            # share locks, and the next owner's claim waits on them: the server ends such a
+            # transaction once it has been idle this long, and the claim goes through.
+            "init_command": f"SET SESSION idle_transaction_timeout = {IDLE_TRANSACTION_S}",
+        }
+        if url.startswith("mysql")
+        else {}
     )
     if tls is not None:
         connect_args["ssl"] = tls  # asyncmy: TLS, the certificate and hostname verified
