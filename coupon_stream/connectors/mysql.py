@@ -132,7 +132,10 @@ def _engine(url: str, tls: ssl.SSLContext | None) -> AsyncEngine:
             # A worker frozen inside a write (SIGSTOP, a VM paused) holds the fence rows'
             # share locks, and the next owner's claim waits on them: the server ends such a
             # transaction once it has been idle this long, and the claim goes through.
-            "init_command": f"SET SESSION idle_transaction_timeout = {IDLE_TRANSACTION_S}",
+            # MariaDB's setting, in a comment only MariaDB 10.3+ executes: MySQL sets the
+            # harmless variable alone.
+            "init_command": "SET @coupon_stream = 1 /*M!100300 , SESSION "
+            f"idle_transaction_timeout = {IDLE_TRANSACTION_S} */",
         }
         if url.startswith("mysql")
         else {}
