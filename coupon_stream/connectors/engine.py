@@ -37,6 +37,10 @@ Stream = StreamT[bytes]
 # given to a filter over its keys.
 FILTER_BITS_PER_KEY = 10
 MEMTABLE_FILTER_RATIO = 0.1
+# How long a broker may hold a fetch of Faust's consumer that finds no records (Faust
+# hard-codes 1500 ms): an offsets lookup waits behind it (`_ReadCommittedThread`), and an
+# idle consumer sends a fetch to each broker this often.
+FETCH_MAX_WAIT_MS = 100
 
 
 class _ReadCommittedThread(faust_kafka.AIOKafkaConsumerThread):
@@ -45,11 +49,20 @@ class _ReadCommittedThread(faust_kafka.AIOKafkaConsumerThread):
     The changelogs are written in transactions (`kafka.ChangelogWriter`): a fenced owner's
     aborted records stay in the log, and Faust's recovery must not apply them. Read
     committed, its end offsets are the last stable offsets, which the bulk restore reads to.
+
+    Its fetches wait at most `FETCH_MAX_WAIT_MS` for records. aiokafka keeps a fetch in
+    flight on its one connection to each broker for the assigned partitions without
+    buffered records (Faust pauses only its own reading, so during recovery the changelogs
+    and the paused streams are fetched too), and a broker answers a connection's requests
+    in order: each offsets lookup of Faust's recovery (highwaters, then earliest offsets,
+    on every rebalance) waits until the idle fetch ahead of it is answered.
     """
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
-        consumer._isolation_level = "read_committed"  # read by its Fetcher, built at start
+        # Both read by its Fetcher, built at start.
+        consumer._isolation_level = "read_committed"
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
         return consumer
 
 
@@ -488,6 +501,19 @@ class Tables(TableManager):
     """Faust's table manager with the bulk restore's recovery (`BulkRecovery`)."""
 
     planner: Planner | None = None
+
+    async def on_start(self) -> None:
+        """Faust's start, without its 1 s sleep first.
+
+        Faust sleeps so tables defined while the app starts are still taken in. The worker
+        defines all of its tables with the app (`state_table`), before it starts; one added
+        later is still refused by Faust ("Too late to add tables"), not missed. The sleep
+        would only hold back the consumer's subscription (it waits for the tables), and so
+        the first join.
+        """
+        if not self.should_stop:
+            await self._update_channels()
+            await self.recovery.start()
 
     @property
     def recovery(self) -> Recovery:

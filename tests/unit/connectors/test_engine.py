@@ -13,6 +13,7 @@ import logging
 import faust
 import pytest
 from aiokafka import AIOKafkaConsumer
+from faust.tables.manager import TableManager
 from faust.tables.recovery import RebalanceAgain
 from faust.utils import terminal
 
@@ -58,6 +59,37 @@ def test_membership_and_recovery_before_any_rebalance(app):
     # Consumer._thread._consumer._coordinator: none before the consumer starts.
     assert engine.membership(app) == engine.Membership(False, -1, None)  # no group joined
     assert not engine.recovered(app)
+
+
+async def test_faust_s_consumer_reads_committed_and_holds_an_empty_fetch_briefly(app):
+    """AIOKafkaConsumerThread._create_worker_consumer, and the two attributes of aiokafka's
+    consumer its Fetcher is built from at start."""
+    consumer = app.consumer._thread._create_worker_consumer(app.transport)
+    assert consumer._isolation_level == "read_committed"
+    assert consumer._fetch_max_wait_ms == engine.FETCH_MAX_WAIT_MS
+    await consumer.stop()
+    start = inspect.getsource(AIOKafkaConsumer.start)
+    assert "isolation_level=self._isolation_level" in start
+    assert "fetch_max_wait_ms=self._fetch_max_wait_ms" in start
+
+
+async def test_the_table_manager_starts_without_faust_s_sleep(app, monkeypatch):
+    """TableManager.on_start: a 1 s sleep, then ._update_channels() and .recovery.start()."""
+    faust_s = inspect.getsource(TableManager.on_start)
+    assert "self.sleep(1.0)" in faust_s
+    assert "self._update_channels()" in faust_s and "self.recovery.start()" in faust_s
+    steps = []
+
+    async def update_channels() -> None:
+        steps.append("channels")
+
+    async def start_recovery() -> None:
+        steps.append("recovery")
+
+    monkeypatch.setattr(app.tables, "_update_channels", update_channels)
+    monkeypatch.setattr(app.tables.recovery, "start", start_recovery)
+    await asyncio.wait_for(app.tables.on_start(), 0.5)
+    assert steps == ["channels", "recovery"]
 
 
 async def test_faust_s_recovery_waits_for_the_bulk_restore_and_starts_where_it_left(app):
