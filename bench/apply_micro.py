@@ -5,9 +5,10 @@ A skewed dataset (`tools.dataset.generate(..., skew="zipf")`) goes through intak
 intake batch), which one `StateStage` applies to its caches over RocksDB partitions opened
 with the worker's options (`--memory`: dict partitions instead). Every `--checkpoint`
 messages the caches' changed keys are written to the stores as a checkpoint writes them
-(untimed), so later records read real stored values. Prints µs per record for each run and
-their median, and a digest of the final state and outcomes: two versions of the code must
-print the same digest.
+(untimed), so later records read real stored values, and the keys of the checkpoint
+still being written from its layer. The cycle collector runs as in a worker (`cli`).
+Prints µs per record for each run and their median, and a digest of the final state and
+outcomes: two versions of the code must print the same digest.
 
 Usage: python -m bench.apply_micro [--orders N] [--runs R] [--memory]
 (to compare two trees, run this file with PYTHONPATH set to each in turn).
@@ -39,6 +40,7 @@ from coupon_stream.foundation import metrics
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.intake import route, split_rows
 from coupon_stream.pipeline.state_stage import SAVED, VALUE, Session, StateStage, TableCache
+from coupon_stream.tools.cli import _collect_garbage_less_often as collect_garbage_like_a_worker
 from coupon_stream.tools.dataset import generate, jsonl
 
 PARTITIONS = 8
@@ -104,8 +106,15 @@ class _FaustStore:
             db.close()
 
 
-def checkpoint(stage: StateStage, offset: int) -> None:
-    """Write every changed key as the checkpoint does, then let records read the stores."""
+def checkpoint(stage: StateStage, offset: int, writing: list[Any]) -> list[Any]:
+    """Write every changed key as the checkpoint does; return the layers it wrote.
+
+    A real checkpoint runs while the next records apply, which read the keys it is writing
+    from its layer until it is over: so each one is released only at the next one.
+    """
+    for cache, layer in zip(stage.caches, writing, strict=True):
+        cache.release(layer)
+    layers = []
     for cache in stage.caches:
         layer = cache.snapshot()
         for partition, slots in layer.items():
@@ -117,7 +126,8 @@ def checkpoint(stage: StateStage, offset: int) -> None:
                         None if current is None else encode_value(SID, offset, current, slot[SAVED])
                     )
             cache.store.write(partition, values)
-        cache.release(layer)
+        layers.append(layer)
+    return layers
 
 
 def outcome_counts() -> dict[str, float]:
@@ -157,6 +167,7 @@ async def one_run(
     stale: set[tuple[int, bytes]] = set()
     touched: set[tuple[int, int, int]] = set()
     dead: list[tuple[int, bytes | None]] = []
+    writing: list[Any] = [{}, {}]
     for n, (partition, raw) in enumerate(messages, 1):
         offset = offsets[partition]
         offsets[partition] += 1
@@ -170,7 +181,7 @@ async def one_run(
             touched.update((p, b, d) for p, t in pending.touched.items() for b, d in t)
             dead.extend((d.offset, d.value) for d in pending.dead_letters)
             stage.pending = type(pending)()
-            checkpoint(stage, n)
+            writing = checkpoint(stage, n, writing)
     state = [
         sorted((k, orjson.dumps(read_value(v, n))) for k, v in s.items(p))
         for s in stores
@@ -195,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory", action="store_true", help="dict partitions, not RocksDB")
     args = parser.parse_args(argv)
     messages = cached_messages(args.orders, args.seed)
+    collect_garbage_like_a_worker()
     per_record = []
     for run in range(args.runs):
         with tempfile.TemporaryDirectory(prefix="apply-micro-") as tmp:

@@ -549,7 +549,7 @@ class StateStage:
             self.pending.touched[partition],
             lambda key: days.load(partition, [key], session)[key],
         )
-        results = [apply_row(view, *rk) for rk in zip(rows, ekeys, dkeys, strict=True)]
+        results = [apply_row(view, r, e, d) for r, e, d in zip(rows, ekeys, dkeys, strict=True)]
         counted = 0
         for result, counter in self._counters:
             n = results.count(result)
