@@ -14,10 +14,10 @@ buyer's history. Their keys and values in bytes are `stored`'s; a stored value i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from datetime import date, timedelta
 from enum import StrEnum
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 from coupon_stream.core.records import INT64_MAX, INT64_MIN, Row
 from coupon_stream.core.stored import day_key, entry_key
@@ -33,6 +33,16 @@ SUM, COUNT, MIN_CREATED, MAX_MODIFIED = range(4)
 
 Entry = list[Any]  # [effect_time, yuan, gmt_create, gmt_modified]
 Day = list[Any]  # [cumulate_amount, entries, min gmt_create, max gmt_modified]
+
+Cell = list[Any]
+"""One key's place in a table while records are applied: a list whose item CURRENT is the
+key's value now (None: absent). Its other items are the holder's (`state_stage.Slot`)."""
+CURRENT: Final = 1
+
+# Read-only stand-ins for an absent day: one without entries, and the day a moving copy
+# leaves, should it be absent (it holds the copy, so it never is).
+_NO_DAY: Final[tuple[Any, ...]] = (0, 0, None, None)
+_LEFT_DAY: Final[tuple[Any, ...]] = (0, 1, None, None)
 
 
 class Outcome(StrEnum):
@@ -66,14 +76,6 @@ def generated_before(new_modified: str | None, old_modified: str | None) -> bool
     return old_modified is None or new_modified < old_modified
 
 
-def _earlier(a: str | None, b: str | None) -> str | None:
-    return b if a is None or (b is not None and b < a) else a
-
-
-def _later(a: str | None, b: str | None) -> str | None:
-    return b if a is None or (b is not None and b > a) else a
-
-
 def day_row(buyer_id: int, effect_time: int, day: Day | None) -> ResultRow | None:
     """The result row of one day, or None when the table must not hold one (sum <= 0)."""
     if day is None or day[SUM] <= 0:
@@ -83,98 +85,135 @@ def day_row(buyer_id: int, effect_time: int, day: Day | None) -> ResultRow | Non
 
 def extrema(entries: list[Entry]) -> tuple[str | None, str | None]:
     """MIN(gmt_create), MAX(gmt_modified) over a day's kept entries (the non-retractable part)."""
-    created: str | None = None
-    modified: str | None = None
+    day: Sequence[Any] = _NO_DAY
     for e in entries:
-        created = _earlier(created, e[CREATED])
-        modified = _later(modified, e[MODIFIED])
-    return created, modified
+        day = _with(day, 0, 0, e[CREATED], e[MODIFIED])
+    return day[MIN_CREATED], day[MAX_MODIFIED]
 
 
 class StateView(Protocol):
-    """What applying records needs from the tables: read and write one key's current value.
+    """The cells of the keys a message's records touch, and what they leave to the checkpoint.
+
+    `entries` and `days` hold a cell for every entry and day key of the records being applied
+    (plain dicts: a record reads and writes its keys in place, with no call per access); a
+    day outside them (the old day of a copy that moves days) comes from `day_cell`.
 
     `stale` collects the days whose MIN/MAX lost the entry that held it; the checkpoint
     recomputes them from the day's entries once, however many records touched them.
+    `touched` collects the (buyer, effect_time) of the result rows the records touched.
     """
 
     stale: set[bytes]
+    touched: set[tuple[int, int]]
 
-    def get_entry(self, key: bytes) -> Entry | None: ...
-    def put_entry(self, key: bytes, value: Entry | None) -> None: ...
-    def get_day(self, key: bytes) -> Day | None: ...
-    def put_day(self, key: bytes, value: Day | None) -> None: ...
+    @property
+    def entries(self) -> Mapping[bytes, Cell]: ...
+    @property
+    def days(self) -> Mapping[bytes, Cell]: ...
+
+    def day_cell(self, key: bytes) -> Cell: ...
 
 
-@dataclass(slots=True)
-class Applied:
+class Applied(NamedTuple):
+    """What applying one record did; its days go to `StateView.touched`."""
+
     outcome: Outcome
-    days: tuple[int, ...]  # the effect_times whose rows the record touched
-    reason: str = ""
+    reason: str = ""  # why a record was refused (OVERFLOW)
 
 
-def _fits(total: int) -> bool:
-    return INT64_MIN <= total <= INT64_MAX
+# One object per outcome that has no reason: applying a record allocates no result, and a
+# caller counts a message's outcomes by identity (`COUNTED`, `list.count`), never hashing
+# an Outcome (an Enum's hash is a Python call).
+_NEW: Final = Applied(Outcome.NEW)
+_REPLACED: Final = Applied(Outcome.REPLACED)
+_DUPLICATE: Final = Applied(Outcome.DUPLICATE)
+COUNTED: Final = (_NEW, _REPLACED, _DUPLICATE)
+"""The result of every record that was not refused: `apply_row` returns these very objects."""
 
 
-def apply_row(view: StateView, row: Row) -> Applied:
+def apply_row(
+    view: StateView, row: Row, ekey: bytes | None = None, new_key: bytes | None = None
+) -> Applied:
     """Dedup one record against its kept copy and move the day sums with it.
 
-    docs/semantics.md, steps 2 and 3.
+    docs/semantics.md, steps 2 and 3. `ekey` and `new_key` are the row's entry key and day
+    key, when the caller built them already (to load them); else they are built here.
 
     Every record, duplicates included, touches its day: if a crash came between the state
     write and the MySQL write, the replay of that record re-sends the current row.
     """
     buyer, order, status, new_day, yuan, created, modified = row
-    ekey = entry_key(buyer, order, status)
-    old = view.get_entry(ekey)
+    if ekey is None:
+        ekey = entry_key(buyer, order, status)
+    if new_key is None:
+        new_key = day_key(buyer, new_day)
+    entry = view.entries[ekey]
+    old = entry[CURRENT]
     if old is not None and not generated_before(modified, old[MODIFIED]):
-        return Applied(Outcome.DUPLICATE, (new_day,))
-    new: Entry = [new_day, yuan, created, modified]
-    new_key = day_key(buyer, new_day)
+        view.touched.add((buyer, new_day))
+        return _DUPLICATE
     if old is None:
-        day = view.get_day(new_key) or [0, 0, None, None]
+        cell = view.days[new_key]
+        day = cell[CURRENT] or _NO_DAY
         total = day[SUM] + yuan
-        if not _fits(total):
+        if not INT64_MIN <= total <= INT64_MAX:
             return _overflow(new_day, total)
-        view.put_day(new_key, _with(day, total, day[COUNT] + 1, created, modified))
-        view.put_entry(ekey, new)
-        return Applied(Outcome.NEW, (new_day,))
+        cell[CURRENT] = _with(day, total, day[COUNT] + 1, created, modified)
+        entry[CURRENT] = [new_day, yuan, created, modified]
+        view.touched.add((buyer, new_day))
+        return _NEW
     old_day = old[DAY]
-    old_key = day_key(buyer, old_day)
     if old_day == new_day:
-        day = view.get_day(new_key) or [0, 0, None, None]
+        cell = view.days[new_key]
+        day = cell[CURRENT] or _NO_DAY
         total = day[SUM] - old[YUAN] + yuan
-        if not _fits(total):
+        if not INT64_MIN <= total <= INT64_MAX:
             return _overflow(new_day, total)
         if day[COUNT] == 1:  # the day's only entry: the copy's times are the day's MIN/MAX
-            view.put_day(new_key, [total, 1, created, modified])
+            cell[CURRENT] = [total, 1, created, modified]
         else:
             updated = _without(view, new_key, day, old, total, day[COUNT])
-            view.put_day(new_key, _with(updated, total, day[COUNT], created, modified))
-        view.put_entry(ekey, new)
-        return Applied(Outcome.REPLACED, (new_day,))
-    left = view.get_day(old_key) or [0, 1, None, None]
-    joined = view.get_day(new_key) or [0, 0, None, None]
+            cell[CURRENT] = _with(updated, total, day[COUNT], created, modified)
+        entry[CURRENT] = [new_day, yuan, created, modified]
+        view.touched.add((buyer, new_day))
+        return _REPLACED
+    old_key = day_key(buyer, old_day)
+    left_cell = view.days.get(old_key) or view.day_cell(old_key)
+    joined_cell = view.days[new_key]
+    left = left_cell[CURRENT] or _LEFT_DAY
+    joined = joined_cell[CURRENT] or _NO_DAY
     left_total = left[SUM] - old[YUAN]
     joined_total = joined[SUM] + yuan
-    if not _fits(joined_total):
+    if not INT64_MIN <= joined_total <= INT64_MAX:
         return _overflow(new_day, joined_total)
-    if not _fits(left_total):
+    if not INT64_MIN <= left_total <= INT64_MAX:
         return _overflow(old_day, left_total)
     count = left[COUNT] - 1
-    view.put_day(old_key, _without(view, old_key, left, old, left_total, count) if count else None)
-    view.put_day(new_key, _with(joined, joined_total, joined[COUNT] + 1, created, modified))
-    view.put_entry(ekey, new)
-    return Applied(Outcome.REPLACED, (old_day, new_day))
+    left_cell[CURRENT] = _without(view, old_key, left, old, left_total, count) if count else None
+    joined_cell[CURRENT] = _with(joined, joined_total, joined[COUNT] + 1, created, modified)
+    entry[CURRENT] = [new_day, yuan, created, modified]
+    view.touched.add((buyer, old_day))
+    view.touched.add((buyer, new_day))
+    return _REPLACED
 
 
-def _with(day: Day, total: int, count: int, created: str | None, modified: str | None) -> Day:
-    """The day with a copy's contribution in: MIN and MAX fold it in, SUM is `total`."""
-    return [total, count, _earlier(day[MIN_CREATED], created), _later(day[MAX_MODIFIED], modified)]
+def _with(
+    day: Sequence[Any], total: int, count: int, created: str | None, modified: str | None
+) -> Day:
+    """The day with a copy's contribution in: MIN and MAX fold it in (nulls ignored), SUM is
+    `total`. The one fold of MIN/MAX (`extrema` too); inline, as it runs for every record."""
+    low, high = day[MIN_CREATED], day[MAX_MODIFIED]
+    return [
+        total,
+        count,
+        created if low is None or (created is not None and created < low) else low,
+        modified if high is None or (modified is not None and modified > high) else high,
+    ]
 
 
-def _without(view: StateView, key: bytes, day: Day, old: Entry, total: int, count: int) -> Day:
+def _without(
+    view: StateView, key: bytes, day: Sequence[Any], old: Entry, total: int, count: int
+) -> Day:
     """The day with `old` taken out; MIN/MAX cannot be, so a lost extremum marks it stale."""
     if (old[CREATED] is not None and old[CREATED] == day[MIN_CREATED]) or (
         old[MODIFIED] is not None and old[MODIFIED] == day[MAX_MODIFIED]
@@ -186,7 +225,6 @@ def _without(view: StateView, key: bytes, day: Day, old: Entry, total: int, coun
 def _overflow(effect_time: int, total: int) -> Applied:
     return Applied(
         Outcome.OVERFLOW,
-        (),
         f"cumulate_amount would overflow BIGINT: the day {effect_time} would sum to {total}",
     )
 

@@ -1,5 +1,8 @@
+from collections import defaultdict
+
 from coupon_stream.core.records import INT64_MAX
 from coupon_stream.core.state import (
+    CURRENT,
     Outcome,
     ResultRow,
     apply_row,
@@ -14,28 +17,18 @@ from tests.unit.stagekit import r
 
 
 class DictView:
-    """The tables as plain dicts: the state logic alone."""
+    """The tables as plain dicts of cells, each key's present: the state logic alone."""
 
     def __init__(self):
-        self.entries, self.days, self.stale = {}, {}, set()
+        self.entries = defaultdict(lambda: [None, None])
+        self.days = defaultdict(lambda: [None, None])
+        self.stale, self.touched = set(), set()
 
-    def get_entry(self, key):
-        return self.entries.get(key)
-
-    def put_entry(self, key, value):
-        self.entries[key] = value
-
-    def get_day(self, key):
-        return self.days.get(key)
-
-    def put_day(self, key, value):
-        if value is None:
-            self.days.pop(key, None)
-        else:
-            self.days[key] = value
+    def day_cell(self, key):
+        return self.days[key]
 
     def row(self, buyer, day):
-        return day_row(buyer, day, self.days.get(day_key(buyer, day)))
+        return day_row(buyer, day, self.days[day_key(buyer, day)][CURRENT])
 
 
 def test_first_generated_copy_wins_whatever_the_arrival_order():
@@ -82,9 +75,10 @@ def test_day_sum_min_create_max_modified_and_delete_at_zero():
 def test_an_earlier_copy_of_another_day_moves_the_contribution():
     v = DictView()
     apply_row(v, r("o1", day=20261112, yuan=40, gm="2026-11-12 00:00:09"))
+    v.touched.clear()
     applied = apply_row(v, r("o1", day=20261111, yuan=30, gm="2026-11-11 00:00:01"))
-    assert applied.outcome is Outcome.REPLACED and applied.days == (20261112, 20261111)
-    assert v.row(7, 20261112) is None and day_key(7, 20261112) not in v.days
+    assert applied.outcome is Outcome.REPLACED and v.touched == {(7, 20261112), (7, 20261111)}
+    assert v.row(7, 20261112) is None and v.days[day_key(7, 20261112)][CURRENT] is None
     assert v.row(7, 20261111).cumulate_amount == 30
 
 
@@ -95,7 +89,8 @@ def test_a_record_that_would_overflow_its_day_is_refused_and_changes_nothing():
     refused = apply_row(v, r("o2", yuan=big))
     assert refused.outcome is Outcome.OVERFLOW
     assert refused.reason.startswith("cumulate_amount would overflow BIGINT")
-    assert entry_key(7, "o2", "2") not in v.entries
+    assert v.entries[entry_key(7, "o2", "2")][CURRENT] is None
+    assert v.touched == {(7, 20261111)}  # by the first record only
     assert v.row(7, 20261111).cumulate_amount == big  # the day keeps its last valid value
     assert apply_row(v, r("o3", yuan=-big)).outcome is Outcome.NEW
 

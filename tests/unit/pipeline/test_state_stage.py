@@ -3,7 +3,8 @@ where a session starts (fixtures in conftest.py)."""
 
 from __future__ import annotations
 
-from coupon_stream.core.stored import NEXT_OFFSET_KEY
+from coupon_stream.connectors.store import MemoryStore
+from coupon_stream.core.stored import NEXT_OFFSET_KEY, encode_value
 from coupon_stream.pipeline import state_stage
 from tests.unit.conftest import batch, group, row, stored
 
@@ -130,3 +131,39 @@ async def test_a_session_starts_at_the_offset_the_group_committed_not_the_consum
     assert stream.reader.reads[-1] == (1, 2, 3)  # from the group's 2, not from 0
     await stream.checkpoint()
     assert stream.sink.table[(4, 20261111)].cumulate_amount == 4
+
+
+def test_a_cache_loads_each_key_once_from_the_newest_layer_that_holds_it():
+    """Changed layer first, then the layer a checkpoint is writing, then one multi-get."""
+
+    class Counting(MemoryStore):
+        def __init__(self):
+            super().__init__()
+            self.asked = []
+
+        def get_many(self, partition, keys):
+            self.asked.append(list(keys))
+            return super().get_many(partition, keys)
+
+    store = Counting()
+    session = state_stage.Session(sid=1, start=5)
+    store.write(
+        0, {b"stored": encode_value(1, 3, "s", None), b"ahead": encode_value(2, 9, "new", "old")}
+    )
+    cache = state_stage.TableCache("days", store, "days-changelog")
+    cache.load(0, [b"written"], session)[b"written"][state_stage.VALUE] = "w"
+    writing = cache.snapshot()  # a checkpoint is writing it
+    cache.load(0, [b"changed"], session)[b"changed"][state_stage.VALUE] = "c"
+    store.asked.clear()
+    keys = [b"changed", b"written", b"stored", b"ahead", b"absent", b"stored", b"absent"]
+    slots = cache.load(0, keys, session)
+    assert store.asked == [[b"stored", b"ahead", b"absent"]]  # once each, only these
+    assert slots[b"changed"] == [None, "c"]
+    assert slots[b"written"] == ["w", "w"]  # as of the checkpoint being written
+    assert slots[b"stored"] == ["s", "s"]
+    assert slots[b"ahead"] == ["old", "old", True]  # written by a checkpoint never committed
+    assert slots[b"absent"] == [None, None]
+    cache.release(writing)
+    store.asked.clear()
+    assert cache.load(0, [b"changed", b"stored"], session) is slots
+    assert store.asked == []  # all in the changed layer: no multi-get
