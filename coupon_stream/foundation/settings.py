@@ -99,9 +99,6 @@ class Settings(BaseSettings):
     )
     log_level: str = "info"
     log_format: str = Field("text", pattern="^(text|json)$")
-    event_loop: Literal["uvloop", "asyncio"] = Field(
-        "uvloop", description="the worker's event loop: uvloop, or asyncio's own as a fallback"
-    )
     # -- connecting to a secured Kafka and database (README, "Connecting to a secured ...")
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="how every Kafka client of the service connects"

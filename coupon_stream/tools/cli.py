@@ -86,27 +86,12 @@ def _worker(extra: list[str]) -> None:
         print(f"could not create the internal topics before start: {exc!r}", file=sys.stderr)
     from coupon_stream.app import CouponStream  # after the checks: a refusal comes fast
 
-    _use_event_loop(settings.event_loop)
     stream = CouponStream(settings)
     if not any(a in ("-l", "--loglevel") or a.startswith("--loglevel=") for a in extra):
         extra = ["--loglevel", settings.log_level, *extra]
     sys.argv = ["coupon-stream", "worker", *extra]
     _collect_garbage_less_often()
     stream.app.main()
-
-
-def _use_event_loop(name: str) -> None:
-    """The worker's loop, and the loop of every thread that makes its own (Faust's consumer).
-
-    uvloop runs the loop and the sockets in C: every fetch, send and callback of the worker
-    goes through them (docs/performance.md).
-    """
-    if name == "uvloop":
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    asyncio.set_event_loop(asyncio.new_event_loop())
-    log.info("event loop: %s", name)
 
 
 def _collect_garbage_less_often() -> None:
