@@ -1,0 +1,249 @@
+"""The checkpoint's CPU per changed key, without Kafka or MySQL: what `make bench` cannot
+separate from the rest of a worker.
+
+A state stage on real RocksDB partitions (rocksdict, as `engine.RocksStore` opens them)
+applies a zipf-skewed dataset (`tools.dataset.generate`) in rounds; each round ends in one
+checkpoint whose CPU-bound steps are timed apart: derive (with the bytes to write), the
+changelog appends (real aiokafka record batches, a producer that sends nothing), the local
+WriteBatches, and the commit's bookkeeping. The sink is a stand-in: the rows are counted,
+not written.
+
+Usage: python -m bench.checkpoint_micro [ORDERS] [ROUNDS] [REPEATS]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import rocksdict
+from aiokafka.producer.message_accumulator import BatchBuilder
+
+from coupon_stream.connectors.engine import RocksStore
+from coupon_stream.connectors.kafka import ChangelogWriter, KafkaOut
+from coupon_stream.connectors.mysql import ResultSink, RowKey, WriteResult
+from coupon_stream.core.grants import Grant
+from coupon_stream.core.records import BUYER, Row, Source, encode_rows, read_row
+from coupon_stream.core.state import ResultRow
+from coupon_stream.foundation.settings import Settings
+from coupon_stream.pipeline.checkpoint import Checkpoint, Checkpointer
+from coupon_stream.pipeline.fencing import Claims
+from coupon_stream.pipeline.state_stage import StateStage, TableCache
+from coupon_stream.tools.dataset import generate, jsonl
+
+PARTITIONS = 4
+ROWS_PER_MESSAGE = 20
+
+
+class _Meta:
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+
+class _Producer:
+    """aiokafka's record batches, built as the real producer builds them; none is sent."""
+
+    def __init__(self) -> None:
+        self.offsets: dict[tuple[str, int], int] = defaultdict(int)
+
+    def create_batch(self) -> BatchBuilder:
+        return BatchBuilder(256 * 1024, 0, is_transactional=True)
+
+    async def send_batch(self, batch: BatchBuilder, topic: str, partition: int) -> Any:
+        n = batch.record_count()
+        batch.close()
+        batch._build()
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        done.set_result(_Meta(self.offsets[(topic, partition)]))
+        self.offsets[(topic, partition)] += n
+        return done
+
+    async def begin_transaction(self) -> None:
+        pass
+
+    async def commit_transaction(self) -> None:
+        pass
+
+    async def abort_transaction(self) -> None:
+        pass
+
+
+class _Changelogs(ChangelogWriter):
+    async def claim(self, partition: int) -> None:
+        self._producers[partition] = _Producer()  # type: ignore[assignment]
+
+
+class _Sink(ResultSink):
+    """Claims every partition at epoch 1; counts the rows it is handed."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    async def claim(self, partition: int) -> int:
+        return 1
+
+    async def write(
+        self,
+        rows: Mapping[RowKey, ResultRow | None],
+        still_wanted: Callable[[], bool] | None = None,
+        epochs: Mapping[int, int] | None = None,
+        grants: Mapping[RowKey, Grant] | None = None,
+    ) -> WriteResult:
+        self.rows += len(rows)
+        return WriteResult(True)
+
+
+class _Reader:
+    async def committed(self, group: str, topic: str, partition: int) -> int | None:
+        return 0
+
+
+class _FaustStore:
+    """What `RocksStore` asks of Faust's store: one rocksdict database per partition."""
+
+    offset_key = b"__faust\0offset__"
+
+    def __init__(self, path: Path) -> None:
+        self._dbs = {
+            p: rocksdict.Rdict(str(path / str(p)), options=rocksdict.Options(raw_mode=True))
+            for p in range(PARTITIONS)
+        }
+
+    def _db_for_partition(self, partition: int) -> Any:
+        return self._dbs[partition]
+
+    def set_persisted_offset(self, tp: Any, offset: int) -> None:
+        self._dbs[tp.partition][self.offset_key] = str(offset).encode()
+
+    def persisted_offset(self, tp: Any) -> int | None:
+        raw = self._dbs[tp.partition].get(self.offset_key)
+        return None if raw is None else int(raw)
+
+    def close(self) -> None:
+        for db in self._dbs.values():
+            db.close()
+
+
+def messages(orders: int, rounds: int) -> list[list[tuple[int, bytes]]]:
+    """Per round, (partition, by-buyer message) in log order."""
+    data = generate(orders, seed=11, buyers=orders // 4, skew="zipf")
+    rows: list[Row] = [read_row(m, Source.ORDERS) for m in jsonl(data.orders)]
+    rows += [read_row(m, Source.REFUNDS) for m in jsonl(data.refunds)]
+    per_round = -(-len(rows) // rounds)
+    out = []
+    for start in range(0, len(rows), per_round):
+        by_partition: dict[int, list[Row]] = defaultdict(list)
+        for row in rows[start : start + per_round]:
+            by_partition[row[BUYER] % PARTITIONS].append(row)
+        out.append(
+            [
+                (p, encode_rows(part[i : i + ROWS_PER_MESSAGE]))
+                for p, part in sorted(by_partition.items())
+                for i in range(0, len(part), ROWS_PER_MESSAGE)
+            ]
+        )
+    return out
+
+
+def _timed(seconds: dict[str, float], step: str, fn: Callable[[], Any]) -> Any:
+    start = time.process_time()
+    result = fn()
+    seconds[step] += time.process_time() - start
+    return result
+
+
+async def _timed_async(
+    seconds: dict[str, float], step: str, fn: Callable[[], Awaitable[Any]]
+) -> Any:
+    start = time.process_time()
+    result = await fn()
+    seconds[step] += time.process_time() - start
+    return result
+
+
+async def run_once(rounds: Iterable[list[tuple[int, bytes]]], path: Path) -> dict[str, float]:
+    """Apply each round, then checkpoint it; µs of CPU per written key, per step."""
+    settings = Settings(app_id="bench", partitions=PARTITIONS)
+    stores = {name: _FaustStore(path / name) for name in ("entries", "days")}
+    changelogs = _Changelogs(settings)
+    sink = _Sink()
+    entries = TableCache("entries", RocksStore(stores["entries"], "e"), "entries-changelog")
+    days = TableCache("days", RocksStore(stores["days"], "d"), "days-changelog")
+
+    async def confirm(partition: int, offset: int) -> bool:
+        return True
+
+    stage = StateStage(
+        settings,
+        entries,
+        days,
+        _Reader(),  # type: ignore[arg-type]
+        Claims(changelogs, sink),
+        confirm=confirm,
+    )
+
+    async def commit(offsets: Mapping[int, int]) -> bool:
+        return True
+
+    async def acknowledge(tokens: list[Any], committed: bool) -> None:
+        pass
+
+    owner = Checkpointer(
+        settings, stage, KafkaOut(settings), changelogs, sink, commit, acknowledge
+    )
+    seconds: dict[str, float] = defaultdict(float)
+    keys = 0
+    offsets: dict[int, int] = defaultdict(int)
+    gc.collect()
+    for i, batch in enumerate(rounds):
+        for partition, raw in batch:
+            offset = offsets[partition]
+            offsets[partition] += 1
+            await stage.add(raw, partition, offset, offset, 0)
+        c = Checkpoint(owner)
+        await c.take_snapshot()
+        timing = i > 0  # the first round fills the stores
+        t = seconds if timing else defaultdict(float)
+        _timed(t, "derive", c.derive)
+        await _timed_async(t, "changelog", c.changelog)
+        _timed(t, "store", c.store)
+        await c.write()
+        await _timed_async(t, "commit", c.commit_offsets)
+        if timing:
+            keys += sum(len(v) for per in c.writes.values() for v in per.values())
+    for store in stores.values():
+        store.close()
+    per_key = {step: s * 1e6 / keys for step, s in seconds.items()}
+    per_key["total"] = sum(per_key.values())
+    per_key["keys"] = keys
+    return per_key
+
+
+def main() -> None:
+    orders = int(sys.argv[1]) if len(sys.argv) > 1 else 40_000
+    rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+    repeats = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+    data = messages(orders, rounds)
+    results = []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory(prefix="ckpt-micro-") as tmp:
+            results.append(asyncio.run(run_once(data, Path(tmp))))
+    steps = ["derive", "changelog", "store", "commit", "total"]
+    keys = int(results[0]["keys"])
+    medians = {s: statistics.median(r[s] for r in results) for s in steps}
+    print(
+        f"checkpoint CPU, µs per written key (median of {repeats}, {keys} keys): "
+        + " ".join(f"{s}={medians[s]:.2f}" for s in steps)
+    )
+
+
+if __name__ == "__main__":
+    main()
