@@ -5,18 +5,20 @@ A state stage on real RocksDB partitions (rocksdict, as `engine.RocksStore` open
 applies a zipf-skewed dataset (`tools.dataset.generate`) in rounds; each round ends in one
 checkpoint whose CPU-bound steps are timed apart: derive (with the bytes to write), the
 changelog appends (real aiokafka record batches, a producer that sends nothing), the local
-WriteBatches, and the commit's bookkeeping. The sink is a stand-in: the rows are counted,
-not written.
+WriteBatches, and the commit's bookkeeping. The sink is a stand-in that counts the rows,
+or with --db the real `ResultSink` on a table of its own (its CPU is then the sink step;
+the database's own work is not counted).
 
-Usage: python -m bench.checkpoint_micro [ORDERS] [ROUNDS] [REPEATS]
+Usage: python -m bench.checkpoint_micro [--db URL] [ORDERS] [ROUNDS] [REPEATS]
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
+import os
 import statistics
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -26,6 +28,7 @@ from typing import Any
 
 import rocksdict
 from aiokafka.producer.message_accumulator import BatchBuilder
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from coupon_stream.connectors.engine import RocksStore
 from coupon_stream.connectors.kafka import ChangelogWriter, KafkaOut
@@ -78,7 +81,7 @@ class _Producer:
 
 class _Changelogs(ChangelogWriter):
     async def claim(self, partition: int) -> None:
-        self._producers[partition] = _Producer()  # type: ignore[assignment]
+        self._producers[partition] = _Producer()
 
 
 class _Sink(ResultSink):
@@ -132,6 +135,18 @@ class _FaustStore:
             db.close()
 
 
+async def _drop(sink: ResultSink, url: str) -> None:
+    """The bench's own tables, gone."""
+    await sink.stop()
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(sink.table.drop)
+            await conn.run_sync(sink.fences.drop)
+    finally:
+        await engine.dispose()
+
+
 def messages(orders: int, rounds: int) -> list[list[tuple[int, bytes]]]:
     """Per round, (partition, by-buyer message) in log order."""
     data = generate(orders, seed=11, buyers=orders // 4, skew="zipf")
@@ -154,27 +169,32 @@ def messages(orders: int, rounds: int) -> list[list[tuple[int, bytes]]]:
 
 
 def _timed(seconds: dict[str, float], step: str, fn: Callable[[], Any]) -> Any:
-    start = time.process_time()
+    start = time.thread_time()
     result = fn()
-    seconds[step] += time.process_time() - start
+    seconds[step] += time.thread_time() - start
     return result
 
 
 async def _timed_async(
     seconds: dict[str, float], step: str, fn: Callable[[], Awaitable[Any]]
 ) -> Any:
-    start = time.process_time()
+    start = time.thread_time()
     result = await fn()
-    seconds[step] += time.process_time() - start
+    seconds[step] += time.thread_time() - start
     return result
 
 
-async def run_once(rounds: Iterable[list[tuple[int, bytes]]], path: Path) -> dict[str, float]:
+async def run_once(
+    rounds: Iterable[list[tuple[int, bytes]]], path: Path, db: str | None = None
+) -> dict[str, float]:
     """Apply each round, then checkpoint it; µs of CPU per written key, per step."""
     settings = Settings(app_id="bench", partitions=PARTITIONS)
     stores = {name: _FaustStore(path / name) for name in ("entries", "days")}
     changelogs = _Changelogs(settings)
-    sink = _Sink()
+    sink: ResultSink = _Sink()
+    if db is not None:
+        sink = ResultSink(db, f"ckpt_micro_{os.getpid()}_{time.time_ns()}", app_id="ckpt-micro")
+        await sink.start()
     entries = TableCache("entries", RocksStore(stores["entries"], "e"), "entries-changelog")
     days = TableCache("days", RocksStore(stores["days"], "d"), "days-changelog")
 
@@ -196,9 +216,7 @@ async def run_once(rounds: Iterable[list[tuple[int, bytes]]], path: Path) -> dic
     async def acknowledge(tokens: list[Any], committed: bool) -> None:
         pass
 
-    owner = Checkpointer(
-        settings, stage, KafkaOut(settings), changelogs, sink, commit, acknowledge
-    )
+    owner = Checkpointer(settings, stage, KafkaOut(settings), changelogs, sink, commit, acknowledge)
     seconds: dict[str, float] = defaultdict(float)
     keys = 0
     offsets: dict[int, int] = defaultdict(int)
@@ -215,12 +233,14 @@ async def run_once(rounds: Iterable[list[tuple[int, bytes]]], path: Path) -> dic
         _timed(t, "derive", c.derive)
         await _timed_async(t, "changelog", c.changelog)
         _timed(t, "store", c.store)
-        await c.write()
+        await _timed_async(t, "sink", c.write)
         await _timed_async(t, "commit", c.commit_offsets)
         if timing:
             keys += sum(len(v) for per in c.writes.values() for v in per.values())
     for store in stores.values():
         store.close()
+    if db is not None:
+        await _drop(sink, db)
     per_key = {step: s * 1e6 / keys for step, s in seconds.items()}
     per_key["total"] = sum(per_key.values())
     per_key["keys"] = keys
@@ -228,15 +248,19 @@ async def run_once(rounds: Iterable[list[tuple[int, bytes]]], path: Path) -> dic
 
 
 def main() -> None:
-    orders = int(sys.argv[1]) if len(sys.argv) > 1 else 40_000
-    rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 4
-    repeats = int(sys.argv[3]) if len(sys.argv) > 3 else 3
-    data = messages(orders, rounds)
+    args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args.add_argument("--db", help="a database URL: time the real sink (a table of its own)")
+    args.add_argument("orders", type=int, nargs="?", default=40_000)
+    args.add_argument("rounds", type=int, nargs="?", default=4)
+    args.add_argument("repeats", type=int, nargs="?", default=3)
+    a = args.parse_args()
+    data = messages(a.orders, a.rounds)
     results = []
-    for _ in range(repeats):
+    for _ in range(a.repeats):
         with tempfile.TemporaryDirectory(prefix="ckpt-micro-") as tmp:
-            results.append(asyncio.run(run_once(data, Path(tmp))))
-    steps = ["derive", "changelog", "store", "commit", "total"]
+            results.append(asyncio.run(run_once(data, Path(tmp), a.db)))
+    steps = ["derive", "changelog", "store", "sink", "commit", "total"]
+    repeats = a.repeats
     keys = int(results[0]["keys"])
     medians = {s: statistics.median(r[s] for r in results) for s in steps}
     print(
