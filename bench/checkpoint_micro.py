@@ -1,11 +1,12 @@
-"""The checkpoint's CPU per changed key, without Kafka or MySQL: what `make bench` cannot
+"""The checkpoint's CPU per written key, without Kafka (or MySQL): what `make bench` cannot
 separate from the rest of a worker.
 
 A state stage on real RocksDB partitions (rocksdict, as `engine.RocksStore` opens them)
-applies a zipf-skewed dataset (`tools.dataset.generate`) in rounds; each round ends in one
-checkpoint whose CPU-bound steps are timed apart: derive (with the bytes to write), the
-changelog appends (real aiokafka record batches, a producer that sends nothing), the local
-WriteBatches, and the commit's bookkeeping. The sink is a stand-in that counts the rows,
+applies a zipf-skewed dataset (`tools.dataset.generate`) in rounds, with the worker's
+garbage collector settings; each round ends in one checkpoint whose steps are timed apart
+on the main thread's CPU clock: derive (with the bytes to write), the changelog appends
+(real aiokafka record batches, a producer that sends nothing), the local WriteBatches, and
+the commit's bookkeeping. The sink is a stand-in that counts the rows,
 or with --db the real `ResultSink` on a table of its own (its CPU is then the sink step;
 the database's own work is not counted).
 
@@ -40,6 +41,7 @@ from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.checkpoint import Checkpoint, Checkpointer
 from coupon_stream.pipeline.fencing import Claims
 from coupon_stream.pipeline.state_stage import StateStage, TableCache
+from coupon_stream.tools.cli import _collect_garbage_less_often
 from coupon_stream.tools.dataset import generate, jsonl
 
 PARTITIONS = 4
@@ -255,6 +257,7 @@ def main() -> None:
     args.add_argument("repeats", type=int, nargs="?", default=3)
     a = args.parse_args()
     data = messages(a.orders, a.rounds)
+    _collect_garbage_less_often()  # the worker's collector settings
     results = []
     for _ in range(a.repeats):
         with tempfile.TemporaryDirectory(prefix="ckpt-micro-") as tmp:

@@ -220,12 +220,10 @@ class Checkpoint:
         for partition, stale in snap.pending.stale.items():
             slots = days.get(partition, {})
             stale_days = {key: parse_day_key(key) for key in stale if slots[key][VALUE] is not None}
-            # An entry of the day holds its digits: the buyer's other entries stay undecoded.
-            digits: dict[bytes, list[bytes]] = {}
-            for buyer, effect_time in stale_days.values():
-                digits.setdefault(buyer_prefix(buyer), []).append(str(effect_time).encode())
             by_buyer = self.stage.entries.with_prefixes(
-                partition, snap.sessions[partition], digits, holding=digits
+                partition,
+                snap.sessions[partition],
+                {buyer_prefix(buyer) for buyer, _ in stale_days.values()},
             )
             for key, (buyer, effect_time) in stale_days.items():
                 day = slots[key][VALUE]

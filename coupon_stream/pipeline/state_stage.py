@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final, NamedTuple
@@ -97,14 +97,6 @@ Layer = dict[int, dict[bytes, Slot]]
 the ones a checkpoint is writing."""
 
 
-def _holds(raw: bytes, needles: Sequence[bytes]) -> bool:
-    """Whether `raw` holds one of `needles` (`TableCache.with_prefixes`)."""
-    for needle in needles:
-        if needle in raw:
-            return True
-    return False
-
-
 class TableCache:
     """One state table's keys changed since the last checkpoint, per partition.
 
@@ -158,33 +150,19 @@ class TableCache:
                 yield key, read_value(raw, session.start, session.sid)
 
     def with_prefixes(
-        self,
-        partition: int,
-        session: Session,
-        prefixes: Iterable[bytes],
-        holding: Mapping[bytes, Sequence[bytes]] | None = None,
+        self, partition: int, session: Session, prefixes: Iterable[bytes]
     ) -> dict[bytes, dict[bytes, Any]]:
         """Per prefix, the keys starting with it and their values as of the checkpoint being
         written (the stored values under the layer it writes): one pass over the layer, one
-        RocksDB prefix scan per prefix.
-
-        `holding`: per prefix, byte strings one of which a stored value's bytes must hold
-        to be read at all (a day's digits: a value that cannot be of the day is left out
-        undecoded). A key of the layer is never read from the store.
-        """
+        RocksDB prefix scan per prefix."""
         found: dict[bytes, dict[bytes, Any]] = {p: {} for p in prefixes}
         if not found:
             return found
         size = len(next(iter(found)))
-        writing = self._writing.get(partition, {})
-        start, sid = session.start, session.sid
         for prefix, values in found.items():
-            needles = holding.get(prefix) if holding is not None else None
             for key, raw in self.store.items(partition, prefix):
-                if key in writing or (needles is not None and not _holds(raw, needles)):
-                    continue
-                values[key] = read_value(raw, start, sid)
-        for key, slot in writing.items():
+                values[key] = read_value(raw, session.start, session.sid)
+        for key, slot in self._writing.get(partition, {}).items():
             prefixed = found.get(key[:size])
             if prefixed is not None:
                 prefixed[key] = slot[VALUE]

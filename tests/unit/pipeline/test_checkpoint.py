@@ -134,8 +134,8 @@ async def test_a_hot_buyer_costs_one_entry_and_one_day_per_record():
 
 
 async def test_a_stale_days_min_and_max_come_from_its_own_entries_only():
-    """The recompute decodes only the stored entries that hold the day's digits: the
-    buyer's entries of another day, stored or being written, never count."""
+    """The recompute scans all of the buyer's entries, stored and being written: those of
+    another day never count."""
     world = World()
     world.append(
         [
