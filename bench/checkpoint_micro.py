@@ -10,7 +10,9 @@ the commit's bookkeeping. The sink is a stand-in that counts the rows,
 or with --db the real `ResultSink` on a table of its own (its CPU is then the sink step;
 the database's own work is not counted).
 
-Usage: python -m bench.checkpoint_micro [--db URL] [ORDERS] [ROUNDS] [REPEATS]
+With --tiers, under a coupon policy (the grant events and the grants table's rows).
+
+Usage: python -m bench.checkpoint_micro [--db URL] [--tiers TIERS] [ORDERS] [ROUNDS] [REPEATS]
 """
 
 from __future__ import annotations
@@ -107,8 +109,18 @@ class _Sink(ResultSink):
 
 
 class _Reader:
+    """Nothing committed, empty changelogs."""
+
     async def committed(self, group: str, topic: str, partition: int) -> int | None:
         return 0
+
+    async def end_offsets(self, topic: str, partitions: Iterable[int]) -> dict[int, int]:
+        return {p: 0 for p in partitions}
+
+    async def records(
+        self, topic: str, partition: int, start: int, end: int
+    ) -> list[tuple[bytes | None, bytes | None]]:
+        return []
 
 
 class _FaustStore:
@@ -145,6 +157,8 @@ async def _drop(sink: ResultSink, url: str) -> None:
         async with engine.begin() as conn:
             await conn.run_sync(sink.table.drop)
             await conn.run_sync(sink.fences.drop)
+            if sink.grants is not None:
+                await conn.run_sync(sink.grants.drop)
     finally:
         await engine.dispose()
 
@@ -187,15 +201,22 @@ async def _timed_async(
 
 
 async def run_once(
-    rounds: Iterable[list[tuple[int, bytes]]], path: Path, db: str | None = None
+    rounds: Iterable[list[tuple[int, bytes]]], path: Path, db: str | None = None, tiers: str = ""
 ) -> dict[str, float]:
     """Apply each round, then checkpoint it; µs of CPU per written key, per step."""
-    settings = Settings(app_id="bench", partitions=PARTITIONS)
+    settings = Settings(
+        app_id="bench",
+        partitions=PARTITIONS,
+        grant_tiers=tiers,
+        grant_policy_version=int(bool(tiers)),
+    )
     stores = {name: _FaustStore(path / name) for name in ("entries", "days")}
     changelogs = _Changelogs(settings)
     sink: ResultSink = _Sink()
     if db is not None:
-        sink = ResultSink(db, f"ckpt_micro_{os.getpid()}_{time.time_ns()}", app_id="ckpt-micro")
+        table = f"ckpt_micro_{os.getpid()}_{time.time_ns()}"
+        grants = f"{table}_grants" if tiers else None
+        sink = ResultSink(db, table, app_id="ckpt-micro", grants=grants)
         await sink.start()
     entries = TableCache("entries", RocksStore(stores["entries"], "e"), "entries-changelog")
     days = TableCache("days", RocksStore(stores["days"], "d"), "days-changelog")
@@ -252,6 +273,7 @@ async def run_once(
 def main() -> None:
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("--db", help="a database URL: time the real sink (a table of its own)")
+    args.add_argument("--tiers", default="", help='coupon tiers, e.g. "200:20,500:60"')
     args.add_argument("orders", type=int, nargs="?", default=40_000)
     args.add_argument("rounds", type=int, nargs="?", default=4)
     args.add_argument("repeats", type=int, nargs="?", default=3)
@@ -261,7 +283,7 @@ def main() -> None:
     results = []
     for _ in range(a.repeats):
         with tempfile.TemporaryDirectory(prefix="ckpt-micro-") as tmp:
-            results.append(asyncio.run(run_once(data, Path(tmp), a.db)))
+            results.append(asyncio.run(run_once(data, Path(tmp), a.db, a.tiers)))
     steps = ["derive", "changelog", "store", "sink", "commit", "total"]
     repeats = a.repeats
     keys = int(results[0]["keys"])
