@@ -37,7 +37,7 @@ from coupon_stream.connectors.engine import RocksStore
 from coupon_stream.connectors.kafka import ChangelogWriter, KafkaOut
 from coupon_stream.connectors.mysql import ResultSink, RowKey, WriteResult
 from coupon_stream.core.grants import Grant
-from coupon_stream.core.records import BUYER, Row, Source, encode_rows, read_row
+from coupon_stream.core.records import BUYER, Row, Source, decode_rows, encode_rows, read_row
 from coupon_stream.core.state import ResultRow
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.checkpoint import Checkpoint, Checkpointer
@@ -241,7 +241,7 @@ async def run_once(
 
     owner = Checkpointer(settings, stage, KafkaOut(settings), changelogs, sink, commit, acknowledge)
     seconds: dict[str, float] = defaultdict(float)
-    keys = 0
+    keys = records = 0
     offsets: dict[int, int] = defaultdict(int)
     gc.collect()
     for i, batch in enumerate(rounds):
@@ -260,6 +260,7 @@ async def run_once(
         await _timed_async(t, "commit", c.commit_offsets)
         if timing:
             keys += sum(len(v) for per in c.writes.values() for v in per.values())
+            records += sum(len(decode_rows(raw)) for _, raw in batch)
     for store in stores.values():
         store.close()
     if db is not None:
@@ -267,6 +268,7 @@ async def run_once(
     per_key = {step: s * 1e6 / keys for step, s in seconds.items()}
     per_key["total"] = sum(per_key.values())
     per_key["keys"] = keys
+    per_key["per record"] = sum(seconds.values()) * 1e6 / records
     return per_key
 
 
@@ -288,9 +290,11 @@ def main() -> None:
     repeats = a.repeats
     keys = int(results[0]["keys"])
     medians = {s: statistics.median(r[s] for r in results) for s in steps}
+    per_record = statistics.median(r["per record"] for r in results)
     print(
         f"checkpoint CPU, µs per written key (median of {repeats}, {keys} keys): "
         + " ".join(f"{s}={medians[s]:.2f}" for s in steps)
+        + f"; µs per input record: {per_record:.2f}"
     )
 
 
