@@ -10,6 +10,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import countOf
 from typing import Any
 
 from sqlalchemy import (
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 
 RowKey = tuple[int, int]  # (buyer_id, effect_time)
 CHUNK = 1000
+# Rows per executemany of an upsert: the driver folds them into INSERTs of at most its
+# max_stmt_length (1 MB) itself, and each call has a fixed cost in Python.
+UPSERT_CHUNK = 5000
 READ_TIMEOUT = 30.0  # seconds
 IDLE_TRANSACTION_S = 10  # our transactions never wait between their statements
 
@@ -372,11 +376,15 @@ class ResultSink:
             return result
         metrics.SINK_WRITE_SECONDS.observe(time.perf_counter() - started)
         metrics.SINK_BATCH_ROWS.observe(len(rows))
-        rejected = {key for key, _, _ in result.rejected}
-        metrics.ROWS_UPSERTED.inc(
-            sum(1 for k, r in rows.items() if r is not None and k not in rejected)
-        )
-        metrics.ROWS_DELETED.inc(sum(1 for k, r in rows.items() if r is None and k not in rejected))
+        deleted = countOf(rows.values(), None)  # one pass in C, not two in Python
+        upserted = len(rows) - deleted
+        for _, row, _ in result.rejected:
+            if row is None:
+                deleted -= 1
+            else:
+                upserted -= 1
+        metrics.ROWS_UPSERTED.inc(upserted)
+        metrics.ROWS_DELETED.inc(deleted)
         return result
 
     async def _write_split(
@@ -660,9 +668,10 @@ async def _upsert_and_delete(
     table: str,
     keys: Sequence[RowKey],
 ) -> None:
-    """`rows` through `upsert`, then `keys` deleted from `table`, CHUNK per statement."""
-    for i in range(0, len(rows), CHUNK):
-        await conn.exec_driver_sql(upsert, rows[i : i + CHUNK])
+    """`rows` through `upsert`, UPSERT_CHUNK per call, then `keys` deleted from `table`,
+    CHUNK per statement."""
+    for i in range(0, len(rows), UPSERT_CHUNK):
+        await conn.exec_driver_sql(upsert, rows[i : i + UPSERT_CHUNK])
         metrics.SINK_STATEMENTS.inc()
     for i in range(0, len(keys), CHUNK):
         chunk = keys[i : i + CHUNK]

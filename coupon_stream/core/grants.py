@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
 from coupon_stream.core.records import encode_json
@@ -38,17 +38,20 @@ class Tier(NamedTuple):
 class Policy:
     version: int
     tiers: tuple[Tier, ...]
+    # The tiers' thresholds, built once: `tier` runs twice per touched day and checkpoint.
+    thresholds: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         problems = policy_problems(self.version, self.tiers)
         if problems:
             raise ValueError("; ".join(problems))
+        object.__setattr__(self, "thresholds", tuple(t.threshold for t in self.tiers))
 
     def tier(self, total: int | None) -> int:
         """The tier a day total reaches: 0 for none, else its 1-based position."""
         if total is None:
             return 0
-        return bisect.bisect_right([t.threshold for t in self.tiers], total)
+        return bisect.bisect_right(self.thresholds, total)
 
     def amount(self, tier: int) -> int:
         return 0 if tier == 0 else self.tiers[tier - 1].amount

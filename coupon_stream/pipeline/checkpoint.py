@@ -39,6 +39,7 @@ import logging
 import os
 import signal
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from enum import StrEnum
 
@@ -449,11 +450,23 @@ class Checkpoint:
         for cache in self.stage.caches:
             cache.committed(self.snapshot.layers[cache.name])
         if owner.policy is not None:
-            for grant in self.grants.values():
-                if grant.tier != grant.tier_before:  # a re-assertion changes nothing
-                    metrics.GRANT_EVENTS.labels(grant.kind, str(grant.tier)).inc()
-                    moved = owner.policy.amount(grant.tier) - owner.policy.amount(grant.tier_before)
-                    metrics.GRANT_YUAN.labels(grant.kind).inc(abs(moved))
+            self._count_grants(owner.policy)
+
+    def _count_grants(self, policy: Policy) -> None:
+        """The grant metrics, summed per label first: looking a labelled series up costs more
+        than all else a grant does here."""
+        events: Counter[tuple[str, int]] = Counter()
+        yuan: Counter[str] = Counter()
+        for grant in self.grants.values():
+            if grant.tier != grant.tier_before:  # a re-assertion changes nothing
+                events[grant.kind, grant.tier] += 1
+                yuan[grant.kind] += abs(
+                    policy.amount(grant.tier) - policy.amount(grant.tier_before)
+                )
+        for (kind, tier), n in events.items():
+            metrics.GRANT_EVENTS.labels(kind, str(tier)).inc(n)
+        for kind, amount in yuan.items():
+            metrics.GRANT_YUAN.labels(kind).inc(amount)
 
     # -- abandoned ------------------------------------------------------------------------
 

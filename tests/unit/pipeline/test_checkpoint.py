@@ -12,7 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from coupon_stream.core.records import Source, read_row
-from coupon_stream.core.state import generated_before
+from coupon_stream.core.state import ResultRow, generated_before
 from coupon_stream.tools.dataset import generate, jsonl
 from tests import reference
 from tests.unit.fakes import Crash, DownSink
@@ -131,6 +131,31 @@ async def test_a_hot_buyer_costs_one_entry_and_one_day_per_record():
     sizes = [len(v) for log in world.out.logs.values() for _, v in log if v is not None]
     assert max(sizes) < 200
     assert world.sink.table[(1, 20261111)].cumulate_amount == 5000
+
+
+async def test_a_stale_days_min_and_max_come_from_its_own_entries_only():
+    """The recompute scans all of the buyer's entries, stored and being written: those of
+    another day never count."""
+    world = World()
+    world.append(
+        [
+            r("a", day=20261111, gc="2026-11-11 01:00:00", gm="2026-11-11 02:00:00"),
+            r("b", day=20261111, gc="2026-11-11 03:00:00", gm="2026-11-11 04:00:00"),
+            r("c", day=20261112, gc="2026-11-10 00:00:00", gm="2026-11-14 00:00:00"),
+        ]
+    )
+    worker = world.worker()
+    await world.run(worker, every=1)
+    # An earlier copy of "a" on the next day: the 11th loses its MIN(gmt_create).
+    world.append([r("a", day=20261112, gc="2026-11-12 00:00:00", gm="2026-11-11 01:30:00")])
+    world.append([r("d", day=20261112, gc="2026-11-09 00:00:00", gm="2026-11-15 00:00:00")])
+    await world.run(worker, every=2)
+    assert world.sink.table[(7, 20261111)] == ResultRow(
+        "2026-11-11 03:00:00", "2026-11-11 04:00:00", 7, 10, 20261111
+    )
+    assert world.sink.table[(7, 20261112)] == ResultRow(
+        "2026-11-09 00:00:00", "2026-11-15 00:00:00", 7, 30, 20261112
+    )
 
 
 async def test_an_old_format_partition_is_refused(tmp_path):

@@ -4,6 +4,7 @@ the policy over the spec's table, through crashes (docs/design.md, "Coupon grant
 from __future__ import annotations
 
 import random
+from collections import Counter
 from typing import Any
 
 import orjson
@@ -12,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coupon_stream.core.grants import Policy
+from coupon_stream.foundation import metrics
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.tools.dataset import generate
 from tests.reference import policy_applied
@@ -178,3 +180,40 @@ async def test_a_checkpoint_a_former_owner_committed_after_the_restore_is_re_ass
     await w.run(b, every=2)
     assert (7, 20261111) not in w.sink.table
     assert w.sink.granted == {} == reduced(w)
+
+
+def grant_counts() -> dict[tuple[str, ...], float]:
+    """The grant metrics as they stand: events per (kind, tier), yuan per kind."""
+    counts: dict[tuple[str, ...], float] = {}
+    for name, metric in (("events", metrics.GRANT_EVENTS), ("yuan", metrics.GRANT_YUAN)):
+        for family in metric.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    counts[(name, *sample.labels.values())] = sample.value
+    return counts
+
+
+async def test_the_grant_metrics_count_each_committed_change_once():
+    """Two buyers reach one tier in one checkpoint: the series counts both."""
+    w = world()
+    before = grant_counts()
+    await run_each(
+        w,
+        [
+            [r("o1", yuan=100), r("o2", buyer=8, yuan=350), r("o5", buyer=10, yuan=150)],
+            [r("o3", yuan=250), r("o4", buyer=9, yuan=700)],
+            [r("o1", status="4", yuan=-100), r("o2", buyer=8, status="4", yuan=-350)],
+        ],
+        1,
+    )
+    policy = policy_of(w)
+    expected: Counter[tuple[str, ...]] = Counter()
+    for e in events(w):
+        assert e["tier"] != e["tier_before"]  # no replay: no re-assertion
+        expected[("events", e["kind"], str(e["tier"]))] += 1
+        expected[("yuan", e["kind"])] += abs(
+            policy.amount(e["tier"]) - policy.amount(e["tier_before"])
+        )
+    after = grant_counts()
+    assert len(events(w)) >= 5
+    assert {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)} == expected
