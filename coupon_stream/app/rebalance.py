@@ -61,7 +61,10 @@ class Restorer:
         if task is not None and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        self.progress.clear()  # its partitions may not be this worker's any more
+        # Its partitions may not be this worker's any more: the lag gauge must not show them
+        # again after the revocation cleared it (`Rebalances.revoked`).
+        self.progress.clear()
+        self.standby_lag.clear()
 
     async def _run(
         self,

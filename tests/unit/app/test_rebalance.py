@@ -48,6 +48,9 @@ async def test_the_actives_are_restored_then_the_standbys_mirrored(monkeypatch):
     assert dict(stores[ENTRIES].items(1))[b"x"] == b"y"
     await r.cancel()
     assert r.task is None
+    # The revocation cleared the lag gauge; the copies it held may be another worker's now,
+    # and the gauge's next export must not bring them back.
+    assert r.standby_lag == {}
 
 
 async def test_a_rebalance_cancels_the_restore_and_the_next_one_goes_on_from_its_offsets():
