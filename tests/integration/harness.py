@@ -432,9 +432,15 @@ class Pipeline:
         return int(head.split()[1]), body
 
     async def wait_for_progress(self, timeout: float = 120.0) -> float:
-        """Until the group's lag has shrunk (the workers are busy); returns seconds waited."""
+        """Until the group's lag has shrunk (the workers are busy); returns seconds waited.
+
+        No lag at all is progress too: the workers already committed all that was produced
+        (a worker can drain a test's slice while it is still being sent).
+        """
         began = time.monotonic()
         start = sum((await self.lag()).values())
+        if not start:
+            return 0.0
         deadline = began + timeout
         while time.monotonic() < deadline:
             self.assert_workers_alive()

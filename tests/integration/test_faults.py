@@ -120,12 +120,19 @@ async def test_kill_9_with_standby_replicas(pipeline):
         assert time.monotonic() - began < 120, f"standbys never current: {lags}"
         await asyncio.sleep(1)
     standby_current_s = round(time.monotonic() - began, 1)
-    await p.produce(slices[1])
-    await p.wait_for_progress()
-    p.kill(workers[0])
-    # The survivor holds a current copy of every partition: it processes all of them again
-    # a session timeout after the kill (the group's notice), plus a few seconds.
-    resumed = await p.wait_every_partition_moves()
+    # Killed while the second slice is still being sent: a worker drains a slice faster
+    # than the test sends it, so the kill must not wait for the sending to end.
+    producing = asyncio.ensure_future(p.produce(slices[1]))
+    try:
+        while not sum((await p.lag()).values()) and not producing.done():
+            await asyncio.sleep(0.1)
+        await p.wait_for_progress()
+        p.kill(workers[0])
+        # The survivor holds a current copy of every partition: it processes all of them
+        # again a session timeout after the kill (the group's notice), plus a few seconds.
+        resumed = await p.wait_every_partition_moves()
+    finally:
+        await producing
     assert resumed < SESSION_TIMEOUT + 10, resumed
     await check(
         p,
