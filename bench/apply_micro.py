@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from faust.stores.rocksdb import RocksDBOptions
 
-from coupon_stream.connectors.engine import LookupTunedOptions, RocksStore
+from bench.faust_store import FaustStore
+from coupon_stream.connectors.engine import RocksStore
 from coupon_stream.connectors.store import MemoryStore, PartitionStore
 from coupon_stream.core.records import Source
 from coupon_stream.core.stored import encode_value, read_value
@@ -85,27 +85,6 @@ def cached_messages(orders: int, seed: int) -> list[tuple[int, bytes]]:
     return messages
 
 
-class _FaustStore:
-    """The little of Faust's RocksDB store `RocksStore` reads: one database per partition."""
-
-    offset_key = b"__faust\x00offset__"
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.options = LookupTunedOptions.like(RocksDBOptions(use_rocksdict=True))
-        self._dbs: dict[int, Any] = {}
-
-    def _db_for_partition(self, partition: int) -> Any:
-        db = self._dbs.get(partition)
-        if db is None:
-            db = self._dbs[partition] = self.options.open(self.root / f"p{partition}.db")
-        return db
-
-    def close(self) -> None:
-        for db in self._dbs.values():
-            db.close()
-
-
 def checkpoint(stage: StateStage, offset: int, writing: list[Any]) -> list[Any]:
     """Write every changed key as the checkpoint does; return the layers it wrote.
 
@@ -145,9 +124,7 @@ async def one_run(
     """CPU seconds of this thread in `apply` (other load on the machine and RocksDB's own
     threads left out), rows applied, and the digest of what they left."""
     settings = Settings(app_id="apply-micro", data_dir=root, partitions=PARTITIONS)
-    faust_stores = [_FaustStore(root / name) for name in ("entries", "days")]
-    for store in faust_stores:
-        store.root.mkdir(parents=True)
+    faust_stores = [FaustStore(root / name, PARTITIONS) for name in ("entries", "days")]
     stores: list[PartitionStore] = (
         [MemoryStore(), MemoryStore()] if memory else [RocksStore(s, "x") for s in faust_stores]
     )

@@ -1,7 +1,7 @@
 """The checkpoint's CPU per written key, without Kafka (or MySQL): what `make bench` cannot
 separate from the rest of a worker.
 
-A state stage on real RocksDB partitions (rocksdict, as `engine.RocksStore` opens them)
+A state stage on real RocksDB partitions (`bench.faust_store`, the worker's options)
 applies a zipf-skewed dataset (`tools.dataset.generate`) in rounds, with the worker's
 garbage collector settings; each round ends in one checkpoint whose steps are timed apart
 on the main thread's CPU clock: derive (with the bytes to write), the changelog appends
@@ -29,10 +29,10 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import rocksdict
 from aiokafka.producer.message_accumulator import BatchBuilder
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from bench.faust_store import FaustStore
 from coupon_stream.connectors.engine import RocksStore
 from coupon_stream.connectors.kafka import ChangelogWriter, KafkaOut
 from coupon_stream.connectors.mysql import ResultSink, RowKey, WriteResult
@@ -123,32 +123,6 @@ class _Reader:
         return []
 
 
-class _FaustStore:
-    """What `RocksStore` asks of Faust's store: one rocksdict database per partition."""
-
-    offset_key = b"__faust\0offset__"
-
-    def __init__(self, path: Path) -> None:
-        self._dbs = {
-            p: rocksdict.Rdict(str(path / str(p)), options=rocksdict.Options(raw_mode=True))
-            for p in range(PARTITIONS)
-        }
-
-    def _db_for_partition(self, partition: int) -> Any:
-        return self._dbs[partition]
-
-    def set_persisted_offset(self, tp: Any, offset: int) -> None:
-        self._dbs[tp.partition][self.offset_key] = str(offset).encode()
-
-    def persisted_offset(self, tp: Any) -> int | None:
-        raw = self._dbs[tp.partition].get(self.offset_key)
-        return None if raw is None else int(raw)
-
-    def close(self) -> None:
-        for db in self._dbs.values():
-            db.close()
-
-
 async def _drop(sink: ResultSink, url: str) -> None:
     """The bench's own tables, gone."""
     await sink.stop()
@@ -210,7 +184,7 @@ async def run_once(
         grant_tiers=tiers,
         grant_policy_version=int(bool(tiers)),
     )
-    stores = {name: _FaustStore(path / name) for name in ("entries", "days")}
+    stores = {name: FaustStore(path / name, PARTITIONS) for name in ("entries", "days")}
     changelogs = _Changelogs(settings)
     sink: ResultSink = _Sink()
     if db is not None:
