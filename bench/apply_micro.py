@@ -25,14 +25,15 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from bench.faust_store import FaustStore
+from coupon_stream.connectors.clients import TopicPartition
 from coupon_stream.connectors.engine import RocksStore
+from coupon_stream.connectors.sources import Fetched
 from coupon_stream.connectors.store import MemoryStore, PartitionStore
 from coupon_stream.core.records import Source
 from coupon_stream.core.stored import encode_value, read_value
@@ -48,15 +49,6 @@ INTAKE_BATCH = 4000  # source messages per intake batch: ~500 rows per partition
 SID = 12345
 
 
-@dataclass(slots=True)
-class _Msg:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-
-
 def by_buyer_messages(orders: int, seed: int) -> list[tuple[int, bytes]]:
     """(partition, by-buyer message) in the order intake would send them."""
     data = generate(orders, seed=seed, buyers=max(1, orders // 4), skew="zipf")
@@ -67,8 +59,12 @@ def by_buyer_messages(orders: int, seed: int) -> list[tuple[int, bytes]]:
     out: list[tuple[int, bytes]] = []
     for start in range(0, len(tagged), INTAKE_BATCH):
         chunk = tagged[start : start + INTAKE_BATCH]
-        batch = [_Msg(t, 0, start + i, None, v) for i, (_, t, v) in enumerate(chunk)]
-        routed = route(batch, sources, PARTITIONS)
+        runs: list[Fetched] = []  # a run per stretch of one topic, in arrival order
+        for _, t, v in chunk:  # every message valid: their origins are never asked for
+            if not runs or runs[-1].tp.topic != t:
+                runs.append(Fetched(TopicPartition(t, 0), [], [], 0))
+            runs[-1].values.append(v)
+        routed = route(runs, sources, PARTITIONS)
         for partition, rows in sorted(routed.by_partition.items()):
             out.extend((partition, raw) for raw in split_rows(rows))
     return out

@@ -7,9 +7,9 @@ whatever key the producer used):
     source topics -> read_row -> route by buyer -> by-buyer topic -> read back
         -> one changelog record per row
 
-with the service's own functions (`read_row`, `route`, `split_rows`, `KafkaOut`), and
-neither RocksDB, nor dedup, nor MySQL. Its CPU per event bounds from below what any worker
-of this design in Python with aiokafka can spend; `make bench` reports it next to the raw
+with the service's own parts (`SourceConsumer`, `read_row`, `route`, `split_rows`,
+`KafkaOut`), and neither RocksDB, nor dedup, nor MySQL. Its CPU per event bounds from below
+what any worker of this design can spend; `make bench` reports it next to the raw
 floor. Usage: python -m bench.pipeline_floor TOPICS_PREFIX MESSAGES
 """
 
@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import NewTopic
 
 from coupon_stream.connectors.kafka import KafkaOut, create_topics
+from coupon_stream.connectors.sources import SourceConsumer
 from coupon_stream.core.records import Source
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.pipeline.intake import route, split_rows
@@ -52,13 +53,8 @@ async def pipeline_floor(
     await create_topics(s, [NewTopic(t, partitions, 1) for t in (s.by_buyer_topic, changelog)])
     sources = {s.orders_topic: Source.ORDERS, s.refunds_topic: Source.REFUNDS}
     out = KafkaOut(s)
-    source = AIOKafkaConsumer(
-        *sources,
-        bootstrap_servers=bootstrap,
-        group_id=run,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        **FETCH,
+    source = SourceConsumer(
+        s, sources, group_id=run, session_timeout_ms=10_000, heartbeat_interval_ms=1_000
     )
     by_buyer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest", **FETCH
@@ -74,10 +70,9 @@ async def pipeline_floor(
         nonlocal sent_rows
         seen = 0
         while seen < total:
-            batches = await source.getmany(timeout_ms=500, max_records=s.intake_batch)
-            messages = [m for msgs in batches.values() for m in msgs]
-            seen += len(messages)
-            routed = route(messages, sources, partitions)
+            fetched = await source.fetch(s.intake_batch, 0.5)
+            seen += sum(len(run.values) for run in fetched)
+            routed = route(fetched, sources, partitions)
             sends = [
                 await out.send(s.by_buyer_topic, value, partition=p)
                 for p, rows in routed.by_partition.items()
@@ -85,7 +80,7 @@ async def pipeline_floor(
             ]
             await asyncio.gather(*sends)
             sent_rows += sum(len(rows) for rows in routed.by_partition.values())
-            await source.commit({tp: msgs[-1].offset + 1 for tp, msgs in batches.items()})
+            await source.commit({run.tp: run.next_offset for run in fetched})
         forwarded.set()
 
     async def state() -> None:

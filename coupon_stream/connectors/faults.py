@@ -1,8 +1,9 @@
 """Driver errors, classified once: retry it (transient) or set its cause aside.
 
-The one place that knows the drivers' (aiokafka's, asyncmy's, SQLAlchemy's) exception
-types: intake, the changelog and the sink ask `classify` what an exception means and
-wait with `Backoff` between attempts (`retry`), so they agree on what is worth retrying.
+The one place that knows the drivers' (aiokafka's, librdkafka's, asyncmy's, SQLAlchemy's)
+exception types (librdkafka's become aiokafka's classes, `from_librdkafka`): intake, the
+changelog and the sink ask `classify` what an exception means and wait with `Backoff`
+between attempts (`retry`), so they agree on what is worth retrying.
 
 The rule is the same for Kafka and the database: an error is PERMANENT only when it is
 known to be caused by the data sent (too large, out of range, invalid) or by configuration
@@ -35,6 +36,7 @@ from aiokafka.errors import ConsumerStoppedError as ConsumerStoppedError
 from aiokafka.errors import KafkaError as KafkaError
 from aiokafka.errors import for_code as for_code
 from asyncmy import errors as asyncmy
+from confluent_kafka import KafkaError as LibrdkafkaError
 from sqlalchemy import exc as sa
 
 from coupon_stream.foundation.errors import AccessRefused, GivenUp
@@ -242,6 +244,30 @@ def _database(orig: BaseException | None, exc: BaseException) -> Fault:
     if isinstance(orig, _DATA_CLASSES) or isinstance(exc, _DATA_CLASSES):
         return Fault.PERMANENT
     return Fault.TRANSIENT
+
+
+def from_librdkafka(err: LibrdkafkaError, *names: str | None) -> kafka.KafkaError:
+    """librdkafka's error as the aiokafka class of the same meaning, so it is classified once.
+
+    A broker's error keeps its Kafka error code, and so its class; `names` are the resources
+    it is about (a topic, a group), which an authorization error must name. librdkafka's
+    own errors (negative codes): a failed login is an authentication error, a fatal one
+    is permanent, and the rest (transport, timeouts, brokers down) stay transient.
+    """
+    code, text = err.code(), err.str()
+    if code > 0:
+        return for_code(code)(*([n for n in names if n] or [text]))
+    if err.name() == "_AUTHENTICATION":
+        return kafka.AuthenticationFailedError(text)
+    if err.fatal():
+        return kafka.IllegalStateError(f"librdkafka fatal error: {text}")
+    if err.name() in _LIBRDKAFKA_LINK:
+        return kafka.KafkaConnectionError(text)
+    return kafka.KafkaError(text)
+
+
+# librdkafka's own errors (names of negative codes) about the link to the brokers.
+_LIBRDKAFKA_LINK = frozenset({"_TRANSPORT", "_ALL_BROKERS_DOWN", "_TIMED_OUT", "_SSL", "_RESOLVE"})
 
 
 def is_too_large(exc: BaseException) -> bool:

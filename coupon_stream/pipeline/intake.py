@@ -1,11 +1,12 @@
 """Intake: orders and refunds in, valid rows out to the by-buyer topic, bad messages aside.
 
 Faust's per-message stream machinery would cost more than all the rest of a record's work
-(docs/performance.md, "History"), so intake reads whole fetched batches with a plain
-aiokafka consumer (its own group, `<app_id>-intake`) and sends one message per owning
+(docs/performance.md, "History"), so intake reads whole fetches with a consumer of its own
+(`connectors.sources`, its own group `<app_id>-intake`) and sends one message per owning
 partition and batch. Source offsets are committed only after those sends are acknowledged:
 a crash replays the batch, which is harmless because a copy that arrives twice is a
-duplicate to the state stage.
+duplicate to the state stage. Partitions move only while the intake fetches (or stops),
+never between a fetch and its commit.
 
 Sizes are bounded here, so that nothing downstream can meet a message Kafka refuses: a row
 whose encoding is over MAX_RECORD_BYTES is dead-lettered ("too_large"), and by-buyer
@@ -17,13 +18,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Protocol
 
 from coupon_stream.connectors import clients
-from coupon_stream.connectors.clients import AIOKafkaConsumer, RebalanceListener, TopicPartition
+from coupon_stream.connectors.clients import TopicPartition
 from coupon_stream.connectors.faults import (
     Backoff,
     CommitFailedError,
@@ -32,6 +32,7 @@ from coupon_stream.connectors.faults import (
     retry,
 )
 from coupon_stream.connectors.kafka import DeadLetter, KafkaOut, behind
+from coupon_stream.connectors.sources import Fetched, SourceConsumer
 from coupon_stream.core.records import (
     BUYER,
     MAX_TIMESTAMP_CHARS,
@@ -62,14 +63,6 @@ _ROW_OVERHEAD = 80
 _SURELY_SMALL_CHARS = (MAX_RECORD_BYTES - _ROW_OVERHEAD) // 6 - 2 * MAX_TIMESTAMP_CHARS
 
 
-class Message(Protocol):
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-
-
 @dataclass(slots=True)
 class Routed:
     """One intake batch split into per-partition rows and dead letters."""
@@ -78,38 +71,43 @@ class Routed:
     dead: list[DeadLetter] = field(default_factory=list)
 
 
-def route(messages: Iterable[Message], sources: Mapping[str, Source], partitions: int) -> Routed:
+def route(fetched: Iterable[Fetched], sources: dict[str, Source], partitions: int) -> Routed:
     """Validate each message and group the valid rows by the partition that owns their buyer."""
     routed = Routed()
     by_partition = routed.by_partition
-    for msg in messages:
-        try:
-            row = read_row(msg.value, sources[msg.topic])
-        except BadRecord as bad:
-            routed.dead.append(
-                DeadLetter(
-                    msg.key, msg.value, msg.topic, msg.partition, msg.offset, bad.reason, bad.kind
-                )
-            )
-            continue
-        if len(row[ORDER]) + len(row[STATUS]) > _SURELY_SMALL_CHARS:
-            size = len(encode_rows([row]))
-            if size > MAX_RECORD_BYTES:
-                routed.dead.append(
-                    DeadLetter(
-                        msg.key,
-                        msg.value,
-                        msg.topic,
-                        msg.partition,
-                        msg.offset,
-                        f"record too large to keep in state: {size} bytes of "
-                        f"biz_order_id/pay_status/timestamps (limit {MAX_RECORD_BYTES})",
-                        "too_large",
-                    )
-                )
+    for run in fetched:
+        source = sources[run.tp.topic]
+        for i, value in enumerate(run.values):
+            try:
+                row = read_row(value, source)
+            except BadRecord as bad:
+                routed.dead.append(_dead_letter(run, i, bad.reason, bad.kind))
                 continue
-        by_partition[partition_for_buyer(row[BUYER], partitions)].append(row)
+            if len(row[ORDER]) + len(row[STATUS]) > _SURELY_SMALL_CHARS:
+                size = len(encode_rows([row]))
+                if size > MAX_RECORD_BYTES:
+                    reason = (
+                        f"record too large to keep in state: {size} bytes of "
+                        f"biz_order_id/pay_status/timestamps (limit {MAX_RECORD_BYTES})"
+                    )
+                    routed.dead.append(_dead_letter(run, i, reason, "too_large"))
+                    continue
+            by_partition[partition_for_buyer(row[BUYER], partitions)].append(row)
     return routed
+
+
+def _dead_letter(run: Fetched, i: int, reason: str, kind: str) -> DeadLetter:
+    message = run.messages[i]
+    offset = message.offset()
+    return DeadLetter(
+        message.key(),
+        run.values[i],
+        run.tp.topic,
+        run.tp.partition,
+        -1 if offset is None else offset,
+        reason,
+        kind,
+    )
 
 
 def split_rows(rows: list[Row], limit: int = MAX_MESSAGE_BYTES) -> list[bytes]:
@@ -135,32 +133,25 @@ class Intake:
             settings.orders_topic: Source.ORDERS,
             settings.refunds_topic: Source.REFUNDS,
         }
-        self.in_flight = asyncio.Lock()  # a batch is sent and committed before partitions move
-        self.consumer: AIOKafkaConsumer | None = None
-        self.committed: dict[TopicPartition, int] = {}  # for the lag gauge
+        self.consumer: SourceConsumer | None = None
 
     async def run(self) -> None:
         s = self.settings
-        consumer = self.consumer = clients.consumer(
+        consumer = self.consumer = SourceConsumer(
             s,
+            self.sources,
             group_id=s.intake_group,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
             session_timeout_ms=int(s.session_timeout * 1000),
             heartbeat_interval_ms=max(500, int(s.session_timeout * 100)),
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-            fetch_max_bytes=16 * 1024 * 1024,
         )
-        consumer.subscribe(list(self.sources), listener=_CommitFirst(self))
         try:
             await consumer.start()
             await self._check_topics(consumer)
             while True:
-                batches = await consumer.getmany(timeout_ms=500, max_records=s.intake_batch)
-                if batches:
-                    async with self.in_flight:
-                        await self.forward_until_sent(batches)
-                        await self._commit(consumer, batches)
+                fetched = await consumer.fetch(s.intake_batch, 0.5)
+                if fetched:
+                    await self.forward_until_sent(fetched)
+                    await self._commit(consumer, fetched)
         except Exception as exc:
             refused = clients.kafka_refused(s, exc, "running the intake")
             if refused is not None:
@@ -169,7 +160,7 @@ class Intake:
         finally:
             await consumer.stop()
 
-    async def forward_until_sent(self, batches: Mapping[TopicPartition, list[Any]]) -> None:
+    async def forward_until_sent(self, fetched: list[Fetched]) -> None:
         """Forward a batch, again and again if Kafka refuses it: nothing is committed before.
 
         A re-sent batch is harmless (the state stage counts each copy once), and an intake
@@ -186,7 +177,7 @@ class Intake:
 
         try:
             await retry(
-                partial(self.forward, batches),
+                partial(self.forward, fetched),
                 backoff=Backoff(0.1, MAX_RETRY_DELAY),
                 failed=failed,
             )
@@ -198,12 +189,11 @@ class Intake:
             )
             raise
 
-    async def forward(self, batches: Mapping[TopicPartition, list[Any]]) -> None:
+    async def forward(self, fetched: list[Fetched]) -> None:
         """Send one fetched batch on and wait until Kafka has acknowledged all of it."""
-        messages = [m for msgs in batches.values() for m in msgs]
-        for tp, msgs in batches.items():
-            metrics.MESSAGES_CONSUMED.labels(tp.topic).inc(len(msgs))
-        routed = route(messages, self.sources, self.settings.partitions)
+        for run in fetched:
+            metrics.MESSAGES_CONSUMED.labels(run.tp.topic).inc(len(run.values))
+        routed = route(fetched, self.sources, self.settings.partitions)
         topic = self.settings.by_buyer_topic
         sends = [
             await self.out.send(topic, value, partition=part)
@@ -214,13 +204,9 @@ class Intake:
             sends.append(await self.out.dead_letter(dead))
         await asyncio.gather(*sends)
 
-    async def _commit(
-        self, consumer: AIOKafkaConsumer, batches: Mapping[TopicPartition, list[Any]]
-    ) -> None:
-        offsets = {tp: msgs[-1].offset + 1 for tp, msgs in batches.items()}
+    async def _commit(self, consumer: SourceConsumer, fetched: list[Fetched]) -> None:
         try:
-            await consumer.commit(offsets)
-            self.committed.update(offsets)
+            await consumer.commit({run.tp: run.next_offset for run in fetched})
         except (CommitFailedError, KafkaError) as exc:
             if refusal(exc) is not None:
                 raise  # the group's ACL: every commit would fail, never replay for ever
@@ -228,35 +214,14 @@ class Intake:
             # state stage counts each copy once.
             log.warning("intake commit failed, the batch will be replayed: %s", exc)
 
-    async def load_committed(self, partitions: Iterable[TopicPartition]) -> None:
-        """Start the lag gauge from the group's committed offsets, not from zero.
-
-        Only the gauge depends on it, so a slow or failed lookup is logged and skipped.
-        """
-        consumer = self.consumer
-        if consumer is None:
-            return
-        try:
-            for tp in partitions:
-                offset = await asyncio.wait_for(consumer.committed(tp), 5)
-                if offset is not None:
-                    self.committed[tp] = offset
-        except (TimeoutError, KafkaError) as exc:
-            log.warning("intake could not read its committed offsets for the lag gauge: %r", exc)
-
     def lag(self) -> dict[TopicPartition, int]:
         """Messages between each assigned partition's end and the committed offset."""
         consumer = self.consumer
         if consumer is None:
             return {}
-        lags = {}
-        for tp in consumer.assignment():
-            end = consumer.highwater(tp)
-            if end is not None:
-                lags[tp] = behind(end, self.committed.get(tp))
-        return lags
+        return {tp: behind(end, done) for tp, (end, done) in consumer.lag_inputs().items()}
 
-    async def _check_topics(self, consumer: AIOKafkaConsumer) -> None:
+    async def _check_topics(self, consumer: SourceConsumer) -> None:
         topics = await consumer.topics()
         for topic in self.sources:
             if topic not in topics:
@@ -265,20 +230,3 @@ class Intake:
                     "created (coupon-stream topics)",
                     topic,
                 )
-
-
-class _CommitFirst(RebalanceListener):
-    """Let the batch in flight finish (sent and committed) before partitions are given up."""
-
-    def __init__(self, intake: Intake) -> None:
-        self.intake = intake
-
-    async def on_partitions_revoked(self, revoked: Any) -> None:
-        async with self.intake.in_flight:
-            for tp in revoked:
-                self.intake.committed.pop(tp, None)
-
-    async def on_partitions_assigned(self, assigned: Any) -> None:
-        mine = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned)
-        log.info("intake assigned %d partitions: %s", len(mine), ", ".join(mine))
-        await self.intake.load_committed(assigned)

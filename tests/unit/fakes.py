@@ -19,6 +19,7 @@ from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 from faust.types import TP
 
 from coupon_stream.connectors.mysql import WriteResult
+from coupon_stream.connectors.sources import Fetched
 from coupon_stream.core.state import ResultRow
 from coupon_stream.core.stored import day_key
 from coupon_stream.foundation.errors import Fenced, NotHeld
@@ -357,32 +358,52 @@ class LogReader(_PartitionReader):
 
 
 class Polled:
-    """A record as aiokafka's consumer polls it, for the intake."""
+    """A source message as the intake's consumer fetches it (`connectors.sources`)."""
 
     def __init__(
         self, topic: str, offset: int, value: bytes, partition: int = 0, key: bytes = b"k"
     ) -> None:
-        self.topic, self.partition, self.offset = topic, partition, offset
-        self.key: bytes | None = key
+        self.topic, self.partition = topic, partition
         self.value: bytes | None = value
+        self._offset, self._key = offset, key
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def offset(self) -> int | None:
+        return self._offset
 
 
-class FakeConsumer:
-    """aiokafka's consumer as the intake asks it: its assignment (the partitions of
-    `committed`), each one's committed offset (None: no commit yet) and its high water."""
+def fetched(*messages: Polled) -> list[Fetched]:
+    """`messages` as `SourceConsumer.fetch` returns them: runs of one partition each."""
+    runs: list[Fetched] = []
+    for m in messages:
+        tp = TopicPartition(m.topic, m.partition)
+        if not runs or runs[-1].tp != tp:
+            runs.append(Fetched(tp, [], [], 0))
+        runs[-1].values.append(m.value)
+        runs[-1].messages.append(m)
+        runs[-1].next_offset = m._offset + 1
+    return runs
 
-    def __init__(self, committed: dict[TopicPartition, int | None], highwater: int) -> None:
+
+class FakeLibrdkafka:
+    """librdkafka's consumer as `SourceConsumer` asks it between fetches: the committed
+    offsets (-1001: none) and the high water it cached for each partition."""
+
+    def __init__(self, committed: dict[tuple[str, int], int], highwater: int) -> None:
         self.offsets = committed
         self.end = highwater
 
-    async def committed(self, tp: TopicPartition) -> int | None:
-        return self.offsets[tp]
+    def committed(self, parts: list[Any], timeout: float) -> list[Any]:
+        return [type(p)(p.topic, p.partition, self.offsets[p.topic, p.partition]) for p in parts]
 
-    def assignment(self) -> set[TopicPartition]:
-        return set(self.offsets)
+    def consume(self, max_records: int, timeout: float) -> list[Any]:
+        return []
 
-    def highwater(self, tp: TopicPartition) -> int:
-        return self.end
+    def get_watermark_offsets(self, part: Any, cached: bool) -> tuple[int, int]:
+        assert cached  # never a request while a fetch may be waiting
+        return 0, self.end
 
 
 class Record(NamedTuple):

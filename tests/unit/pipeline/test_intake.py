@@ -8,12 +8,16 @@ Kept apart from test_app.py so that these run without Faust or the state stage.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import orjson
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import MessageSizeTooLargeError, TopicAuthorizationFailedError
+from confluent_kafka import KafkaError as LibrdkafkaError
+from confluent_kafka import TopicPartition as Partition
 
+from coupon_stream.connectors.faults import Fault, classify, from_librdkafka, refusal
 from coupon_stream.connectors.kafka import (
     HEADER_VALUE_TRUNCATED,
     TRUNCATED_VALUE_BYTES,
@@ -21,6 +25,7 @@ from coupon_stream.connectors.kafka import (
     KafkaOut,
     row_dead_letter,
 )
+from coupon_stream.connectors.sources import SourceConsumer
 from coupon_stream.core.records import Row, Source, decode_rows, partition_for_buyer
 from coupon_stream.core.state import ResultRow
 from coupon_stream.foundation.settings import Settings
@@ -31,7 +36,7 @@ from coupon_stream.pipeline.intake import (
     route,
     split_rows,
 )
-from tests.unit.fakes import FakeConsumer, FakeOut, FakeProducer, Polled
+from tests.unit.fakes import FakeLibrdkafka, FakeOut, FakeProducer, Polled, fetched
 from tests.unit.samples import sample
 
 
@@ -60,7 +65,7 @@ def test_a_row_too_large_to_keep_in_state_is_dead_lettered_at_intake():
         Polled("orders", 2, order(2, 7, order_id="y" * 5_000)),  # large, still below the bound
         Polled("orders", 3, order(3, 7, order_id="\x01" * 3_000)),  # 6 bytes a char: 18 KB
     ]
-    routed = route(msgs, {"orders": Source.ORDERS}, 4)
+    routed = route(fetched(*msgs), {"orders": Source.ORDERS}, 4)
     (rows,) = routed.by_partition.values()
     assert [r[1] for r in rows] == ["o0", "y" * 5_000]
     assert [(d.offset, d.kind) for d in routed.dead] == [(1, "too_large"), (3, "too_large")]
@@ -96,7 +101,7 @@ async def test_a_row_too_large_is_dead_lettered_and_never_sent_on():
         Polled("orders", 0, order(0, 1, order_id="z" * 20_000)),
         Polled("orders", 1, order(1, 1)),
     ]
-    await Intake(s, out).forward({TopicPartition("orders", 0): batch})
+    await Intake(s, out).forward(fetched(*batch))
     by_buyer = [orjson.loads(kw["value"]) for topic, kw in out.sent if topic == s.by_buyer_topic]
     assert [r[1] for rows in by_buyer for r in rows] == ["o1"]
     (kw,) = out.dead()
@@ -111,9 +116,7 @@ async def test_a_permanent_kafka_error_stops_intake_instead_of_looping():
     retries = sample("coupon_intake_retries_total")
     with pytest.raises(MessageSizeTooLargeError):
         await asyncio.wait_for(
-            intake.forward_until_sent(
-                {TopicPartition("orders", 0): [Polled("orders", 0, order(0, 7))]}
-            ),
+            intake.forward_until_sent(fetched(Polled("orders", 0, order(0, 7)))),
             5,
         )
     assert out.attempts == 1
@@ -131,9 +134,7 @@ async def test_a_transient_kafka_error_is_retried_until_sent():
 
     healing = asyncio.ensure_future(heal())
     await asyncio.wait_for(
-        intake.forward_until_sent(
-            {TopicPartition("orders", 0): [Polled("orders", 0, order(0, 7))]}
-        ),
+        intake.forward_until_sent(fetched(Polled("orders", 0, order(0, 7)))),
         5,
     )
     await healing
@@ -154,7 +155,7 @@ async def test_a_dead_letter_too_large_for_kafka_is_sent_truncated(producer):
     out._producer = producer
     value = b"{" + b"x" * (1024 * 1024)  # not JSON, and over 1 MiB
     truncated = sample("coupon_dead_letters_truncated_total")
-    await Intake(s, out).forward({TopicPartition("orders", 0): [Polled("orders", 9, value)]})
+    await Intake(s, out).forward(fetched(Polled("orders", 9, value)))
     ((topic, sent, key, headers),) = producer.sent
     assert topic == s.dlq_topic and key == b"k"
     assert sent == value[:TRUNCATED_VALUE_BYTES]
@@ -195,9 +196,8 @@ async def test_intake_routes_by_buyer_partition_and_dead_letters():
     s = Settings(app_id="unit", partitions=4, orders_topic="orders")
     out = FakeOut()
     intake = Intake(s, out)
-    tp = TopicPartition("orders", 0)
     batch = [Polled("orders", i, order(i, b)) for i, b in enumerate([1, 2, 3, 1, 99])]
-    await intake.forward({tp: [*batch, Polled("orders", 5, b"{oops")]})
+    await intake.forward(fetched(*batch, Polled("orders", 5, b"{oops")))
     routed: dict[int, list[str]] = {}
     for topic, kw in out.sent:
         if topic != s.by_buyer_topic:
@@ -216,15 +216,35 @@ async def test_intake_routes_by_buyer_partition_and_dead_letters():
 
 def test_route_keeps_arrival_order_within_a_partition():
     msgs = [Polled("r", i, order(i, 7)) for i in range(5)]
-    routed = route(msgs, {"r": Source.ORDERS}, 3)
+    routed = route(fetched(*msgs), {"r": Source.ORDERS}, 3)
     (rows,) = routed.by_partition.values()
     assert [r[1] for r in rows] == ["o0", "o1", "o2", "o3", "o4"]
 
 
-async def test_intake_lag_counts_from_the_committed_offset_after_an_assignment():
-    committed = {TopicPartition("orders", 0): 40, TopicPartition("orders", 1): None}
+def test_intake_lag_counts_from_the_committed_offset_after_an_assignment():
     intake = Intake(Settings(app_id="unit", orders_topic="orders"), FakeOut())
-    intake.consumer = FakeConsumer(committed, highwater=100)
-    await intake.load_committed(intake.consumer.assignment())
-    # partition 1 has no commit yet: the group starts it at the beginning of the log
+    consumer = intake.consumer = SourceConsumer(
+        intake.settings, ["orders"], group_id="g", session_timeout_ms=1, heartbeat_interval_ms=1
+    )
+    # partition 1 has no commit yet (-1001): the group starts it at the beginning of the log
+    fake: Any = FakeLibrdkafka({("orders", 0): 40, ("orders", 1): -1001}, 100)
+    consumer._consumer = fake
+    assert intake.lag() == {}
+    consumer._on_assign(fake, [Partition("orders", 0), Partition("orders", 1)])
+    assert intake.lag() == {}  # no high water known before the first fetch
+    consumer._consume(10, 0)
     assert intake.lag() == {TopicPartition("orders", 0): 60, TopicPartition("orders", 1): 100}
+    consumer._on_revoke(fake, [Partition("orders", 0), Partition("orders", 1)])
+    assert intake.lag() == {}
+
+
+def test_a_librdkafka_error_is_classified_as_aiokafkas_of_the_same_code():
+    denied = from_librdkafka(LibrdkafkaError(LibrdkafkaError.TOPIC_AUTHORIZATION_FAILED), "refunds")
+    assert isinstance(denied, TopicAuthorizationFailedError) and denied.args == ("refunds",)
+    assert classify(denied) is Fault.PERMANENT
+    login = from_librdkafka(LibrdkafkaError(LibrdkafkaError._AUTHENTICATION))
+    assert refusal(login) is not None
+    down = from_librdkafka(LibrdkafkaError(LibrdkafkaError._ALL_BROKERS_DOWN))
+    assert classify(down) is Fault.TRANSIENT
+    rebalance = from_librdkafka(LibrdkafkaError(LibrdkafkaError.REBALANCE_IN_PROGRESS), "g")
+    assert classify(rebalance) is Fault.TRANSIENT and refusal(rebalance) is None

@@ -1,0 +1,268 @@
+"""The intake's consumer of the source topics: librdkafka (confluent-kafka) under asyncio.
+
+Why not aiokafka, as everywhere else: aiokafka parses fetches and builds a Python record
+object per message in the worker's own thread, one of the largest costs per event left
+(docs/performance.md, "The intake's consumer"). librdkafka fetches and parses in threads of
+its own and hands a fetch over as C message objects.
+
+librdkafka's Python consumer takes one caller at a time and its calls block, so every call
+runs on one thread of this consumer's own, in turn (the lag gauge reads figures kept here).
+Partitions move only inside `fetch` and `stop` (librdkafka runs the rebalance callbacks
+within those calls): never while the intake forwards or commits a batch it fetched, so that
+batch is sent and committed first.
+
+Errors are aiokafka's error classes once they leave here (`faults.from_librdkafka`), so
+that the intake, `faults.classify` and `clients.kafka_refused` see one vocabulary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Protocol, TypeVar
+
+from confluent_kafka import Consumer, KafkaException
+from confluent_kafka import TopicPartition as _Partition
+
+from coupon_stream.connectors.clients import TopicPartition
+from coupon_stream.connectors.faults import Fault, KafkaError, classify, from_librdkafka
+from coupon_stream.foundation.settings import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class SourceMessage(Protocol):
+    """Where one fetched message came from: what a dead letter must say of it."""
+
+    def key(self) -> bytes | None: ...
+    def offset(self) -> int | None: ...
+
+
+@dataclass(slots=True)
+class Fetched:
+    """One partition's messages in a fetch, in order: their values, and the messages."""
+
+    tp: TopicPartition
+    values: list[bytes | None]
+    messages: list[SourceMessage]  # values[i] is messages[i]'s value
+    next_offset: int  # the offset to commit once all of them are forwarded
+
+
+def auth(settings: Settings) -> dict[str, str]:
+    """librdkafka's security properties for the configured protocol (`clients.kafka_auth`'s
+    counterpart: the same settings, the same checks of the broker's certificate and name)."""
+    s = settings
+    conf: dict[str, str] = {"security.protocol": s.kafka_security_protocol}
+    if s.kafka_security_protocol.endswith("SSL"):
+        conf["ssl.endpoint.identification.algorithm"] = "https"
+        # No CA file: the system's trust store, as `tls_context` uses it.
+        conf["ssl.ca.location"] = str(s.kafka_ca_file) if s.kafka_ca_file else "probe"
+        if s.kafka_cert_file is not None:
+            conf["ssl.certificate.location"] = str(s.kafka_cert_file)
+            conf["ssl.key.location"] = str(s.kafka_key_file or s.kafka_cert_file)
+        if s.kafka_key_password is not None:
+            conf["ssl.key.password"] = s.kafka_key_password.get_secret_value()
+    if s.kafka_security_protocol.startswith("SASL_"):
+        assert s.kafka_password is not None  # Settings refuses SASL without one
+        conf["sasl.mechanism"] = s.kafka_sasl_mechanism or "PLAIN"
+        conf["sasl.username"] = s.kafka_username or ""
+        conf["sasl.password"] = s.kafka_password.get_secret_value()
+    return conf
+
+
+class SourceConsumer:
+    """A group member reading the source topics a fetch at a time, committing what it says.
+
+    It keeps what the lag gauge needs (its assignment, each partition's committed offset and
+    high water) up to date itself, since it cannot be asked while a fetch waits.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        topics: Iterable[str],
+        *,
+        group_id: str,
+        session_timeout_ms: int,
+        heartbeat_interval_ms: int,
+        fetch_max_wait_ms: int = 100,
+    ) -> None:
+        self.subscribed = list(topics)
+        self.group_id = group_id
+        self._conf: dict[str, Any] = {
+            "bootstrap.servers": settings.bootstrap_servers,
+            **auth(settings),
+            "group.id": group_id,
+            "client.id": group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": session_timeout_ms,
+            "heartbeat.interval.ms": heartbeat_interval_ms,
+            # aiokafka's default assignor: members of both clients can share the group
+            # during a rolling upgrade.
+            "partition.assignment.strategy": "roundrobin",
+            "max.partition.fetch.bytes": 4 * 1024 * 1024,
+            "fetch.max.bytes": 16 * 1024 * 1024,
+            "fetch.wait.max.ms": fetch_max_wait_ms,
+            # Records of aborted transactions never count.
+            "isolation.level": "read_committed",
+            "logger": logging.getLogger(f"{__name__}.librdkafka"),
+            "error_cb": self._on_error,
+        }
+        self._consumer: Consumer | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"{group_id}-consumer")
+        self._errors: list[KafkaError] = []
+        self._lock = threading.Lock()  # the fields below: written on the consumer's thread
+        self._committed: dict[TopicPartition, int | None] = {}
+        self._highwater: dict[TopicPartition, int] = {}
+
+    async def _call(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, partial(call, *args, **kwargs))
+
+    async def start(self) -> None:
+        def start() -> None:
+            consumer = Consumer(self._conf)
+            consumer.subscribe(
+                self.subscribed, on_assign=self._on_assign, on_revoke=self._on_revoke
+            )
+            self._consumer = consumer
+
+        await self._call(start)
+
+    async def fetch(self, max_records: int, timeout: float) -> list[Fetched]:
+        """What the next fetch holds, by partition (empty after `timeout` s with nothing).
+
+        Raises the first error no retry can fix (an ACL, a refused login); logs the others,
+        which librdkafka retries on its own.
+        """
+        messages = await self._call(self._consume, max_records, timeout)
+        fetched: list[Fetched] = []
+        run: Fetched | None = None
+        topic, partition = "", -1
+        for m in messages:
+            err = m.error()
+            if err is not None:
+                self._report(from_librdkafka(err, m.topic()))
+                continue
+            p, t = m.partition(), m.topic()
+            if run is None or p != partition or t != topic:
+                if run is not None:
+                    fetched.append(run)
+                topic, partition = t, p
+                run = Fetched(TopicPartition(t, p), [], [], 0)
+            run.values.append(m.value())
+            run.messages.append(m)
+        if run is not None:
+            fetched.append(run)
+        for f in fetched:
+            f.next_offset = (f.messages[-1].offset() or 0) + 1
+        return fetched
+
+    def _consume(self, max_records: int, timeout: float) -> list[Any]:
+        consumer = self._held()
+        try:
+            messages: list[Any] = consumer.consume(max_records, timeout)
+        except KafkaException as exc:
+            raise from_librdkafka(exc.args[0]) from exc
+        highwater = {}
+        for tp in self._committed:
+            part = _Partition(tp.topic, tp.partition)
+            _, high = consumer.get_watermark_offsets(part, cached=True)
+            if high is not None and high >= 0:
+                highwater[tp] = high
+        with self._lock:
+            self._highwater.update(highwater)
+        errors, self._errors = self._errors, []
+        for error in errors:
+            self._report(error)
+        return messages
+
+    def _report(self, error: KafkaError) -> None:
+        if classify(error) is Fault.PERMANENT:
+            raise error
+        log.warning("%s: Kafka: %s (librdkafka retries it)", self.group_id, error)
+
+    def _on_error(self, err: Any) -> None:
+        # Called by librdkafka within `consume`, on the consumer's thread.
+        self._errors.append(from_librdkafka(err))
+
+    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Commit the next offset to read of each partition; raises as aiokafka would."""
+        await self._call(self._commit, dict(offsets))
+
+    def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        parts = [_Partition(tp.topic, tp.partition, o) for tp, o in offsets.items()]
+        try:
+            done = self._held().commit(offsets=parts, asynchronous=False)
+        except KafkaException as exc:
+            raise from_librdkafka(exc.args[0], self.group_id) from exc
+        for part in done or ():
+            if part.error is not None:
+                raise from_librdkafka(part.error, self.group_id)
+        with self._lock:
+            for tp, o in offsets.items():
+                if tp in self._committed:
+                    self._committed[tp] = o
+
+    def _on_assign(self, consumer: Consumer, parts: list[_Partition]) -> None:
+        assigned = [TopicPartition(p.topic, p.partition) for p in parts]
+        committed: dict[TopicPartition, int | None] = dict.fromkeys(assigned)
+        try:
+            for p in consumer.committed(parts, timeout=5):
+                if p.error is None and p.offset >= 0:
+                    committed[TopicPartition(p.topic, p.partition)] = p.offset
+        except KafkaException as exc:
+            # Only the lag gauge needs them: it counts from the log's start until a commit.
+            log.warning("%s could not read its committed offsets: %s", self.group_id, exc)
+        with self._lock:
+            self._committed = committed
+            self._highwater = {}
+        mine = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned)
+        log.info("%s assigned %d partitions: %s", self.group_id, len(mine), ", ".join(mine))
+
+    def _on_revoke(self, consumer: Consumer, parts: list[_Partition]) -> None:
+        with self._lock:
+            self._committed = {}
+            self._highwater = {}
+
+    def assignment(self) -> set[TopicPartition]:
+        with self._lock:
+            return set(self._committed)
+
+    def lag_inputs(self) -> dict[TopicPartition, tuple[int, int | None]]:
+        """(high water, committed offset) of each assigned partition whose end is known."""
+        with self._lock:
+            return {
+                tp: (end, self._committed.get(tp))
+                for tp, end in self._highwater.items()
+                if tp in self._committed
+            }
+
+    async def topics(self) -> set[str]:
+        metadata = await self._call(lambda: self._held().list_topics(timeout=10))
+        return set(metadata.topics)
+
+    def _held(self) -> Consumer:
+        if self._consumer is None:
+            raise RuntimeError("the source consumer is not started")
+        return self._consumer
+
+    async def stop(self) -> None:
+        """Leave the group (after any fetch still running on the consumer's thread)."""
+
+        def close() -> None:
+            if self._consumer is not None:
+                self._consumer.close()
+                self._consumer = None
+
+        try:
+            await asyncio.shield(self._call(close))
+        finally:
+            self._thread.shutdown(wait=False)
