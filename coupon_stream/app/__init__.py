@@ -2,7 +2,7 @@
 
 Data flow (one way):
 
-    orders, refunds --intake (aiokafka, group <app_id>-intake)--> <app_id>-payments-by-buyer
+    orders, refunds --intake (librdkafka, group <app_id>-intake)--> <app_id>-payments-by-buyer
         --state agent (Faust, group <app_id>)--> `entries` and `days` tables (RocksDB +
         changelogs) --checkpoint--> ResultSink (MySQL/SQLite)
 

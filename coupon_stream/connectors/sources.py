@@ -168,7 +168,12 @@ class SourceConsumer:
     def _consume(self, max_records: int, timeout: float) -> list[Any]:
         consumer = self._held()
         try:
-            messages: list[Any] = consumer.consume(max_records, timeout)
+            # consume() waits until it has max_records or the timeout is over: wait for the
+            # first message only, then take what has arrived with it.
+            first = consumer.poll(timeout)
+            messages: list[Any] = [] if first is None else [first]
+            if first is not None and max_records > 1:
+                messages += consumer.consume(max_records - 1, 0)
         except KafkaException as exc:
             raise from_librdkafka(exc.args[0]) from exc
         highwater = {}

@@ -398,8 +398,8 @@ class FakeLibrdkafka:
     def committed(self, parts: list[Any], timeout: float) -> list[Any]:
         return [type(p)(p.topic, p.partition, self.offsets[p.topic, p.partition]) for p in parts]
 
-    def consume(self, max_records: int, timeout: float) -> list[Any]:
-        return []
+    def poll(self, timeout: float) -> Any:
+        return None  # nothing arrives within `timeout`
 
     def get_watermark_offsets(self, part: Any, cached: bool) -> tuple[int, int]:
         assert cached  # never a request while a fetch may be waiting
