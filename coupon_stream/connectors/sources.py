@@ -5,8 +5,10 @@ object per message in the worker's own thread, one of the largest costs per even
 (docs/performance.md, "The intake's consumer"). librdkafka fetches and parses in threads of
 its own and hands a fetch over as C message objects.
 
-librdkafka's Python consumer takes one caller at a time and its calls block, so every call
-runs on one thread of this consumer's own, in turn (the lag gauge reads figures kept here).
+librdkafka's Python consumer takes one caller at a time, and its calls that wait (for a
+message, for the broker) run on a thread of this consumer's own, one at a time; taking what
+librdkafka has fetched already runs on the event loop's thread, since handing it over to
+another thread costs more than that (the lag gauge reads figures kept here).
 Partitions move only inside `fetch` and `stop` (librdkafka runs the rebalance callbacks
 within those calls): never while the intake forwards or commits a batch it fetched, so that
 batch is sent and committed first.
@@ -118,9 +120,10 @@ class SourceConsumer:
         self._consumer: Consumer | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"{group_id}-consumer")
         self._errors: list[KafkaError] = []
-        self._lock = threading.Lock()  # the fields below: written on the consumer's thread
+        self._lock = threading.Lock()  # the fields below: written by either thread
         self._committed: dict[TopicPartition, int | None] = {}
         self._highwater: dict[TopicPartition, int] = {}
+        self._look_up: list[_Partition] = []  # assigned partitions whose commits are unknown
 
     async def _call(self, call: Any, *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -142,7 +145,14 @@ class SourceConsumer:
         Raises the first error no retry can fix (an ACL, a refused login); logs the others,
         which librdkafka retries on its own.
         """
-        messages = await self._call(self._consume, max_records, timeout)
+        # What librdkafka's threads have fetched already is taken on the event loop's thread:
+        # a hand-over to the consumer's thread costs more than it. Only waiting goes there.
+        messages = self._consume(max_records, 0)
+        if not messages:
+            messages = await self._call(self._consume, max_records, timeout)
+        if self._look_up:
+            parts, self._look_up = self._look_up, []
+            await self._call(self._look_up_committed, parts)
         fetched: list[Fetched] = []
         run: Fetched | None = None
         topic, partition = "", -1
@@ -170,10 +180,13 @@ class SourceConsumer:
         try:
             # consume() waits until it has max_records or the timeout is over: wait for the
             # first message only, then take what has arrived with it.
-            first = consumer.poll(timeout)
-            messages: list[Any] = [] if first is None else [first]
-            if first is not None and max_records > 1:
-                messages += consumer.consume(max_records - 1, 0)
+            if timeout:
+                first = consumer.poll(timeout)
+                messages: list[Any] = [] if first is None else [first]
+                if first is not None and max_records > 1:
+                    messages += consumer.consume(max_records - 1, 0)
+            else:
+                messages = consumer.consume(max_records, 0)
         except KafkaException as exc:
             raise from_librdkafka(exc.args[0]) from exc
         highwater = {}
@@ -195,7 +208,7 @@ class SourceConsumer:
         log.warning("%s: Kafka: %s (librdkafka retries it)", self.group_id, error)
 
     def _on_error(self, err: Any) -> None:
-        # Called by librdkafka within `consume`, on the consumer's thread.
+        # Called by librdkafka within `consume` or `poll`, on the thread that called them.
         self._errors.append(from_librdkafka(err))
 
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
@@ -218,21 +231,29 @@ class SourceConsumer:
 
     def _on_assign(self, consumer: Consumer, parts: list[_Partition]) -> None:
         assigned = [TopicPartition(p.topic, p.partition) for p in parts]
-        committed: dict[TopicPartition, int | None] = dict.fromkeys(assigned)
-        try:
-            for p in consumer.committed(parts, timeout=5):
-                if p.error is None and p.offset >= 0:
-                    committed[TopicPartition(p.topic, p.partition)] = p.offset
-        except KafkaException as exc:
-            # Only the lag gauge needs them: it counts from the log's start until a commit.
-            log.warning("%s could not read its committed offsets: %s", self.group_id, exc)
         with self._lock:
-            self._committed = committed
+            self._committed = dict.fromkeys(assigned)
             self._highwater = {}
+        self._look_up = parts  # by the next `fetch`: a callback must not wait on the broker
         mine = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned)
         log.info("%s assigned %d partitions: %s", self.group_id, len(mine), ", ".join(mine))
 
+    def _look_up_committed(self, parts: list[_Partition]) -> None:
+        try:
+            found = self._held().committed(parts, timeout=5)
+        except KafkaException as exc:
+            # Only the lag gauge needs them: it counts from the log's start until a commit.
+            log.warning("%s could not read its committed offsets: %s", self.group_id, exc)
+            return
+        with self._lock:
+            for p in found:
+                tp = TopicPartition(p.topic, p.partition)
+                if p.error is None and p.offset >= 0 and tp in self._committed:
+                    if self._committed[tp] is None:  # else a commit of ours came first
+                        self._committed[tp] = p.offset
+
     def _on_revoke(self, consumer: Consumer, parts: list[_Partition]) -> None:
+        self._look_up = []
         with self._lock:
             self._committed = {}
             self._highwater = {}

@@ -401,6 +401,9 @@ class FakeLibrdkafka:
     def poll(self, timeout: float) -> Any:
         return None  # nothing arrives within `timeout`
 
+    def consume(self, max_records: int, timeout: float) -> list[Any]:
+        return []
+
     def get_watermark_offsets(self, part: Any, cached: bool) -> tuple[int, int]:
         assert cached  # never a request while a fetch may be waiting
         return 0, self.end

@@ -221,7 +221,7 @@ def test_route_keeps_arrival_order_within_a_partition():
     assert [r[1] for r in rows] == ["o0", "o1", "o2", "o3", "o4"]
 
 
-def test_intake_lag_counts_from_the_committed_offset_after_an_assignment():
+async def test_intake_lag_counts_from_the_committed_offset_after_an_assignment():
     intake = Intake(Settings(app_id="unit", orders_topic="orders"), FakeOut())
     consumer = intake.consumer = SourceConsumer(
         intake.settings, ["orders"], group_id="g", session_timeout_ms=1, heartbeat_interval_ms=1
@@ -232,7 +232,7 @@ def test_intake_lag_counts_from_the_committed_offset_after_an_assignment():
     assert intake.lag() == {}
     consumer._on_assign(fake, [Partition("orders", 0), Partition("orders", 1)])
     assert intake.lag() == {}  # no high water known before the first fetch
-    consumer._consume(10, 0)
+    assert await consumer.fetch(10, 0.01) == []
     assert intake.lag() == {TopicPartition("orders", 0): 60, TopicPartition("orders", 1): 100}
     consumer._on_revoke(fake, [Partition("orders", 0), Partition("orders", 1)])
     assert intake.lag() == {}
