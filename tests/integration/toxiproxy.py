@@ -42,6 +42,7 @@ PROXIED_BOOTSTRAP = "127.0.0.1:9095"
 KAFKA_PROXIED_LISTENER = "127.0.0.1:9094"
 
 STREAMS = ("upstream", "downstream")  # client -> server, server -> client
+REMOVE_TIMEOUT = 60.0  # seconds a toxic's removal may take (`remove_toxic`)
 
 
 class ToxiproxyError(RuntimeError):
@@ -55,7 +56,9 @@ class Toxiproxy:
         self.api = api.rstrip("/")
         self.timeout = timeout
 
-    def request(self, method: str, path: str, body: object = None) -> Any:
+    def request(
+        self, method: str, path: str, body: object = None, timeout: float | None = None
+    ) -> Any:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(
             self.api + path,
@@ -64,7 +67,7 @@ class Toxiproxy:
             headers={"Content-Type": "application/json"} if data is not None else {},
         )
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace").strip()
@@ -202,7 +205,9 @@ class Proxy:
         return name
 
     def remove_toxic(self, name: str) -> None:
-        self.client.request("DELETE", f"{self.path}/toxics/{name}")
+        # Removing a hold delivers what every link through the proxy held; clients that kept
+        # reconnecting during it left many links, so this can take longer than a request.
+        self.client.request("DELETE", f"{self.path}/toxics/{name}", timeout=REMOVE_TIMEOUT)
 
     def remove_toxics(self) -> None:
         for toxic in self.toxics():
