@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.run import ROOT, load, machine, raw_floor, run_workers, save_results
+from bench.run import ROOT, delete_topics, load, machine, raw_floor, run_workers, save_results
 
 
 def _tree(spec: str) -> tuple[str, dict[str, str]]:
@@ -88,6 +88,7 @@ async def main() -> None:
         ]
     )
     save_results(f"interleave-{stamp}", result, md + "\n")
+    await delete_topics(topics)
     print(md)
 
 
