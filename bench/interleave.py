@@ -1,13 +1,13 @@
-"""Before/after: one worker of each code tree in turn, on one loaded input, several rounds.
+"""Before/after: the workers of each code tree in turn, on one loaded input, several rounds.
 
-    python -m bench.interleave --orders 300000 --rounds 3 TREE [TREE ...]
+    python -m bench.interleave --orders 300000 --rounds 3 [--workers 1] TREE [TREE ...]
 
 A TREE is a checkout's directory (a `git worktree add --detach <dir> <rev>` of the code to
 compare), optionally followed by `@NAME=VALUE` to set one environment variable for its
 runs (e.g. `.@COUPON_FLUSH_INTERVAL=0.5`). Each worker imports the tree's `coupon_stream`
 through `PYTHONPATH`; everything else (the bench, the venv, the input) is this checkout's.
 The input is `make bench`'s skewed one, loaded once; each run is `bench.run.run_workers`
-with one worker, timed as `make bench` times it. Runs of one tree move by up to a tenth on
+with `--workers` workers (one by default), timed as `make bench` times it. Runs of one tree move by up to a tenth on
 a shared machine: compare trees within a round, and medians over the rounds.
 Results: `bench/results/interleave-<timestamp>.{md,json}`.
 """
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.run import ROOT, load, machine, raw_floor, run_workers, save_results
+from bench.run import ROOT, delete_topics, load, machine, raw_floor, run_workers, save_results
 
 
 def _tree(spec: str) -> tuple[str, dict[str, str]]:
@@ -38,6 +38,7 @@ async def main() -> None:
     parser.add_argument("--orders", type=int, default=300_000)
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=1, help="workers per run")
     args = parser.parse_args()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     topics = f"interleave-{stamp}"
@@ -54,7 +55,9 @@ async def main() -> None:
                 path, env = _tree(spec)
                 os.environ.clear()
                 os.environ.update(saved, PYTHONPATH=path, **env)
-                r = await run_workers(f"{topics}-{n}-{i}", topics, args.partitions, 1, total, tmp)
+                r = await run_workers(
+                    f"{topics}-{n}-{i}", topics, args.partitions, args.workers, total, tmp
+                )
                 runs[spec].append(r)
                 print(f"round {n + 1}: {spec}: {r['events_per_s']} events/s", flush=True)
     finally:
@@ -82,12 +85,14 @@ async def main() -> None:
     md = "\n".join(
         [
             f"{total} messages ({args.orders} orders, skewed), {args.partitions} partitions, "
+            f"{args.workers} worker(s) a run, "
             f"raw floor {round(floor)} events/s. Command: `{result['command']}`.",
             "",
             *rows,
         ]
     )
     save_results(f"interleave-{stamp}", result, md + "\n")
+    await delete_topics(topics)
     print(md)
 
 

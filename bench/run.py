@@ -52,6 +52,7 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -318,6 +319,20 @@ async def load(
                 )
     finally:
         await producer.stop()
+
+
+async def delete_topics(marker: str) -> int:
+    """Delete every topic whose name holds `marker` (a run's stamp): a `make bench` leaves
+    about 10 GB of topics, and a broker with too much data in it starts too slowly."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+    await admin.start()
+    try:
+        names = [t for t in await admin.list_topics() if marker in t]
+        if names:
+            await admin.delete_topics(names)
+    finally:
+        await admin.close()
+    return len(names)
 
 
 async def raw_floor(topics: str, total: int) -> float:
@@ -993,6 +1008,7 @@ async def main() -> None:
     parser.add_argument(
         "--chunk-orders", type=int, default=CHUNK_ORDERS, help="orders per generated chunk"
     )
+    parser.add_argument("--keep-topics", action="store_true", help="keep the run's topics")
     args = parser.parse_args()
     orders = args.orders or (QUICK_ORDERS if args.quick else DEFAULT_ORDERS)
     b = Bench(args)
@@ -1093,6 +1109,8 @@ async def main() -> None:
         result["scaling_ratio"] = two[0]["events_per_s"] / one["events_per_s"]
     compare(result)
     save_results(b.stamp, result, markdown(result))
+    if not args.keep_topics:
+        b.say(f"deleted the run's {await delete_topics(b.stamp)} topics (--keep-topics keeps them)")
 
 
 if __name__ == "__main__":

@@ -26,9 +26,10 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaException
+from confluent_kafka import KafkaError as LibrdkafkaError
 from confluent_kafka import TopicPartition as _Partition
 
 from coupon_stream.connectors.clients import TopicPartition
@@ -36,7 +37,6 @@ from coupon_stream.connectors.faults import Fault, KafkaError, classify, from_li
 from coupon_stream.foundation.settings import Settings
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class SourceMessage(Protocol):
@@ -158,8 +158,9 @@ class SourceConsumer:
         topic, partition = "", -1
         for m in messages:
             err = m.error()
-            if err is not None:
-                self._report(from_librdkafka(err, m.topic()))
+            if err is not None:  # about the group or one of its topics: name which
+                denied = err.code() == LibrdkafkaError.GROUP_AUTHORIZATION_FAILED
+                self._report(from_librdkafka(err, self.group_id if denied else m.topic()))
                 continue
             p, t = m.partition(), m.topic()
             if run is None or p != partition or t != topic:
@@ -257,10 +258,6 @@ class SourceConsumer:
         with self._lock:
             self._committed = {}
             self._highwater = {}
-
-    def assignment(self) -> set[TopicPartition]:
-        with self._lock:
-            return set(self._committed)
 
     def lag_inputs(self) -> dict[TopicPartition, tuple[int, int | None]]:
         """(high water, committed offset) of each assigned partition whose end is known."""

@@ -394,19 +394,49 @@ class FakeLibrdkafka:
     def __init__(self, committed: dict[tuple[str, int], int], highwater: int) -> None:
         self.offsets = committed
         self.end = highwater
+        self.fetched: list[Any] = []  # what librdkafka has fetched already (`FakeMessage`s)
 
     def committed(self, parts: list[Any], timeout: float) -> list[Any]:
         return [type(p)(p.topic, p.partition, self.offsets[p.topic, p.partition]) for p in parts]
 
     def poll(self, timeout: float) -> Any:
-        return None  # nothing arrives within `timeout`
+        return None  # nothing more arrives within `timeout`
 
     def consume(self, max_records: int, timeout: float) -> list[Any]:
-        return []
+        taken, self.fetched = self.fetched[:max_records], self.fetched[max_records:]
+        return taken
 
     def get_watermark_offsets(self, part: Any, cached: bool) -> tuple[int, int]:
         assert cached  # never a request while a fetch may be waiting
         return 0, self.end
+
+
+class FakeMessage:
+    """A message (or an error event) as librdkafka's consumer hands it over."""
+
+    def __init__(
+        self, topic: str | None, partition: int, offset: int, value: bytes, error: Any = None
+    ) -> None:
+        self._topic, self._partition, self._offset = topic, partition, offset
+        self._value, self._error = value, error
+
+    def error(self) -> Any:
+        return self._error
+
+    def topic(self) -> str | None:
+        return self._topic
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes | None:
+        return None
+
+    def value(self) -> bytes:
+        return self._value
 
 
 class Record(NamedTuple):

@@ -17,7 +17,8 @@ from aiokafka.errors import MessageSizeTooLargeError, TopicAuthorizationFailedEr
 from confluent_kafka import KafkaError as LibrdkafkaError
 from confluent_kafka import TopicPartition as Partition
 
-from coupon_stream.connectors.faults import Fault, classify, from_librdkafka, refusal
+from coupon_stream.connectors import clients
+from coupon_stream.connectors.faults import Fault, KafkaError, classify, from_librdkafka, refusal
 from coupon_stream.connectors.kafka import (
     HEADER_VALUE_TRUNCATED,
     TRUNCATED_VALUE_BYTES,
@@ -36,7 +37,7 @@ from coupon_stream.pipeline.intake import (
     route,
     split_rows,
 )
-from tests.unit.fakes import FakeLibrdkafka, FakeOut, FakeProducer, Polled, fetched
+from tests.unit.fakes import FakeLibrdkafka, FakeMessage, FakeOut, FakeProducer, Polled, fetched
 from tests.unit.samples import sample
 
 
@@ -248,3 +249,55 @@ def test_a_librdkafka_error_is_classified_as_aiokafkas_of_the_same_code():
     assert classify(down) is Fault.TRANSIENT
     rebalance = from_librdkafka(LibrdkafkaError(LibrdkafkaError.REBALANCE_IN_PROGRESS), "g")
     assert classify(rebalance) is Fault.TRANSIENT and refusal(rebalance) is None
+
+
+def source_consumer(fake: Any) -> SourceConsumer:
+    consumer = SourceConsumer(
+        Settings(app_id="unit"),
+        ["o", "r"],
+        group_id="unit-intake",
+        session_timeout_ms=1,
+        heartbeat_interval_ms=1,
+    )
+    consumer._consumer = fake
+    return consumer
+
+
+async def test_a_fetch_comes_as_runs_by_partition_and_skips_a_transient_error(caplog):
+    fake: Any = FakeLibrdkafka({}, 0)
+    down = LibrdkafkaError(LibrdkafkaError._ALL_BROKERS_DOWN)
+    fake.fetched = [
+        FakeMessage("o", 0, 5, b"a"),
+        FakeMessage("o", 0, 6, b"b"),
+        FakeMessage(None, -1, -1, b"", error=down),
+        FakeMessage("r", 0, 9, b"c"),
+        FakeMessage("o", 1, 3, b"d"),
+        FakeMessage("o", 0, 8, b"e"),  # offsets need not follow each other (transactions)
+    ]
+    runs = await source_consumer(fake).fetch(100, 0.01)
+    assert [(r.tp, r.values, r.next_offset) for r in runs] == [
+        (TopicPartition("o", 0), [b"a", b"b"], 7),
+        (TopicPartition("r", 0), [b"c"], 10),
+        (TopicPartition("o", 1), [b"d"], 4),
+        (TopicPartition("o", 0), [b"e"], 9),
+    ]
+    assert "All broker connections are down (librdkafka retries it)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("code", "topic", "needs"),
+    [
+        (LibrdkafkaError.TOPIC_AUTHORIZATION_FAILED, "r", "READ, DESCRIBE on topic r"),
+        (LibrdkafkaError.GROUP_AUTHORIZATION_FAILED, None, "READ, DESCRIBE on group unit-intake"),
+    ],
+)
+async def test_a_denied_topic_or_group_stops_the_fetch_naming_what_the_worker_needs(
+    code, topic, needs
+):
+    fake: Any = FakeLibrdkafka({}, 0)
+    fake.fetched = [FakeMessage(topic, 0, -1, b"", error=LibrdkafkaError(code))]
+    with pytest.raises(KafkaError) as raised:
+        await source_consumer(fake).fetch(100, 0.01)
+    s = Settings(app_id="unit", orders_topic="o", refunds_topic="r")
+    refused = clients.kafka_refused(s, raised.value, "running the intake")
+    assert refused is not None and needs in str(refused)
