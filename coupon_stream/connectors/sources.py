@@ -38,6 +38,9 @@ from coupon_stream.foundation.settings import Settings
 
 log = logging.getLogger(__name__)
 
+FETCH_MIN_BYTES = 64 * 1024
+FETCH_MAX_WAIT_MS = 20
+
 
 class SourceMessage(Protocol):
     """Where one fetched message came from: what a dead letter must say of it."""
@@ -93,7 +96,6 @@ class SourceConsumer:
         group_id: str,
         session_timeout_ms: int,
         heartbeat_interval_ms: int,
-        fetch_max_wait_ms: int = 100,
     ) -> None:
         self.subscribed = list(topics)
         self.group_id = group_id
@@ -111,7 +113,13 @@ class SourceConsumer:
             "partition.assignment.strategy": "roundrobin",
             "max.partition.fetch.bytes": 4 * 1024 * 1024,
             "fetch.max.bytes": 16 * 1024 * 1024,
-            "fetch.wait.max.ms": fetch_max_wait_ms,
+            # librdkafka fetches again as soon as a fetch returns: with fetch.min.bytes=1 the
+            # broker answers a stream of tiny fetches while input trickles in, and the CPU it
+            # spends on them is taken from the worker, which raised produce-to-visible
+            # latency (docs/performance.md, "The intake's consumer"). A fetch waits for
+            # FETCH_MIN_BYTES or FETCH_MAX_WAIT_MS, whichever comes first.
+            "fetch.min.bytes": FETCH_MIN_BYTES,
+            "fetch.wait.max.ms": FETCH_MAX_WAIT_MS,
             # Records of aborted transactions never count.
             "isolation.level": "read_committed",
             "logger": logging.getLogger(f"{__name__}.librdkafka"),
