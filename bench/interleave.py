@@ -7,8 +7,9 @@ compare), optionally followed by `@NAME=VALUE` to set one environment variable f
 runs (e.g. `.@COUPON_FLUSH_INTERVAL=0.5`). Each worker imports the tree's `coupon_stream`
 through `PYTHONPATH`; everything else (the bench, the venv, the input) is this checkout's.
 The input is `make bench`'s skewed one, loaded once; each run is `bench.run.run_workers`
-with `--workers` workers (one by default), timed as `make bench` times it. Runs of one tree move by up to a tenth on
-a shared machine: compare trees within a round, and medians over the rounds.
+with `--workers` workers (one by default), timed as `make bench` times it. Runs of one
+tree move by up to a tenth on a shared machine: compare trees within a round, and medians
+over the rounds.
 Results: `bench/results/interleave-<timestamp>.{md,json}`.
 """
 
