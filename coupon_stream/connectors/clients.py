@@ -1,9 +1,10 @@
 """Every Kafka client of the service and its CLI, built here from one Settings.
 
 The security settings (SASL, TLS: README, "Connecting to a secured Kafka and MySQL") reach
-every client only through `kafka_auth`, so no client can speak PLAINTEXT to a cluster that
-wants TLS because one constructor forgot them. Faust's own clients get the same arguments
-through its credentials (`coupon_stream.connectors.engine.broker_credentials`).
+every client only through `kafka_auth` (librdkafka's consumer: `librdkafka_auth`), so no
+client can speak PLAINTEXT to a cluster that wants TLS because one constructor forgot them.
+Faust's own clients get the same arguments through its credentials
+(`coupon_stream.connectors.engine.broker_credentials`).
 """
 
 from __future__ import annotations
@@ -56,6 +57,28 @@ def kafka_auth(settings: Settings) -> dict[str, Any]:
             sasl_plain_password=s.kafka_password.get_secret_value(),
         )
     return auth
+
+
+def librdkafka_auth(settings: Settings) -> dict[str, str]:
+    """`kafka_auth` for librdkafka (the intake's consumer, `connectors.sources`): the same
+    settings as its properties, the same checks of the broker's certificate and name."""
+    s = settings
+    conf: dict[str, str] = {"security.protocol": s.kafka_security_protocol}
+    if s.kafka_security_protocol.endswith("SSL"):
+        conf["ssl.endpoint.identification.algorithm"] = "https"
+        # No CA file: the system's trust store, as `tls_context` uses it.
+        conf["ssl.ca.location"] = str(s.kafka_ca_file) if s.kafka_ca_file else "probe"
+        if s.kafka_cert_file is not None:
+            conf["ssl.certificate.location"] = str(s.kafka_cert_file)
+            conf["ssl.key.location"] = str(s.kafka_key_file or s.kafka_cert_file)
+        if s.kafka_key_password is not None:
+            conf["ssl.key.password"] = s.kafka_key_password.get_secret_value()
+    if s.kafka_security_protocol.startswith("SASL_"):
+        assert s.kafka_password is not None  # Settings refuses SASL without one
+        conf["sasl.mechanism"] = s.kafka_sasl_mechanism or "PLAIN"
+        conf["sasl.username"] = s.kafka_username or ""
+        conf["sasl.password"] = s.kafka_password.get_secret_value()
+    return conf
 
 
 def consumer(settings: Settings, *topics: str, **options: Any) -> AIOKafkaConsumer:

@@ -32,6 +32,7 @@ from confluent_kafka import Consumer, KafkaException
 from confluent_kafka import KafkaError as LibrdkafkaError
 from confluent_kafka import TopicPartition as _Partition
 
+from coupon_stream.connectors import clients
 from coupon_stream.connectors.clients import TopicPartition
 from coupon_stream.connectors.faults import Fault, KafkaError, classify, from_librdkafka
 from coupon_stream.foundation.settings import Settings
@@ -59,28 +60,6 @@ class Fetched:
     next_offset: int  # the offset to commit once all of them are forwarded
 
 
-def auth(settings: Settings) -> dict[str, str]:
-    """librdkafka's security properties for the configured protocol (`clients.kafka_auth`'s
-    counterpart: the same settings, the same checks of the broker's certificate and name)."""
-    s = settings
-    conf: dict[str, str] = {"security.protocol": s.kafka_security_protocol}
-    if s.kafka_security_protocol.endswith("SSL"):
-        conf["ssl.endpoint.identification.algorithm"] = "https"
-        # No CA file: the system's trust store, as `tls_context` uses it.
-        conf["ssl.ca.location"] = str(s.kafka_ca_file) if s.kafka_ca_file else "probe"
-        if s.kafka_cert_file is not None:
-            conf["ssl.certificate.location"] = str(s.kafka_cert_file)
-            conf["ssl.key.location"] = str(s.kafka_key_file or s.kafka_cert_file)
-        if s.kafka_key_password is not None:
-            conf["ssl.key.password"] = s.kafka_key_password.get_secret_value()
-    if s.kafka_security_protocol.startswith("SASL_"):
-        assert s.kafka_password is not None  # Settings refuses SASL without one
-        conf["sasl.mechanism"] = s.kafka_sasl_mechanism or "PLAIN"
-        conf["sasl.username"] = s.kafka_username or ""
-        conf["sasl.password"] = s.kafka_password.get_secret_value()
-    return conf
-
-
 class SourceConsumer:
     """A group member reading the source topics a fetch at a time, committing what it says.
 
@@ -101,7 +80,7 @@ class SourceConsumer:
         self.group_id = group_id
         self._conf: dict[str, Any] = {
             "bootstrap.servers": settings.bootstrap_servers,
-            **auth(settings),
+            **clients.librdkafka_auth(settings),
             "group.id": group_id,
             "client.id": group_id,
             "enable.auto.commit": False,
