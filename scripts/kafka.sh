@@ -25,6 +25,8 @@ set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "${SCRIPT_DIR}/.." && pwd)"
+# shellcheck source=scripts/kafka-started.sh
+source "${SCRIPT_DIR}/kafka-started.sh"
 
 INFRA_DIR="${REPO_ROOT}/infra/kafka"
 KAFKA_HOME="${REPO_ROOT}/.local/kafka"
@@ -173,28 +175,6 @@ format_storage() {
   fi
 }
 
-# Bytes in server.log so far; readiness is only looked for after this offset.
-log_size() {
-  if [[ -f "${SERVER_LOG}" ]]; then
-    wc -c <"${SERVER_LOG}" | tr -d ' '
-  else
-    echo 0
-  fi
-}
-
-started_since() {
-  local offset="$1"
-  [[ -f "${SERVER_LOG}" ]] || return 1
-  local size
-  size="$(log_size)"
-  if ((size < offset)); then
-    offset=0 # the log was rolled over
-  fi
-  # No 'grep -q': it would exit at the first match, tail would get SIGPIPE
-  # and, with pipefail, the whole check would fail on a long log.
-  tail -c "+$((offset + 1))" "${SERVER_LOG}" | grep 'Kafka Server started' >/dev/null
-}
-
 show_log_tail() {
   echo "---- tail of .local/kafka/logs/server.log ----" >&2
   tail -n 40 "${SERVER_LOG}" >&2 2>/dev/null || true
@@ -203,7 +183,7 @@ show_log_tail() {
 }
 
 wait_ready() {
-  local pid="$1" offset="$2"
+  local pid="$1" since="$2"
   local deadline=$((SECONDS + START_TIMEOUT))
   while ((SECONDS < deadline)); do
     if ! kill -0 "${pid}" 2>/dev/null; then
@@ -212,7 +192,7 @@ wait_ready() {
       show_log_tail
       return 1
     fi
-    if port_open && port_open "${KAFKA_PROXIED_PORT}" && started_since "${offset}"; then
+    if port_open && port_open "${KAFKA_PROXIED_PORT}" && kafka_started_since "${SERVER_LOG}" "${since}"; then
       return 0
     fi
     sleep 1
@@ -236,7 +216,7 @@ cmd_start() {
       return 0
     fi
     log "broker process ${pid} exists but is not answering yet; waiting for it..."
-    if wait_ready "${pid}" 0; then
+    if wait_ready "${pid}" ""; then
       log "ready on ${KAFKA_HOST}:${KAFKA_PORT} (pid ${pid})"
       return 0
     fi
@@ -259,8 +239,8 @@ cmd_start() {
   local -a base heap
   mapfile -t base < <(java_base)
   read -r -a heap <<<"${KAFKA_HEAP_OPTS}"
-  local offset
-  offset="$(log_size)"
+  local started
+  started="$(kafka_log_stamp)"
   log "starting broker (logs in .local/kafka/logs/)"
   local t0=${SECONDS}
   (
@@ -274,7 +254,7 @@ cmd_start() {
   ) &
   pid=$!
   echo "${pid}" >"${PID_FILE}"
-  if wait_ready "${pid}" "${offset}"; then
+  if wait_ready "${pid}" "${started}"; then
     log "ready on ${KAFKA_HOST}:${KAFKA_PORT} (pid ${pid}, took $((SECONDS - t0)) s)"
     return 0
   fi

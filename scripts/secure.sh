@@ -37,6 +37,8 @@ set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "${SCRIPT_DIR}/.." && pwd)"
+# shellcheck source=scripts/kafka-started.sh
+source "${SCRIPT_DIR}/kafka-started.sh"
 
 # ---- test users and passwords (letters, digits, '.', '_', '-' only) ----
 KAFKA_ADMIN_USER="admin"
@@ -339,25 +341,6 @@ kafka_format_storage() {
   echo "${digest}" >"${KAFKA_USERS_STAMP}"
 }
 
-kafka_log_size() {
-  if [[ -f "${KAFKA_SERVER_LOG}" ]]; then
-    wc -c <"${KAFKA_SERVER_LOG}" | tr -d ' '
-  else
-    echo 0
-  fi
-}
-
-kafka_started_since() {
-  local offset="$1" size
-  [[ -f "${KAFKA_SERVER_LOG}" ]] || return 1
-  size="$(kafka_log_size)"
-  if ((size < offset)); then
-    offset=0 # the log was rolled over
-  fi
-  # No 'grep -q' (SIGPIPE on tail with pipefail); see scripts/kafka.sh.
-  tail -c "+$((offset + 1))" "${KAFKA_SERVER_LOG}" | grep 'Kafka Server started' >/dev/null
-}
-
 # An authenticated admin request over SASL_SSL: TLS, SCRAM and the authorizer all work.
 # The output of the last failed attempt is kept in KAFKA_ADMIN_ERR.
 KAFKA_ADMIN_ERR=""
@@ -381,7 +364,7 @@ kafka_show_log_tail() {
 }
 
 kafka_wait_ready() {
-  local pid="$1" offset="$2"
+  local pid="$1" since="$2"
   local deadline=$((SECONDS + START_TIMEOUT))
   local listening=0
   while ((SECONDS < deadline)); do
@@ -391,7 +374,7 @@ kafka_wait_ready() {
       kafka_show_log_tail
       return 1
     fi
-    if ((listening == 0)) && port_open "${KAFKA_SASL_PORT}" && kafka_started_since "${offset}"; then
+    if ((listening == 0)) && port_open "${KAFKA_SASL_PORT}" && kafka_started_since "${KAFKA_SERVER_LOG}" "${since}"; then
       listening=1
     fi
     if ((listening == 1)) && kafka_admin_ok; then
@@ -418,7 +401,7 @@ kafka_start() {
       return 0
     fi
     log "kafka: broker process ${pid} exists but is not ready yet; waiting for it..."
-    kafka_wait_ready "${pid}" 0 || return 1
+    kafka_wait_ready "${pid}" "" || return 1
     log "kafka: ready (pid ${pid})"
     return 0
   fi
@@ -438,8 +421,8 @@ kafka_start() {
   local -a base heap
   mapfile -t base < <(kafka_java_base)
   read -r -a heap <<<"${KAFKA_HEAP_OPTS}"
-  local offset
-  offset="$(kafka_log_size)"
+  local started
+  started="$(kafka_log_stamp)"
   log "kafka: starting broker (logs in .local/secure/kafka/logs/)"
   (
     cd "${KAFKA_HOME}"
@@ -452,7 +435,7 @@ kafka_start() {
   ) &
   pid=$!
   echo "${pid}" >"${KAFKA_PID_FILE}"
-  kafka_wait_ready "${pid}" "${offset}" || return 1
+  kafka_wait_ready "${pid}" "${started}" || return 1
   log "kafka: ready on ${HOST}:${KAFKA_SASL_PORT} (SASL_SSL) and ${HOST}:${KAFKA_MTLS_PORT} (mutual TLS) (pid ${pid}, took $((SECONDS - t0)) s)"
 }
 
