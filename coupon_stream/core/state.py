@@ -172,7 +172,7 @@ def apply_row(
         if day[COUNT] == 1:  # the day's only entry: the copy's times are the day's MIN/MAX
             cell[CURRENT] = [total, 1, created, modified]
         else:
-            updated = _without(view, new_key, day, old, total, day[COUNT])
+            updated = _without(view, new_key, day, old, total, day[COUNT], created, modified)
             cell[CURRENT] = _with(updated, total, day[COUNT], created, modified)
         entry[CURRENT] = [new_day, yuan, created, modified]
         view.touched.add((buyer, new_day))
@@ -212,11 +212,24 @@ def _with(
 
 
 def _without(
-    view: StateView, key: bytes, day: Sequence[Any], old: Entry, total: int, count: int
+    view: StateView,
+    key: bytes,
+    day: Sequence[Any],
+    old: Entry,
+    total: int,
+    count: int,
+    created: str | None = None,
+    modified: str | None = None,
 ) -> Day:
-    """The day with `old` taken out; MIN/MAX cannot be, so a lost extremum marks it stale."""
-    if (old[CREATED] is not None and old[CREATED] == day[MIN_CREATED]) or (
-        old[MODIFIED] is not None and old[MODIFIED] == day[MAX_MODIFIED]
+    """The day with `old` taken out; MIN/MAX cannot be, so a lost extremum marks it stale.
+
+    `created` and `modified` are those of the copy that takes `old`'s place in the same day
+    (the caller folds it in): an extremum it reaches again is not lost, and the day needs
+    no recompute (a late copy of an order usually has the first copy's gmt_create).
+    """
+    low, high = old[CREATED], old[MODIFIED]
+    if (low is not None and low == day[MIN_CREATED] and (created is None or created > low)) or (
+        high is not None and high == day[MAX_MODIFIED] and (modified is None or modified < high)
     ):
         view.stale.add(key)
     return [total, count, day[MIN_CREATED], day[MAX_MODIFIED]]

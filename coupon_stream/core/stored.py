@@ -112,6 +112,14 @@ def encode_value(sid: int, version: int, current: Any, previous: Any) -> bytes:
     return encode_json((sid, version, current, previous))
 
 
+def day_marker(effect_time: int) -> bytes:
+    """Bytes that a stored entry's value holds if its current or previous copy is on
+    `effect_time` (an entry begins with its day; JSON writes an int one way): a scan for one
+    day's entries tests them before decoding a value. A value may hold them by chance too,
+    so what is decoded is still checked."""
+    return b"[%d," % effect_time
+
+
 def read_value(raw: bytes, committed: int, sid: int = NO_SESSION) -> Any:
     """`Versioned.decode(raw).as_of(committed, sid)` without building the tuple (hot path;
     a test holds the two equal)."""

@@ -39,7 +39,7 @@ import logging
 import os
 import signal
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Mapping
 from enum import StrEnum
 
@@ -59,6 +59,7 @@ from coupon_stream.core.state import (
 from coupon_stream.core.stored import (
     buyer_prefix,
     day_key,
+    day_marker,
     encode_value,
     marks,
     parse_day_key,
@@ -221,10 +222,11 @@ class Checkpoint:
         for partition, stale in snap.pending.stale.items():
             slots = days.get(partition, {})
             stale_days = {key: parse_day_key(key) for key in stale if slots[key][VALUE] is not None}
+            markers: dict[bytes, set[bytes]] = defaultdict(set)
+            for buyer, effect_time in stale_days.values():
+                markers[buyer_prefix(buyer)].add(day_marker(effect_time))
             by_buyer = self.stage.entries.with_prefixes(
-                partition,
-                snap.sessions[partition],
-                {buyer_prefix(buyer) for buyer, _ in stale_days.values()},
+                partition, snap.sessions[partition], markers
             )
             for key, (buyer, effect_time) in stale_days.items():
                 day = slots[key][VALUE]

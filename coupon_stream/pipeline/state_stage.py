@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final, NamedTuple
@@ -156,18 +156,21 @@ class TableCache:
                 yield key, read_value(raw, session.start, session.sid)
 
     def with_prefixes(
-        self, partition: int, session: Session, prefixes: Iterable[bytes]
+        self, partition: int, session: Session, prefixes: Mapping[bytes, Collection[bytes]]
     ) -> dict[bytes, dict[bytes, Any]]:
         """Per prefix, the keys starting with it and their values as of the checkpoint being
         written (the stored values under the layer it writes): one pass over the layer, one
-        RocksDB prefix scan per prefix."""
+        RocksDB prefix scan per prefix. A stored value is decoded only if its bytes hold one
+        of the prefix's markers (`stored.day_marker`); the layer's values all come."""
         found: dict[bytes, dict[bytes, Any]] = {p: {} for p in prefixes}
         if not found:
             return found
         size = len(next(iter(found)))
         for prefix, values in found.items():
+            markers = prefixes[prefix]
             for key, raw in self.store.items(partition, prefix):
-                values[key] = read_value(raw, session.start, session.sid)
+                if any(m in raw for m in markers):
+                    values[key] = read_value(raw, session.start, session.sid)
         for key, slot in self._writing.get(partition, {}).items():
             prefixed = found.get(key[:size])
             if prefixed is not None:

@@ -55,6 +55,21 @@ def test_a_replaced_extremum_among_other_entries_marks_the_day_for_recompute():
     assert v.row(7, 20261111).cumulate_amount == 22
 
 
+def test_a_copy_that_reaches_the_extremum_again_needs_no_recompute():
+    v = DictView()
+    apply_row(v, r("o1", gc="2026-11-11 00:00:01", gm="2026-11-11 00:00:05"))
+    apply_row(v, r("o2", gc="2026-11-11 00:00:02", gm="2026-11-11 00:00:09"))
+    # o1 holds MIN(gmt_create); its earlier copy has the same gmt_create: still the MIN
+    apply_row(v, r("o1", gc="2026-11-11 00:00:01", gm="2026-11-11 00:00:04", yuan=2))
+    assert v.stale == set()
+    assert v.row(7, 20261111) == ResultRow(
+        "2026-11-11 00:00:01", "2026-11-11 00:00:09", 7, 12, 20261111
+    )
+    # a copy created later than the MIN it replaces: only a recompute finds o2's
+    apply_row(v, r("o1", gc="2026-11-11 00:00:03", gm="2026-11-11 00:00:03", yuan=3))
+    assert v.stale == {day_key(7, 20261111)}
+
+
 def test_day_sum_min_create_max_modified_and_delete_at_zero():
     v = DictView()
     apply_row(v, r("o1", yuan=123, gc="2026-11-11 00:00:09", gm="2026-11-11 00:00:10"))

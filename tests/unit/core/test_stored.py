@@ -19,6 +19,7 @@ from coupon_stream.core.stored import (
     buyer_of_key,
     buyer_prefix,
     day_key,
+    day_marker,
     entry_key,
     is_day_key,
     marks,
@@ -69,6 +70,20 @@ def test_a_value_round_trips_and_reads_as_of_the_committed_offset(
     else:
         assert moved is not None and Versioned.decode(moved).as_of(0, reader) == as_committed
         assert read_value(moved, 0) == read_value(at_start(as_committed), 0)
+
+
+entries = st.tuples(days, buyers, st.none() | texts, st.none() | texts).map(list)
+
+
+@given(st.integers(0, 2**56), offsets, entries, st.none() | entries, days, offsets)
+def test_an_entry_on_a_day_holds_that_day_s_marker(sid, version, current, previous, day, at):
+    """The pre-filter of a day's entries never drops one: whichever copy is read, if it is
+    on `day` the stored bytes hold `day_marker(day)`."""
+    raw = Versioned(sid, version, current, previous).encode()
+    read = read_value(raw, at, sid + 1)
+    if read is not None and read[0] == day:
+        assert day_marker(day) in raw
+    assert day_marker(current[0]) in raw
 
 
 @given(offsets, offsets, offsets)
