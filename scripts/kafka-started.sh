@@ -6,9 +6,10 @@
 #   holds 'Kafka Server started' stamped at or after T0 ("YYYY-MM-DD HH:MM:SS",
 #   as kafka_log_stamp prints it; "" matches any start).
 #
-# Timestamps, not byte offsets: log4j rolls server.log every hour, and a start that
-# spans the hour writes the line into a new file that may already be longer than
-# the old offset, so a start was missed and a restart reported as failed.
+# Timestamps, not byte offsets: log4j rolls server.log every hour. A start that spans
+# the hour may write the line just before the roll, into the file log4j then renames;
+# an offset into server.log looked only at the new file, missed the line, and a restart
+# that had worked was reported as failed.
 
 kafka_log_stamp() {
   date '+%Y-%m-%d %H:%M:%S'
