@@ -41,6 +41,10 @@ MEMTABLE_FILTER_RATIO = 0.1
 # hard-codes 1500 ms): an offsets lookup waits behind it (`_ReadCommittedThread`), and an
 # idle consumer sends a fetch to each broker this often.
 FETCH_MAX_WAIT_MS = 100
+# How long Faust's recovery looks again at a changelog's end that is before the local copy's
+# persisted offset (a commit's markers on their way: `BulkRecovery._build_highwaters`).
+MARKER_WAIT_S = 10.0
+MARKER_POLL_S = 0.1
 
 
 class _ReadCommittedThread(faust_kafka.AIOKafkaConsumerThread):
@@ -495,6 +499,42 @@ class BulkRecovery(Recovery):
                     if offset is not None:
                         self.active_offsets[tp] = offset
         await super()._wait(coro, timeout)
+
+    async def _build_highwaters(
+        self, consumer: Any, tps: set[TP], destination: Any, title: str
+    ) -> None:
+        """Faust's highwaters, looked up again while a local copy's persisted offset is past
+        one, for up to `MARKER_WAIT_S`.
+
+        Read committed, a changelog's end is its last stable offset. A transaction's commit
+        returns once the coordinator has logged it; its markers reach the partition a moment
+        later, and until then the last stable offset stays at the transaction's first
+        record. A checkpoint persists its offset as the commit returns, so a rebalance right
+        after one can find the local copy ahead of its changelog, and Faust's consistency
+        check stops the worker (seen in CI). A copy still ahead after the wait is one, and
+        the check stops the worker as before.
+        """
+        deadline = time.monotonic() + MARKER_WAIT_S
+        while True:
+            await super()._build_highwaters(consumer, tps, destination, title)
+            ahead = {
+                tp: offset
+                for tp in tps
+                if (table := self.tp_to_table.get(tp)) is not None
+                and (offset := table.persisted_offset(tp)) is not None
+                and offset > destination[tp]
+            }
+            if not ahead or time.monotonic() >= deadline:
+                return
+            behind = ", ".join(
+                f"{tp.topic}[{tp.partition}] {destination[tp]} < {o}" for tp, o in ahead.items()
+            )
+            self.log.info(
+                "changelog ends before the local copy's persisted offset (a commit's markers "
+                "not written yet?): %s; looking again",
+                behind,
+            )
+            await asyncio.sleep(MARKER_POLL_S)
 
 
 class Tables(TableManager):

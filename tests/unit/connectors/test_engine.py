@@ -126,6 +126,38 @@ async def test_faust_s_recovery_waits_for_the_bulk_restore_and_starts_where_it_l
     assert recovery.active_offsets[active] == 41  # Faust reads only what is past it
 
 
+class EndsLater:
+    """A consumer whose changelog ends read `ends` in turn (the last one from then on)."""
+
+    def __init__(self, tp: TP, *ends: int) -> None:
+        self.tp, self.ends, self.calls = tp, list(ends), 0
+
+    async def highwaters(self, *tps: TP) -> dict[TP, int]:
+        self.calls += 1
+        return {self.tp: self.ends.pop(0) if len(self.ends) > 1 else self.ends[0]}
+
+
+async def test_recovery_looks_again_at_a_changelog_end_behind_the_local_copy(app, monkeypatch):
+    """A commit's markers not yet on the partition: its last stable offset is still the
+    transaction's first record, behind the offset the checkpoint persisted. Faust's check
+    would stop the worker; the recovery looks again until the end has caught up."""
+    table = app.Table("entries", partitions=1, key_type=bytes, value_type=bytes)
+    tp = TP(engine.changelog_topic(table), 0)
+    recovery = app.tables.recovery
+    recovery.add_active(table, tp)
+    table.data.set_persisted_offset(tp, 1417)
+    monkeypatch.setattr(engine, "MARKER_POLL_S", 0.01)
+    consumer = EndsLater(tp, 0, 0, 1418)  # LSO 0, then the markers land
+    await recovery._build_highwaters(consumer, {tp}, recovery.active_highwaters, "active")
+    assert consumer.calls == 3 and recovery.active_highwaters[tp] == 1417
+
+    # Still ahead when the wait is over: left to Faust's check, which stops the worker.
+    monkeypatch.setattr(engine, "MARKER_WAIT_S", 0.05)
+    consumer = EndsLater(tp, 0)
+    await recovery._build_highwaters(consumer, {tp}, recovery.active_highwaters, "active")
+    assert consumer.calls > 1 and recovery.active_highwaters[tp] == -1
+
+
 async def test_a_rebalance_interrupts_the_wait_for_the_bulk_restore(app):
     table = app.Table("days", partitions=2, key_type=bytes, value_type=bytes)
     app.assignor.assigned_actives = lambda: {TP(engine.changelog_topic(table), 0)}
