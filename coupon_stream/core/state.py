@@ -5,7 +5,9 @@ Two tables, both partitioned by buyer (docs/design.md, "State"):
 - `entries`: the kept copy of each (buyer_id, biz_order_id, pay_status), as
   `[effect_time, yuan, gmt_create, gmt_modified]`;
 - `days`: the running aggregate of each (buyer_id, effect_time), as
-  `[cumulate_amount, kept entries, MIN(gmt_create), MAX(gmt_modified)]`.
+  `[cumulate_amount, kept entries, MIN(gmt_create), MAX(gmt_modified)]`, and for a day
+  that lost an extremum once, `lows` and `highs`: its KEPT smallest gmt_create and largest
+  gmt_modified values, so that the next lost one is known without reading its entries.
 
 A record changes its entry and at most two days, so applying it costs the same whatever its
 buyer's history. Their keys and values in bytes are `stored`'s; a stored value is a
@@ -14,6 +16,7 @@ buyer's history. Their keys and values in bytes are `stored`'s; a stored value i
 
 from __future__ import annotations
 
+from bisect import insort
 from collections.abc import Mapping, Sequence
 from datetime import date, timedelta
 from enum import StrEnum
@@ -28,11 +31,14 @@ STATE_TABLES = ("entries", "days")
 
 # Positions in an entry payload.
 DAY, YUAN, CREATED, MODIFIED = range(4)
-# Positions in a day payload.
-SUM, COUNT, MIN_CREATED, MAX_MODIFIED = range(4)
+# Positions in a day payload; a day keeps LOWS and HIGHS only once it was recomputed.
+SUM, COUNT, MIN_CREATED, MAX_MODIFIED, LOWS, HIGHS = range(6)
+# How many of its extreme values such a day keeps (ascending, both lists): it loses its
+# MIN or MAX again only when a run of replacements empties a list.
+KEPT: Final = 4
 
 Entry = list[Any]  # [effect_time, yuan, gmt_create, gmt_modified]
-Day = list[Any]  # [cumulate_amount, entries, min gmt_create, max gmt_modified]
+Day = list[Any]  # [cumulate_amount, entries, min gmt_create, max gmt_modified(, lows, highs)]
 
 Cell = list[Any]
 """One key's place in a table while records are applied: a list whose item CURRENT is the
@@ -83,12 +89,20 @@ def day_row(buyer_id: int, effect_time: int, day: Day | None) -> ResultRow | Non
     return ResultRow(day[MIN_CREATED], day[MAX_MODIFIED], buyer_id, day[SUM], effect_time)
 
 
-def extrema(entries: list[Entry]) -> tuple[str | None, str | None]:
-    """MIN(gmt_create), MAX(gmt_modified) over a day's kept entries (the non-retractable part)."""
-    day: Sequence[Any] = _NO_DAY
-    for e in entries:
-        day = _with(day, 0, 0, e[CREATED], e[MODIFIED])
-    return day[MIN_CREATED], day[MAX_MODIFIED]
+def recomputed(day: Day, entries: list[Entry]) -> Day:
+    """The day with MIN(gmt_create), MAX(gmt_modified) and the values kept for them taken
+    again from its kept entries: after `_without` lost one (`StateView.stale`)."""
+    created = sorted(e[CREATED] for e in entries if e[CREATED] is not None)
+    modified = sorted(e[MODIFIED] for e in entries if e[MODIFIED] is not None)
+    lows, highs = created[:KEPT], modified[-KEPT:]
+    return [
+        day[SUM],
+        day[COUNT],
+        lows[0] if lows else None,
+        highs[-1] if highs else None,
+        lows,
+        highs,
+    ]
 
 
 class StateView(Protocol):
@@ -171,9 +185,10 @@ def apply_row(
             return _overflow(new_day, total)
         if day[COUNT] == 1:  # the day's only entry: the copy's times are the day's MIN/MAX
             cell[CURRENT] = [total, 1, created, modified]
-        else:
-            updated = _without(view, new_key, day, old, total, day[COUNT], created, modified)
-            cell[CURRENT] = _with(updated, total, day[COUNT], created, modified)
+        else:  # the copy in first: an extremum it reaches again is not lost
+            folded = _with(day, total, day[COUNT] + 1, created, modified)
+            count = day[COUNT]
+            cell[CURRENT] = _without(view, new_key, folded, old, total, count, created, modified)
         entry[CURRENT] = [new_day, yuan, created, modified]
         view.touched.add((buyer, new_day))
         return _REPLACED
@@ -201,14 +216,30 @@ def _with(
     day: Sequence[Any], total: int, count: int, created: str | None, modified: str | None
 ) -> Day:
     """The day with a copy's contribution in: MIN and MAX fold it in (nulls ignored), SUM is
-    `total`. The one fold of MIN/MAX (`extrema` too); inline, as it runs for every record."""
+    `total`. The one fold of MIN/MAX; inline, as it runs for every record.
+
+    A day that keeps its extremes (`LOWS`, `HIGHS`: since a recompute) keeps them exact: a
+    list holds the smallest (largest) values of the day's entries, as many as it holds, so a
+    value goes in if it is within the list's range, or if the list holds every entry's value
+    (as many values as the day had entries).
+    """
     low, high = day[MIN_CREATED], day[MAX_MODIFIED]
-    return [
-        total,
-        count,
-        created if low is None or (created is not None and created < low) else low,
-        modified if high is None or (modified is not None and modified > high) else high,
-    ]
+    if created is not None and (low is None or created < low):
+        low = created
+    if modified is not None and (high is None or modified > high):
+        high = modified
+    if len(day) <= HIGHS:
+        return [total, count, low, high]
+    lows, highs, n = day[LOWS], day[HIGHS], day[COUNT]
+    if created is not None and (not lows or len(lows) >= n or created <= lows[-1]):
+        lows = lows.copy()  # never in place: the checkpoint's copy of the day may share it
+        insort(lows, created)
+        del lows[KEPT:]
+    if modified is not None and (not highs or len(highs) >= n or modified >= highs[0]):
+        highs = highs.copy()
+        insort(highs, modified)
+        del highs[:-KEPT]
+    return [total, count, low, high, lows, highs]
 
 
 def _without(
@@ -221,18 +252,45 @@ def _without(
     created: str | None = None,
     modified: str | None = None,
 ) -> Day:
-    """The day with `old` taken out; MIN/MAX cannot be, so a lost extremum marks it stale.
+    """The day with `old` taken out; `day` holds already the copy that takes its place, if
+    any, whose times are `created` and `modified`.
 
-    `created` and `modified` are those of the copy that takes `old`'s place in the same day
-    (the caller folds it in): an extremum it reaches again is not lost, and the day needs
-    no recompute (a late copy of an order usually has the first copy's gmt_create).
+    A day that keeps its extremes takes `old`'s out of its lists, and the lists' ends are
+    the MIN and MAX. Any other day loses the MIN or MAX that `old` held, unless the copy
+    reaches it again (a late copy usually keeps the first one's gmt_create). A day that lost
+    one is marked stale: the checkpoint recomputes it from its entries, and from then on
+    it keeps its extremes (`recomputed`), so that a hot day is not read again and again.
     """
-    low, high = old[CREATED], old[MODIFIED]
-    if (low is not None and low == day[MIN_CREATED] and (created is None or created > low)) or (
-        high is not None and high == day[MAX_MODIFIED] and (modified is None or modified < high)
+    low, high = day[MIN_CREATED], day[MAX_MODIFIED]
+    gone_low, gone_high = old[CREATED], old[MODIFIED]
+    if len(day) > HIGHS:
+        lows, highs = day[LOWS], day[HIGHS]
+        if gone_low is not None and lows and gone_low <= lows[-1]:
+            lows = _taken(view, key, lows, gone_low)
+            low = lows[0] if lows else low
+        if gone_high is not None and highs and gone_high >= highs[0]:
+            highs = _taken(view, key, highs, gone_high)
+            high = highs[-1] if highs else high
+        return [total, count, low, high, lows, highs]
+    if (gone_low is not None and gone_low == low and created != gone_low) or (
+        gone_high is not None and gone_high == high and modified != gone_high
     ):
         view.stale.add(key)
-    return [total, count, day[MIN_CREATED], day[MAX_MODIFIED]]
+    return [total, count, low, high]
+
+
+def _taken(view: StateView, key: bytes, kept: list[str], value: str) -> list[str]:
+    """A copy of `kept` without one `value`; the day is stale if that empties it, or if the
+    value is missing (only a stale day's list, which holds a bound, can miss one)."""
+    kept = kept.copy()
+    try:
+        kept.remove(value)
+    except ValueError:
+        view.stale.add(key)
+        return kept
+    if not kept:
+        view.stale.add(key)
+    return kept
 
 
 def _overflow(effect_time: int, total: int) -> Applied:

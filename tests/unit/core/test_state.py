@@ -1,17 +1,24 @@
 from collections import defaultdict
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from coupon_stream.core.records import INT64_MAX
 from coupon_stream.core.state import (
     CURRENT,
+    KEPT,
+    MAX_MODIFIED,
+    MIN_CREATED,
     Outcome,
     ResultRow,
     apply_row,
     day_row,
     generated_before,
     latest_day,
+    recomputed,
     retention_cutoff,
 )
-from coupon_stream.core.stored import day_key, entry_key
+from coupon_stream.core.stored import day_key, entry_key, parse_day_key
 from tests import reference
 from tests.unit.stagekit import r
 
@@ -55,6 +62,34 @@ def test_a_replaced_extremum_among_other_entries_marks_the_day_for_recompute():
     assert v.row(7, 20261111).cumulate_amount == 22
 
 
+def recompute(v, buyer, effect_time):
+    """What the checkpoint does with a stale day."""
+    key = day_key(buyer, effect_time)
+    kept = [e[CURRENT] for e in v.entries.values() if e[CURRENT] is not None]
+    mine = [e for e in kept if e[0] == effect_time]
+    v.days[key][CURRENT] = recomputed(v.days[key][CURRENT], mine)
+    v.stale.discard(key)
+
+
+def test_a_recomputed_day_keeps_its_extremes_and_is_not_read_again():
+    v = DictView()
+    key = day_key(7, 20261111)
+    for i in range(KEPT + 2):  # more entries than kept values
+        apply_row(v, r(f"o{i}", gm=f"2026-11-11 00:10:{i:02d}"))
+    apply_row(v, r(f"o{KEPT + 1}", gm="2026-11-11 00:00:01"))  # the MAX's holder, replaced
+    assert v.stale == {key}
+    recompute(v, 7, 20261111)  # keeps o1's to o{KEPT}'s, o0's is not kept
+    assert v.row(7, 20261111).gmt_modified == f"2026-11-11 00:10:{KEPT:02d}"
+    for i in range(KEPT, 1, -1):  # each kept MAX replaced by a copy below every value
+        apply_row(v, r(f"o{i}", gm=f"2026-11-11 00:00:{i:02d}"))
+        assert v.row(7, 20261111).gmt_modified == f"2026-11-11 00:10:{i - 1:02d}"
+        assert v.stale == set()
+    apply_row(v, r("o1", gm="2026-11-11 00:00:01"))  # the last kept one: o0's is read again
+    assert v.stale == {key}
+    recompute(v, 7, 20261111)
+    assert v.row(7, 20261111).gmt_modified == "2026-11-11 00:10:00"
+
+
 def test_a_copy_that_reaches_the_extremum_again_needs_no_recompute():
     v = DictView()
     apply_row(v, r("o1", gc="2026-11-11 00:00:01", gm="2026-11-11 00:00:05"))
@@ -68,6 +103,45 @@ def test_a_copy_that_reaches_the_extremum_again_needs_no_recompute():
     # a copy created later than the MIN it replaces: only a recompute finds o2's
     apply_row(v, r("o1", gc="2026-11-11 00:00:03", gm="2026-11-11 00:00:03", yuan=3))
     assert v.stale == {day_key(7, 20261111)}
+    recompute(v, 7, 20261111)
+    assert v.row(7, 20261111).gmt_create == "2026-11-11 00:00:02"
+    # from then on, the day knows its next MIN itself
+    apply_row(v, r("o2", gc="2026-11-11 00:00:04", gm="2026-11-11 00:00:08"))
+    assert v.stale == set()
+    assert v.row(7, 20261111).gmt_create == "2026-11-11 00:00:03"
+
+
+days_ = st.sampled_from([20261111, 20261112])
+stamps = st.none() | st.integers(0, 40).map(lambda s: f"2026-11-11 00:00:{s:02d}")
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3 * KEPT), days_, stamps, stamps), max_size=80), st.data())
+def test_min_and_max_equal_the_kept_entries_after_any_records(records, data):
+    """After each record, a day not marked stale holds the MIN/MAX of its kept entries, and
+    a recompute (as the checkpoint's) makes every stale one so."""
+    v = DictView()
+    for order, day, gc, gm in records:
+        apply_row(v, r(f"o{order}", day=day, gc=gc, gm=gm))
+        if data.draw(st.booleans(), "checkpoint"):
+            for key in list(v.stale):
+                if v.days[key][CURRENT] is not None:
+                    recompute(v, *parse_day_key(key))
+            v.stale.clear()
+        for effect_time in (20261111, 20261112):
+            key = day_key(7, effect_time)
+            day = v.days[key][CURRENT]
+            mine = [
+                e[CURRENT]
+                for e in v.entries.values()
+                if e[CURRENT] and e[CURRENT][0] == effect_time
+            ]
+            if day is None or key in v.stale:
+                continue
+            created = [e[2] for e in mine if e[2] is not None]
+            modified = [e[3] for e in mine if e[3] is not None]
+            assert day[MIN_CREATED] == min(created, default=None)
+            assert day[MAX_MODIFIED] == max(modified, default=None)
 
 
 def test_day_sum_min_create_max_modified_and_delete_at_zero():
