@@ -16,6 +16,7 @@ from coupon_stream.core.state import ResultRow, generated_before
 from coupon_stream.tools.dataset import generate, jsonl
 from tests import reference
 from tests.unit.fakes import Crash, DownSink
+from tests.unit.samples import sample
 from tests.unit.stagekit import World, r
 
 # -- the stage and its checkpoint, against an oracle, through crashes ----------------------
@@ -156,6 +157,23 @@ async def test_a_stale_days_min_and_max_come_from_its_own_entries_only():
     assert world.sink.table[(7, 20261112)] == ResultRow(
         "2026-11-09 00:00:00", "2026-11-15 00:00:00", 7, 30, 20261112
     )
+
+
+async def test_a_hot_day_whose_max_late_copies_keep_replacing_is_read_once():
+    """A buyer's entries are read again only when a day's kept extremes run out: late
+    copies replacing the MAX at every checkpoint cost one recompute, not one each."""
+    world = World()
+    rows = []
+    for i in range(40):
+        rows.append(r(f"o{i}", gm=f"2026-11-11 02:{i:02d}:00"))  # re-sent later, came first
+        rows.append(r(f"o{i}", gm=f"2026-11-11 01:{i:02d}:00", yuan=i))  # the original
+    for row in rows:
+        world.append([row])
+    before = sample("coupon_state_extrema_recomputed_total")
+    await world.run(world.worker(), every=1)  # a checkpoint after each record
+    assert sample("coupon_state_extrema_recomputed_total") - before == 1
+    assert set(world.sink.table.values()) == spec_oracle(rows)
+    assert world.sink.table[(7, 20261111)].gmt_modified == "2026-11-11 01:39:00"
 
 
 async def test_an_old_format_partition_is_refused(tmp_path):
