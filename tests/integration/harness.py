@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from aiokafka import TopicPartition
 from aiokafka.admin import NewTopic
 from aiokafka.protocol.group import MemberAssignment, ProtocolMetadata
@@ -40,6 +41,14 @@ MYSQL_URL = os.environ.get(
 )
 WORKER = [str(Path(sys.executable).with_name("coupon-stream")), "worker"]
 REPO = Path(__file__).resolve().parents[2]
+
+
+def unavailable(reason: str) -> None:
+    """A service a test needs is missing: a failure under CI=true (`make test` starts every
+    one), a skip elsewhere."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: `make test` must start it)")
+    pytest.skip(reason)
 
 
 def record(test: str, **fields: object) -> None:

@@ -35,12 +35,18 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from coupon_stream.tools.dataset import generate
 from tests import reference
-from tests.integration.harness import BOOTSTRAP, REPO, Pipeline, Worker, free_port
+from tests.integration.harness import (
+    BOOTSTRAP,
+    REPO,
+    Pipeline,
+    Worker,
+    free_port,
+    unavailable,
+)
 from tests.integration.test_pipeline import BAD_ORDERS, BAD_REFUNDS
 
 pytestmark = pytest.mark.integration
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
 IMAGE = os.environ.get("COUPON_IMAGE", "localhost/coupon-stream:local")
 COMPOSE_FILE = REPO / "docker-compose.yml"
 PROMETHEUS_DIR = REPO / "infra" / "prometheus"
@@ -69,12 +75,6 @@ def run(*cmd: str, timeout: float = 120, check: bool = True) -> subprocess.Compl
 
 def podman(*args: str, **kw) -> subprocess.CompletedProcess[str]:
     return run("podman", *args, **kw)
-
-
-def unavailable(reason: str) -> None:
-    if IN_CI:
-        pytest.fail(f"{reason} (CI=true: the scripts must install it)")
-    pytest.skip(reason)
 
 
 def note_timing(test: str, **fields: object) -> None:
