@@ -5,9 +5,7 @@ Two tables, both partitioned by buyer (docs/design.md, "State"):
 - `entries`: the kept copy of each (buyer_id, biz_order_id, pay_status), as
   `[effect_time, yuan, gmt_create, gmt_modified]`;
 - `days`: the running aggregate of each (buyer_id, effect_time), as
-  `[cumulate_amount, kept entries, MIN(gmt_create), MAX(gmt_modified)]`, and for a day
-  that lost an extremum once, `lows` and `highs`: its KEPT smallest gmt_create and largest
-  gmt_modified values, so that the next lost one is known without reading its entries.
+  `[cumulate_amount, kept entries, MIN(gmt_create), MAX(gmt_modified)]`.
 
 A record changes its entry and at most two days, so applying it costs the same whatever its
 buyer's history. Their keys and values in bytes are `stored`'s; a stored value is a
@@ -31,14 +29,17 @@ STATE_TABLES = ("entries", "days")
 
 # Positions in an entry payload.
 DAY, YUAN, CREATED, MODIFIED = range(4)
-# Positions in a day payload; a day keeps LOWS and HIGHS only once it was recomputed.
-SUM, COUNT, MIN_CREATED, MAX_MODIFIED, LOWS, HIGHS = range(6)
-# How many of its extreme values such a day keeps (ascending, both lists): it loses its
-# MIN or MAX again only when a run of replacements empties a list.
-KEPT: Final = 4
+# Positions in a day payload.
+SUM, COUNT, MIN_CREATED, MAX_MODIFIED = range(4)
+# How many of its extreme values a day that lost one keeps in memory (`Extremes`): it
+# loses its MIN or MAX again only when a run of replacements empties a list.
+KEPT = 4
 
 Entry = list[Any]  # [effect_time, yuan, gmt_create, gmt_modified]
-Day = list[Any]  # [cumulate_amount, entries, min gmt_create, max gmt_modified(, lows, highs)]
+Day = list[Any]  # [cumulate_amount, entries, min gmt_create, max gmt_modified]
+Extremes = list[list[str]]
+"""A day's KEPT smallest gmt_create values and KEPT largest gmt_modified values, both
+ascending: kept in memory only (`StateView.extremes`), for days recomputed once."""
 
 Cell = list[Any]
 """One key's place in a table while records are applied: a list whose item CURRENT is the
@@ -89,20 +90,14 @@ def day_row(buyer_id: int, effect_time: int, day: Day | None) -> ResultRow | Non
     return ResultRow(day[MIN_CREATED], day[MAX_MODIFIED], buyer_id, day[SUM], effect_time)
 
 
-def recomputed(day: Day, entries: list[Entry]) -> Day:
-    """The day with MIN(gmt_create), MAX(gmt_modified) and the values kept for them taken
-    again from its kept entries: after `_without` lost one (`StateView.stale`)."""
+def recomputed(day: Day, entries: list[Entry]) -> tuple[Day, Extremes]:
+    """The day with MIN(gmt_create) and MAX(gmt_modified) taken again from its kept entries
+    (after `_without` lost one: `StateView.stale`), and the extremes it keeps from then on."""
     created = sorted(e[CREATED] for e in entries if e[CREATED] is not None)
     modified = sorted(e[MODIFIED] for e in entries if e[MODIFIED] is not None)
     lows, highs = created[:KEPT], modified[-KEPT:]
-    return [
-        day[SUM],
-        day[COUNT],
-        lows[0] if lows else None,
-        highs[-1] if highs else None,
-        lows,
-        highs,
-    ]
+    low, high = (lows[0] if lows else None), (highs[-1] if highs else None)
+    return [day[SUM], day[COUNT], low, high], [lows, highs]
 
 
 class StateView(Protocol):
@@ -115,10 +110,14 @@ class StateView(Protocol):
     `stale` collects the days whose MIN/MAX lost the entry that held it; the checkpoint
     recomputes them from the day's entries once, however many records touched them.
     `touched` collects the (buyer, effect_time) of the result rows the records touched.
+    `extremes` holds the `Extremes` of days recomputed once, by day key: only in memory, so
+    that the stored state does not depend on when a day was recomputed; a day without them
+    is recomputed when it loses an extremum, and then has them.
     """
 
     stale: set[bytes]
     touched: set[tuple[int, int]]
+    extremes: dict[bytes, Extremes]
 
     @property
     def entries(self) -> Mapping[bytes, Cell]: ...
@@ -172,7 +171,8 @@ def apply_row(
         total = day[SUM] + yuan
         if not INT64_MIN <= total <= INT64_MAX:
             return _overflow(new_day, total)
-        cell[CURRENT] = _with(day, total, day[COUNT] + 1, created, modified)
+        kept = view.extremes.get(new_key)
+        cell[CURRENT] = _with(day, total, day[COUNT] + 1, created, modified, kept)
         entry[CURRENT] = [new_day, yuan, created, modified]
         view.touched.add((buyer, new_day))
         return _NEW
@@ -185,8 +185,10 @@ def apply_row(
             return _overflow(new_day, total)
         if day[COUNT] == 1:  # the day's only entry: the copy's times are the day's MIN/MAX
             cell[CURRENT] = [total, 1, created, modified]
+            view.extremes.pop(new_key, None)
         else:  # the copy in first: an extremum it reaches again is not lost
-            folded = _with(day, total, day[COUNT] + 1, created, modified)
+            kept = view.extremes.get(new_key)
+            folded = _with(day, total, day[COUNT] + 1, created, modified, kept)
             count = day[COUNT]
             cell[CURRENT] = _without(view, new_key, folded, old, total, count, created, modified)
         entry[CURRENT] = [new_day, yuan, created, modified]
@@ -204,8 +206,13 @@ def apply_row(
     if not INT64_MIN <= left_total <= INT64_MAX:
         return _overflow(old_day, left_total)
     count = left[COUNT] - 1
-    left_cell[CURRENT] = _without(view, old_key, left, old, left_total, count) if count else None
-    joined_cell[CURRENT] = _with(joined, joined_total, joined[COUNT] + 1, created, modified)
+    if count:
+        left_cell[CURRENT] = _without(view, old_key, left, old, left_total, count)
+    else:
+        left_cell[CURRENT] = None
+        view.extremes.pop(old_key, None)
+    kept = view.extremes.get(new_key)
+    joined_cell[CURRENT] = _with(joined, joined_total, joined[COUNT] + 1, created, modified, kept)
     entry[CURRENT] = [new_day, yuan, created, modified]
     view.touched.add((buyer, old_day))
     view.touched.add((buyer, new_day))
@@ -213,33 +220,36 @@ def apply_row(
 
 
 def _with(
-    day: Sequence[Any], total: int, count: int, created: str | None, modified: str | None
+    day: Sequence[Any],
+    total: int,
+    count: int,
+    created: str | None,
+    modified: str | None,
+    kept: Extremes | None = None,
 ) -> Day:
     """The day with a copy's contribution in: MIN and MAX fold it in (nulls ignored), SUM is
     `total`. The one fold of MIN/MAX; inline, as it runs for every record.
 
-    A day that keeps its extremes (`LOWS`, `HIGHS`: since a recompute) keeps them exact: a
-    list holds the smallest (largest) values of the day's entries, as many as it holds, so a
-    value goes in if it is within the list's range, or if the list holds every entry's value
-    (as many values as the day had entries).
+    The day's `kept` extremes, if any, stay exact (in place: they are this worker's alone):
+    a list holds the smallest (largest) values of the day's entries, as many as it holds, so
+    a value goes in if it is within the list's range, or if the list holds every entry's
+    value (as many values as the day had entries).
     """
     low, high = day[MIN_CREATED], day[MAX_MODIFIED]
     if created is not None and (low is None or created < low):
         low = created
     if modified is not None and (high is None or modified > high):
         high = modified
-    if len(day) <= HIGHS:
-        return [total, count, low, high]
-    lows, highs, n = day[LOWS], day[HIGHS], day[COUNT]
-    if created is not None and (not lows or len(lows) >= n or created <= lows[-1]):
-        lows = lows.copy()  # never in place: the checkpoint's copy of the day may share it
-        insort(lows, created)
-        del lows[KEPT:]
-    if modified is not None and (not highs or len(highs) >= n or modified >= highs[0]):
-        highs = highs.copy()
-        insort(highs, modified)
-        del highs[:-KEPT]
-    return [total, count, low, high, lows, highs]
+    if kept is not None:
+        lows, highs = kept
+        n = day[COUNT]
+        if created is not None and (not lows or len(lows) >= n or created <= lows[-1]):
+            insort(lows, created)
+            del lows[KEPT:]
+        if modified is not None and (not highs or len(highs) >= n or modified >= highs[0]):
+            insort(highs, modified)
+            del highs[:-KEPT]
+    return [total, count, low, high]
 
 
 def _without(
@@ -255,42 +265,42 @@ def _without(
     """The day with `old` taken out; `day` holds already the copy that takes its place, if
     any, whose times are `created` and `modified`.
 
-    A day that keeps its extremes takes `old`'s out of its lists, and the lists' ends are
-    the MIN and MAX. Any other day loses the MIN or MAX that `old` held, unless the copy
-    reaches it again (a late copy usually keeps the first one's gmt_create). A day that lost
-    one is marked stale: the checkpoint recomputes it from its entries, and from then on
-    it keeps its extremes (`recomputed`), so that a hot day is not read again and again.
+    A day with extremes kept takes `old`'s out of its lists, whose ends are then the MIN and
+    MAX. Any other day loses the MIN or MAX that `old` held, unless the copy reaches it
+    again (a late copy usually keeps the first one's gmt_create). A day that lost one is
+    marked stale: the checkpoint recomputes it from its entries, and from then on keeps its
+    extremes (`recomputed`), so that a hot day is not read again and again.
     """
     low, high = day[MIN_CREATED], day[MAX_MODIFIED]
     gone_low, gone_high = old[CREATED], old[MODIFIED]
-    if len(day) > HIGHS:
-        lows, highs = day[LOWS], day[HIGHS]
+    kept = view.extremes.get(key)
+    if kept is not None:
+        lows, highs = kept
         if gone_low is not None and lows and gone_low <= lows[-1]:
-            lows = _taken(view, key, lows, gone_low)
-            low = lows[0] if lows else low
+            if _taken(lows, gone_low):
+                low = lows[0]
+            else:
+                view.stale.add(key)
         if gone_high is not None and highs and gone_high >= highs[0]:
-            highs = _taken(view, key, highs, gone_high)
-            high = highs[-1] if highs else high
-        return [total, count, low, high, lows, highs]
-    if (gone_low is not None and gone_low == low and created != gone_low) or (
+            if _taken(highs, gone_high):
+                high = highs[-1]
+            else:
+                view.stale.add(key)
+    elif (gone_low is not None and gone_low == low and created != gone_low) or (
         gone_high is not None and gone_high == high and modified != gone_high
     ):
         view.stale.add(key)
     return [total, count, low, high]
 
 
-def _taken(view: StateView, key: bytes, kept: list[str], value: str) -> list[str]:
-    """A copy of `kept` without one `value`; the day is stale if that empties it, or if the
-    value is missing (only a stale day's list, which holds a bound, can miss one)."""
-    kept = kept.copy()
+def _taken(kept: list[str], value: str) -> bool:
+    """Take one `value` out of a kept list; False if that empties it, or if the value is
+    missing (only a stale day's list, inexact until its recompute, can miss one)."""
     try:
         kept.remove(value)
     except ValueError:
-        view.stale.add(key)
-        return kept
-    if not kept:
-        view.stale.add(key)
-    return kept
+        return False
+    return bool(kept)
 
 
 def _overflow(effect_time: int, total: int) -> Applied:

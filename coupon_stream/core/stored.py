@@ -23,12 +23,8 @@ import orjson
 
 from coupon_stream.core.records import encode_json
 
-# The version of the layout below, kept in each partition's `~format` mark, and the older
-# ones this version reads as it is: format 2's days lack the kept extremes (`state.LOWS`,
-# `state.HIGHS`), which a day then reads as its MIN and MAX alone. A version that cannot
-# read this one's values refuses the partition once a checkpoint has marked it.
-STATE_FORMAT = 3
-READABLE_FORMATS = frozenset({2, STATE_FORMAT})
+# The version of the layout below, kept in each partition's `~format` mark.
+STATE_FORMAT = 2
 
 FORMAT_KEY = b"~format"
 WATERMARK_KEY = b"~watermark"
@@ -202,12 +198,11 @@ def read_marks(
 
     Refuses state of another format: reading it as this one would count wrong sums.
     """
-    if fmt is not None and int(fmt) not in READABLE_FORMATS:
+    if fmt is not None and int(fmt) != STATE_FORMAT:
         raise StateFormatError(
             f"partition {partition} of the state holds format {int(fmt)}; this version "
-            f"reads formats {', '.join(map(str, sorted(READABLE_FORMATS)))}. Start a new "
-            "COUPON_APP_ID with an empty COUPON_DATA_DIR and replay the input "
-            "(docs/design.md, 'Migrating state')"
+            f"keeps format {STATE_FORMAT}. Start a new COUPON_APP_ID with an empty "
+            "COUPON_DATA_DIR and replay the input (docs/design.md, 'Migrating state')"
         )
     offset = None if next_offset is None else int(next_offset)
     return Marks(

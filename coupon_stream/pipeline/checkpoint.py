@@ -11,8 +11,9 @@ interval whose `commit` takes these steps in order, each checked against the one
    checkpoint; until this one is over they read the values it writes.
 2. Derive: a day whose MIN(gmt_create) or MAX(gmt_modified) lost the entry holding it is
    recomputed from the day's entries (the one step whose cost grows with a buyer's
-   history, and only for such a replacement; the day then keeps its extremes, so that it
-   is rarely read again: `state.KEPT`); then the result row of every touched day.
+   history, and only for such a replacement; the day's extremes are then kept in memory,
+   so that it is rarely read again: `state.Extremes`); then the result row of every
+   touched day.
 3. Changelog: every changed key of both tables, as `Versioned(sid, end offset, current,
    previous)`, each key once; real deletes for the keys the last checkpoint deleted; the
    partition's next-offset mark. Waits until Kafka has acknowledged all of it, and the
@@ -234,7 +235,8 @@ class Checkpoint:
                     for e in by_buyer[buyer_prefix(buyer)].values()
                     if e is not None and e[DAY] == effect_time
                 ]
-                slots[key][VALUE] = recomputed(day, kept)
+                slots[key][VALUE], extremes = recomputed(day, kept)
+                self.stage.keep_extremes(partition, key, extremes)
             metrics.STATE_EXTREMA_RECOMPUTED.inc(len(stale_days))
         for partition, touched in snap.pending.touched.items():
             slots = days.get(partition, {})

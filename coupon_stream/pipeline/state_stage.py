@@ -26,6 +26,7 @@ from coupon_stream.core.state import (
     COUNTED,
     CURRENT,
     DAY,
+    Extremes,
     Outcome,
     apply_row,
     latest_day,
@@ -55,6 +56,8 @@ log = logging.getLogger(__name__)
 QUIET_SECONDS = 10.0
 # One attempt to read a range of by-buyer messages back (the brokers may not answer).
 READ_SECONDS = 30.0
+# Days whose extremes a partition keeps in memory (`state.Extremes`); past it, the oldest go.
+MAX_KEPT_DAYS = 10_000
 
 
 class ReadBack(NamedTuple):
@@ -220,7 +223,7 @@ class TableCache:
 class _View:
     """One partition's caches as `state.StateView`: the changed layers' slots are its cells."""
 
-    __slots__ = ("entries", "days", "stale", "touched", "day_cell")
+    __slots__ = ("entries", "days", "stale", "touched", "extremes", "day_cell")
 
     def __init__(
         self,
@@ -228,12 +231,14 @@ class _View:
         days: dict[bytes, Slot],
         stale: set[bytes],
         touched: set[tuple[int, int]],
+        extremes: dict[bytes, Extremes],
         day_cell: Callable[[bytes], Slot],
     ) -> None:
         self.entries = entries
         self.days = days
         self.stale = stale
         self.touched = touched
+        self.extremes = extremes
         self.day_cell = day_cell  # the old day of a copy that moves days: not loaded
 
 
@@ -290,6 +295,9 @@ class StateStage:
         self.rebalance_count = rebalance_count
         self.pending = Pending()
         self.sessions: dict[int, Session] = {}
+        # Per partition, the extremes of days recomputed once (`state.StateView.extremes`):
+        # true as of the records applied, so dropped with them.
+        self.extremes: dict[int, dict[bytes, Extremes]] = defaultdict(dict)
         self.apply_lock = asyncio.Lock()  # `add`, `repair_tail` and a checkpoint's snapshot
         self._next_to_apply: dict[int, int] = {}
         self._checkpoint_from: dict[int, int] = {}  # where the next checkpoint's range begins
@@ -367,6 +375,15 @@ class StateStage:
                     replaying.add(partition)
                 self._checkpoint_from[partition] = end
             return Snapshot(pending, dict(self.sessions), layers, self.still_assigned(), replaying)
+
+    def keep_extremes(self, partition: int, key: bytes, extremes: Extremes) -> None:
+        """A recomputed day's extremes, kept from now on (the oldest go past MAX_KEPT_DAYS:
+        a day without them is only recomputed again when it loses an extremum)."""
+        kept = self.extremes[partition]
+        kept.pop(key, None)
+        if len(kept) >= MAX_KEPT_DAYS:
+            del kept[next(iter(kept))]
+        kept[key] = extremes
 
     def _applied(self, partition: int, next_offset: int, token: Token) -> None:
         self._next_to_apply[partition] = next_offset
@@ -522,6 +539,7 @@ class StateStage:
             self.pending = Pending()
             self.entries.drop()
             self.days.drop()
+            self.extremes.clear()
             self.sessions.clear()
             await self.claims.release()
             self._next_to_apply.clear()
@@ -550,6 +568,7 @@ class StateStage:
             days.load(partition, dkeys, session),
             self.pending.stale[partition],
             self.pending.touched[partition],
+            self.extremes[partition],
             lambda key: days.load(partition, [key], session)[key],
         )
         results = [apply_row(view, r, e, d) for r, e, d in zip(rows, ekeys, dkeys, strict=True)]
@@ -646,6 +665,7 @@ class StateStage:
             slots = cache.load(partition, keys, session)
             for key in keys:
                 slots[key][VALUE] = None
+        self.extremes.pop(partition, None)
         metrics.STATE_EXPIRED.inc(len(old_entries))
         metrics.STATE_ENTRIES.labels(str(partition)).set(kept)
         log.info(

@@ -3,6 +3,7 @@ from collections import defaultdict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from coupon_stream.core import state
 from coupon_stream.core.records import INT64_MAX
 from coupon_stream.core.state import (
     CURRENT,
@@ -30,6 +31,7 @@ class DictView:
         self.entries = defaultdict(lambda: [None, None])
         self.days = defaultdict(lambda: [None, None])
         self.stale, self.touched = set(), set()
+        self.extremes = {}
 
     def day_cell(self, key):
         return self.days[key]
@@ -67,7 +69,7 @@ def recompute(v, buyer, effect_time):
     key = day_key(buyer, effect_time)
     kept = [e[CURRENT] for e in v.entries.values() if e[CURRENT] is not None]
     mine = [e for e in kept if e[0] == effect_time]
-    v.days[key][CURRENT] = recomputed(v.days[key][CURRENT], mine)
+    v.days[key][CURRENT], v.extremes[key] = recomputed(v.days[key][CURRENT], mine)
     v.stale.discard(key)
 
 
@@ -116,10 +118,24 @@ stamps = st.none() | st.integers(0, 40).map(lambda s: f"2026-11-11 00:00:{s:02d}
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 3 * KEPT), days_, stamps, stamps), max_size=80), st.data())
-def test_min_and_max_equal_the_kept_entries_after_any_records(records, data):
+@given(
+    st.lists(st.tuples(st.integers(0, 12), days_, stamps, stamps), max_size=80),
+    st.integers(1, KEPT),
+    st.data(),
+)
+def test_min_and_max_equal_the_kept_entries_after_any_records(records, kept, data):
     """After each record, a day not marked stale holds the MIN/MAX of its kept entries, and
-    a recompute (as the checkpoint's) makes every stale one so."""
+    a recompute (as the checkpoint's) makes every stale one so; with lists of any length,
+    so that they run out too."""
+    saved = state.KEPT
+    state.KEPT = kept
+    try:
+        _check_min_and_max(records, data)
+    finally:
+        state.KEPT = saved
+
+
+def _check_min_and_max(records, data):
     v = DictView()
     for order, day, gc, gm in records:
         apply_row(v, r(f"o{order}", day=day, gc=gc, gm=gm))
