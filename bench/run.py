@@ -53,6 +53,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
+from confluent_kafka import Producer
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -446,6 +447,7 @@ LATENCY_POLL_S = 0.02  # a poll starts every 20 ms (later if the one before took
 LATENCY_FIRST_BUYER = 900_000_000
 LATENCY_DAY = 20261111  # every probe's pay_time is on this day
 LATENCY_FEE = 10_000  # each probe's div_idx_actual_total_fee: cumulate_amount 100
+LATENCY_LINGER_MS = 5  # librdkafka's default
 LATENCY_WARMUP_S = 2.0  # probes of the first seconds are sent at the rate but not counted
 
 
@@ -510,8 +512,10 @@ async def latency(
     await deployment.create_input_topics(s, partitions)
     proc = Proc(s, tmp / f"{run}.log")
     engine = create_async_engine(DB_URL, isolation_level="AUTOCOMMIT")  # a fresh read each poll
-    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, linger_ms=1)
-    await producer.start()
+    # librdkafka, as the merchants' services would produce: each send is a C call and the
+    # I/O runs on librdkafka's threads, so the bench's own sending takes little of the
+    # cores it shares with the worker (aiokafka's send is a Python coroutine per message).
+    producer = Producer({"bootstrap.servers": BOOTSTRAP, "linger.ms": LATENCY_LINGER_MS})
     probes = Probes(LATENCY_FIRST_BUYER, amount=LATENCY_FEE // 100)
     polls: list[float] = []  # seconds each poll took (query, fetch and bookkeeping)
     rows_read: list[int] = []
@@ -551,33 +555,45 @@ async def latency(
         total = warm + int(rate * seconds)
         start = time.perf_counter()
         cpu: dict[str, float] | None = None  # from the end of the warm-up
+        checkpoints: list[float] = []  # the worker's checkpoints: how many, seconds in them
         acked: dict[int, float] = {}  # probe -> when the broker acknowledged it
 
-        def on_ack(i: int, _: object) -> None:
+        failed: list[str] = []
+
+        def on_ack(i: int, err: object, _: object) -> None:
+            if err is not None:
+                failed.append(str(err))
             acked.setdefault(i, time.perf_counter())
 
+        template = (
+            b'{"biz_order_id":"lat-%d","pay_status":"2","buyer_id":"%d","pay_time":"'
+            + pay_time.encode()
+            + b'","div_idx_actual_total_fee":%d}'
+        )
         while len(probes.sent) < total:  # every probe due by now, then sleep till the next
             due = min(total, int((time.perf_counter() - start) * rate) + 1)
             while len(probes.sent) < due:
                 if cpu is None and len(probes.sent) >= warm:
                     cpu = cpu_by_kind(proc.proc.pid)
+                    checkpoints = checkpoint_totals(proc)
                 buyer = probes.send(time.perf_counter())
-                value = orjson.dumps(
-                    {
-                        "biz_order_id": f"lat-{buyer}",
-                        "pay_status": "2",
-                        "buyer_id": str(buyer),
-                        "pay_time": pay_time,
-                        "div_idx_actual_total_fee": LATENCY_FEE,
-                    }
+                value = template % (buyer, buyer, LATENCY_FEE)
+                producer.produce(
+                    s.orders_topic,
+                    value,
+                    on_delivery=functools.partial(on_ack, len(probes.sent) - 1),
                 )
-                ack = await producer.send(s.orders_topic, value=value)
-                ack.add_done_callback(functools.partial(on_ack, len(probes.sent) - 1))
+            producer.poll(0)  # acknowledgements: their callbacks run here
             await asyncio.sleep(max(0.0, start + len(probes.sent) / rate - time.perf_counter()))
         sending = time.perf_counter() - start
         assert cpu is not None
         shares = cpu_shares(cpu, cpu_by_kind(proc.proc.pid), sending - warm / rate)
-        await producer.flush()
+        count, spent, *steps = (
+            b - a for a, b in zip(checkpoints, checkpoint_totals(proc), strict=True)
+        )
+        await asyncio.to_thread(producer.flush, 30)
+        if failed:
+            raise RuntimeError(f"{len(failed)} probe(s) not sent, the first: {failed[0]}")
         deadline = time.perf_counter() + 120
         while probes.key_range() is not None and time.perf_counter() < deadline:
             if poller.done():
@@ -604,15 +620,37 @@ async def latency(
             "poll_errors": errors,
             # Send -> acknowledged by the broker: the part of the latency before the worker.
             "ack": summary_ms(acked[i] - probes.sent[i] for i in acked if i >= warm),
-            # While the measured probes were sent: who used the cores.
+            # While the measured probes were sent: the worker's checkpoints (a row is visible
+            # after the one that follows its record) and who used the cores.
+            "checkpoints_per_s": round(count / (sending - warm / rate), 2),
+            "checkpoint_mean_ms": round(1000 * spent / count, 1) if count else None,
+            "checkpoint_step_mean_ms": {
+                step: round(1000 * t / count, 1) if count else None
+                for step, t in zip(CHECKPOINT_STEPS, steps, strict=True)
+            },
             **shares,
         }
         out.pop("count")
         return out
     finally:
-        await producer.stop()
+        producer.flush(5)
         await engine.dispose()
         proc.stop()
+
+
+CHECKPOINT_STEPS = ("derive", "changelog", "local", "sink", "offsets")
+
+
+def checkpoint_totals(proc: Proc) -> list[float]:
+    """The worker's checkpoints so far, the seconds they took, and the seconds of each step."""
+    return [
+        proc.metric("coupon_checkpoint_seconds_count"),
+        proc.metric("coupon_checkpoint_seconds_sum"),
+        *(
+            proc.metric(f'coupon_checkpoint_step_seconds_sum{{step="{s}"}}')
+            for s in CHECKPOINT_STEPS
+        ),
+    ]
 
 
 def latency_lines(lat: dict[str, Any]) -> list[str]:
@@ -633,7 +671,11 @@ def latency_lines(lat: dict[str, Any]) -> list[str]:
         f"(max {lat['poll_rows_max']}) a poll, {lat['poll_errors']} failed.",
         f"Send -> acknowledged by the broker: p50 {ack.get('p50_ms')} ms, p99 "
         f"{ack.get('p99_ms')} ms, max {ack.get('max_ms')} ms. While the measured probes were "
-        f"sent, % of one core: worker {lat['worker_pct_of_core']}, this bench (producer and "
+        f"sent: {lat['checkpoints_per_s']} checkpoints/s of the worker, each "
+        f"{lat['checkpoint_mean_ms']} ms on average ("
+        + ", ".join(f"{k} {v}" for k, v in lat["checkpoint_step_mean_ms"].items())
+        + f" ms); % of one core: worker "
+        f"{lat['worker_pct_of_core']}, this bench (producer and "
         f"poller) {lat['bench_pct_of_core']}, Kafka {lat['kafka_pct_of_core']}, MariaDB "
         f"{lat['mariadb_pct_of_core']}, other programs {lat['other_pct_of_core']}; machine "
         f"{lat['machine_busy_pct']}% busy.",

@@ -49,6 +49,13 @@ CHECKPOINT_SECONDS = Histogram(
     "Time of one checkpoint: changelog, local RocksDB, MySQL and the offset commit",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+CHECKPOINT_STEP_SECONDS = Histogram(
+    "coupon_checkpoint_step_seconds",
+    "Time of each step a checkpoint took (derive: snapshot and derive; changelog; "
+    "local: RocksDB; sink: MySQL; offsets: the commit): where a row's wait to be visible goes",
+    ["step"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
 REBALANCES = Counter(
     "coupon_rebalances_total", "Partition assignments this worker received (one per rebalance)"
 )

@@ -44,8 +44,9 @@ class Settings(BaseSettings):
     flush_interval: float = Field(
         0.2,
         gt=0,
-        description="seconds between checkpoints (changelogs, local state, the result table, "
-        "then the offsets); the name is kept for existing deployments",
+        description="seconds from the start of one checkpoint (changelogs, local state, the "
+        "result table, then the offsets) to the start of the next (at once if one took longer); "
+        "the name is kept for existing deployments",
     )
     max_pending_rows: int = Field(
         20_000, ge=1, description="rows waiting for the database before consumption pauses"

@@ -150,7 +150,7 @@ class Checkpoint:
         self.stage = owner.stage
         self._snapshot: Snapshot | None = None
         self.state = Step.OPEN
-        self.started = time.perf_counter()
+        self.started = self._step_began = time.perf_counter()
         self.rows: dict[RowKey, ResultRow | None] = {}
         # The grant events of each partition, and the grants table's rows (`grants`).
         self.grants: dict[RowKey, Grant] = {}
@@ -166,11 +166,15 @@ class Checkpoint:
             self.release()
             return True
         self.derive()
+        self._took("derive")
         metrics.SINK_PENDING.set(len(self.rows) + self.stage.pending.rows())
         try:
             await self.changelog()
+            self._took("changelog")
             self.store()
+            self._took("local")
             await self.write()
+            self._took("sink")
         except GivenUp:
             where = "Kafka" if self.state is Step.SNAPSHOTTED else "the database"
             log.warning(
@@ -186,9 +190,16 @@ class Checkpoint:
             await self.drop(lost)
             return False
         await self.commit_offsets()
+        self._took("offsets")
         metrics.SINK_PENDING.set(self.stage.pending.rows())
         metrics.CHECKPOINT_SECONDS.observe(time.perf_counter() - self.started)
         return True
+
+    def _took(self, step: str) -> None:
+        """A step is over: its time (from the end of the one before) goes to its metric."""
+        now = time.perf_counter()
+        metrics.CHECKPOINT_STEP_SECONDS.labels(step).observe(now - self._step_began)
+        self._step_began = now
 
     def _after(self, done: Step) -> None:
         """A step begins: the one before it must be `done` (each step sets its own state
