@@ -20,7 +20,6 @@ import asyncio
 import io
 import logging
 import signal
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,7 +39,7 @@ from coupon_stream.foundation import metrics
 from coupon_stream.foundation.errors import AccessRefused, NotHeld
 from coupon_stream.foundation.settings import Settings
 from coupon_stream.foundation.stalls import StallWatch
-from coupon_stream.pipeline.checkpoint import Checkpointer
+from coupon_stream.pipeline.checkpoint import Checkpointer, every
 from coupon_stream.pipeline.fencing import Claims
 from coupon_stream.pipeline.intake import Intake
 from coupon_stream.pipeline.state_stage import StateStage, TableCache, Token
@@ -203,7 +202,7 @@ class CouponStream:
             await self.stop_worker("the result sink", exc)
             raise
         self._acker = manual = engine.manual_acks(stream)
-        periodic = asyncio.ensure_future(self._checkpoint_periodically())
+        periodic = asyncio.ensure_future(every(self.settings.flush_interval, self.checkpoint))
         try:
             async for event in manual.events():
                 msg = event.message
@@ -233,17 +232,6 @@ class CouponStream:
                     await self.checkpoint()  # backpressure: consume no more until it is done
         finally:
             periodic.cancel()
-
-    async def _checkpoint_periodically(self) -> None:
-        """A checkpoint begins every interval, or as soon as the one before is over if that
-        took longer: a row then waits at most one interval and its checkpoint to be visible,
-        not an interval after a long checkpoint on top (docs/performance.md, "Latency")."""
-        took = 0.0
-        while True:
-            await asyncio.sleep(max(0.0, self.settings.flush_interval - took))
-            began = time.monotonic()
-            await self.checkpoint()
-            took = time.monotonic() - began
 
     async def checkpoint(self) -> None:
         """One checkpoint (see `checkpoint`); one that fails for good stops the worker.

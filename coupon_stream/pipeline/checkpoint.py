@@ -105,6 +105,23 @@ Writes = dict[TableCache, dict[int, dict[bytes, bytes | None]]]
 """Per table and partition, the bytes a checkpoint writes for each key (None: a delete)."""
 
 
+async def every(
+    interval: float,
+    work: Callable[[], Awaitable[object]],
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> None:
+    """Run `work` every `interval` seconds from start to start, at once after a run that took
+    longer. A row is visible once the checkpoint after its record is over: counting the
+    interval from a checkpoint's end would add a checkpoint's time to every row's wait."""
+    took = 0.0
+    while True:
+        await sleep(max(0.0, interval - took))
+        began = clock()
+        await work()
+        took = clock() - began
+
+
 class Checkpointer:
     """Runs one `Checkpoint` at a time, every interval or sooner; holds what they share."""
 

@@ -4,6 +4,7 @@ Any batching, any arrival order, a worker killed anywhere in a checkpoint (taken
 the changelogs, or restarted on its local copy): the table equals docs/semantics.md.
 """
 
+import asyncio
 import random
 from typing import Any
 
@@ -207,6 +208,30 @@ async def test_a_checkpoint_takes_its_steps_once_in_order():
         await checkpoint.commit()  # one interval, one commit
     with pytest.raises(StepError):
         checkpoint.store()
+
+
+async def test_checkpoints_begin_an_interval_after_the_one_before_began():
+    """Start to start: a checkpoint that took 0.15 s of a 0.2 s interval is followed 0.05 s
+    after its end, one that took longer at once (docs/performance.md, "Latency")."""
+    from coupon_stream.pipeline.checkpoint import every
+
+    now = [0.0]
+    began: list[float] = []
+    durations = [0.15, 0.05, 0.5, 0.2]
+
+    async def sleep(seconds: float) -> None:
+        assert seconds >= 0
+        now[0] += seconds
+
+    async def checkpoint() -> None:
+        began.append(round(now[0], 6))
+        if not durations:
+            raise asyncio.CancelledError  # the worker stops the loop
+        now[0] += durations.pop(0)
+
+    with pytest.raises(asyncio.CancelledError):
+        await every(0.2, checkpoint, clock=lambda: now[0], sleep=sleep)
+    assert began == [0.2, 0.4, 0.6, 1.1, 1.3]
 
 
 async def test_a_checkpoint_the_database_was_down_for_into_a_rebalance_is_abandoned():
