@@ -221,13 +221,20 @@ class Proc:
         return 0.0
 
     def metric(self, name: str) -> float:
+        return self.metrics(name)[0]
+
+    def metrics(self, *names: str) -> list[float]:
+        """Each metric's value summed over its series, from one scrape of /metrics."""
         url = f"http://127.0.0.1:{self.settings.web_port}/metrics"
-        body = urllib.request.urlopen(url, timeout=5).read().decode()
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in body.splitlines()
-            if line.startswith(name + " ") or line.startswith(name + "{")
-        )
+        lines = urllib.request.urlopen(url, timeout=5).read().decode().splitlines()
+        return [
+            sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in lines
+                if line.startswith(name + " ") or line.startswith(name + "{")
+            )
+            for name in names
+        ]
 
     def ready(self) -> bool:
         if self.proc.poll() is not None:
@@ -374,8 +381,11 @@ class Progress:
 
     def sample(self, procs: list[Proc], at: float) -> None:
         try:
-            consumed = sum(p.metric("coupon_messages_consumed_total") for p in procs)
-            applied = sum(p.metric("coupon_records_total") for p in procs)
+            scraped = [
+                p.metrics("coupon_messages_consumed_total", "coupon_records_total") for p in procs
+            ]
+            consumed = sum(c for c, _ in scraped)
+            applied = sum(a for _, a in scraped)
         except OSError:
             return  # a worker's web server is not up yet
         self.samples.append((at, consumed, applied))
@@ -422,11 +432,16 @@ async def run_workers(
         elapsed = drained - start
         progress.sample(procs, elapsed)
         cpu = sum(p.cpu_seconds() for p in procs)
-        statements = sum(p.metric("coupon_sink_statements_total") for p in procs)
-        rows = sum(
-            p.metric("coupon_rows_upserted_total") + p.metric("coupon_rows_deleted_total")
+        scraped = [
+            p.metrics(
+                "coupon_sink_statements_total",
+                "coupon_rows_upserted_total",
+                "coupon_rows_deleted_total",
+            )
             for p in procs
-        )
+        ]
+        statements = sum(n for n, _, _ in scraped)
+        rows = sum(upserted + deleted for _, upserted, deleted in scraped)
         return {
             "workers": n,
             "seconds": round(elapsed, 2),
@@ -643,14 +658,11 @@ CHECKPOINT_STEPS = ("derive", "changelog", "local", "sink", "offsets")
 
 def checkpoint_totals(proc: Proc) -> list[float]:
     """The worker's checkpoints so far, the seconds they took, and the seconds of each step."""
-    return [
-        proc.metric("coupon_checkpoint_seconds_count"),
-        proc.metric("coupon_checkpoint_seconds_sum"),
-        *(
-            proc.metric(f'coupon_checkpoint_step_seconds_sum{{step="{s}"}}')
-            for s in CHECKPOINT_STEPS
-        ),
-    ]
+    return proc.metrics(
+        "coupon_checkpoint_seconds_count",
+        "coupon_checkpoint_seconds_sum",
+        *(f'coupon_checkpoint_step_seconds_sum{{step="{s}"}}' for s in CHECKPOINT_STEPS),
+    )
 
 
 def latency_lines(lat: dict[str, Any]) -> list[str]:
@@ -723,8 +735,9 @@ async def restore(run: str, topics: str, partitions: int, tmp: Path) -> dict[str
             while not proc.ready():
                 await asyncio.sleep(0.1)
             elapsed = time.perf_counter() - start
-            read = proc.metric("coupon_state_restored_records_total")
-            bulk = proc.metric("coupon_state_bulk_restored_records_total")
+            read, bulk = proc.metrics(
+                "coupon_state_restored_records_total", "coupon_state_bulk_restored_records_total"
+            )
         finally:
             if i < len(RESTORE_CASES) - 1:
                 proc.kill()
