@@ -63,9 +63,11 @@ def podman_env() -> dict[str, str]:
     return env
 
 
-def run(*cmd: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run(
+    *cmd: str, timeout: float = 120, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        cmd, env=podman_env(), capture_output=True, text=True, timeout=timeout, check=False
+        cmd, env=env or podman_env(), capture_output=True, text=True, timeout=timeout, check=False
     )
     if check and proc.returncode != 0:
         output = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -508,11 +510,17 @@ class Compose:
         self.exe = str(exe) if exe.exists() else (shutil.which("podman-compose") or "")
         # `run --rm` leaves the image's anonymous VOLUME behind, unlabelled: noted to go.
         self.volumes_before = set(podman("volume", "ls", "-q", check=False).stdout.split())
+        # Free host ports, not the defaults: a stack of the user's may hold those, and a
+        # port in the ephemeral range may be held by any outgoing connection.
+        self.env = podman_env() | {
+            f"STACK_{name}_PORT": str(free_port())
+            for name in ("KAFKA", "MYSQL", "PROMETHEUS", "GRAFANA")
+        }
 
     def __call__(self, *args: str, timeout: float = 300, check: bool = True):
         return run(
             self.exe, "-p", self.project, "-f", str(COMPOSE_FILE), *args,
-            timeout=timeout, check=check,
+            timeout=timeout, check=check, env=self.env,
         )  # fmt: skip
 
     def containers(self, service: str) -> list[str]:
