@@ -52,6 +52,11 @@ class Settings(BaseSettings):
         20_000, ge=1, description="rows waiting for the database before consumption pauses"
     )
     intake_batch: int = Field(5000, ge=1, description="max source messages per intake batch")
+    intake: bool = Field(
+        True,
+        description="run the intake in the worker; false where `coupon-stream intake` "
+        "processes run it apart (each on a core of its own)",
+    )
     web_port: int = 6066
     web_host: str = Field(
         "127.0.0.1",

@@ -1,5 +1,5 @@
-"""`coupon-stream` command line: worker, produce, generate, show, status, topics, rescale,
-grants."""
+"""`coupon-stream` command line: worker, intake, produce, generate, show, status, topics,
+rescale, grants."""
 
 from __future__ import annotations
 
@@ -47,7 +47,9 @@ def load_settings() -> Settings:
         raise SystemExit(EXIT_CONFIG) from None
 
 
-def _worker(extra: list[str]) -> None:
+def _prepare(settings: Settings, command: str, *, sink: bool) -> None:
+    """Refuse a bad deployment and create the internal topics, before a worker or an intake
+    process starts: a refusal exits at once, naming what refused."""
     from coupon_stream.connectors.deployment import (
         DeploymentError,
         check_deployment,
@@ -55,13 +57,10 @@ def _worker(extra: list[str]) -> None:
     )
     from coupon_stream.connectors.mysql import ResultSink
 
-    settings = load_settings()
-    logging.config.dictConfig(logging_config(settings.log_format, settings.log_level))
-
     async def prepare() -> None:
-        """Refuse a bad deployment, create the internal topics."""
         await clients.check_kafka_access(settings)
-        await ResultSink.of(settings).check_access()
+        if sink:
+            await ResultSink.of(settings).check_access()
         try:
             await check_deployment(settings)
             await create_internal_topics(settings)
@@ -79,11 +78,17 @@ def _worker(extra: list[str]) -> None:
     except DeploymentError as exc:
         # Before the fallback below (a RuntimeError too): starting anyway would misroute
         # buyers or misread state.
-        print(f"coupon-stream worker: refusing to start: {exc}", file=sys.stderr)
+        print(f"coupon-stream {command}: refusing to start: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
     except (TimeoutError, OSError, RuntimeError, KafkaError) as exc:
         # Faust creates them itself when it can reach the broker.
         print(f"could not create the internal topics before start: {exc!r}", file=sys.stderr)
+
+
+def _worker(extra: list[str]) -> None:
+    settings = load_settings()
+    logging.config.dictConfig(logging_config(settings.log_format, settings.log_level))
+    _prepare(settings, "worker", sink=True)
     from coupon_stream.app import CouponStream  # after the checks: a refusal comes fast
 
     stream = CouponStream(settings)
@@ -105,6 +110,25 @@ def _collect_garbage_less_often() -> None:
     """
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
+
+
+def _intake(args: argparse.Namespace) -> None:
+    from coupon_stream.app import intake_process
+
+    settings = load_settings()
+    logging.config.dictConfig(logging_config(settings.log_format, settings.log_level))
+    # Before the topics exist, a first send would have the broker create the by-buyer topic
+    # with its default partition count, and every worker would then refuse to start.
+    _prepare(settings, "intake", sink=False)
+    _collect_garbage_less_often()
+    try:
+        asyncio.run(intake_process.run(settings))
+    except AccessRefused as exc:
+        log.critical("access refused, stopping the intake: %s", exc)
+        raise SystemExit(EXIT_REFUSED) from None
+    except Exception as exc:
+        log.critical("the intake failed for good, stopping: %r", exc)
+        raise SystemExit(1) from None
 
 
 def _produce(args: argparse.Namespace) -> None:
@@ -220,6 +244,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="coupon-stream", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("worker", help="run a Faust worker (extra arguments go to Faust)")
+    p = sub.add_parser(
+        "intake",
+        help="run the intake alone (orders and refunds to the by-buyer topic), for workers "
+        "started with COUPON_INTAKE=false",
+    )
+    p.set_defaults(func=_intake)
     p = sub.add_parser("produce", help="send JSONL files to the orders and refunds topics")
     p.add_argument("--orders", type=Path)
     p.add_argument("--refunds", type=Path)

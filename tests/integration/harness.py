@@ -40,6 +40,7 @@ MYSQL_URL = os.environ.get(
     "COUPON_TEST_DB_URL", "mysql+asyncmy://coupons:coupons@127.0.0.1:3306/coupons"
 )
 WORKER = [str(Path(sys.executable).with_name("coupon-stream")), "worker"]
+INTAKE = [str(Path(sys.executable).with_name("coupon-stream")), "intake"]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -219,6 +220,22 @@ class Pipeline:
         worker = Worker(proc, log, port)
         self.workers.append(worker)
         return worker
+
+    def start_intake(self, index: int) -> Worker:
+        """A `coupon-stream intake` process (for workers started with COUPON_INTAKE=false);
+        one of `workers`, so that it is stopped with them."""
+        port = free_port()
+        log = self.tmp / f"intake{index}-{len(self.workers)}.log"
+        proc = subprocess.Popen(
+            INTAKE,
+            env=self.env(index, port),
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        intake = Worker(proc, log, port)
+        self.workers.append(intake)
+        return intake
 
     def kill(self, worker: Worker, sig: int = signal.SIGKILL) -> None:
         if worker.proc.poll() is None:

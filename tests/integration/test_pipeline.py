@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
 from typing import Any
@@ -148,6 +149,55 @@ async def test_kill_9_mid_stream_neither_loses_nor_double_counts(pipeline):
     )
     assert equal
     await p.assert_grants_agree()
+
+
+async def test_intake_processes_apart_feed_workers_without_one_through_a_kill_9(pipeline):
+    """COUPON_INTAKE=false workers and `coupon-stream intake` processes: the workers join no
+    intake group and read no source topic, the intakes share the source partitions, an
+    intake killed mid-stream is replayed by the other, and the table equals the seed SQL."""
+    p = pipeline
+    await p.create_topics(orders=4, refunds=3)
+    data = generate(30_000, seed=17)
+    messages = [(p.orders_topic, None, orjson.dumps(o)) for o in data.orders]
+    messages += [(p.refunds_topic, None, orjson.dumps(r)) for r in data.refunds]
+    bad = [(p.orders_topic, None, b) for b in BAD_ORDERS]
+    bad += [(p.refunds_topic, None, b) for b in BAD_REFUNDS]
+    messages += bad
+    random.Random(9).shuffle(messages)
+    workers = [p.start_worker(i, env={"COUPON_INTAKE": "false"}) for i in range(2)]
+    intakes = [p.start_intake(i) for i in range(2)]
+    await p.produce(messages[: len(messages) // 2])
+    deadline = asyncio.get_running_loop().time() + 120
+    while True:
+        with contextlib.suppress(OSError):  # its web port is not up yet
+            if await p.metric(intakes[0], "coupon_messages_consumed_total") > 0:
+                break
+        assert asyncio.get_running_loop().time() < deadline, intakes[0].tail()
+        await asyncio.sleep(0.2)
+    p.kill(intakes[0])  # mid-stream: its uncommitted batches go to the other
+    await p.produce(messages[len(messages) // 2 :])
+    await p.wait_quiescent()
+    assert await p.table_rows() == reference.evaluate(data.orders, data.refunds)
+    # A replayed batch may send its dead letters again: each bad message, with its reason.
+    letters = await p.dead_letters()
+    assert {v for v, _ in letters} == {b for _, _, b in bad}
+    assert all(h["coupon.error.reason"] for _, h in letters)
+
+    survivor = intakes[1]
+    status, body = await p.http_get(survivor, "/health/ready")
+    assert status == 200, body
+    assert orjson.loads(body)["source_partitions"] == 7  # the dead one's too, now
+    assert await p.metric(survivor, "coupon_messages_consumed_total") > 0
+    deadline = asyncio.get_running_loop().time() + 30  # the lag is exported every 5 s
+    while await p.metric(survivor, "coupon_consumer_lag", topic=p.orders_topic) != 0:
+        assert asyncio.get_running_loop().time() < deadline, survivor.tail()
+        await asyncio.sleep(1)
+    for worker in workers:
+        assert await p.metric(worker, "coupon_messages_consumed_total") == 0
+        assert await p.metric(worker, "coupon_records_total") > 0
+    members = await p.group_members(f"{p.app}-intake")
+    assert len(members) == 1, members  # the survivor: no worker joined
+    assert not any(m.is_worker(w) for m in members for w in workers)
 
 
 async def test_restart_on_same_data_dir_resumes_from_local_rocksdb(pipeline):
