@@ -7,7 +7,8 @@ bench/results/<ts>.json and .md. In one invocation, in this order:
   - load the default dataset (`--orders` orders, buyers Zipf-like: `skew="zipf"`), measure
     the raw consume floor and the pipeline floor on it;
   - one worker on a uniform dataset of the same size (the baseline), then one worker on the
-    default dataset, then two workers on it;
+    default dataset, the same with its intake in a process of its own (`coupon-stream
+    intake`, COUPON_INTAKE=false: two processes, their CPU added), then two workers on it;
   - one worker on a hot-buyer dataset (30% of the orders on one buyer), same size;
   - one worker on a Zipf-like dataset of 4x the orders;
   - restores of the default and the 4x state (empty data dir, kill -9 with and without the
@@ -74,6 +75,8 @@ DB_URL = os.environ.get(
     "COUPON_BENCH_DB_URL", "mysql+asyncmy://coupons:coupons@127.0.0.1:3306/coupons"
 )
 WORKER = [str(Path(sys.executable).with_name("coupon-stream")), "worker"]
+INTAKE = [str(Path(sys.executable).with_name("coupon-stream")), "intake"]
+INTAKE_PORTS = 6200  # the intake processes' web ports: 6200, 6201, ...
 SEED = 1
 DEFAULT_ORDERS = 1_000_000
 QUICK_ORDERS = 20_000
@@ -81,6 +84,7 @@ QUICK_ORDERS = 20_000
 GOAL_OF_SKEWED = 0.8  # uniform and hot events/s, each at least this share of skewed
 GOAL_CPU_GROWTH_AT_4X = 1.2  # CPU per event at 4x the input, at most this times the default
 GOAL_OF_RAW_FLOOR = 0.25  # one worker on the skewed default, at least this share of raw floor
+APART = "skewed, intake apart"  # the run of one worker with its intake in a process of its own
 GOAL_TWO_WORKERS = 1.8  # two workers' events/s, at least this times one worker's
 GOAL_P99_MS = 1000  # produce-to-visible p99 at half of one worker's capacity, at most this
 
@@ -201,10 +205,14 @@ class MachineCpu:
 
 
 class Proc:
-    def __init__(self, s: Settings, log: Path, loglevel: str = "warn") -> None:
+    """A worker process, or with `intake` a `coupon-stream intake` process."""
+
+    def __init__(
+        self, s: Settings, log: Path, loglevel: str = "warn", intake: bool = False
+    ) -> None:
         self.settings = s
         self.proc = subprocess.Popen(
-            [*WORKER, "--loglevel", loglevel, "--web-port", str(s.web_port)],
+            INTAKE if intake else [*WORKER, "--loglevel", loglevel, "--web-port", str(s.web_port)],
             env=env_of(s),
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
@@ -407,20 +415,35 @@ class Progress:
 
 
 async def run_workers(
-    run: str, topics: str, partitions: int, n: int, total: int, tmp: Path, standbys: int = 0
+    run: str,
+    topics: str,
+    partitions: int,
+    n: int,
+    total: int,
+    tmp: Path,
+    standbys: int = 0,
+    intake_apart: bool = False,
 ) -> dict[str, Any]:
+    """`n` workers until the input is drained. With `intake_apart` (or COUPON_INTAKE=false in
+    the environment) each worker leaves its intake to a `coupon-stream intake` process of its
+    own, whose CPU counts with the workers'."""
     procs = []
+    intakes = []
     for i in range(n):
         s = settings_for(run, topics, partitions, tmp / f"{run}-{i}", 6100 + i)
         s.standby_replicas = standbys
+        s.intake = s.intake and not intake_apart
         procs.append(Proc(s, tmp / f"{run}-{i}.log"))
+        if not s.intake:
+            apart = s.model_copy(update={"web_port": INTAKE_PORTS + i})
+            intakes.append(Proc(apart, tmp / f"{run}-{i}-intake.log", intake=True))
     start = time.monotonic()  # the clock of `wait_idle`'s answer
     machine_cpu = MachineCpu()
     try:
         idle = asyncio.ensure_future(status.wait_idle(procs[0].settings, 3600))
         progress = Progress(total)
         while not idle.done():
-            dead = [p for p in procs if p.proc.poll() is not None]
+            dead = [p for p in procs + intakes if p.proc.poll() is not None]
             if dead:
                 idle.cancel()
                 raise RuntimeError(f"{run}: a worker exited, see {tmp}")
@@ -431,7 +454,7 @@ async def run_workers(
             raise RuntimeError(f"{run} did not drain")
         elapsed = drained - start
         progress.sample(procs, elapsed)
-        cpu = sum(p.cpu_seconds() for p in procs)
+        cpu = sum(p.cpu_seconds() for p in procs + intakes)
         scraped = [
             p.metrics(
                 "coupon_sink_statements_total",
@@ -444,6 +467,7 @@ async def run_workers(
         rows = sum(upserted + deleted for _, upserted, deleted in scraped)
         return {
             "workers": n,
+            "intake_processes": len(intakes),
             "seconds": round(elapsed, 2),
             "events_per_s": round(total / elapsed),
             "cpu_s_per_million": round(cpu / total * 1e6, 1),
@@ -454,7 +478,7 @@ async def run_workers(
             **progress.split(elapsed),
         }
     finally:
-        for p in procs:
+        for p in intakes + procs:
             p.stop()
 
 
@@ -829,6 +853,16 @@ def compare(result: dict[str, Any]) -> None:
             "pass": skewed["ratio_to_raw_floor"] >= GOAL_OF_RAW_FLOOR,
         },
     ]
+    if APART in runs:
+        apart = runs[APART]["ratio_to_raw_floor"]
+        goals.append(
+            {
+                "goal": f"one worker, its intake in a process of its own (two processes), on "
+                f"skewed default >= {GOAL_OF_RAW_FLOOR} of raw floor",
+                "value": apart,
+                "pass": apart is not None and apart >= GOAL_OF_RAW_FLOOR,
+            }
+        )
     for goal in goals[:2]:
         goal["pass"] = goal["value"] is not None and goal["value"] >= GOAL_OF_SKEWED
     scaling = result.get("scaling_ratio")
@@ -1023,9 +1057,12 @@ class Bench:
         total: int,
         skew: Skew,
         standbys: int = 0,
+        intake_apart: bool = False,
     ) -> dict[str, Any]:
         self.say(f"{label}: {n} worker(s) on {total} messages ...")
-        result = await run_workers(run, topics, self.args.partitions, n, total, self.tmp, standbys)
+        result = await run_workers(
+            run, topics, self.args.partitions, n, total, self.tmp, standbys, intake_apart
+        )
         self.say(f"{label}: {result['events_per_s']} events/s")
         return {"label": label, "skew": skew, "orders": orders, "events": total, **result}
 
@@ -1084,6 +1121,9 @@ async def main() -> None:
         )
     )
     runs.append(await b.workers("skewed", f"{topics}-w1", topics, 1, orders, total, "zipf"))
+    runs.append(  # the same worker, its intake in a `coupon-stream intake` process
+        await b.workers(APART, f"{topics}-w1i", topics, 1, orders, total, "zipf", intake_apart=True)
+    )
     if not (args.skip_two or args.quick):
         runs.append(
             await b.workers("skewed, 2 workers", f"{topics}-w2", topics, 2, orders, total, "zipf")
