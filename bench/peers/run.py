@@ -7,7 +7,9 @@ interleaved (service, Pathway, service, Pathway, ...), on the same topics:
 
 - one coupon-stream worker (`bench.run.run_workers`, the `skewed` run of `make bench`):
   events/s from the worker's start to the first of two lag checks that found its group
-  drained, with every result row in MariaDB;
+  drained, with every result row in MariaDB; with COUPON_INTAKE=false in the environment,
+  its intake runs in a `coupon-stream intake` process beside it (two processes, the CPU
+  of both counted);
 - the Pathway job (`bench/peers/pathway_job.py`) in its own process, PATHWAY_THREADS
   threads: events/s from the process's start (imports included, as the worker's start-up
   is) until the job reports `done`, that is, when its in-engine count of input rows has
@@ -256,7 +258,10 @@ async def main() -> None:
         if not args.no_service:
             say(f"coupon-stream, 1 worker, run {i} ...")
             r = await run_workers(f"{topics}-w1-{i}", topics, args.partitions, 1, total, tmp)
-            runs.append({"run": i, "system": "coupon-stream, 1 worker", **r})
+            system = "coupon-stream, 1 worker"
+            if r["intake_processes"]:  # COUPON_INTAKE=false: two processes, CPU of both
+                system += " + 1 intake process"
+            runs.append({"run": i, "system": system, **r})
             say(f"coupon-stream: {r['events_per_s']} events/s")
         say(f"pathway, {args.threads} thread(s), run {i} ...")
         dump = tmp / f"pathway-{i}.json" if args.check and i == 1 else None
