@@ -166,8 +166,17 @@ async def test_intake_processes_apart_feed_workers_without_one_through_a_kill_9(
     random.Random(9).shuffle(messages)
     workers = [p.start_worker(i, env={"COUPON_INTAKE": "false"}) for i in range(2)]
     intakes = [p.start_intake(i) for i in range(2)]
-    await p.produce(messages[: len(messages) // 2])
+    # Both intakes hold source partitions before any input: else the first to join may read
+    # the whole first half alone, and the one to kill has nothing in hand.
     deadline = asyncio.get_running_loop().time() + 120
+    while True:
+        members = await p.group_members(f"{p.app}-intake")
+        held = [sum(map(len, m.assignment.values())) for m in members]
+        if len(held) == 2 and sum(held) == 7 and all(held):
+            break
+        assert asyncio.get_running_loop().time() < deadline, members
+        await asyncio.sleep(0.5)
+    await p.produce(messages[: len(messages) // 2])
     while True:
         with contextlib.suppress(OSError):  # its web port is not up yet
             if await p.metric(intakes[0], "coupon_messages_consumed_total") > 0:
