@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,34 +208,35 @@ class Pipeline:
     def start_worker(self, index: int | None = None, env: dict[str, str] | None = None) -> Worker:
         """A worker process; `env` overrides this one's settings (e.g. its COUPON_BROKER)."""
         index = len(self.workers) if index is None else index
+        args = ["--loglevel", "info", "--web-port"]
+        return self._spawn("worker", index, env, lambda port: [*WORKER, *args, str(port)])
+
+    def start_intake(self, index: int) -> Worker:
+        """A `coupon-stream intake` process (for workers started with COUPON_INTAKE=false);
+        one of `workers`, so that it is stopped with them."""
+        return self._spawn("intake", index, None, lambda port: INTAKE)
+
+    def _spawn(
+        self,
+        kind: str,
+        index: int,
+        env: dict[str, str] | None,
+        command: Callable[[int], list[str]],
+    ) -> Worker:
+        """`command(port)` on a free web port (COUPON_WEB_PORT), with this pipeline's settings
+        and `env` over them, logging to `<kind><index>-<n>.log`."""
         port = free_port()
-        log = self.tmp / f"worker{index}-{len(self.workers)}.log"
+        log = self.tmp / f"{kind}{index}-{len(self.workers)}.log"
         proc = subprocess.Popen(
-            [*WORKER, "--loglevel", "info", "--web-port", str(port)],
+            command(port),
             env=self.env(index, port) | (env or {}),
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        worker = Worker(proc, log, port)
-        self.workers.append(worker)
-        return worker
-
-    def start_intake(self, index: int) -> Worker:
-        """A `coupon-stream intake` process (for workers started with COUPON_INTAKE=false);
-        one of `workers`, so that it is stopped with them."""
-        port = free_port()
-        log = self.tmp / f"intake{index}-{len(self.workers)}.log"
-        proc = subprocess.Popen(
-            INTAKE,
-            env=self.env(index, port),
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        intake = Worker(proc, log, port)
-        self.workers.append(intake)
-        return intake
+        process = Worker(proc, log, port)
+        self.workers.append(process)
+        return process
 
     def kill(self, worker: Worker, sig: int = signal.SIGKILL) -> None:
         if worker.proc.poll() is None:
