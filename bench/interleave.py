@@ -6,10 +6,10 @@ A TREE is a checkout's directory (a `git worktree add --detach <dir> <rev>` of t
 compare), optionally followed by `@NAME=VALUE` to set one environment variable for its
 runs (e.g. `.@COUPON_FLUSH_INTERVAL=0.5`). Each worker imports the tree's `coupon_stream`
 through `PYTHONPATH`; everything else (the bench, the venv, the input) is this checkout's.
-The input is `make bench`'s skewed one, loaded once; each run is `bench.run.run_workers`
-with `--workers` workers (one by default), timed as `make bench` times it. Runs of one
-tree move by up to a tenth on a shared machine: compare trees within a round, and medians
-over the rounds.
+The input is one of `make bench`'s (`--skew`, skewed by default), loaded once; each run is
+`bench.run.run_workers` with `--workers` workers (one by default), timed as `make bench`
+times it. Runs of one tree move by up to a tenth on a shared machine: compare trees within
+a round, and medians over the rounds.
 Results: `bench/results/interleave-<timestamp>.{md,json}`.
 """
 
@@ -22,9 +22,10 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from bench.run import ROOT, delete_topics, load, machine, raw_floor, run_workers, save_results
+from coupon_stream.tools.dataset import Skew
 
 
 def _tree(spec: str) -> tuple[str, dict[str, str]]:
@@ -40,12 +41,15 @@ async def main() -> None:
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=1, help="workers per run")
+    parser.add_argument(
+        "--skew", choices=get_args(Skew), default="zipf", help="the input's buyers (make bench's)"
+    )
     args = parser.parse_args()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     topics = f"interleave-{stamp}"
     tmp = ROOT / ".local" / "bench" / topics
     tmp.mkdir(parents=True, exist_ok=True)
-    total = await load(topics, args.partitions, args.orders, "zipf")
+    total = await load(topics, args.partitions, args.orders, args.skew)
     floor = await raw_floor(topics, total)
     print(f"{total} messages loaded; raw floor {round(floor)} events/s", flush=True)
     runs: dict[str, list[dict[str, Any]]] = {spec: [] for spec in args.trees}
@@ -78,6 +82,7 @@ async def main() -> None:
     result = {
         "machine": machine(),
         "orders": args.orders,
+        "skew": args.skew,
         "messages": total,
         "raw_floor_events_per_s": round(floor),
         "command": "python -m bench.interleave " + " ".join(sys.argv[1:]),
@@ -85,7 +90,7 @@ async def main() -> None:
     }
     md = "\n".join(
         [
-            f"{total} messages ({args.orders} orders, skewed), {args.partitions} partitions, "
+            f"{total} messages ({args.orders} orders, {args.skew}), {args.partitions} partitions, "
             f"{args.workers} worker(s) a run, "
             f"raw floor {round(floor)} events/s. Command: `{result['command']}`.",
             "",

@@ -256,8 +256,14 @@ class SourceConsumer:
             }
 
     async def topics(self) -> set[str]:
-        metadata = await self._call(lambda: self._held().list_topics(timeout=10))
-        return set(metadata.topics)
+        def list_topics() -> set[str]:
+            try:
+                return set(self._held().list_topics(timeout=10).topics)
+            except KafkaException as exc:
+                raise from_librdkafka(exc.args[0]) from exc
+
+        topics: set[str] = await self._call(list_topics)
+        return topics
 
     def _held(self) -> Consumer:
         if self._consumer is None:

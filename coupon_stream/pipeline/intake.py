@@ -27,7 +27,9 @@ from coupon_stream.connectors.clients import TopicPartition
 from coupon_stream.connectors.faults import (
     Backoff,
     CommitFailedError,
+    Fault,
     KafkaError,
+    classify,
     refusal,
     retry,
 )
@@ -222,7 +224,18 @@ class Intake:
         return {tp: behind(end, done) for tp, (end, done) in consumer.lag_inputs().items()}
 
     async def _check_topics(self, consumer: SourceConsumer) -> None:
-        topics = await consumer.topics()
+        """Say which input topics are missing. Only a log line: the consumer reads a topic
+        once it exists, and keeps trying brokers that do not answer yet."""
+        try:
+            topics = await consumer.topics()
+        except KafkaError as exc:
+            if classify(exc) is Fault.PERMANENT:
+                raise
+            log.warning(
+                "intake could not list the topics yet (%s); it reads them once the brokers answer",
+                exc,
+            )
+            return
         for topic in self.sources:
             if topic not in topics:
                 log.error(

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from coupon_stream.connectors import clients
-from coupon_stream.connectors.faults import KafkaError, refusal
+from coupon_stream.connectors.faults import KafkaError, refusal, retry
 from coupon_stream.foundation.errors import AccessRefused
 from coupon_stream.foundation.logs import logging_config
 from coupon_stream.foundation.settings import Settings
@@ -47,9 +47,15 @@ def load_settings() -> Settings:
         raise SystemExit(EXIT_CONFIG) from None
 
 
-def _prepare(settings: Settings, command: str, *, sink: bool) -> None:
+def _prepare(settings: Settings, command: str, *, sink: bool, topics_needed: bool) -> None:
     """Refuse a bad deployment and create the internal topics, before a worker or an intake
-    process starts: a refusal exits at once, naming what refused."""
+    process starts: a refusal exits at once, naming what refused.
+
+    `topics_needed`: wait, retrying, until the internal topics exist. A worker need not
+    (Faust creates them once it reaches the broker); an intake process must, since its
+    first send would have a broker that creates topics on demand make the by-buyer topic
+    with its default partition count, and every worker would then refuse to start.
+    """
     from coupon_stream.connectors.deployment import (
         DeploymentError,
         check_deployment,
@@ -57,10 +63,7 @@ def _prepare(settings: Settings, command: str, *, sink: bool) -> None:
     )
     from coupon_stream.connectors.mysql import ResultSink
 
-    async def prepare() -> None:
-        await clients.check_kafka_access(settings)
-        if sink:
-            await ResultSink.of(settings).check_access()
+    async def topics() -> None:
         try:
             await check_deployment(settings)
             await create_internal_topics(settings)
@@ -70,8 +73,26 @@ def _prepare(settings: Settings, command: str, *, sink: bool) -> None:
                 raise refused from exc
             raise
 
+    def failed(exc: BaseException, delay: float) -> None:
+        log.warning(
+            "the internal topics could not be checked or created (%r): %s waits for the "
+            "brokers, tried again in %.1f s",
+            exc,
+            command,
+            delay,
+        )
+
+    async def prepare() -> None:
+        await clients.check_kafka_access(settings)
+        if sink:
+            await ResultSink.of(settings).check_access()
+        if topics_needed:
+            await retry(lambda: asyncio.wait_for(topics(), 60), failed=failed)
+        else:
+            await asyncio.wait_for(topics(), 60)
+
     try:
-        asyncio.run(asyncio.wait_for(prepare(), 60))
+        asyncio.run(prepare())
     except AccessRefused as exc:
         log.critical("access refused, not starting: %s", exc)
         raise SystemExit(EXIT_REFUSED) from None
@@ -81,6 +102,9 @@ def _prepare(settings: Settings, command: str, *, sink: bool) -> None:
         print(f"coupon-stream {command}: refusing to start: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
     except (TimeoutError, OSError, RuntimeError, KafkaError) as exc:
+        if topics_needed:
+            log.critical("the internal topics could not be prepared, not starting: %r", exc)
+            raise SystemExit(1) from None
         # Faust creates them itself when it can reach the broker.
         print(f"could not create the internal topics before start: {exc!r}", file=sys.stderr)
 
@@ -88,7 +112,7 @@ def _prepare(settings: Settings, command: str, *, sink: bool) -> None:
 def _worker(extra: list[str]) -> None:
     settings = load_settings()
     logging.config.dictConfig(logging_config(settings.log_format, settings.log_level))
-    _prepare(settings, "worker", sink=True)
+    _prepare(settings, "worker", sink=True, topics_needed=False)
     from coupon_stream.app import CouponStream  # after the checks: a refusal comes fast
 
     stream = CouponStream(settings)
@@ -117,9 +141,7 @@ def _intake(args: argparse.Namespace) -> None:
 
     settings = load_settings()
     logging.config.dictConfig(logging_config(settings.log_format, settings.log_level))
-    # Before the topics exist, a first send would have the broker create the by-buyer topic
-    # with its default partition count, and every worker would then refuse to start.
-    _prepare(settings, "intake", sink=False)
+    _prepare(settings, "intake", sink=False, topics_needed=True)
     _collect_garbage_less_often()
     try:
         asyncio.run(intake_process.run(settings))

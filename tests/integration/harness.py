@@ -211,10 +211,10 @@ class Pipeline:
         args = ["--loglevel", "info", "--web-port"]
         return self._spawn("worker", index, env, lambda port: [*WORKER, *args, str(port)])
 
-    def start_intake(self, index: int) -> Worker:
+    def start_intake(self, index: int, env: dict[str, str] | None = None) -> Worker:
         """A `coupon-stream intake` process (for workers started with COUPON_INTAKE=false);
         one of `workers`, so that it is stopped with them."""
-        return self._spawn("intake", index, None, lambda port: INTAKE)
+        return self._spawn("intake", index, env, lambda port: INTAKE)
 
     def _spawn(
         self,
@@ -423,6 +423,16 @@ class Pipeline:
 
     async def dead_letters(self) -> list[tuple[bytes | None, dict[str, bytes]]]:
         return [(r.value, dict(r.headers)) for r in await self.read_topics([self.dlq_topic])]
+
+    async def partition_count(self, topic: str) -> int:
+        """The topic's partitions; 0 if it does not exist (asked without naming it, so that
+        asking creates nothing)."""
+        consumer = clients.consumer(self.admin, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            return len((await topic_partitions(consumer, [topic]))[topic])
+        finally:
+            await consumer.stop()
 
     async def read_topics(self, topics: Sequence[str]) -> list[Any]:
         """Every committed record of `topics`, from their beginning to their end now."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import signal
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from coupon_stream.tools.dataset import generate
 from tests import reference
 from tests.integration.harness import record
+from tests.integration.toxiproxy import PROXIED_BOOTSTRAP
 
 pytestmark = pytest.mark.integration
 
@@ -207,6 +209,39 @@ async def test_intake_processes_apart_feed_workers_without_one_through_a_kill_9(
     members = await p.group_members(f"{p.app}-intake")
     assert len(members) == 1, members  # the survivor: no worker joined
     assert not any(m.is_worker(w) for m in members for w in workers)
+
+
+async def test_an_intake_process_started_while_kafka_is_unreachable_waits_for_its_topics(
+    pipeline, kafka_proxy
+):
+    """An intake process that cannot reach the brokers at start retries until it has created
+    the internal topics, and only then sends: a first send before them would have the broker
+    create the by-buyer topic with its default partition count, which every worker refuses.
+    """
+    p = pipeline
+    await p.create_topics(orders=2, refunds=2)
+    data = generate(3_000, seed=23)
+    proxied = {"COUPON_BROKER": f"kafka://{PROXIED_BOOTSTRAP}"}
+    with kafka_proxy.disabled():
+        intake = p.start_intake(0, env=proxied)
+        waiting = re.compile(r"internal topics could not be checked or created")
+        deadline = asyncio.get_running_loop().time() + 120
+        while len(intake.lines(waiting)) < 2:  # retried, not given up
+            assert intake.proc.poll() is None, intake.tail()
+            assert asyncio.get_running_loop().time() < deadline, intake.tail()
+            await asyncio.sleep(0.5)
+        assert await p.partition_count(p.by_buyer_topic) == 0
+    worker = p.start_worker(0, env={"COUPON_INTAKE": "false"})
+    await p.wait_ready(intake)
+    await p.produce(
+        [(p.orders_topic, None, orjson.dumps(o)) for o in data.orders]
+        + [(p.refunds_topic, None, orjson.dumps(r)) for r in data.refunds]
+    )
+    await p.wait_quiescent()
+    assert await p.partition_count(p.by_buyer_topic) == p.partitions
+    assert await p.table_rows() == reference.evaluate(data.orders, data.refunds)
+    assert await p.metric(worker, "coupon_messages_consumed_total") == 0
+    assert intake.proc.poll() is None
 
 
 async def test_restart_on_same_data_dir_resumes_from_local_rocksdb(pipeline):

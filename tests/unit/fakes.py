@@ -12,10 +12,12 @@ import asyncio
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
+from confluent_kafka import KafkaException
 from faust.types import TP
 
 from coupon_stream.connectors.mysql import WriteResult
@@ -395,6 +397,13 @@ class FakeLibrdkafka:
         self.offsets = committed
         self.end = highwater
         self.fetched: list[Any] = []  # what librdkafka has fetched already (`FakeMessage`s)
+        self.topics: dict[str, Any] = {}  # what a metadata request lists
+        self.metadata_error: Any = None  # a librdkafka KafkaError it raises instead
+
+    def list_topics(self, timeout: float) -> Any:
+        if self.metadata_error is not None:
+            raise KafkaException(self.metadata_error)
+        return SimpleNamespace(topics=self.topics)
 
     def committed(self, parts: list[Any], timeout: float) -> list[Any]:
         return [type(p)(p.topic, p.partition, self.offsets[p.topic, p.partition]) for p in parts]

@@ -284,6 +284,21 @@ async def test_a_fetch_comes_as_runs_by_partition_and_skips_a_transient_error(ca
     assert "All broker connections are down (librdkafka retries it)" in caplog.text
 
 
+async def test_brokers_that_do_not_answer_when_intake_starts_leave_it_waiting_not_stopped(caplog):
+    intake = Intake(Settings(app_id="unit", orders_topic="o", refunds_topic="r"), FakeOut())
+    fake: Any = FakeLibrdkafka({}, 0)
+    consumer = source_consumer(fake)
+    fake.metadata_error = LibrdkafkaError(LibrdkafkaError._TRANSPORT)
+    await intake._check_topics(consumer)  # a warning, no error
+    assert "intake could not list the topics yet" in caplog.text
+    fake.metadata_error = LibrdkafkaError(LibrdkafkaError.TOPIC_AUTHORIZATION_FAILED)
+    with pytest.raises(KafkaError):
+        await intake._check_topics(consumer)
+    fake.metadata_error, fake.topics = None, {"o": None}
+    await intake._check_topics(consumer)
+    assert "input topic r does not exist" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("code", "topic", "needs"),
     [
