@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
@@ -23,6 +24,45 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+# What varies between lines that say the same: librdkafka's "(after 2944ms in state UP)".
+_VARYING = re.compile(r"\d+ms\b")
+
+
+class Repeats(logging.Filter):
+    """Fold a warning or error said again within `window` seconds into a count.
+
+    While a broker is down, aiokafka and librdkafka each log every reconnect attempt: a
+    worker wrote over a hundred lines a second, the same few again and again. The first
+    line of each kind is written at once; the same line (logger, level, and text but for
+    millisecond counts) again within `window` seconds is counted instead, and the first
+    one after that says how many were folded. Critical lines are never folded.
+    """
+
+    def __init__(self, window: float = 60.0, clock: Any = time.monotonic) -> None:
+        super().__init__()
+        self.window = window
+        self.clock = clock
+        self._seen: dict[tuple[str, int, str], list[float]] = {}  # key: [written at, folded]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not logging.WARNING <= record.levelno < logging.CRITICAL:
+            return True
+        now = self.clock()
+        key = (record.name, record.levelno, _VARYING.sub("#ms", record.getMessage()))
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < self.window:
+            seen[1] += 1
+            return False
+        if seen is not None and seen[1]:
+            record.msg = f"{record.getMessage()} ({int(seen[1])} more like it folded in the "
+            record.msg += f"{now - seen[0]:.0f} s before)"
+            record.args = None
+        if len(self._seen) > 1000:  # forget the kinds not seen within the window
+            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.window}
+        self._seen[key] = [now, 0]
+        return True
+
+
 def logging_config(fmt: str, level: str) -> dict[str, Any]:
     """A dictConfig for Faust's `logging_config` setting."""
     formatter: dict[str, Any] = (
@@ -34,8 +74,13 @@ def logging_config(fmt: str, level: str) -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"default": formatter},
+        "filters": {"repeats": {"()": Repeats}},
         "handlers": {
-            "console": {"class": "logging.StreamHandler", "formatter": "default"},
+            "console": {
+                "class": "logging.StreamHandler",
+                "formatter": "default",
+                "filters": ["repeats"],
+            },
         },
         "root": {"handlers": ["console"], "level": level.upper()},
     }
