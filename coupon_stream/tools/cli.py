@@ -47,14 +47,14 @@ def load_settings() -> Settings:
         raise SystemExit(EXIT_CONFIG) from None
 
 
-def _prepare(settings: Settings, command: str, *, sink: bool, topics_needed: bool) -> None:
+def _prepare(settings: Settings, command: str, *, sink: bool) -> None:
     """Refuse a bad deployment and create the internal topics, before a worker or an intake
     process starts: a refusal exits at once, naming what refused.
 
-    `topics_needed`: wait, retrying, until the internal topics exist. A worker need not
-    (Faust creates them once it reaches the broker); an intake process must, since its
-    first send would have a broker that creates topics on demand make the by-buyer topic
-    with its default partition count, and every worker would then refuse to start.
+    Brokers that do not answer are an outage: waited for, retrying, with a line a minute.
+    Started anyway, a worker stopped when Faust's producer could not bootstrap, and an
+    intake process's first send could have a broker that creates topics on demand make
+    the by-buyer topic with its default partition count, which every worker refuses.
     """
     from coupon_stream.connectors.deployment import (
         DeploymentError,
@@ -75,10 +75,11 @@ def _prepare(settings: Settings, command: str, *, sink: bool, topics_needed: boo
 
     def failed(exc: BaseException, delay: float) -> None:
         log.warning(
-            "the internal topics could not be checked or created (%r): %s waits for the "
-            "brokers, tried again in %.1f s",
+            "the internal topics could not be checked or created (%r): the %s waits for the "
+            "brokers %s, tried again in %.1f s",
             exc,
             command,
+            settings.bootstrap_servers,
             delay,
         )
 
@@ -86,10 +87,7 @@ def _prepare(settings: Settings, command: str, *, sink: bool, topics_needed: boo
         await clients.check_kafka_access(settings)
         if sink:
             await ResultSink.of(settings).check_access()
-        if topics_needed:
-            await retry(lambda: asyncio.wait_for(topics(), 60), failed=failed)
-        else:
-            await asyncio.wait_for(topics(), 60)
+        await retry(lambda: asyncio.wait_for(topics(), 60), failed=failed)
 
     try:
         asyncio.run(prepare())
@@ -97,22 +95,18 @@ def _prepare(settings: Settings, command: str, *, sink: bool, topics_needed: boo
         log.critical("access refused, not starting: %s", exc)
         raise SystemExit(EXIT_REFUSED) from None
     except DeploymentError as exc:
-        # Before the fallback below (a RuntimeError too): starting anyway would misroute
-        # buyers or misread state.
+        # Starting anyway would misroute buyers or misread state.
         print(f"coupon-stream {command}: refusing to start: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
-    except (TimeoutError, OSError, RuntimeError, KafkaError) as exc:
-        if topics_needed:
-            log.critical("the internal topics could not be prepared, not starting: %r", exc)
-            raise SystemExit(1) from None
-        # Faust creates them itself when it can reach the broker.
-        print(f"could not create the internal topics before start: {exc!r}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - what no retry can fix (faults.classify)
+        log.critical("the internal topics could not be prepared, not starting: %r", exc)
+        raise SystemExit(1) from None
 
 
 def _worker(extra: list[str]) -> None:
     settings = load_settings()
     logging.config.dictConfig(logging_config(settings.log_format, settings.log_level))
-    _prepare(settings, "worker", sink=True, topics_needed=False)
+    _prepare(settings, "worker", sink=True)
     from coupon_stream.app import CouponStream  # after the checks: a refusal comes fast
 
     stream = CouponStream(settings)
@@ -141,7 +135,7 @@ def _intake(args: argparse.Namespace) -> None:
 
     settings = load_settings()
     logging.config.dictConfig(logging_config(settings.log_format, settings.log_level))
-    _prepare(settings, "intake", sink=False, topics_needed=True)
+    _prepare(settings, "intake", sink=False)
     _collect_garbage_less_often()
     try:
         asyncio.run(intake_process.run(settings))
