@@ -7,9 +7,9 @@ same intake group (`<app_id>-intake`) and split the source partitions among them
 by-buyer topic between the two is the one it always was, so nothing else changes: offsets,
 replays and dead letters are the intake's as in a worker.
 
-It serves `/metrics`, `/health/live` and `/health/ready` on `COUPON_WEB_PORT` (ready: the
-intake is running), exports its lag every 5 s, and stops on SIGTERM or SIGINT; an error no
-retry can fix ends the process with one CRITICAL line and a non-zero exit, as in a worker.
+It serves `/metrics`, `/health/live` and `/health/ready` on `COUPON_WEB_PORT` (`readiness`),
+exports its lag every 5 s, and stops on SIGTERM or SIGINT; an error no retry can fix ends
+the process with one CRITICAL line and a non-zero exit, as in a worker.
 """
 
 from __future__ import annotations
@@ -44,9 +44,8 @@ async def run(settings: Settings) -> None:
         loop.add_signal_handler(sig, task.cancel)
 
     async def ready(request: web.Request) -> web.Response:
-        running = not task.done() and intake.consumer is not None
-        body = {"ready": running, "source_partitions": len(intake.lag())}
-        return web.json_response(body, status=200 if running else 503)
+        body = readiness(intake, running=not task.done())
+        return web.json_response(body, status=200 if body["ready"] else 503)
 
     app = web.Application()
     app.router.add_get("/metrics", _metrics)
@@ -67,6 +66,24 @@ async def run(settings: Settings) -> None:
             await lag
         await out.stop()  # what was sent is delivered; the batch in hand is replayed
         await runner.cleanup()
+
+
+def readiness(intake: Intake, running: bool) -> dict[str, object]:
+    """Ready while the intake runs as a member of its group and its batches go out.
+
+    As a worker's: one cut off from the brokers past its session timeout has lost its
+    partitions, whatever it still holds (librdkafka revokes them then), and is not ready
+    until it has joined again. One that holds no partition as a member (more intake
+    processes than source partitions) is ready: it takes over when another leaves.
+    """
+    consumer = intake.consumer
+    member = running and consumer is not None and consumer.member
+    return {
+        "ready": member and intake.forward_error is None,
+        "member": member,
+        "source_partitions": len(intake.lag()),
+        "forward_error": intake.forward_error,
+    }
 
 
 async def _metrics(request: web.Request) -> web.Response:

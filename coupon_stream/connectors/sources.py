@@ -110,6 +110,9 @@ class SourceConsumer:
         self._lock = threading.Lock()  # the fields below: written by either thread
         self._committed: dict[TopicPartition, int | None] = {}
         self._highwater: dict[TopicPartition, int] = {}
+        # A member of its group: assigned (partitions or none) and not revoked since. librdkafka
+        # revokes the assignment when the session times out (brokers gone, or a freeze).
+        self.member = False
         self._look_up: list[_Partition] = []  # assigned partitions whose commits are unknown
 
     async def _call(self, call: Any, *args: Any, **kwargs: Any) -> Any:
@@ -222,6 +225,7 @@ class SourceConsumer:
         with self._lock:
             self._committed = dict.fromkeys(assigned)
             self._highwater = {}
+        self.member = True
         self._look_up = parts  # by the next `fetch`: a callback must not wait on the broker
         mine = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned)
         log.info("%s assigned %d partitions: %s", self.group_id, len(mine), ", ".join(mine))
@@ -241,6 +245,7 @@ class SourceConsumer:
                         self._committed[tp] = p.offset
 
     def _on_revoke(self, consumer: Consumer, parts: list[_Partition]) -> None:
+        self.member = False
         self._look_up = []
         with self._lock:
             self._committed = {}

@@ -136,6 +136,8 @@ class Intake:
             settings.refunds_topic: Source.REFUNDS,
         }
         self.consumer: SourceConsumer | None = None
+        # The error of the batch being sent again, until it is sent (health says it).
+        self.forward_error: str | None = None
 
     async def run(self) -> None:
         s = self.settings
@@ -174,6 +176,7 @@ class Intake:
         """
 
         def failed(exc: BaseException, delay: float) -> None:
+            self.forward_error = repr(exc)
             metrics.INTAKE_RETRIES.inc()
             log.error("intake could not forward a batch, retrying in %.1f s: %r", delay, exc)
 
@@ -183,6 +186,7 @@ class Intake:
                 backoff=Backoff(0.1, MAX_RETRY_DELAY),
                 failed=failed,
             )
+            self.forward_error = None
         except Exception as exc:
             log.error(
                 "intake: Kafka refused a batch for good (%r); no retry can fix this, check the "

@@ -73,6 +73,9 @@ def free_port() -> int:
         return port
 
 
+SESSION_TIMEOUT = 10.0  # COUPON_SESSION_TIMEOUT's default
+
+
 @dataclass
 class Worker:
     proc: subprocess.Popen[bytes]

@@ -20,12 +20,10 @@ from hypothesis import strategies as st
 from coupon_stream.core.state import STATE_TABLES
 from coupon_stream.tools.dataset import generate
 from tests import reference
-from tests.integration.harness import record, service
+from tests.integration.harness import SESSION_TIMEOUT, record, service
 from tests.integration.test_pipeline import BAD_ORDERS, BAD_REFUNDS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-SESSION_TIMEOUT = 10.0  # COUPON_SESSION_TIMEOUT's default
 
 
 async def load(p, orders=65_000, seed=1, in_parts=(3, 2), parts=1, skew="uniform"):

@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 
 from tests import reference
-from tests.integration.harness import Pipeline, Worker, record
-from tests.integration.test_faults import SESSION_TIMEOUT, load
+from tests.integration.harness import SESSION_TIMEOUT, Pipeline, Worker, record
+from tests.integration.test_faults import load
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

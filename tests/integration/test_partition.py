@@ -16,8 +16,8 @@ import time
 import pytest
 
 from tests import reference
-from tests.integration.harness import Pipeline, Worker, record
-from tests.integration.test_faults import SESSION_TIMEOUT, load
+from tests.integration.harness import SESSION_TIMEOUT, Pipeline, Worker, record
+from tests.integration.test_faults import load
 from tests.integration.toxiproxy import PROXIED_BOOTSTRAP
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

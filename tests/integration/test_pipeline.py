@@ -14,7 +14,7 @@ import pytest
 
 from coupon_stream.tools.dataset import generate
 from tests import reference
-from tests.integration.harness import record
+from tests.integration.harness import SESSION_TIMEOUT, record
 from tests.integration.toxiproxy import PROXIED_BOOTSTRAP
 
 pytestmark = pytest.mark.integration
@@ -249,6 +249,40 @@ async def test_a_process_started_while_kafka_does_not_answer_waits_for_it(
     consumed = await p.metric(worker, "coupon_messages_consumed_total")
     assert consumed == (len(data.orders) + len(data.refunds) if kind == "worker" else 0)
     p.assert_workers_alive()
+
+
+async def test_an_intake_process_cut_off_past_its_session_is_not_ready_and_then_carries_on(
+    pipeline, kafka_proxy
+):
+    """Cut off from the brokers past its session timeout, an intake process has lost its
+    source partitions to the group: /health/ready says so (503, not a member) until the
+    link is back; then it joins again, and the table equals the seed SQL."""
+    p = pipeline
+    await p.create_topics(orders=2, refunds=2)
+    data = generate(20_000, seed=29)
+    messages = [(p.orders_topic, None, orjson.dumps(o)) for o in data.orders]
+    messages += [(p.refunds_topic, None, orjson.dumps(r)) for r in data.refunds]
+    worker = p.start_worker(0, env={"COUPON_INTAKE": "false"})
+    intake = p.start_intake(0, env={"COUPON_BROKER": f"kafka://{PROXIED_BOOTSTRAP}"})
+    await p.wait_ready(worker)
+    await p.wait_ready(intake)
+    status, body = await p.http_get(intake, "/health/ready")
+    assert orjson.loads(body)["source_partitions"] == 4, body
+    await p.produce(messages[: len(messages) // 2])
+    with kafka_proxy.disabled():
+        await p.produce(messages[len(messages) // 2 :])
+        deadline = asyncio.get_running_loop().time() + SESSION_TIMEOUT + 30
+        while (status := (await p.http_get(intake, "/health/ready"))[0]) == 200:
+            assert asyncio.get_running_loop().time() < deadline, intake.tail()
+            await asyncio.sleep(0.5)
+        status, body = await p.http_get(intake, "/health/ready")
+        assert status == 503, body
+        assert orjson.loads(body)["member"] is False, body
+        assert intake.proc.poll() is None, intake.tail()
+    await p.wait_ready(intake)
+    await p.wait_quiescent()
+    assert await p.table_rows() == reference.evaluate(data.orders, data.refunds)
+    assert intake.proc.poll() is None, intake.tail()
 
 
 async def test_restart_on_same_data_dir_resumes_from_local_rocksdb(pipeline):

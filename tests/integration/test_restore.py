@@ -23,14 +23,13 @@ import pytest
 from bench.takeover import synthesize_state
 from coupon_stream.tools.dataset import Dataset, generate
 from tests import reference
-from tests.integration.harness import Pipeline, Worker, record
+from tests.integration.harness import SESSION_TIMEOUT, Pipeline, Worker, record
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # 2.4M entries of 600k buyers (4 each, one day each): 3M changelog records.
 PADDING_ENTRIES = 2_400_000
 PADDING_BUYERS_FROM = 5_000_000_000  # far from the generated buyers (10M and up)
-SESSION_TIMEOUT = 10.0  # COUPON_SESSION_TIMEOUT's default
 # Generous: the bench measures the rate. Faust's recovery alone (~6k records/s here) would
 # need over eight minutes for this state.
 SLOWEST_RESTORE = 20_000  # records/s

@@ -131,6 +131,7 @@ async def test_a_transient_kafka_error_is_retried_until_sent():
     async def heal():
         while out.attempts < 2:
             await asyncio.sleep(0.01)
+        assert intake.forward_error == "OSError('connection reset')"  # health says it
         out.refuse = None
 
     healing = asyncio.ensure_future(heal())
@@ -140,6 +141,7 @@ async def test_a_transient_kafka_error_is_retried_until_sent():
     )
     await healing
     assert out.attempts >= 3 and len(out.sent) == 1
+    assert intake.forward_error is None
 
 
 @pytest.mark.parametrize(
