@@ -51,7 +51,9 @@ from bench.run import (
     _row,
     load,
     machine,
+    peak_rss_mb,
     raw_floor,
+    rss,
     run_workers,
     save_results,
 )
@@ -59,13 +61,6 @@ from coupon_stream.tools.dataset import Skew, generate
 
 DEFAULT_ORDERS = 300_000
 TIMEOUT_S = 1800
-
-
-def _peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _pathway_version() -> str:
@@ -111,7 +106,7 @@ def run_pathway(
     assert proc.stdout is not None
     done: dict[str, Any] | None = None
     built: dict[str, Any] | None = None
-    cpu = rss = 0.0
+    cpu = peak = 0.0
     try:
         deadline = start + TIMEOUT_S
         for line in proc.stdout:
@@ -123,7 +118,7 @@ def run_pathway(
             if event.get("event") == "graph built":
                 built = event
             elif event.get("event") == "done":
-                cpu, rss = _cpu_of(proc.pid), _peak_rss_mb(proc.pid)
+                cpu, peak = _cpu_of(proc.pid), peak_rss_mb(proc.pid)
                 done = event
                 if dump is None:
                     break
@@ -152,7 +147,7 @@ def run_pathway(
         "events_per_s_from_run": round(total / from_run),
         "start_to_first_output_s": round(done["first_output"] - start, 2),
         "cpu_s_per_million": round(cpu / total * 1e6, 1),
-        "peak_rss_mb": round(rss, 1),
+        "peak_rss_mb": round(peak, 1),
         "input_rows": done["input_rows"],
         "result_rows": done["result_rows"],
         **machine_cpu.since_start(total, elapsed),
@@ -188,7 +183,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{floor} events/s.",
         "",
         "| run | system | seconds | events/s from process start | events/s from `pw.run` "
-        "| CPU µs per event | peak RSS MB | ratio to raw floor | machine busy % |",
+        "| CPU µs per event | peak RSS MB (worker; intake process) | ratio to raw floor "
+        "| machine busy % |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in result["runs"]:
@@ -201,7 +197,7 @@ def markdown(result: dict[str, Any]) -> str:
                     r["events_per_s"],
                     r.get("events_per_s_from_run"),
                     r["cpu_s_per_million"],
-                    r["peak_rss_mb"],
+                    rss(r),
                     f"{r['ratio_to_raw_floor']:.3f}",
                     r.get("machine_busy_pct"),
                 ]
