@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from typing import Any
 
@@ -43,23 +44,27 @@ class Repeats(logging.Filter):
         self.window = window
         self.clock = clock
         self._seen: dict[tuple[str, int, str], list[float]] = {}  # key: [written at, folded]
+        # librdkafka logs from its consumer's thread: a handler calls filters unlocked.
+        self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not logging.WARNING <= record.levelno < logging.CRITICAL:
             return True
-        now = self.clock()
-        key = (record.name, record.levelno, _VARYING.sub("#ms", record.getMessage()))
-        seen = self._seen.get(key)
-        if seen is not None and now - seen[0] < self.window:
-            seen[1] += 1
-            return False
+        message = record.getMessage()
+        key = (record.name, record.levelno, _VARYING.sub("#ms", message))
+        with self._lock:
+            now = self.clock()
+            seen = self._seen.get(key)
+            if seen is not None and now - seen[0] < self.window:
+                seen[1] += 1
+                return False
+            if len(self._seen) > 1000:  # forget the kinds not seen within the window
+                self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.window}
+            self._seen[key] = [now, 0]
         if seen is not None and seen[1]:
-            record.msg = f"{record.getMessage()} ({int(seen[1])} more like it folded in the "
+            record.msg = f"{message} ({int(seen[1])} more like it folded in the "
             record.msg += f"{now - seen[0]:.0f} s before)"
             record.args = None
-        if len(self._seen) > 1000:  # forget the kinds not seen within the window
-            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.window}
-        self._seen[key] = [now, 0]
         return True
 
 
