@@ -569,10 +569,16 @@ def wait_healthy(name: str, timeout: float) -> None:
 SHOW_ROW = re.compile(r"^\s*(\d+)\s+(\d+)\s+(-?\d+)\s+(None|\S+ \S+)\s+(None|\S+ \S+)\s*$")
 
 
-def test_compose_stack_runs_the_demo_into_mysql(images):
+@pytest.mark.parametrize("apart", [False, True], ids=["intake-in-workers", "intake-apart"])
+def test_compose_stack_runs_the_demo_into_mysql(images, apart):
+    """The compose file's stack as a user starts it; `intake-apart`: its profile of that
+    name, with COUPON_INTAKE=false, the workers reading no source topic."""
     compose = Compose("cs" + uuid.uuid4().hex[:8])
     if not compose.exe:
         unavailable("podman-compose is not installed (scripts/podman.sh install)")
+    if apart:
+        compose.env["COUPON_INTAKE"] = "false"
+    profile = ["--profile", "intake-apart"] if apart else []
     began = time.monotonic()
     try:
         # podman-compose with podman 4.3 ignores health conditions and leaves services that
@@ -583,12 +589,15 @@ def test_compose_stack_runs_the_demo_into_mysql(images):
         assert code == "0", compose.logs()
         (mysql,) = compose.containers("mysql")
         wait_healthy(mysql, 120)
-        compose("up", "-d", "--no-deps", "worker", "producer")
+        services = ["worker", "intake", "producer"] if apart else ["worker", "producer"]
+        compose(*profile, "up", "-d", "--no-deps", *services)
         workers = compose.containers("worker")
         assert len(workers) == 2, workers  # deploy.replicas
+        intakes = compose.containers("intake")
+        assert len(intakes) == (1 if apart else 0), intakes
         (producer,) = compose.containers("producer")
         assert podman("wait", producer, timeout=300).stdout.strip() == "0", compose.logs()
-        for name in workers:
+        for name in workers + intakes:
             wait_healthy(name, 180)
 
         idle = compose("run", "--rm", "--no-deps", "worker", "status", "--until-idle", "240",
@@ -614,13 +623,20 @@ def test_compose_stack_runs_the_demo_into_mysql(images):
         assert f"{len(expected)} rows in tddl_output" in shown.stdout, shown.stdout[-500:]
         assert rows == expected
 
-        # Prometheus found both replicas by DNS and scraped all the demo's messages.
+        # Prometheus found both replicas (and the intake process) by DNS and scraped all
+        # the demo's messages, read by whichever ran the intake.
         (prom,) = compose.containers("prometheus")
         produced = len(demo.orders) + len(demo.refunds)
         queries = {
             'count(up{job="coupon-stream"} == 1)': 2,
-            "sum(coupon_messages_consumed_total)": produced,
+            # `or vector(0)`: a worker that read no source message has no such series.
+            'sum(coupon_messages_consumed_total{job="coupon-stream"}) or vector(0)': (
+                0 if apart else produced
+            ),
         }
+        if apart:
+            queries['count(up{job="coupon-stream-intake"} == 1)'] = 1
+            queries['sum(coupon_messages_consumed_total{job="coupon-stream-intake"})'] = produced
         # Each query its own deadline, from the moment the one before it held: a replica
         # is found within a DNS refresh (10 s) and scraped every 15 s (prometheus.yml),
         # and on a loaded machine a scrape can miss its turn more than once.
@@ -636,7 +652,10 @@ def test_compose_stack_runs_the_demo_into_mysql(images):
                     break
                 assert time.monotonic() < deadline, f"{expr}: {out!r}, want {want}"
                 time.sleep(3)
-        note_timing("containers: compose stack", seconds=round(time.monotonic() - began, 1))
+        note_timing(
+            "containers: compose stack" + (", intake apart" if apart else ""),
+            seconds=round(time.monotonic() - began, 1),
+        )
     except AssertionError:
         print(compose.logs())
         raise
