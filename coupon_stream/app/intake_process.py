@@ -68,21 +68,27 @@ async def run(settings: Settings) -> None:
         await runner.cleanup()
 
 
-def readiness(intake: Intake, running: bool) -> dict[str, object]:
+def readiness(intake: Intake, running: bool, now: float | None = None) -> dict[str, object]:
     """Ready while the intake runs as a member of its group and its batches go out.
 
     As a worker's: one cut off from the brokers past its session timeout has lost its
-    partitions, whatever it still holds (librdkafka revokes them then), and is not ready
-    until it has joined again. One that holds no partition as a member (more intake
-    processes than source partitions) is ready: it takes over when another leaves.
+    partitions, whatever it still holds, and is not ready until it has joined again.
+    librdkafka says so (it revokes the assignment) only when polled, and nothing polls
+    while a batch is being sent: a batch in flight for longer than the session timeout
+    counts the same. One that holds no partition as a member (more intake processes than
+    source partitions) is ready: it takes over when another leaves.
     """
     consumer = intake.consumer
     member = running and consumer is not None and consumer.member
+    since = intake.sending_since
+    sending = None if since is None else (time.monotonic() if now is None else now) - since
+    stuck = sending is not None and sending > intake.settings.session_timeout
     return {
-        "ready": member and intake.forward_error is None,
+        "ready": member and intake.forward_error is None and not stuck,
         "member": member,
         "source_partitions": len(intake.lag()),
         "forward_error": intake.forward_error,
+        "sending_s": None if sending is None else round(sending, 1),
     }
 
 

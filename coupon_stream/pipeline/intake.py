@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -136,8 +137,11 @@ class Intake:
             settings.refunds_topic: Source.REFUNDS,
         }
         self.consumer: SourceConsumer | None = None
-        # The error of the batch being sent again, until it is sent (health says it).
+        # The error of the batch being sent again, until it is sent, and since when the batch
+        # in hand has been sending (health says both): while it is, nothing polls the
+        # consumer, which learns of a lost session only when polled.
         self.forward_error: str | None = None
+        self.sending_since: float | None = None
 
     async def run(self) -> None:
         s = self.settings
@@ -180,6 +184,7 @@ class Intake:
             metrics.INTAKE_RETRIES.inc()
             log.error("intake could not forward a batch, retrying in %.1f s: %r", delay, exc)
 
+        self.sending_since = time.monotonic()
         try:
             await retry(
                 partial(self.forward, fetched),
@@ -194,6 +199,8 @@ class Intake:
                 exc,
             )
             raise
+        finally:
+            self.sending_since = None
 
     async def forward(self, fetched: list[Fetched]) -> None:
         """Send one fetched batch on and wait until Kafka has acknowledged all of it."""

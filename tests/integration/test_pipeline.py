@@ -14,7 +14,7 @@ import pytest
 
 from coupon_stream.tools.dataset import generate
 from tests import reference
-from tests.integration.harness import SESSION_TIMEOUT, record
+from tests.integration.harness import SESSION_TIMEOUT, Worker, record
 from tests.integration.toxiproxy import PROXIED_BOOTSTRAP
 
 pytestmark = pytest.mark.integration
@@ -255,8 +255,9 @@ async def test_an_intake_process_cut_off_past_its_session_is_not_ready_and_then_
     pipeline, kafka_proxy
 ):
     """Cut off from the brokers past its session timeout, an intake process has lost its
-    source partitions to the group: /health/ready says so (503, not a member) until the
-    link is back; then it joins again, and the table equals the seed SQL."""
+    source partitions to the group: /health/ready says so (503: not a member, or a batch
+    failing or in flight past the session) until the link is back; then it joins again, and the
+    table equals the seed SQL."""
     p = pipeline
     await p.create_topics(orders=2, refunds=2)
     data = generate(20_000, seed=29)
@@ -277,12 +278,60 @@ async def test_an_intake_process_cut_off_past_its_session_is_not_ready_and_then_
             await asyncio.sleep(0.5)
         status, body = await p.http_get(intake, "/health/ready")
         assert status == 503, body
-        assert orjson.loads(body)["member"] is False, body
+        # Revoked; or, if the cut caught it sending, a batch failing or in flight past the
+        # session (nothing polls the consumer meanwhile).
+        said = orjson.loads(body)
+        sending = said["forward_error"] or (said["sending_s"] or 0) > SESSION_TIMEOUT
+        assert said["member"] is False or sending, body
         assert intake.proc.poll() is None, intake.tail()
     await p.wait_ready(intake)
     await p.wait_quiescent()
     assert await p.table_rows() == reference.evaluate(data.orders, data.refunds)
     assert intake.proc.poll() is None, intake.tail()
+
+
+async def test_an_intake_process_frozen_past_its_session_rejoins_and_counts_nothing_twice(
+    pipeline,
+):
+    """An intake process SIGSTOPped mid-stream past its session timeout (a throttled
+    container, a VM migration): the other takes all source partitions; thawed, whatever
+    batch it had in hand goes out again and its commit is refused, both harmless; it joins
+    again, and the table equals the seed SQL."""
+    p = pipeline
+    await p.create_topics(orders=2, refunds=2)
+    data = generate(20_000, seed=31)
+    messages = [(p.orders_topic, None, orjson.dumps(o)) for o in data.orders]
+    messages += [(p.refunds_topic, None, orjson.dumps(r)) for r in data.refunds]
+    random.Random(3).shuffle(messages)
+    p.start_worker(0, env={"COUPON_INTAKE": "false"})
+    frozen, other = p.start_intake(0), p.start_intake(1)
+
+    async def holds(intake: Worker) -> int:
+        with contextlib.suppress(OSError):
+            status, body = await p.http_get(intake, "/health/ready")
+            if status == 200:
+                return int(orjson.loads(body)["source_partitions"])
+        return -1
+
+    deadline = asyncio.get_running_loop().time() + 120
+    while await holds(frozen) <= 0 or await holds(other) <= 0:
+        assert asyncio.get_running_loop().time() < deadline, frozen.tail()
+        await asyncio.sleep(0.5)
+    await p.produce(messages[: len(messages) // 2])
+    while await p.metric(frozen, "coupon_messages_consumed_total") == 0:
+        assert asyncio.get_running_loop().time() < deadline, frozen.tail()
+        await asyncio.sleep(0.1)
+    p.freeze(frozen)
+    await p.produce(messages[len(messages) // 2 :])
+    deadline = asyncio.get_running_loop().time() + SESSION_TIMEOUT + 60
+    while await holds(other) != 4:  # the group dropped the frozen one
+        assert asyncio.get_running_loop().time() < deadline, other.tail()
+        await asyncio.sleep(0.5)
+    p.thaw(frozen)
+    await p.wait_quiescent()
+    assert await p.table_rows() == reference.evaluate(data.orders, data.refunds)
+    await p.wait_ready(frozen)  # a member again
+    assert frozen.proc.poll() is None and other.proc.poll() is None
 
 
 async def test_restart_on_same_data_dir_resumes_from_local_rocksdb(pipeline):
