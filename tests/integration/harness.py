@@ -196,6 +196,11 @@ class Pipeline:
         finally:
             await admin.close()
 
+    def messages(self, data: Any) -> list[tuple[str, int | None, bytes]]:
+        """A generated dataset's orders then refunds, as messages to `produce`."""
+        out = [(self.orders_topic, None, orjson.dumps(o)) for o in data.orders]
+        return out + [(self.refunds_topic, None, orjson.dumps(r)) for r in data.refunds]
+
     async def produce(self, messages: Sequence[tuple[str, int | None, bytes]]) -> None:
         """Send (topic, partition or None, value) in order; wait for every ack."""
         producer = clients.producer(self.admin, acks="all", linger_ms=5)

@@ -239,10 +239,7 @@ async def test_a_process_started_while_kafka_does_not_answer_waits_for_it(
         assert await p.partition_count(p.by_buyer_topic) == 0
     worker = waiting if kind == "worker" else p.start_worker(0, env={"COUPON_INTAKE": "false"})
     await p.wait_ready(waiting)
-    await p.produce(
-        [(p.orders_topic, None, orjson.dumps(o)) for o in data.orders]
-        + [(p.refunds_topic, None, orjson.dumps(r)) for r in data.refunds]
-    )
+    await p.produce(p.messages(data))
     await p.wait_quiescent()
     assert await p.partition_count(p.by_buyer_topic) == p.partitions
     assert await p.table_rows() == reference.evaluate(data.orders, data.refunds)
@@ -261,8 +258,7 @@ async def test_an_intake_process_cut_off_past_its_session_is_not_ready_and_then_
     p = pipeline
     await p.create_topics(orders=2, refunds=2)
     data = generate(20_000, seed=29)
-    messages = [(p.orders_topic, None, orjson.dumps(o)) for o in data.orders]
-    messages += [(p.refunds_topic, None, orjson.dumps(r)) for r in data.refunds]
+    messages = p.messages(data)
     worker = p.start_worker(0, env={"COUPON_INTAKE": "false"})
     intake = p.start_intake(0, env={"COUPON_BROKER": f"kafka://{PROXIED_BOOTSTRAP}"})
     await p.wait_ready(worker)
@@ -300,8 +296,7 @@ async def test_an_intake_process_frozen_past_its_session_rejoins_and_counts_noth
     p = pipeline
     await p.create_topics(orders=2, refunds=2)
     data = generate(20_000, seed=31)
-    messages = [(p.orders_topic, None, orjson.dumps(o)) for o in data.orders]
-    messages += [(p.refunds_topic, None, orjson.dumps(r)) for r in data.refunds]
+    messages = p.messages(data)
     random.Random(3).shuffle(messages)
     p.start_worker(0, env={"COUPON_INTAKE": "false"})
     frozen, other = p.start_intake(0), p.start_intake(1)
