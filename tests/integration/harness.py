@@ -198,6 +198,7 @@ class Pipeline:
 
     def messages(self, data: Any) -> list[tuple[str, int | None, bytes]]:
         """A generated dataset's orders then refunds, as messages to `produce`."""
+        out: list[tuple[str, int | None, bytes]]
         out = [(self.orders_topic, None, orjson.dumps(o)) for o in data.orders]
         return out + [(self.refunds_topic, None, orjson.dumps(r)) for r in data.refunds]
 
