@@ -7,7 +7,7 @@ same intake group (`<app_id>-intake`) and split the source partitions among them
 by-buyer topic between the two is the one it always was, so nothing else changes: offsets,
 replays and dead letters are the intake's as in a worker.
 
-It serves `/metrics`, `/health/live` and `/health/ready` on `COUPON_WEB_PORT` (`readiness`),
+It serves `/metrics`, `/health/live` and `/health/ready` on `COUPON_WEB_PORT` (`Intake.health`),
 exports its lag every 5 s, and stops on SIGTERM or SIGINT; an error no retry can fix ends
 the process with one CRITICAL line and a non-zero exit, as in a worker.
 """
@@ -44,7 +44,7 @@ async def run(settings: Settings) -> None:
         loop.add_signal_handler(sig, task.cancel)
 
     async def ready(request: web.Request) -> web.Response:
-        body = readiness(intake, running=not task.done())
+        body = intake.health()
         return web.json_response(body, status=200 if body["ready"] else 503)
 
     app = web.Application()
@@ -66,30 +66,6 @@ async def run(settings: Settings) -> None:
             await lag
         await out.stop()  # what was sent is delivered; the batch in hand is replayed
         await runner.cleanup()
-
-
-def readiness(intake: Intake, running: bool, now: float | None = None) -> dict[str, object]:
-    """Ready while the intake runs as a member of its group and its batches go out.
-
-    As a worker's: one cut off from the brokers past its session timeout has lost its
-    partitions, whatever it still holds, and is not ready until it has joined again.
-    librdkafka says so (it revokes the assignment) only when polled, and nothing polls
-    while a batch is being sent: a batch in flight for longer than the session timeout
-    counts the same. One that holds no partition as a member (more intake processes than
-    source partitions) is ready: it takes over when another leaves.
-    """
-    consumer = intake.consumer
-    member = running and consumer is not None and consumer.member
-    since = intake.sending_since
-    sending = None if since is None else (time.monotonic() if now is None else now) - since
-    stuck = sending is not None and sending > intake.settings.session_timeout
-    return {
-        "ready": member and intake.forward_error is None and not stuck,
-        "member": member,
-        "source_partitions": len(intake.lag()),
-        "forward_error": intake.forward_error,
-        "sending_s": None if sending is None else round(sending, 1),
-    }
 
 
 async def _metrics(request: web.Request) -> web.Response:

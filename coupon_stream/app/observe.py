@@ -39,6 +39,7 @@ class Observe:
         self.sink = sink
         self.stalls = stalls
         self.intake = intake
+        self.runs_intake = intake.settings.intake
         self.session_timeout = float(app.conf.broker_session_timeout)
 
     def register(self) -> None:
@@ -114,7 +115,9 @@ class Observe:
 
     async def readiness(self) -> dict[str, Any]:
         """Ready when not rebalancing, tables restored, the database answers, and no
-        partition is stalled (lag, and nothing committed for COUPON_STALL_SECONDS).
+        partition is stalled (lag, and nothing committed for COUPON_STALL_SECONDS); and, if
+        the worker runs the intake, while that is ready too (`Intake.health`): a worker whose
+        intake lost its group, or cannot forward, feeds nothing new to the state stage.
 
         While tables restore, the body names each partition still restoring, with its
         records left and an estimate of the seconds to go at the restore's rate so far.
@@ -127,8 +130,11 @@ class Observe:
         progress = self.restorer.progress
         restoring = progress.restoring()
         group = self.group()
+        intake = self.intake.health() if self.runs_intake else None
+        fed = intake is None or bool(intake["ready"])
         return {
-            "ready": recovered and database and not rebalancing and not stalled and not group,
+            "ready": recovered and database and not rebalancing and not stalled and not group
+            and fed,
             "out_of_group": group,
             "tables_recovered": recovered,
             "restoring": restoring,
@@ -136,4 +142,5 @@ class Observe:
             "database": database,
             "rebalancing": rebalancing,
             "stalled_partitions": stalled,
+            "intake": intake,
         }

@@ -142,6 +142,30 @@ class Intake:
         # consumer, which learns of a lost session only when polled.
         self.forward_error: str | None = None
         self.sending_since: float | None = None
+        self.running = False
+
+    def health(self, now: float | None = None) -> dict[str, object]:
+        """Ready while the intake runs as a member of its group and its batches go out.
+
+        As the state stage's: one cut off from the brokers past its session timeout has lost
+        its partitions, whatever it still holds, and is not ready until it has joined again.
+        librdkafka says so (it revokes the assignment) only when polled, and nothing polls
+        while a batch is being sent: a batch in flight for longer than the session timeout
+        counts the same. One that holds no partition as a member (more intakes than source
+        partitions) is ready: it takes over when another leaves.
+        """
+        consumer = self.consumer
+        member = self.running and consumer is not None and consumer.member
+        since = self.sending_since
+        sending = None if since is None else (time.monotonic() if now is None else now) - since
+        stuck = sending is not None and sending > self.settings.session_timeout
+        return {
+            "ready": member and self.forward_error is None and not stuck,
+            "member": member,
+            "source_partitions": len(self.lag()),
+            "forward_error": self.forward_error,
+            "sending_s": None if sending is None else round(sending, 1),
+        }
 
     async def run(self) -> None:
         s = self.settings
@@ -152,6 +176,7 @@ class Intake:
             session_timeout_ms=int(s.session_timeout * 1000),
             heartbeat_interval_ms=max(500, int(s.session_timeout * 100)),
         )
+        self.running = True
         try:
             await consumer.start()
             await self._check_topics(consumer)
@@ -166,6 +191,7 @@ class Intake:
                 raise refused from exc
             raise
         finally:
+            self.running = False
             await consumer.stop()
 
     async def forward_until_sent(self, fetched: list[Fetched]) -> None:

@@ -11,6 +11,7 @@ must change nothing but speed.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -33,6 +34,13 @@ async def held_by(p: Pipeline, worker: Worker) -> list[int] | None:
         if m.is_worker(worker):
             return m.assignment.get(p.by_buyer_topic, [])
     return None
+
+
+async def _intake_cut_off(p: Pipeline, worker: Worker) -> bool:
+    """The worker's readiness says its own intake is not ready (not a member of the intake
+    group, or a batch in flight past the session timeout)."""
+    status, body = await p.http_get(worker, "/health/ready")
+    return status == 503 and json.loads(body)["intake"]["ready"] is False
 
 
 async def wait_for(condition, timeout: float, what: str) -> float:  # noqa: ANN001
@@ -82,6 +90,9 @@ async def test_a_worker_cut_off_from_kafka_is_fenced_and_comes_back(pipeline, ka
         await p.produce(thirds[2])  # the input flows on, through B
         await wait_for(lambda: _not_member(p, a), CUT_FOR + 20, "A dropped from the group")
         status, body = await p.http_get(a, "/health/ready")
+        # A's intake, cut off as well, has lost the intake group too: readiness says so.
+        left = cut_at + CUT_FOR - time.monotonic()
+        await wait_for(lambda: _intake_cut_off(p, a), left, "A's intake not ready in its health")
         await asyncio.sleep(max(0.0, cut_at + CUT_FOR - time.monotonic()))
         await p.wait_quiescent(timeout=240)  # B alone, A's partitions restored and applied
         assert await p.table_rows() == expected
@@ -99,7 +110,8 @@ async def test_a_worker_cut_off_from_kafka_is_fenced_and_comes_back(pipeline, ka
     # the changelogs, the result table, or the group's offsets.
     fenced = await p.metric(a, "coupon_checkpoints_fenced_total")
     assert fenced >= 1, "A's checkpoint in flight was not refused:\n" + a.tail(30)
-    assert (await p.http_get(a, "/health/ready"))[0] == 200
+    status, body = await p.http_get(a, "/health/ready")  # its intake back in its group too
+    assert status == 200 and json.loads(body)["intake"]["member"] is True, body
     record(
         f"network partition ({fault}) of 1 of 2 workers from Kafka past the session timeout",
         messages=len(data.orders) + len(data.refunds) + len(bad),

@@ -142,6 +142,16 @@ async def test_readiness_reports_a_stalled_partition(stream):
     assert status["stalled_partitions"] == [0] and not status["ready"]
 
 
+async def test_a_worker_whose_intake_is_not_ready_is_not_ready(make_stream, tmp_path):
+    """Its intake lost the intake group, or cannot forward: the state stage gets nothing new."""
+    stream = make_stream(tmp_path, partitions=4)
+    stream.intake.running = True  # as if its loop ran, with no consumer yet
+    status = await stream.observe.readiness()
+    assert status["intake"]["member"] is False and not status["ready"]
+    apart = make_stream(tmp_path / "apart", partitions=4, intake=False)
+    assert (await apart.observe.readiness())["intake"] is None  # left to intake processes
+
+
 async def test_a_partition_moved_away_before_the_commit_is_left_out_of_it(stream):
     """Faust commits only what the group still assigns; the rest replays at its next owner."""
     topic = stream.by_buyer.get_topic_name()

@@ -318,3 +318,42 @@ async def test_a_denied_topic_or_group_stops_the_fetch_naming_what_the_worker_ne
     s = Settings(app_id="unit", orders_topic="o", refunds_topic="r")
     refused = clients.kafka_refused(s, raised.value, "running the intake")
     assert refused is not None and needs in str(refused)
+
+
+def test_ready_only_as_a_running_member_of_the_group_whose_batches_go_out():
+    intake = Intake(Settings(app_id="unit", orders_topic="o"), FakeOut())
+    assert intake.health()["ready"] is False  # not started
+    consumer = intake.consumer = SourceConsumer(
+        intake.settings, ["o"], group_id="g", session_timeout_ms=1, heartbeat_interval_ms=1
+    )
+    intake.running = True
+    fake: Any = FakeLibrdkafka({("o", 0): 0}, 0)
+    assert intake.health() == {
+        "ready": False,
+        "member": False,
+        "source_partitions": 0,
+        "forward_error": None,
+        "sending_s": None,
+    }
+    consumer._on_assign(fake, [])  # a member holding nothing: more intakes than partitions
+    assert intake.health()["ready"] is True
+    consumer._on_assign(fake, [Partition("o", 0)])
+    assert intake.health()["ready"] is True
+    intake.running = False  # the intake's loop ended
+    assert intake.health()["ready"] is False
+    intake.running = True
+    intake.forward_error = "KafkaTimeoutError()"
+    assert intake.health()["ready"] is False
+    intake.forward_error = None
+    # A batch in flight: nothing polls the consumer meanwhile, which would learn of a lost
+    # session only then; past the session timeout it counts as lost.
+    intake.sending_since = 100.0
+    timeout = intake.settings.session_timeout
+    assert intake.health(now=100.0 + timeout)["ready"] is True
+    stuck = intake.health(now=101.0 + timeout)
+    assert stuck["ready"] is False and stuck["member"] is True
+    assert stuck["sending_s"] == round(1.0 + timeout, 1)
+    intake.sending_since = None
+    consumer._on_revoke(fake, [Partition("o", 0)])  # the session timed out, or a rebalance
+    assert intake.health()["member"] is False
+    assert intake.health()["ready"] is False
