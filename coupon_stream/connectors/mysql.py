@@ -50,6 +50,9 @@ CHUNK = 1000
 # max_stmt_length (1 MB) itself, and each call has a fixed cost in Python.
 UPSERT_CHUNK = 5000
 READ_TIMEOUT = 30.0  # seconds
+# Readiness waits this long for the database's answer: a server gone silent would hold a
+# health check for the driver's timeouts (a pooled connection's pre-ping, then the query).
+PING_TIMEOUT = 2.0
 IDLE_TRANSACTION_S = 10  # our transactions never wait between their statements
 
 
@@ -237,6 +240,7 @@ class ResultSink:
         self.available = False
         self.last_error: str | None = None  # of the current outage, for the stall report
         self.max_backoff = 2.0
+        self._pinging: asyncio.Future[bool] | None = None
 
     @staticmethod
     def _make_upsert(url: str) -> Callable[[Table], Insert]:
@@ -310,6 +314,8 @@ class ResultSink:
             raise failed.error from None
 
     async def stop(self) -> None:
+        if self._pinging is not None:
+            self._pinging.cancel()
         if self._engine is not None:
             await self._engine.dispose()
             self._engine = None
@@ -326,12 +332,26 @@ class ResultSink:
             if table is not None and not inspect(conn).has_table(table.name):
                 conn.execute(CreateTable(table, if_not_exists=True))
 
-    async def ping(self) -> bool:
-        """True if the database answers now (for readiness)."""
+    async def ping(self, timeout: float = PING_TIMEOUT) -> bool:
+        """True if the database answers within `timeout` (for readiness).
+
+        A ping that has not answered yet goes on in the background (bounded by the driver's
+        timeouts) and the next call waits for it rather than start another: cancelling it
+        mid-read would leave a pooled connection in an unknown state.
+        """
         if self._engine is None:
             return False
+        if self._pinging is None or self._pinging.done():
+            self._pinging = asyncio.ensure_future(self._ping_once(self._engine))
         try:
-            async with self._engine.connect() as conn:
+            return await asyncio.wait_for(asyncio.shield(self._pinging), timeout)
+        except TimeoutError:
+            self.available = False
+            return False
+
+    async def _ping_once(self, engine: AsyncEngine) -> bool:
+        try:
+            async with engine.connect() as conn:
                 await conn.execute(select(1))
         except (SQLAlchemyError, OSError):
             self.available = False
@@ -566,12 +586,16 @@ class ResultSink:
             await retry(
                 attempt, backoff=Backoff(0.1, self.max_backoff), wanted=wanted, failed=failed
             )
-        except GivenUp:
+        except GivenUp as given_up:
+            # Given up after the attempt that failed last, which `failed` was not told of.
+            last = given_up.__cause__
             log.warning(
-                "database %s: gave up a %s after %d failed attempts, it is no longer wanted",
+                "database %s: gave up a %s after %d failed attempts (the last: %s), it is no "
+                "longer wanted",
                 self._safe_url,
                 what,
-                failures,
+                failures + 1,
+                reason(last)[:300] if last is not None else "?",
             )
             return False
         except (SQLAlchemyError, OSError) as exc:

@@ -62,3 +62,17 @@ def kafka_proxy(services):
     proxy = client.kafka()
     yield proxy
     proxy.reset()
+
+
+@pytest.fixture
+def mysql_proxy(services):
+    """Toxiproxy's proxy "mysql" (MYSQL_PROXY -> MariaDB's 127.0.0.1:3306), enabled and
+    without toxics, and again so after the test: a worker given a COUPON_DB_URL at
+    MYSQL_PROXY reaches the database only through it."""
+    client = Toxiproxy()
+    problems = client.problems()
+    if problems:
+        unavailable("toxiproxy from `make toxiproxy` is not usable: " + "; ".join(problems))
+    proxy = client.mysql()
+    yield proxy
+    proxy.reset()

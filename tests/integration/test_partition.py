@@ -19,7 +19,7 @@ import pytest
 from tests import reference
 from tests.integration.harness import SESSION_TIMEOUT, Pipeline, Worker, record
 from tests.integration.test_faults import load
-from tests.integration.toxiproxy import PROXIED_BOOTSTRAP
+from tests.integration.toxiproxy import MYSQL_DIRECT, MYSQL_PROXY, PROXIED_BOOTSTRAP
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -129,3 +129,74 @@ async def _not_member(p: Pipeline, worker: Worker) -> bool:
 
 async def _holds(p: Pipeline, worker: Worker) -> bool:
     return bool(await held_by(p, worker))
+
+
+async def test_a_worker_cut_off_from_the_database_while_its_partitions_move(
+    pipeline, mysql_proxy
+):
+    """A's link to MariaDB drops every byte (nothing is closed) while A has a checkpoint in
+    flight, and a third worker joins meanwhile: A's partitions move under a write that hangs.
+    A's health says within seconds that its database does not answer; nothing A wrote late
+    overwrites the new owners' rows; once the link heals the table equals the reference and
+    every worker is up and ready."""
+    p = pipeline
+    p.partitions = 8
+    data, bad, thirds = await load(p, orders=40_000, in_parts=(4, 4), parts=3, skew="zipf")
+    expected = reference.evaluate(data.orders, data.refunds)
+    assert MYSQL_DIRECT in p.db_url, p.db_url
+    a = p.start_worker(
+        0,
+        env={
+            "COUPON_DB_URL": p.db_url.replace(MYSQL_DIRECT, MYSQL_PROXY),
+            "COUPON_FLUSH_INTERVAL": "1",
+        },
+    )
+    b = p.start_worker(1)
+    await p.wait_ready(a)
+    await p.wait_ready(b)
+    await p.produce(thirds[0])
+    await p.wait_quiescent()
+
+    producing = asyncio.ensure_future(p.produce(thirds[1]))
+    began = time.monotonic()
+    while await p.metric(a, "coupon_sink_pending_rows") < 500:
+        assert time.monotonic() - began < 60, "A never had rows in flight"
+        await asyncio.sleep(0.02)
+    with mysql_proxy.cut():
+        cut_at = time.monotonic()
+        await producing
+        slowest = 0.0
+
+        async def says_database_down() -> bool:
+            nonlocal slowest
+            asked = time.monotonic()
+            status, body = await asyncio.wait_for(p.http_get(a, "/health/ready"), 30)
+            slowest = max(slowest, time.monotonic() - asked)
+            return status == 503 and json.loads(body)["database"] is False
+
+        down_s = await wait_for(says_database_down, 20, "A's health saying the database is down")
+        c = p.start_worker(2)  # a rebalance while A's write hangs
+        await p.produce(thirds[2])
+        # Past the driver's read timeout and the server's idle-transaction timeout.
+        await asyncio.sleep(max(0.0, cut_at + 45 - time.monotonic()))
+        p.assert_workers_alive()
+        cut_s = round(time.monotonic() - cut_at, 1)
+    await p.wait_quiescent(timeout=240)
+    assert await p.table_rows() == expected
+    await p.assert_grants_agree()
+    await asyncio.sleep(10)  # anything A still had to write would land by now
+    assert await p.table_rows() == expected
+    p.assert_workers_alive()
+    for worker in (a, b, c):
+        await p.wait_ready(worker, timeout=60)
+    assert slowest < 5, f"A's /health/ready took {slowest:.1f} s to answer"
+    record(
+        "network partition of 1 of 3 workers from MariaDB while its partitions move",
+        messages=len(data.orders) + len(data.refunds) + len(bad),
+        cut_s=cut_s,
+        health_said_down_s=round(down_s, 1),
+        slowest_health_answer_s=round(slowest, 1),
+        sink_retries=await p.metric(a, "coupon_sink_retries_total"),
+        equal=True,
+    )
+    assert sorted(set(v for v, _ in await p.dead_letters())) == sorted(set(bad))

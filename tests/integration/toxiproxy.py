@@ -40,6 +40,9 @@ API = "http://127.0.0.1:8474"
 # The proxy "kafka": clients bootstrap here; the broker's PROXIED listener is its upstream.
 PROXIED_BOOTSTRAP = "127.0.0.1:9095"
 KAFKA_PROXIED_LISTENER = "127.0.0.1:9094"
+# The proxy "mysql" (made by the first test that asks for it): MariaDB through toxiproxy.
+MYSQL_PROXY = "127.0.0.1:3307"
+MYSQL_DIRECT = "127.0.0.1:3306"
 
 STREAMS = ("upstream", "downstream")  # client -> server, server -> client
 REMOVE_TIMEOUT = 60.0  # seconds a toxic's removal may take (`remove_toxic`)
@@ -124,6 +127,10 @@ class Toxiproxy:
     def kafka(self) -> Proxy:
         """The proxy "kafka": PROXIED_BOOTSTRAP -> the broker's PROXIED listener."""
         return self.proxy("kafka", PROXIED_BOOTSTRAP, KAFKA_PROXIED_LISTENER)
+
+    def mysql(self) -> Proxy:
+        """The proxy "mysql": MYSQL_PROXY -> MariaDB."""
+        return self.proxy("mysql", MYSQL_PROXY, MYSQL_DIRECT)
 
     def reset_all(self) -> None:
         """Every proxy enabled, every toxic gone (POST /reset)."""

@@ -196,7 +196,7 @@ class FakeSink(_ResultSink):
     async def start(self) -> None:
         pass
 
-    async def ping(self) -> bool:
+    async def ping(self, timeout: float = 2.0) -> bool:
         return True
 
     async def claim(self, partition: int) -> int:

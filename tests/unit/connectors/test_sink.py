@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy
 from sqlalchemy.exc import OperationalError
 
+from coupon_stream.connectors import mysql
 from coupon_stream.connectors.mysql import ResultSink, WriteResult
 from coupon_stream.core.grants import Grant
 from coupon_stream.core.state import ResultRow
@@ -188,3 +189,29 @@ async def test_a_transient_error_is_retried_before_a_permanent_one_splits_the_ba
         assert await sink.fetch_all() == [(None, None, 1, 1, 1)]
     finally:
         await sink.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_database_gone_silent_answers_readiness_within_the_ping_timeout() -> None:
+    """A server that accepts connections and then says nothing (a network cut that drops
+    bytes) would hold a health check for the driver's timeouts; the ping answers False
+    within its own, and the next one waits for the ping still running."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sink = ResultSink(f"mysql+asyncmy://u:p@127.0.0.1:{port}/db", "result")
+    sink._engine = mysql._engine(sink._url, None)
+    try:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        assert await sink.ping(timeout=0.3) is False
+        assert await sink.ping(timeout=0.3) is False
+        assert loop.time() - began < 2 and not sink.available
+        assert len(accepted) == 1  # the second call waited for the first's ping
+    finally:
+        await sink.stop()
+        server.close()
