@@ -138,10 +138,11 @@ class Intake:
         }
         self.consumer: SourceConsumer | None = None
         # The error of the batch being sent again, until it is sent, and since when the batch
-        # in hand has been sending (health says both): while it is, nothing polls the
-        # consumer, which learns of a lost session only when polled.
+        # in hand has been going out: forwarded, then its offsets committed (health says
+        # both). Meanwhile nothing polls the consumer, which learns of a lost session only
+        # when polled; a commit to a coordinator gone silent waits for librdkafka's timeouts.
         self.forward_error: str | None = None
-        self.sending_since: float | None = None
+        self.batch_since: float | None = None
         self.running = False
 
     def health(self, now: float | None = None) -> dict[str, object]:
@@ -150,21 +151,21 @@ class Intake:
         As the state stage's: one cut off from the brokers past its session timeout has lost
         its partitions, whatever it still holds, and is not ready until it has joined again.
         librdkafka says so (it revokes the assignment) only when polled, and nothing polls
-        while a batch is being sent: a batch in flight for longer than the session timeout
-        counts the same. One that holds no partition as a member (more intakes than source
-        partitions) is ready: it takes over when another leaves.
+        while a batch is being forwarded or committed: a batch in hand for longer than the
+        session timeout counts the same. One that holds no partition as a member (more
+        intakes than source partitions) is ready: it takes over when another leaves.
         """
         consumer = self.consumer
         member = self.running and consumer is not None and consumer.member
-        since = self.sending_since
-        sending = None if since is None else (time.monotonic() if now is None else now) - since
-        stuck = sending is not None and sending > self.settings.session_timeout
+        since = self.batch_since
+        in_hand = None if since is None else (time.monotonic() if now is None else now) - since
+        stuck = in_hand is not None and in_hand > self.settings.session_timeout
         return {
             "ready": member and self.forward_error is None and not stuck,
             "member": member,
             "source_partitions": len(self.lag()),
             "forward_error": self.forward_error,
-            "sending_s": None if sending is None else round(sending, 1),
+            "batch_s": None if in_hand is None else round(in_hand, 1),
         }
 
     async def run(self) -> None:
@@ -183,8 +184,12 @@ class Intake:
             while True:
                 fetched = await consumer.fetch(s.intake_batch, 0.5)
                 if fetched:
-                    await self.forward_until_sent(fetched)
-                    await self._commit(consumer, fetched)
+                    self.batch_since = time.monotonic()
+                    try:
+                        await self.forward_until_sent(fetched)
+                        await self._commit(consumer, fetched)
+                    finally:
+                        self.batch_since = None
         except Exception as exc:
             refused = clients.kafka_refused(s, exc, "running the intake")
             if refused is not None:
@@ -210,7 +215,6 @@ class Intake:
             metrics.INTAKE_RETRIES.inc()
             log.error("intake could not forward a batch, retrying in %.1f s: %r", delay, exc)
 
-        self.sending_since = time.monotonic()
         try:
             await retry(
                 partial(self.forward, fetched),
@@ -225,8 +229,6 @@ class Intake:
                 exc,
             )
             raise
-        finally:
-            self.sending_since = None
 
     async def forward(self, fetched: list[Fetched]) -> None:
         """Send one fetched batch on and wait until Kafka has acknowledged all of it."""

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,24 @@ def free_port() -> int:
 
 
 SESSION_TIMEOUT = 10.0  # COUPON_SESSION_TIMEOUT's default
+
+
+async def until(
+    condition: Callable[[], Awaitable[bool]],
+    timeout: float,
+    what: str | Callable[[], str],
+    every: float = 0.25,
+) -> float:
+    """Poll `condition` until it holds; the seconds it took. Past `timeout` the test fails
+    with `what` (a callable is asked only then: a worker's log tail, say)."""
+    began = time.monotonic()
+    while not await condition():
+        if time.monotonic() - began >= timeout:
+            raise AssertionError(
+                f"not within {timeout:.0f} s: " + (what if isinstance(what, str) else what())
+            )
+        await asyncio.sleep(every)
+    return time.monotonic() - began
 
 
 @dataclass

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from tests import reference
-from tests.integration.harness import SESSION_TIMEOUT, Pipeline, Worker, record
+from tests.integration.harness import SESSION_TIMEOUT, Pipeline, Worker, record, until
 from tests.integration.test_faults import load
 from tests.integration.toxiproxy import MYSQL_DIRECT, MYSQL_PROXY, PROXIED_BOOTSTRAP
 
@@ -41,14 +41,6 @@ async def _intake_cut_off(p: Pipeline, worker: Worker) -> bool:
     group, or a batch in flight past the session timeout)."""
     status, body = await p.http_get(worker, "/health/ready")
     return status == 503 and json.loads(body)["intake"]["ready"] is False
-
-
-async def wait_for(condition, timeout: float, what: str) -> float:  # noqa: ANN001
-    began = time.monotonic()
-    while not await condition():
-        assert time.monotonic() - began < timeout, f"not within {timeout:.0f} s: {what}"
-        await asyncio.sleep(0.25)
-    return time.monotonic() - began
 
 
 @pytest.mark.parametrize("fault", ["cut", "hold"])
@@ -79,20 +71,17 @@ async def test_a_worker_cut_off_from_kafka_is_fenced_and_comes_back(pipeline, ka
 
     # A is busy when its link goes: thousands of rows wait for its next checkpoint.
     producing = asyncio.ensure_future(p.produce(thirds[1]))
-    began = time.monotonic()
-    while await p.metric(a, "coupon_sink_pending_rows") < 500:
-        assert time.monotonic() - began < 60, "A never had rows in flight"
-        await asyncio.sleep(0.02)
+    await until(lambda: _rows_in_flight(p, a, 500), 60, "A never had rows in flight", every=0.02)
     toxic = kafka_proxy.cut() if fault == "cut" else kafka_proxy.hold()
     with toxic:
         cut_at = time.monotonic()
         await producing
         await p.produce(thirds[2])  # the input flows on, through B
-        await wait_for(lambda: _not_member(p, a), CUT_FOR + 20, "A dropped from the group")
+        await until(lambda: _not_member(p, a), CUT_FOR + 20, "A dropped from the group")
         status, body = await p.http_get(a, "/health/ready")
         # A's intake, cut off as well, has lost the intake group too: readiness says so.
         left = cut_at + CUT_FOR - time.monotonic()
-        await wait_for(lambda: _intake_cut_off(p, a), left, "A's intake not ready in its health")
+        await until(lambda: _intake_cut_off(p, a), left, "A's intake not ready in its health")
         await asyncio.sleep(max(0.0, cut_at + CUT_FOR - time.monotonic()))
         await p.wait_quiescent(timeout=240)  # B alone, A's partitions restored and applied
         assert await p.table_rows() == expected
@@ -101,7 +90,7 @@ async def test_a_worker_cut_off_from_kafka_is_fenced_and_comes_back(pipeline, ka
     cut_s = round(healed - cut_at, 1)
     assert status == 503 and b"out_of_group" in body, body
 
-    back_s = await wait_for(lambda: _holds(p, a), BACK_WITHIN, "A holding partitions again")
+    back_s = await until(lambda: _holds(p, a), BACK_WITHIN, "A holding partitions again")
     await asyncio.sleep(30)
     assert await p.table_rows() == expected
     await p.assert_grants_agree()
@@ -121,6 +110,10 @@ async def test_a_worker_cut_off_from_kafka_is_fenced_and_comes_back(pipeline, ka
         equal=True,
     )
     assert sorted(set(v for v, _ in await p.dead_letters())) == sorted(set(bad))
+
+
+async def _rows_in_flight(p: Pipeline, worker: Worker, at_least: int) -> bool:
+    return await p.metric(worker, "coupon_sink_pending_rows") >= at_least
 
 
 async def _not_member(p: Pipeline, worker: Worker) -> bool:
@@ -160,10 +153,7 @@ async def test_a_worker_cut_off_from_the_database_while_its_partitions_move(
     await p.wait_quiescent()
 
     producing = asyncio.ensure_future(p.produce(thirds[1]))
-    began = time.monotonic()
-    while await p.metric(a, "coupon_sink_pending_rows") < 500:
-        assert time.monotonic() - began < 60, "A never had rows in flight"
-        await asyncio.sleep(0.02)
+    await until(lambda: _rows_in_flight(p, a, 500), 60, "A never had rows in flight", every=0.02)
     with mysql_proxy.cut() if fault == "cut" else mysql_proxy.hold():
         cut_at = time.monotonic()
         await producing
@@ -176,7 +166,7 @@ async def test_a_worker_cut_off_from_the_database_while_its_partitions_move(
             slowest = max(slowest, time.monotonic() - asked)
             return status == 503 and json.loads(body)["database"] is False
 
-        down_s = await wait_for(says_database_down, 20, "A's health saying the database is down")
+        down_s = await until(says_database_down, 20, "A's health saying the database is down")
         c = p.start_worker(2)  # a rebalance while A's write hangs
         await p.produce(thirds[2])
         # Past the driver's read timeout and the server's idle-transaction timeout.

@@ -14,7 +14,7 @@ import pytest
 
 from coupon_stream.tools.dataset import generate
 from tests import reference
-from tests.integration.harness import SESSION_TIMEOUT, Worker, record
+from tests.integration.harness import SESSION_TIMEOUT, Worker, record, until
 from tests.integration.toxiproxy import PROXIED_BOOTSTRAP
 
 pytestmark = pytest.mark.integration
@@ -199,10 +199,11 @@ async def test_intake_processes_apart_feed_workers_without_one_through_a_kill_9(
     assert status == 200, body
     assert orjson.loads(body)["source_partitions"] == 7  # the dead one's too, now
     assert await p.metric(survivor, "coupon_messages_consumed_total") > 0
-    deadline = asyncio.get_running_loop().time() + 30  # the lag is exported every 5 s
-    while await p.metric(survivor, "coupon_consumer_lag", topic=p.orders_topic) != 0:
-        assert asyncio.get_running_loop().time() < deadline, survivor.tail()
-        await asyncio.sleep(1)
+
+    async def caught_up() -> bool:  # the lag is exported every 5 s
+        return bool(await p.metric(survivor, "coupon_consumer_lag", topic=p.orders_topic) == 0)
+
+    await until(caught_up, 30, survivor.tail, every=1)
     for worker in workers:
         assert await p.metric(worker, "coupon_messages_consumed_total") == 0
         assert await p.metric(worker, "coupon_records_total") > 0
@@ -268,16 +269,17 @@ async def test_an_intake_process_cut_off_past_its_session_is_not_ready_and_then_
     await p.produce(messages[: len(messages) // 2])
     with kafka_proxy.disabled():
         await p.produce(messages[len(messages) // 2 :])
-        deadline = asyncio.get_running_loop().time() + SESSION_TIMEOUT + 30
-        while (status := (await p.http_get(intake, "/health/ready"))[0]) == 200:
-            assert asyncio.get_running_loop().time() < deadline, intake.tail()
-            await asyncio.sleep(0.5)
+
+        async def not_ready() -> bool:
+            return bool((await p.http_get(intake, "/health/ready"))[0] != 200)
+
+        await until(not_ready, SESSION_TIMEOUT + 30, intake.tail, every=0.5)
         status, body = await p.http_get(intake, "/health/ready")
         assert status == 503, body
-        # Revoked; or, if the cut caught it sending, a batch failing or in flight past the
-        # session (nothing polls the consumer meanwhile).
+        # Revoked; or, if the cut caught it with a batch in hand, a batch failing, or being
+        # forwarded or committed past the session (nothing polls the consumer meanwhile).
         said = orjson.loads(body)
-        sending = said["forward_error"] or (said["sending_s"] or 0) > SESSION_TIMEOUT
+        sending = said["forward_error"] or (said["batch_s"] or 0) > SESSION_TIMEOUT
         assert said["member"] is False or sending, body
         assert intake.proc.poll() is None, intake.tail()
     await p.wait_ready(intake)
@@ -308,20 +310,21 @@ async def test_an_intake_process_frozen_past_its_session_rejoins_and_counts_noth
                 return int(orjson.loads(body)["source_partitions"])
         return -1
 
-    deadline = asyncio.get_running_loop().time() + 120
-    while await holds(frozen) <= 0 or await holds(other) <= 0:
-        assert asyncio.get_running_loop().time() < deadline, frozen.tail()
-        await asyncio.sleep(0.5)
+    async def both_hold() -> bool:
+        return await holds(frozen) > 0 and await holds(other) > 0
+
+    async def consumed() -> bool:
+        return bool(await p.metric(frozen, "coupon_messages_consumed_total") > 0)
+
+    async def other_holds_all() -> bool:  # the group dropped the frozen one
+        return await holds(other) == 4
+
+    await until(both_hold, 120, frozen.tail, every=0.5)
     await p.produce(messages[: len(messages) // 2])
-    while await p.metric(frozen, "coupon_messages_consumed_total") == 0:
-        assert asyncio.get_running_loop().time() < deadline, frozen.tail()
-        await asyncio.sleep(0.1)
+    await until(consumed, 60, frozen.tail, every=0.1)
     p.freeze(frozen)
     await p.produce(messages[len(messages) // 2 :])
-    deadline = asyncio.get_running_loop().time() + SESSION_TIMEOUT + 60
-    while await holds(other) != 4:  # the group dropped the frozen one
-        assert asyncio.get_running_loop().time() < deadline, other.tail()
-        await asyncio.sleep(0.5)
+    await until(other_holds_all, SESSION_TIMEOUT + 60, other.tail, every=0.5)
     p.thaw(frozen)
     await p.wait_quiescent()
     assert await p.table_rows() == reference.evaluate(data.orders, data.refunds)

@@ -23,7 +23,7 @@ import pytest
 from bench.takeover import synthesize_state
 from coupon_stream.tools.dataset import Dataset, generate
 from tests import reference
-from tests.integration.harness import SESSION_TIMEOUT, Pipeline, Worker, record
+from tests.integration.harness import SESSION_TIMEOUT, Pipeline, Worker, record, until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -74,11 +74,12 @@ async def readiness(p: Pipeline, worker: Worker) -> dict[str, Any]:
 
 async def wait_restoring(p: Pipeline, worker: Worker) -> None:
     """Until the worker's readiness names partitions it is restoring."""
-    began = time.monotonic()
-    while not (await readiness(p, worker)).get("restoring"):
+
+    async def restoring() -> bool:
         p.assert_workers_alive()
-        assert time.monotonic() - began < 120, worker.tail()
-        await asyncio.sleep(0.2)
+        return bool((await readiness(p, worker)).get("restoring"))
+
+    await until(restoring, 120, worker.tail, every=0.2)
 
 
 def trouble(worker: Worker) -> list[str]:

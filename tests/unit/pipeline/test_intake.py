@@ -333,7 +333,7 @@ def test_ready_only_as_a_running_member_of_the_group_whose_batches_go_out():
         "member": False,
         "source_partitions": 0,
         "forward_error": None,
-        "sending_s": None,
+        "batch_s": None,
     }
     consumer._on_assign(fake, [])  # a member holding nothing: more intakes than partitions
     assert intake.health()["ready"] is True
@@ -345,15 +345,16 @@ def test_ready_only_as_a_running_member_of_the_group_whose_batches_go_out():
     intake.forward_error = "KafkaTimeoutError()"
     assert intake.health()["ready"] is False
     intake.forward_error = None
-    # A batch in flight: nothing polls the consumer meanwhile, which would learn of a lost
-    # session only then; past the session timeout it counts as lost.
-    intake.sending_since = 100.0
+    # A batch in hand (forwarded, then committed): nothing polls the consumer meanwhile,
+    # which would learn of a lost session only then; past the session timeout it counts as
+    # lost.
+    intake.batch_since = 100.0
     timeout = intake.settings.session_timeout
     assert intake.health(now=100.0 + timeout)["ready"] is True
     stuck = intake.health(now=101.0 + timeout)
     assert stuck["ready"] is False and stuck["member"] is True
-    assert stuck["sending_s"] == round(1.0 + timeout, 1)
-    intake.sending_since = None
+    assert stuck["batch_s"] == round(1.0 + timeout, 1)
+    intake.batch_since = None
     consumer._on_revoke(fake, [Partition("o", 0)])  # the session timed out, or a rebalance
     assert intake.health()["member"] is False
     assert intake.health()["ready"] is False
