@@ -18,6 +18,8 @@
 #   127.0.0.1:9095  proxy "kafka" -> 127.0.0.1:9094, the broker's PROXIED listener
 #                   (infra/kafka/server.properties), which advertises 127.0.0.1:9095: a client
 #                   bootstrapping at 9095 reaches the broker only through the proxy.
+#   127.0.0.1:3316  proxy "mysql" -> 127.0.0.1:3306, MariaDB (made by the tests that use it,
+#                   tests/integration/toxiproxy.py).
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

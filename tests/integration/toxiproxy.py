@@ -41,7 +41,7 @@ API = "http://127.0.0.1:8474"
 PROXIED_BOOTSTRAP = "127.0.0.1:9095"
 KAFKA_PROXIED_LISTENER = "127.0.0.1:9094"
 # The proxy "mysql" (made by the first test that asks for it): MariaDB through toxiproxy.
-MYSQL_PROXY = "127.0.0.1:3307"
+MYSQL_PROXY = "127.0.0.1:3316"  # 3307 is the TLS-only MariaDB of scripts/secure.sh
 MYSQL_DIRECT = "127.0.0.1:3306"
 
 STREAMS = ("upstream", "downstream")  # client -> server, server -> client
