@@ -39,7 +39,6 @@ class Observe:
         self.sink = sink
         self.stalls = stalls
         self.intake = intake
-        self.runs_intake = intake.settings.intake
         self.session_timeout = float(app.conf.broker_session_timeout)
 
     def register(self) -> None:
@@ -130,11 +129,11 @@ class Observe:
         progress = self.restorer.progress
         restoring = progress.restoring()
         group = self.group()
-        intake = self.intake.health() if self.runs_intake else None
+        intake = self.intake.health() if self.intake.settings.intake else None
         fed = intake is None or bool(intake["ready"])
+        ready = recovered and database and fed and not (rebalancing or stalled or group)
         return {
-            "ready": recovered and database and not rebalancing and not stalled and not group
-            and fed,
+            "ready": ready,
             "out_of_group": group,
             "tables_recovered": recovered,
             "restoring": restoring,

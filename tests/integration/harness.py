@@ -534,16 +534,15 @@ class Pipeline:
 
     async def wait_ready(self, worker: Worker, timeout: float = 120.0) -> float:
         """Until /health/ready answers 200 (tables recovered, database up); seconds taken."""
-        began = time.monotonic()
-        while time.monotonic() < began + timeout:
+
+        async def ready() -> bool:
             self.assert_workers_alive()
             try:
-                if (await self.http_get(worker, "/health/ready"))[0] == 200:
-                    return time.monotonic() - began
+                return (await self.http_get(worker, "/health/ready"))[0] == 200
             except OSError:
-                pass
-            await asyncio.sleep(0.2)
-        raise AssertionError("worker never ready:\n" + worker.tail())
+                return False
+
+        return await until(ready, timeout, lambda: "worker never ready:\n" + worker.tail(), 0.2)
 
     async def changelog_size(self) -> int:
         """Records in the state tables' changelog topics, read committed (end offsets would
